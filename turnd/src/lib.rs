@@ -1,0 +1,1 @@
+//! turnd: the TURN/STUN server around the sans-IO [`turn_proto`] core.
