@@ -40,3 +40,13 @@ pub fn rest_api_password(secret: &[u8], username: &str) -> String {
     mac.update(username.as_bytes());
     base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }
+
+/// USERHASH value: `SHA-256(username ":" realm)` (RFC 8489 §14.4).
+#[must_use]
+pub fn user_hash(username: &str, realm: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(username.as_bytes());
+    h.update(b":");
+    h.update(realm.as_bytes());
+    h.finalize().into()
+}
