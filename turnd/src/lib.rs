@@ -1,1 +1,3 @@
 //! turnd: the TURN/STUN server around the sans-IO [`turn_proto`] core.
+
+pub mod config;

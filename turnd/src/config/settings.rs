@@ -1,0 +1,905 @@
+//! The runtime configuration ([`Settings`]) and the checks that build it from a
+//! [`Config`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use rand::RngCore as _;
+use serde::{Deserialize, Serialize};
+
+use super::error::{ConfigError, Reason};
+use super::source::Origin;
+use super::{Config, DurationValue, Env, ENV_AUTH_SECRET, ENV_AUTH_SECRET_FILE};
+
+/// Everything the server needs, checked. Built by [`Config::validate`] or
+/// [`Settings::embedded_default`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The file the settings came from, or `<embedded default>`.
+    pub source: String,
+    /// Listening sockets.
+    pub listeners: Listeners,
+    /// Certificate and key for TLS listeners; `None` means TLS is off.
+    pub tls: Option<TlsFiles>,
+    /// Realm, users and secrets.
+    pub auth: Auth,
+    /// Relay sockets.
+    pub relay: Relay,
+    /// Lifetimes.
+    pub lifetimes: Lifetimes,
+    /// Peer address policy.
+    pub peers: PeerPolicy,
+    /// Quotas.
+    pub quotas: Quotas,
+    /// Socket buffer sizes.
+    pub sockets: SocketBuffers,
+    /// Number of IO workers (one per core unless configured).
+    pub workers: NonZeroUsize,
+    /// Logging.
+    pub log: Logging,
+}
+
+/// Listening socket addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listeners {
+    /// UDP listeners.
+    pub udp: Vec<SocketAddr>,
+    /// TCP listeners (served from issue 4 on).
+    pub tcp: Vec<SocketAddr>,
+    /// TLS listeners (issue 4); empty unless a certificate is configured.
+    pub tls: Vec<SocketAddr>,
+}
+
+/// PEM files for TLS. Existence and contents are checked by the TLS loader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+}
+
+/// A secret that does not print itself in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    #[must_use]
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+    /// The bytes used as the HMAC key (the secret's UTF-8 text, as coturn uses it).
+    #[must_use]
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+    /// The secret's text, for printing it deliberately (the generated secret).
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// A static long-term user.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StaticUser {
+    /// Username.
+    pub name: String,
+    /// MD5(name:realm:password), for MESSAGE-INTEGRITY (RFC 8489 §9.2.2).
+    pub key_md5: [u8; 16],
+    /// SHA-256(name:realm:password), for MESSAGE-INTEGRITY-SHA256; only known when the
+    /// password (not just the MD5 key) was configured.
+    pub key_sha256: Option<[u8; 32]>,
+}
+
+impl fmt::Debug for StaticUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StaticUser").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// Authentication settings.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    /// The realm.
+    pub realm: String,
+    /// Static users by name.
+    pub users: HashMap<String, StaticUser>,
+    /// REST-API secrets: the config's, then the secret files', then the environment's.
+    /// Any of them verifies a credential.
+    pub secrets: Vec<Secret>,
+    /// True when `secrets` is a single secret turnd generated because none was
+    /// configured (embedded default only); `main` prints it once with an example credential.
+    pub generated_secret: bool,
+}
+
+/// Relay settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relay {
+    /// Addresses relay sockets bind to; empty means the local address the request
+    /// arrived on.
+    pub addresses: Vec<IpAddr>,
+    /// Relay ports, inclusive.
+    pub ports: RangeInclusive<u16>,
+    /// Public addresses to advertise.
+    pub external_ips: Vec<ExternalIp>,
+}
+
+impl Relay {
+    /// The address to put in XOR-RELAYED-ADDRESS for a relay socket bound to `bound`:
+    /// the `public` of an entry whose `private` is `bound`, else of an entry without
+    /// `private` in the same address family, else `bound` itself.
+    #[must_use]
+    pub fn advertised(&self, bound: IpAddr) -> IpAddr {
+        self.external_ips
+            .iter()
+            .find(|e| e.private == Some(bound))
+            .or_else(|| {
+                self.external_ips
+                    .iter()
+                    .find(|e| e.private.is_none() && e.public.is_ipv4() == bound.is_ipv4())
+            })
+            .map_or(bound, |e| e.public)
+    }
+}
+
+/// One `external_ips` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExternalIp {
+    /// The address clients see.
+    pub public: IpAddr,
+    /// The local address it maps to; `None` for any local address of the same family.
+    pub private: Option<IpAddr>,
+}
+
+/// Lifetimes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// Allocation lifetime when the client requests none.
+    pub allocation: Duration,
+    /// Maximum allocation lifetime.
+    pub max_allocation: Duration,
+    /// Permission lifetime.
+    pub permission: Duration,
+    /// Channel binding lifetime.
+    pub channel: Duration,
+    /// Nonce validity.
+    pub nonce: Duration,
+}
+
+/// Which peers clients may reach: allowed if in `allow`; else denied if in `deny`;
+/// else allowed. IPv4-mapped IPv6 peers are checked as IPv4.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerPolicy {
+    /// Always allowed.
+    pub allow: Vec<IpNet>,
+    /// Denied (includes [`SPECIAL_PURPOSE_PEERS`] unless turned off).
+    pub deny: Vec<IpNet>,
+}
+
+impl PeerPolicy {
+    /// Whether a client may relay to `peer`.
+    #[must_use]
+    pub fn is_allowed(&self, peer: IpAddr) -> bool {
+        let peer = match peer {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
+            v4 @ IpAddr::V4(_) => v4,
+        };
+        self.allow.iter().any(|n| n.contains(&peer)) || !self.deny.iter().any(|n| n.contains(&peer))
+    }
+}
+
+/// Peers denied unless `peers.deny_special_purpose = false`: the IANA special-purpose
+/// ranges (RFC 6890 and successors) a relay should not reach — loopback, private,
+/// shared, link-local (which includes the cloud metadata address 169.254.169.254),
+/// documentation, benchmarking, multicast, reserved, and their IPv6 counterparts.
+pub const SPECIAL_PURPOSE_PEERS: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.88.99.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::/128",
+    "::1/128",
+    "64:ff9b:1::/48",
+    "100::/64",
+    "2001::/23",
+    "2001:db8::/32",
+    "fc00::/7",
+    "fe80::/10",
+    "ff00::/8",
+];
+
+/// Quotas; `None` means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// Allocations per username.
+    pub allocations_per_user: Option<NonZeroU32>,
+    /// Allocations in total.
+    pub total_allocations: Option<NonZeroU32>,
+    /// Permissions per allocation.
+    pub permissions_per_allocation: Option<NonZeroU32>,
+}
+
+/// Socket buffer sizes in bytes; `None` keeps the OS default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketBuffers {
+    /// SO_RCVBUF for listeners.
+    pub recv: Option<usize>,
+    /// SO_SNDBUF for listeners.
+    pub send: Option<usize>,
+    /// SO_RCVBUF for relay sockets.
+    pub relay_recv: Option<usize>,
+    /// SO_SNDBUF for relay sockets.
+    pub relay_send: Option<usize>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logging {
+    /// A tracing filter (checked to parse).
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+impl Settings {
+    /// The settings of `turnd` run without a configuration file: every default, STUN
+    /// and TURN on UDP port 3478, secrets from `TURND_AUTH_SECRET` /
+    /// `TURND_AUTH_SECRET_FILE`, or else one generated secret (`auth.generated_secret`).
+    ///
+    /// # Errors
+    /// `TURND_AUTH_SECRET_FILE` names a file that cannot be read or is empty.
+    pub fn embedded_default(env: &dyn Env) -> Result<Self, ConfigError> {
+        validate(&Config::default(), &Origin::default(), env, true)
+    }
+}
+
+const MAX_BUFFER: u64 = 1 << 30;
+
+/// Builds [`Settings`] from `config`; `generate_secret` allows a generated secret
+/// instead of the "no credentials" error.
+pub(super) fn validate(
+    config: &Config,
+    origin: &Origin,
+    env: &dyn Env,
+    generate_secret: bool,
+) -> Result<Settings, ConfigError> {
+    let err = |key: &str, reason: Reason| origin.error_at(key, reason);
+
+    // [listen] and [tls]
+    let udp = socket_addrs(&config.listen.udp, "listen.udp", origin)?;
+    let tcp = socket_addrs(&config.listen.tcp, "listen.tcp", origin)?;
+    let tls_files = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => {
+            for (k, v) in [("tls.cert", cert), ("tls.key", key)] {
+                if v.trim().is_empty() {
+                    return Err(err(k, Reason::Unusable { value: v.clone(), detail: "empty path" }));
+                }
+            }
+            Some(TlsFiles { cert: PathBuf::from(cert), key: PathBuf::from(key) })
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(err("tls.cert", Reason::Conflict("tls.cert is set but tls.key is not")))
+        }
+        (None, Some(_)) => {
+            return Err(err("tls.key", Reason::Conflict("tls.key is set but tls.cert is not")))
+        }
+    };
+    let tls = match (&config.listen.tls, &tls_files) {
+        (Some(list), _) => {
+            let addrs = socket_addrs(list, "listen.tls", origin)?;
+            if !addrs.is_empty() && tls_files.is_none() {
+                return Err(err(
+                    "listen.tls",
+                    Reason::Conflict("TLS listeners need tls.cert and tls.key"),
+                ));
+            }
+            addrs
+        }
+        (None, Some(_)) => socket_addrs(&super::defaults::tls_listeners(), "listen.tls", origin)?,
+        (None, None) => Vec::new(),
+    };
+
+    // [auth]
+    let realm = config.auth.realm.clone();
+    if realm.is_empty() || realm.chars().count() > 763 || realm.contains('"') {
+        return Err(err(
+            "auth.realm",
+            Reason::Unusable {
+                value: realm,
+                detail: "a realm is 1 to 763 characters without `\"` (RFC 8489 §14.9)",
+            },
+        ));
+    }
+    let mut users = HashMap::new();
+    for (i, u) in config.auth.users.iter().enumerate() {
+        let at = format!("auth.users[{i}]");
+        if u.name.is_empty() {
+            return Err(err(
+                &format!("{at}.name"),
+                Reason::Unusable { value: String::new(), detail: "empty username" },
+            ));
+        }
+        let user = match (&u.password, &u.key) {
+            (Some(p), None) => StaticUser {
+                name: u.name.clone(),
+                key_md5: turn_proto::auth::long_term_key_md5(&u.name, &realm, p),
+                key_sha256: Some(turn_proto::auth::long_term_key_sha256(&u.name, &realm, p)),
+            },
+            (None, Some(k)) => StaticUser {
+                name: u.name.clone(),
+                key_md5: parse_key(k)
+                    .ok_or_else(|| err(&format!("{at}.key"), Reason::BadKey(k.clone())))?,
+                key_sha256: None,
+            },
+            _ => return Err(err(&at, Reason::UserCredential(u.name.clone()))),
+        };
+        if users.insert(u.name.clone(), user).is_some() {
+            return Err(err(&format!("{at}.name"), Reason::Duplicate(u.name.clone())));
+        }
+    }
+    let mut secrets = Vec::new();
+    for (i, s) in config.auth.secrets.iter().enumerate() {
+        let at = format!("auth.secrets[{i}]");
+        if s.is_empty() {
+            return Err(err(&at, Reason::EmptySecret(at.clone())));
+        }
+        secrets.push(Secret::new(s.clone()));
+    }
+    for (i, f) in config.auth.secret_files.iter().enumerate() {
+        let at = format!("auth.secret_files[{i}]");
+        secrets.extend(read_secret_file(f).map_err(|r| err(&at, r))?);
+    }
+    if let Some(s) = env.var(ENV_AUTH_SECRET) {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(env_error(origin, ENV_AUTH_SECRET, Reason::EmptySecret(ENV_AUTH_SECRET.into())));
+        }
+        secrets.push(Secret::new(s));
+    }
+    if let Some(f) = env.var(ENV_AUTH_SECRET_FILE) {
+        secrets.extend(read_secret_file(&f).map_err(|r| env_error(origin, ENV_AUTH_SECRET_FILE, r))?);
+    }
+    let mut generated_secret = false;
+    if secrets.is_empty() && users.is_empty() {
+        if !generate_secret {
+            return Err(err("auth", Reason::NoCredentials));
+        }
+        secrets.push(random_secret());
+        generated_secret = true;
+    }
+
+    // [relay]
+    let r = &config.relay;
+    if r.min_port == 0 {
+        return Err(err(
+            "relay.min_port",
+            Reason::OutOfRange { value: "0".into(), detail: "relay ports are 1..=65535" },
+        ));
+    }
+    if r.min_port > r.max_port {
+        return Err(err(
+            "relay.max_port",
+            Reason::InvertedPortRange { min: r.min_port, max: r.max_port },
+        ));
+    }
+    let mut relay_addrs = Vec::new();
+    for (i, a) in r.addresses.iter().enumerate() {
+        let at = format!("relay.addresses[{i}]");
+        let ip = parse_ip(a).ok_or_else(|| {
+            err(&at, Reason::BadAddress { value: a.clone(), what: "IP address" })
+        })?;
+        if ip.is_unspecified() || ip.is_multicast() {
+            return Err(err(
+                &at,
+                Reason::Unusable {
+                    value: a.clone(),
+                    detail: "a relay address must be a unicast address of this host \
+                             (omit relay.addresses to relay from the listener's address)",
+                },
+            ));
+        }
+        if relay_addrs.contains(&ip) {
+            return Err(err(&at, Reason::Duplicate(a.clone())));
+        }
+        relay_addrs.push(ip);
+    }
+    let mut external_ips: Vec<ExternalIp> = Vec::new();
+    for (i, e) in r.external_ips.iter().enumerate() {
+        let at = format!("relay.external_ips[{i}]");
+        let bad = || err(&at, Reason::BadAddress { value: e.clone(), what: "PUBLIC or PUBLIC/PRIVATE IP pair" });
+        let (public, private) = match e.split_once('/') {
+            Some((p, q)) => (parse_ip(p).ok_or_else(bad)?, Some(parse_ip(q).ok_or_else(bad)?)),
+            None => (parse_ip(e).ok_or_else(bad)?, None),
+        };
+        if public.is_unspecified() || private.is_some_and(|p| p.is_unspecified()) {
+            return Err(err(&at, Reason::Unusable { value: e.clone(), detail: "unspecified address" }));
+        }
+        if private.is_some_and(|p| p.is_ipv4() != public.is_ipv4()) {
+            return Err(err(
+                &at,
+                Reason::Unusable { value: e.clone(), detail: "PUBLIC and PRIVATE must be the same IP family" },
+            ));
+        }
+        let clash = external_ips.iter().any(|x| match private {
+            Some(p) => x.private == Some(p),
+            None => x.private.is_none() && x.public.is_ipv4() == public.is_ipv4(),
+        });
+        if clash {
+            return Err(err(&at, Reason::Duplicate(e.clone())));
+        }
+        external_ips.push(ExternalIp { public, private });
+    }
+
+    // [lifetimes]
+    let l = &config.lifetimes;
+    let lifetimes = Lifetimes {
+        allocation: duration(&l.allocation, "lifetimes.allocation", origin)?,
+        max_allocation: duration(&l.max_allocation, "lifetimes.max_allocation", origin)?,
+        permission: duration(&l.permission, "lifetimes.permission", origin)?,
+        channel: duration(&l.channel, "lifetimes.channel", origin)?,
+        nonce: duration(&l.nonce, "lifetimes.nonce", origin)?,
+    };
+    if lifetimes.allocation > lifetimes.max_allocation {
+        return Err(err(
+            "lifetimes.allocation",
+            Reason::Conflict("lifetimes.allocation is longer than lifetimes.max_allocation"),
+        ));
+    }
+
+    // [peers]
+    let allow = cidrs(&config.peers.allow, "peers.allow", origin)?;
+    let mut deny = Vec::new();
+    if config.peers.deny_special_purpose {
+        deny.extend(SPECIAL_PURPOSE_PEERS.iter().filter_map(|s| s.parse::<IpNet>().ok()));
+    }
+    deny.extend(cidrs(&config.peers.deny, "peers.deny", origin)?);
+
+    // [quotas]
+    let q = &config.quotas;
+    let quotas = Quotas {
+        allocations_per_user: NonZeroU32::new(q.allocations_per_user),
+        total_allocations: NonZeroU32::new(q.total_allocations),
+        permissions_per_allocation: NonZeroU32::new(q.permissions_per_allocation),
+    };
+
+    // [sockets]
+    let s = &config.sockets;
+    let buf = |v: u64, key: &str| -> Result<Option<usize>, ConfigError> {
+        if v > MAX_BUFFER {
+            return Err(err(key, Reason::OutOfRange { value: v.to_string(), detail: "at most 1 GiB" }));
+        }
+        Ok(usize::try_from(v).ok().filter(|&v| v > 0))
+    };
+    let sockets = SocketBuffers {
+        recv: buf(s.recv_buffer_bytes, "sockets.recv_buffer_bytes")?,
+        send: buf(s.send_buffer_bytes, "sockets.send_buffer_bytes")?,
+        relay_recv: buf(s.relay_recv_buffer_bytes, "sockets.relay_recv_buffer_bytes")?,
+        relay_send: buf(s.relay_send_buffer_bytes, "sockets.relay_send_buffer_bytes")?,
+    };
+
+    // [server]
+    if config.server.workers > 1024 {
+        return Err(err(
+            "server.workers",
+            Reason::OutOfRange { value: config.server.workers.to_string(), detail: "0 (one per core) to 1024" },
+        ));
+    }
+    let workers = NonZeroUsize::new(config.server.workers).unwrap_or_else(|| {
+        std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
+    });
+
+    // [log]
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&config.log.level) {
+        return Err(err(
+            "log.level",
+            Reason::BadLogLevel { value: config.log.level.clone(), detail: e.to_string() },
+        ));
+    }
+
+    Ok(Settings {
+        source: origin.name.clone(),
+        listeners: Listeners { udp, tcp, tls },
+        tls: tls_files,
+        auth: Auth { realm, users, secrets, generated_secret },
+        relay: Relay { addresses: relay_addrs, ports: r.min_port..=r.max_port, external_ips },
+        lifetimes,
+        peers: PeerPolicy { allow, deny },
+        quotas,
+        sockets,
+        workers,
+        log: Logging { level: config.log.level.clone(), format: config.log.format },
+    })
+}
+
+fn env_error(origin: &Origin, var: &str, reason: Reason) -> ConfigError {
+    let mut e = origin.error_at_offset(None, Some(var.to_owned()), reason);
+    e.location.file = "environment".to_owned();
+    e
+}
+
+/// Accepts `1.2.3.4`, `::1` and `[::1]`.
+fn parse_ip(s: &str) -> Option<IpAddr> {
+    let s = s.trim();
+    let s = s.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(s);
+    s.parse().ok()
+}
+
+fn socket_addrs(list: &[String], key: &str, origin: &Origin) -> Result<Vec<SocketAddr>, ConfigError> {
+    let mut out = Vec::with_capacity(list.len());
+    for (i, a) in list.iter().enumerate() {
+        let at = format!("{key}[{i}]");
+        let addr: SocketAddr = a.trim().parse().map_err(|_| {
+            origin.error_at(
+                &at,
+                Reason::BadAddress { value: a.clone(), what: "socket address (IP:port, [IPv6]:port)" },
+            )
+        })?;
+        if out.contains(&addr) {
+            return Err(origin.error_at(&at, Reason::Duplicate(a.clone())));
+        }
+        out.push(addr);
+    }
+    Ok(out)
+}
+
+fn cidrs(list: &[String], key: &str, origin: &Origin) -> Result<Vec<IpNet>, ConfigError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            parse_cidr(s).map_err(|detail| {
+                origin.error_at(&format!("{key}[{i}]"), Reason::BadCidr { value: s.clone(), detail })
+            })
+        })
+        .collect()
+}
+
+/// A CIDR, or a single IP taken as a host route.
+pub(crate) fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let t = s.trim();
+    if t.contains('/') {
+        t.parse::<IpNet>().map_err(|e| e.to_string())
+    } else {
+        parse_ip(t).map(IpNet::from).ok_or_else(|| "not an IP address".to_owned())
+    }
+}
+
+/// `0x` + 32 hex digits (the `0x` is optional) → 16 bytes.
+pub(crate) fn parse_key(s: &str) -> Option<[u8; 16]> {
+    let hex = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")).unwrap_or(s);
+    if hex.len() != 32 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+fn duration(v: &DurationValue, key: &str, origin: &Origin) -> Result<Duration, ConfigError> {
+    let (d, text) = match v {
+        DurationValue::Seconds(s) => (Duration::from_secs(*s), s.to_string()),
+        DurationValue::Text(t) => match humantime::parse_duration(t.trim()) {
+            Ok(d) => (d, t.clone()),
+            Err(e) => {
+                return Err(origin.error_at(
+                    key,
+                    Reason::BadDuration { value: t.clone(), detail: e.to_string() },
+                ))
+            }
+        },
+    };
+    if d < Duration::from_secs(1) || d > Duration::from_secs(7 * 24 * 3600) {
+        return Err(origin.error_at(
+            key,
+            Reason::BadDuration { value: text, detail: "must be between 1 s and 7 days".into() },
+        ));
+    }
+    Ok(d)
+}
+
+fn read_secret_file(path: &str) -> Result<Vec<Secret>, Reason> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| Reason::SecretFile { path: PathBuf::from(path), source })?;
+    let secrets: Vec<Secret> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(Secret::new)
+        .collect();
+    if secrets.is_empty() {
+        return Err(Reason::EmptySecret(format!("secret file {path}")));
+    }
+    Ok(secrets)
+}
+
+fn random_secret() -> Secret {
+    let mut bytes = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    Secret::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::super::MapEnv;
+    use super::*;
+
+    fn env() -> MapEnv {
+        MapEnv::default()
+    }
+
+    fn check(text: &str) -> Result<Settings, ConfigError> {
+        Config::parse_named(text, "t.toml")?.validate(&env())
+    }
+
+    const WITH_SECRET: &str = "[auth]\nsecrets = [\"s3cret\"]\n";
+
+    #[test]
+    fn defaults_match_the_issue() {
+        let s = check(WITH_SECRET).expect("valid");
+        assert_eq!(
+            s.listeners.udp,
+            vec!["0.0.0.0:3478".parse::<SocketAddr>().expect("addr"), "[::]:3478".parse().expect("addr")]
+        );
+        assert_eq!(s.listeners.tcp.len(), 2);
+        assert!(s.listeners.tls.is_empty(), "no TLS without a certificate");
+        assert_eq!(s.relay.ports, 49152..=50175);
+        assert_eq!(s.lifetimes.allocation, Duration::from_secs(600));
+        assert_eq!(s.lifetimes.max_allocation, Duration::from_secs(3600));
+        assert_eq!(s.lifetimes.permission, Duration::from_secs(300));
+        assert_eq!(s.lifetimes.channel, Duration::from_secs(600));
+        assert_eq!(s.log.format, LogFormat::Text);
+        assert_eq!(
+            s.workers,
+            std::thread::available_parallelism().expect("cores"),
+            "default: one worker per core"
+        );
+        assert_eq!(s.auth.secrets, vec![Secret::new("s3cret")]);
+        assert!(!s.auth.generated_secret);
+        assert_eq!(s.source, "t.toml");
+    }
+
+    #[test]
+    fn inverted_port_range_names_line_and_key() {
+        let e = check("[auth]\nsecrets = [\"x\"]\n[relay]\nmin_port = 50000\nmax_port = 40000\n")
+            .expect_err("inverted");
+        assert_eq!(e.location.line, Some(5));
+        assert_eq!(e.location.key.as_deref(), Some("relay.max_port"));
+        assert!(matches!(e.reason(), Reason::InvertedPortRange { min: 50000, max: 40000 }));
+        assert!(e.to_string().starts_with("t.toml:5:1: relay.max_port: inverted"), "{e}");
+    }
+
+    #[test]
+    fn bad_cidr_names_line_and_index() {
+        let e = check("[auth]\nsecrets = [\"x\"]\n[peers]\ndeny = [\n \"10.0.0.0/8\",\n \"10.0.0.0/33\",\n]\n")
+            .expect_err("bad cidr");
+        assert_eq!(e.location.line, Some(6));
+        assert_eq!(e.location.key.as_deref(), Some("peers.deny[1]"));
+        assert!(matches!(e.reason(), Reason::BadCidr { value, .. } if value == "10.0.0.0/33"));
+    }
+
+    #[test]
+    fn missing_secret_file_names_the_file_line_and_key() {
+        let e = check("[auth]\nsecret_files = [\"/nonexistent/turnd-secret\"]\n").expect_err("missing");
+        assert_eq!(e.location.line, Some(2));
+        assert_eq!(e.location.key.as_deref(), Some("auth.secret_files[0]"));
+        assert!(e.to_string().contains("/nonexistent/turnd-secret"), "{e}");
+    }
+
+    #[test]
+    fn secrets_come_from_env_and_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("secret");
+        std::fs::write(&f, "old\n\nnew\n").expect("write");
+        let env: MapEnv = [
+            (ENV_AUTH_SECRET, " from-env \n"),
+            (ENV_AUTH_SECRET_FILE, f.to_str().expect("utf8")),
+        ]
+        .into_iter()
+        .collect();
+        let s = Config::from_toml("").expect("parses").validate(&env).expect("valid");
+        let got: Vec<&str> = s.auth.secrets.iter().map(Secret::expose).collect();
+        assert_eq!(got, ["from-env", "old", "new"]);
+    }
+
+    #[test]
+    fn missing_env_secret_file_is_an_error_naming_the_file() {
+        let env: MapEnv = [(ENV_AUTH_SECRET_FILE, "/nonexistent/k8s/secret")].into_iter().collect();
+        let e = Settings::embedded_default(&env).expect_err("missing file");
+        assert_eq!(e.location.key.as_deref(), Some(ENV_AUTH_SECRET_FILE));
+        assert!(e.to_string().contains("/nonexistent/k8s/secret"), "{e}");
+    }
+
+    #[test]
+    fn no_credentials_is_an_error_in_a_file_but_generated_by_default() {
+        let e = check("").expect_err("no credentials");
+        assert!(matches!(e.reason(), Reason::NoCredentials));
+        let s = Settings::embedded_default(&env()).expect("embedded default");
+        assert!(s.auth.generated_secret);
+        assert_eq!(s.auth.secrets.len(), 1);
+        assert_eq!(s.auth.secrets[0].expose().len(), 48);
+        let again = Settings::embedded_default(&env()).expect("embedded default");
+        assert_ne!(again.auth.secrets, s.auth.secrets, "random each run");
+        let from_env: MapEnv = [(ENV_AUTH_SECRET, "k8s")].into_iter().collect();
+        let s = Settings::embedded_default(&from_env).expect("embedded default");
+        assert!(!s.auth.generated_secret);
+        assert_eq!(s.auth.secrets, vec![Secret::new("k8s")]);
+        assert_eq!(s.source, "<embedded default>");
+    }
+
+    #[test]
+    fn users_take_a_password_or_the_turnadmin_key() {
+        let s = check(
+            "[auth]\nrealm = \"example.org\"\n[[auth.users]]\nname = \"alice\"\npassword = \"pw\"\n\
+             [[auth.users]]\nname = \"bob\"\nkey = \"0x543e1aec5d3614f03141652d6ada51b2\"\n",
+        )
+        .expect("valid");
+        let alice = &s.auth.users["alice"];
+        assert_eq!(alice.key_md5, turn_proto::auth::long_term_key_md5("alice", "example.org", "pw"));
+        assert!(alice.key_sha256.is_some());
+        assert_eq!(s.auth.users["bob"].key_md5[..2], [0x54, 0x3e]);
+        assert!(s.auth.users["bob"].key_sha256.is_none());
+
+        let e = check("[[auth.users]]\nname = \"bob\"\nkey = \"0x1234\"\n").expect_err("short key");
+        assert_eq!((e.location.line, e.location.key.as_deref()), (Some(3), Some("auth.users[0].key")));
+        let e = check("[[auth.users]]\nname = \"bob\"\n").expect_err("no credential");
+        assert!(matches!(e.reason(), Reason::UserCredential(_)));
+        let e = check("[[auth.users]]\nname = \"a\"\npassword = \"1\"\n[[auth.users]]\nname = \"a\"\npassword = \"2\"\n")
+            .expect_err("duplicate");
+        assert_eq!(e.location.line, Some(5));
+    }
+
+    #[test]
+    fn external_ips_map_private_to_public() {
+        let s = check(&format!(
+            "{WITH_SECRET}[relay]\naddresses = [\"10.10.10.11\"]\n\
+             external_ips = [\"94.130.141.98/10.10.10.11\", \"2001:db8::1\"]\n"
+        ))
+        .expect("valid");
+        let private: IpAddr = "10.10.10.11".parse().expect("ip");
+        assert_eq!(s.relay.addresses, vec![private]);
+        assert_eq!(s.relay.advertised(private), "94.130.141.98".parse::<IpAddr>().expect("ip"));
+        let other: IpAddr = "10.10.10.12".parse().expect("ip");
+        assert_eq!(s.relay.advertised(other), other, "no mapping for other IPv4 addresses");
+        let v6: IpAddr = "fd00::5".parse().expect("ip");
+        assert_eq!(s.relay.advertised(v6), "2001:db8::1".parse::<IpAddr>().expect("ip"));
+
+        let e = check(&format!("{WITH_SECRET}[relay]\nexternal_ips = [\"94.130.141.98/fd00::1\"]\n"))
+            .expect_err("mixed families");
+        assert_eq!(e.location.key.as_deref(), Some("relay.external_ips[0]"));
+        let e = check(&format!("{WITH_SECRET}[relay]\naddresses = [\"0.0.0.0\"]\n")).expect_err("unspecified");
+        assert_eq!(e.location.line, Some(4));
+    }
+
+    #[test]
+    fn peer_policy_denies_special_purpose_unless_allowed() {
+        let s = check(&format!("{WITH_SECRET}[peers]\nallow = [\"127.0.0.1\"]\ndeny = [\"203.0.114.0/24\"]\n"))
+            .expect("valid");
+        let ok = |ip: &str| s.peers.is_allowed(ip.parse().expect("ip"));
+        assert!(ok("127.0.0.1"), "explicit allow wins");
+        assert!(!ok("127.0.0.2"));
+        assert!(!ok("10.0.0.1"));
+        assert!(!ok("169.254.169.254"));
+        assert!(!ok("::ffff:10.0.0.1"), "IPv4-mapped is checked as IPv4");
+        assert!(ok("::ffff:127.0.0.1"), "mapped loopback follows the IPv4 allow");
+        assert!(!ok("::1"));
+        assert!(!ok("203.0.114.9"));
+        assert!(ok("94.130.141.98"));
+        assert!(ok("2a01:4f8::1"));
+        let open = check(&format!("{WITH_SECRET}[peers]\ndeny_special_purpose = false\n")).expect("valid");
+        assert!(open.peers.is_allowed(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        assert!(open.peers.is_allowed(IpAddr::V6(Ipv6Addr::LOCALHOST)));
+    }
+
+    #[test]
+    fn every_special_purpose_entry_parses() {
+        for s in SPECIAL_PURPOSE_PEERS {
+            assert!(s.parse::<IpNet>().is_ok(), "{s}");
+        }
+    }
+
+    #[test]
+    fn lifetimes_and_durations_are_checked() {
+        let s = check(&format!("{WITH_SECRET}[lifetimes]\nallocation = \"5m\"\nnonce = \"1h\"\n")).expect("valid");
+        assert_eq!(s.lifetimes.allocation, Duration::from_secs(300));
+        assert_eq!(s.lifetimes.nonce, Duration::from_secs(3600));
+        let e = check(&format!("{WITH_SECRET}[lifetimes]\nchannel = \"ten minutes\"\n")).expect_err("bad");
+        assert_eq!((e.location.line, e.location.key.as_deref()), (Some(4), Some("lifetimes.channel")));
+        let e = check(&format!("{WITH_SECRET}[lifetimes]\nallocation = 7200\n")).expect_err("over max");
+        assert_eq!(e.location.key.as_deref(), Some("lifetimes.allocation"));
+        let e = check(&format!("{WITH_SECRET}[lifetimes]\npermission = 0\n")).expect_err("zero");
+        assert!(matches!(e.reason(), Reason::BadDuration { .. }));
+    }
+
+    #[test]
+    fn tls_listeners_need_a_certificate() {
+        let e = check(&format!("{WITH_SECRET}[listen]\ntls = [\"0.0.0.0:443\"]\n")).expect_err("no cert");
+        assert_eq!(e.location.key.as_deref(), Some("listen.tls"));
+        let s = check(&format!("{WITH_SECRET}[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n")).expect("valid");
+        assert_eq!(s.listeners.tls.len(), 4, "5349 and 443 on IPv4 and IPv6");
+        assert_eq!(s.tls.expect("tls").cert, PathBuf::from("/c.pem"));
+        let e = check(&format!("{WITH_SECRET}[tls]\ncert = \"/c.pem\"\n")).expect_err("no key");
+        assert_eq!(e.location.key.as_deref(), Some("tls.cert"));
+    }
+
+    #[test]
+    fn listeners_must_parse_and_be_unique() {
+        let e = check(&format!("{WITH_SECRET}[listen]\nudp = [\"0.0.0.0:3478\", \"3478\"]\n")).expect_err("bad");
+        assert_eq!(e.location.key.as_deref(), Some("listen.udp[1]"));
+        let e = check(&format!("{WITH_SECRET}[listen]\nudp = [\"0.0.0.0:3478\", \"0.0.0.0:3478\"]\n")).expect_err("dup");
+        assert!(matches!(e.reason(), Reason::Duplicate(_)));
+        let s = check(&format!("{WITH_SECRET}[listen]\nudp = []\ntcp = []\n")).expect("valid");
+        assert!(s.listeners.udp.is_empty());
+    }
+
+    #[test]
+    fn quotas_buffers_workers_and_log_level() {
+        let s = check(&format!(
+            "{WITH_SECRET}[quotas]\nallocations_per_user = 10\n[sockets]\nrecv_buffer_bytes = 4194304\n\
+             [server]\nworkers = 3\n[log]\nlevel = \"info,turnd=debug\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(s.quotas.allocations_per_user.map(NonZeroU32::get), Some(10));
+        assert_eq!(s.quotas.total_allocations, None);
+        assert_eq!(s.quotas.permissions_per_allocation.map(NonZeroU32::get), Some(128));
+        assert_eq!(s.sockets.recv, Some(4 << 20));
+        assert_eq!(s.sockets.send, None);
+        assert_eq!(s.workers.get(), 3);
+        let e = check(&format!("{WITH_SECRET}[log]\nlevel = \"info,[[\"\n")).expect_err("bad filter");
+        assert_eq!(e.location.key.as_deref(), Some("log.level"));
+    }
+
+    #[test]
+    fn parse_key_wants_32_hex_digits() {
+        assert_eq!(parse_key("0x000102030405060708090a0b0c0d0e0f").map(|k| k[15]), Some(15));
+        assert!(parse_key("0x000102030405060708090a0b0c0d0e0").is_none());
+        assert!(parse_key("0x000102030405060708090a0b0c0d0e0g").is_none());
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = check("[auth]\nsecrets = [\"hunter2\"]\n[[auth.users]]\nname = \"u\"\npassword = \"pw\"\n")
+            .expect("valid");
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+    }
+}
