@@ -1,0 +1,245 @@
+//! Runs commands over the system `ssh` client, one ControlMaster connection per transport,
+//! optionally jumping through another host (the VMs are reached through the libvirt host).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use super::local::run_process;
+use super::{shell_quote, Cmd, ExecError, Output, Transport};
+
+/// How to reach one SSH destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshOptions {
+    /// Remote user.
+    pub user: String,
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Private key (`-i`).
+    pub identity: Option<PathBuf>,
+    /// Known-hosts file; `None` uses ssh's default.
+    pub known_hosts: Option<PathBuf>,
+    /// `StrictHostKeyChecking` value (`yes`, `accept-new`).
+    pub strict_host_key_checking: String,
+    /// Connect through this host first.
+    pub jump: Option<Box<SshOptions>>,
+}
+
+impl SshOptions {
+    /// Options for `user@host:port` with host keys accepted on first use.
+    pub fn new(user: &str, host: &str, port: u16) -> Self {
+        Self {
+            user: user.to_owned(),
+            host: host.to_owned(),
+            port,
+            identity: None,
+            known_hosts: None,
+            strict_host_key_checking: "accept-new".to_owned(),
+            jump: None,
+        }
+    }
+
+    fn destination(&self) -> String {
+        format!("{}@{}", self.user, self.host)
+    }
+
+    /// The `ssh` arguments before the destination (no ControlMaster options).
+    fn base_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "-p".to_owned(),
+            self.port.to_string(),
+            "-o".to_owned(),
+            "BatchMode=yes".to_owned(),
+            "-o".to_owned(),
+            format!("StrictHostKeyChecking={}", self.strict_host_key_checking),
+            "-o".to_owned(),
+            "ConnectTimeout=15".to_owned(),
+            "-o".to_owned(),
+            "LogLevel=ERROR".to_owned(),
+        ];
+        if let Some(id) = &self.identity {
+            a.push("-o".to_owned());
+            a.push("IdentitiesOnly=yes".to_owned());
+            a.push("-i".to_owned());
+            a.push(id.display().to_string());
+        }
+        if let Some(kh) = &self.known_hosts {
+            a.push("-o".to_owned());
+            a.push(format!("UserKnownHostsFile={}", kh.display()));
+        }
+        if let Some(jump) = &self.jump {
+            let mut proxy = vec!["ssh".to_owned()];
+            proxy.extend(jump.base_args());
+            proxy.push("-W".to_owned());
+            proxy.push("%h:%p".to_owned());
+            proxy.push(jump.destination());
+            let line = proxy
+                .iter()
+                .map(|w| shell_quote(w))
+                .collect::<Vec<_>>()
+                .join(" ");
+            a.push("-o".to_owned());
+            a.push(format!("ProxyCommand={line}"));
+        }
+        a
+    }
+}
+
+/// Runs commands over SSH. The first command opens a ControlMaster connection that later
+/// commands reuse; it is closed when the transport is dropped.
+#[derive(Debug)]
+pub struct SshTransport {
+    opts: SshOptions,
+    name: String,
+    control_dir: tempfile::TempDir,
+    master: Mutex<bool>,
+}
+
+impl SshTransport {
+    /// A transport to `opts`, named `name` in messages.
+    pub fn new(name: &str, opts: SshOptions) -> Result<Self, ExecError> {
+        let control_dir = tempfile::Builder::new()
+            .prefix("provisioner-ssh-")
+            .tempdir()
+            .map_err(|source| ExecError::Io {
+                target: name.to_owned(),
+                what: "cannot create",
+                path: "a control socket directory".to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            opts,
+            name: name.to_owned(),
+            control_dir,
+            master: Mutex::new(false),
+        })
+    }
+
+    fn control_path(&self) -> PathBuf {
+        self.control_dir.path().join("c")
+    }
+
+    fn ssh(&self, control_master: &str) -> Command {
+        let mut c = Command::new("ssh");
+        c.args(self.opts.base_args())
+            .arg("-o")
+            .arg(format!("ControlPath={}", self.control_path().display()))
+            .arg("-o")
+            .arg(format!("ControlMaster={control_master}"));
+        c
+    }
+
+    /// Opens the master connection once. `-f -N` backgrounds it after authentication; its
+    /// stderr goes to a file, so no pipe of ours is held open by the background process.
+    fn ensure_master(&self) -> Result<(), ExecError> {
+        let mut started = self
+            .master
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *started {
+            return Ok(());
+        }
+        let log_path = self.control_dir.path().join("master.log");
+        let log = std::fs::File::create(&log_path).map_err(|source| ExecError::Io {
+            target: self.name.clone(),
+            what: "cannot create",
+            path: log_path.display().to_string(),
+            source,
+        })?;
+        let mut c = self.ssh("yes");
+        c.args(["-o", "ControlPersist=yes", "-f", "-N"])
+            .arg(self.opts.destination())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let shown = Cmd::new("ssh").args(["-f", "-N", &self.opts.destination()]);
+        let status = c.status().map_err(|source| ExecError::Spawn {
+            target: self.name.clone(),
+            command: shown.shell_line(),
+            source,
+        })?;
+        if !status.success() {
+            return Err(ExecError::Failed {
+                target: self.name.clone(),
+                command: shown.shell_line(),
+                status: status.code().unwrap_or(-1),
+                stderr: std::fs::read_to_string(&log_path)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
+            });
+        }
+        *started = true;
+        Ok(())
+    }
+
+    /// Whether the control socket answers (`ssh -O check`).
+    pub fn master_alive(&self) -> bool {
+        self.ssh("no")
+            .args(["-O", "check"])
+            .arg(self.opts.destination())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for SshTransport {
+    fn drop(&mut self) {
+        let started = *self
+            .master
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if started && Path::new(&self.control_path()).exists() {
+            let _ = self
+                .ssh("no")
+                .args(["-O", "exit"])
+                .arg(self.opts.destination())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Transport for SshTransport {
+    fn target(&self) -> &str {
+        &self.name
+    }
+
+    fn run(&self, cmd: &Cmd) -> Result<Output, ExecError> {
+        self.ensure_master()?;
+        let mut c = self.ssh("no");
+        c.arg(self.opts.destination())
+            .arg("--")
+            .arg(cmd.shell_line());
+        let out = run_process(&self.name, c, cmd)?;
+        if out.status == 255 {
+            // ssh's own failure (connection lost), not the command's.
+            return Err(ExecError::Protocol {
+                target: self.name.clone(),
+                reason: format!("ssh failed running `{cmd}`: {}", out.stderr.trim()),
+            });
+        }
+        Ok(out)
+    }
+
+    fn upload(&self, data: &[u8], path: &str, mode: u32) -> Result<(), ExecError> {
+        let dir = Path::new(path)
+            .parent()
+            .map_or_else(|| ".".to_owned(), |d| d.display().to_string());
+        let tmp = format!("{path}.provisioner-tmp");
+        let script = format!(
+            "mkdir -p {d} && cat > {t} && chmod {mode:o} {t} && mv -f {t} {p}",
+            d = shell_quote(&dir),
+            t = shell_quote(&tmp),
+            p = shell_quote(path),
+        );
+        let cmd = Cmd::new("sh").args(["-c", &script]).stdin(data.to_vec());
+        self.run_ok(&cmd)?;
+        Ok(())
+    }
+}
