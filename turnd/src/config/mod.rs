@@ -10,6 +10,7 @@
 //! Addresses, CIDRs and durations are kept as text in [`Config`] and parsed in
 //! `validate()`, so a bad value is reported with its key and line like any other error.
 
+pub mod coturn;
 mod error;
 mod settings;
 mod source;
@@ -584,6 +585,30 @@ mod tests {
         let err = Config::load(dir.path().join("missing.toml")).expect_err("missing");
         assert!(matches!(err.reason(), Reason::Read(_)));
         assert!(err.to_string().contains("missing.toml"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_example_parses_and_validates() {
+        let text = include_str!("../../../deploy/turnd.example.toml");
+        let config = Config::parse_named(text, "deploy/turnd.example.toml").expect("parses");
+        let s = config.validate(&MapEnv::default()).expect("validates");
+        let private: std::net::IpAddr = "10.10.10.11".parse().expect("ip");
+        assert_eq!(s.relay.addresses, vec![private]);
+        assert_eq!(s.relay.advertised(private).to_string(), "94.130.141.98");
+        assert_eq!(s.listeners.udp, vec!["10.10.10.11:3478".parse().expect("addr")]);
+        assert_eq!(s.listeners.tls.len(), 2);
+        assert_eq!(s.auth.realm, "turn.example.org");
+        assert_eq!(
+            s.auth.users["monitoring"].key_md5,
+            turn_proto::auth::long_term_key_md5("monitoring", "turn.example.org", "watch-the-relay")
+        );
+        assert_eq!(s.log.format, LogFormat::Json);
+        // Every section of Config appears in the example.
+        for section in
+            ["listen", "tls", "auth", "relay", "lifetimes", "peers", "quotas", "sockets", "server", "log"]
+        {
+            assert!(text.contains(&format!("[{section}]")), "example lacks [{section}]");
+        }
     }
 
     #[test]
