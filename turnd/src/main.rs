@@ -1,1 +1,163 @@
-fn main() {}
+//! The `turnd` binary: parses the command line, loads the configuration, sets up
+//! logging and hands over to [`turnd::driver::serve`].
+
+use std::io::Write as _;
+use std::net::{IpAddr, UdpSocket};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use clap::{CommandFactory as _, Parser as _};
+use turnd::cli::{self, Cli, Command, CredentialsArgs};
+use turnd::config::{
+    coturn, Config, Env as _, ProcessEnv, Settings, ENV_AUTH_SECRET, ENV_AUTH_SECRET_FILE,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => run_server(cli.config.as_deref()),
+        Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::Credentials(args)) => credentials(args),
+        Some(Command::Key { user, realm, password }) => {
+            println!("{}", cli::key_hex(&user, &realm, &password));
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::ImportCoturn { file, output }) => import_coturn(&file, output.as_deref()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("turnd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_settings(config: Option<&Path>) -> anyhow::Result<Settings> {
+    Ok(match config {
+        Some(path) => Config::load(path)?.validate(&ProcessEnv)?,
+        None => Settings::embedded_default(&ProcessEnv)?,
+    })
+}
+
+fn run_server(config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let settings = load_settings(config)?;
+    if settings.auth.generated_secret {
+        let port = settings.listeners.udp.first().map_or(3478, |a| a.port());
+        let secret = settings.auth.secrets.first().map(|s| s.expose().to_owned()).unwrap_or_default();
+        let banner = cli::generated_secret_banner(&secret, &local_ip().to_string(), port, SystemTime::now());
+        let mut out = std::io::stdout().lock();
+        out.write_all(banner.as_bytes()).context("writing to stdout")?;
+        out.flush().context("writing to stdout")?;
+    }
+    cli::init_logging(&settings.log, &ProcessEnv)?;
+    tracing::info!(
+        source = %settings.source,
+        udp = ?settings.listeners.udp,
+        relay_ports = ?settings.relay.ports,
+        workers = settings.workers.get(),
+        "starting turnd {}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.workers.get())
+        .thread_name("turnd")
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(turnd::driver::serve(settings))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The address this host uses to reach the Internet, for the example credential.
+/// Connecting a UDP socket sends nothing.
+fn local_ip() -> IpAddr {
+    UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| {
+            s.connect("192.0.2.1:3478")?;
+            s.local_addr()
+        })
+        .map(|a| a.ip())
+        .ok()
+        .filter(|ip| !ip.is_unspecified())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]))
+}
+
+fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
+    let s = Config::load(file)?.validate(&ProcessEnv)?;
+    let tls = if s.tls.is_some() { "on" } else { "off" };
+    println!("{}: OK", file.display());
+    println!("  udp listeners: {:?}", s.listeners.udp);
+    println!("  tcp listeners: {:?} (served once TCP lands)", s.listeners.tcp);
+    println!("  tls listeners: {:?} (tls {tls})", s.listeners.tls);
+    println!("  realm: {}", s.auth.realm);
+    println!("  static users: {}, REST-API secrets: {}", s.auth.users.len(), s.auth.secrets.len());
+    let external: Vec<String> = s.relay.external_ips.iter().map(ToString::to_string).collect();
+    println!(
+        "  relay: addresses {:?}, ports {}-{}, external {external:?}",
+        s.relay.addresses,
+        s.relay.ports.start(),
+        s.relay.ports.end(),
+    );
+    println!("  workers: {}", s.workers);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn credentials(args: CredentialsArgs) -> anyhow::Result<ExitCode> {
+    let secret = match (&args.secret, &args.secret_file) {
+        (Some(s), _) => s.clone(),
+        (None, Some(f)) => first_line(f)?,
+        (None, None) => {
+            if let Some(s) = ProcessEnv.var(ENV_AUTH_SECRET).filter(|s| !s.trim().is_empty()) {
+                s.trim().to_owned()
+            } else if let Some(f) = ProcessEnv.var(ENV_AUTH_SECRET_FILE) {
+                first_line(Path::new(&f)).with_context(|| format!("from {ENV_AUTH_SECRET_FILE}"))?
+            } else {
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::MissingRequiredArgument,
+                        "credentials needs --secret, --secret-file, or TURND_AUTH_SECRET(_FILE) in the environment",
+                    )
+                    .exit()
+            }
+        }
+    };
+    let c = cli::rest_credential(secret.as_bytes(), &args.user, args.ttl, SystemTime::now(), args.uris);
+    println!("{}", serde_json::to_string_pretty(&c)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn first_line(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read secret file {}", path.display()))?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(str::to_owned)
+        .with_context(|| format!("secret file {} is empty", path.display()))
+}
+
+fn import_coturn(file: &Path, output: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let import = coturn::import(&text);
+    for note in &import.notes {
+        eprintln!("{}: {note}", file.display());
+    }
+    match output {
+        Some(out) => std::fs::write(out, &import.toml).with_context(|| format!("cannot write {}", out.display()))?,
+        None => print!("{}", import.toml),
+    }
+    let name = output.map_or_else(|| "<converted>".to_owned(), |p| p.display().to_string());
+    match Config::parse_named(&import.toml, &name).and_then(|c| c.validate(&ProcessEnv)) {
+        Ok(_) => {
+            eprintln!("{}: converted; the result validates", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{}: converted, but the result does not validate: {e}", file.display());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

@@ -40,8 +40,7 @@ impl fmt::Display for Location {
 pub struct ConfigError {
     /// Where the error is.
     pub location: Location,
-    /// What is wrong.
-    #[source]
+    /// What is wrong. (Part of the message, so not also reported as the `source()`.)
     pub reason: Reason,
 }
 

@@ -165,6 +165,15 @@ pub struct ExternalIp {
     pub private: Option<IpAddr>,
 }
 
+impl fmt::Display for ExternalIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.private {
+            Some(p) => write!(f, "{}/{p}", self.public),
+            None => write!(f, "{}", self.public),
+        }
+    }
+}
+
 /// Lifetimes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lifetimes {
@@ -396,14 +405,6 @@ pub(super) fn validate(
     if let Some(f) = env.var(ENV_AUTH_SECRET_FILE) {
         secrets.extend(read_secret_file(&f).map_err(|r| env_error(origin, ENV_AUTH_SECRET_FILE, r))?);
     }
-    let mut generated_secret = false;
-    if secrets.is_empty() && users.is_empty() {
-        if !generate_secret {
-            return Err(err("auth", Reason::NoCredentials));
-        }
-        secrets.push(random_secret());
-        generated_secret = true;
-    }
 
     // [relay]
     let r = &config.relay;
@@ -531,6 +532,16 @@ pub(super) fn validate(
             "log.level",
             Reason::BadLogLevel { value: config.log.level.clone(), detail: e.to_string() },
         ));
+    }
+
+    // Checked last, so that mistakes elsewhere in the file are reported first.
+    let mut generated_secret = false;
+    if secrets.is_empty() && users.is_empty() {
+        if !generate_secret {
+            return Err(err("auth", Reason::NoCredentials));
+        }
+        secrets.push(random_secret());
+        generated_secret = true;
     }
 
     Ok(Settings {
