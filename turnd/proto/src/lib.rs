@@ -20,3 +20,4 @@
 
 pub mod auth;
 pub mod codec;
+pub mod server;

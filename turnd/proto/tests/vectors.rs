@@ -1,14 +1,18 @@
 //! RFC 5769 and RFC 8489 Appendix B test vectors: decoded, verified, and re-encoded byte-exact.
 
+#![allow(clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 
 use turn_proto::auth::{long_term_key_md5, user_hash};
 use turn_proto::codec::*;
 
-const TID1: TransactionId =
-    TransactionId([0xb7, 0xe7, 0xa7, 0x01, 0xbc, 0x34, 0xd6, 0x86, 0xfa, 0x87, 0xdf, 0xae]);
-const TID2: TransactionId =
-    TransactionId([0x78, 0xad, 0x34, 0x33, 0xc6, 0xad, 0x72, 0xc0, 0x29, 0xda, 0x41, 0x2e]);
+const TID1: TransactionId = TransactionId([
+    0xb7, 0xe7, 0xa7, 0x01, 0xbc, 0x34, 0xd6, 0x86, 0xfa, 0x87, 0xdf, 0xae,
+]);
+const TID2: TransactionId = TransactionId([
+    0x78, 0xad, 0x34, 0x33, 0xc6, 0xad, 0x72, 0xc0, 0x29, 0xda, 0x41, 0x2e,
+]);
 const SHORT_TERM_PASSWORD: &[u8] = b"VOkJxbRl1RmTxUk/WvJxBt";
 
 /// RFC 5769 §2.1 Sample Request.
@@ -76,21 +80,34 @@ fn rfc5769_2_1_sample_request_decodes_verifies_and_reencodes() {
     let m = Message::decode(&SAMPLE_REQUEST).expect("decode");
     assert_eq!(m.typ(), MessageType::new(Method::BINDING, Class::Request));
     assert_eq!(m.transaction_id(), TID1);
-    assert_eq!(m.get::<Software<'_>>().unwrap(), Some(Software("STUN test client")));
-    assert_eq!(m.get::<Username<'_>>().unwrap(), Some(Username("evtj:h6vY")));
+    assert_eq!(
+        m.get::<Software<'_>>().unwrap(),
+        Some(Software("STUN test client"))
+    );
+    assert_eq!(
+        m.get::<Username<'_>>().unwrap(),
+        Some(Username("evtj:h6vY"))
+    );
     assert!(m.verify_integrity(SHORT_TERM_PASSWORD));
     assert!(!m.verify_integrity(b"wrong"));
     assert!(m.verify_fingerprint());
     // PRIORITY (0x0024) is an ICE attribute, comprehension-required and not a TURN one.
-    assert_eq!(m.unknown_comprehension_required().collect::<Vec<_>>(), vec![AttrType(0x0024)]);
+    assert_eq!(
+        m.unknown_comprehension_required().collect::<Vec<_>>(),
+        vec![AttrType(0x0024)]
+    );
 
     let mut out = Vec::new();
     let mut b = MessageBuilder::new(&mut out, m.typ(), TID1).padding(b' ');
     b.add(&Software("STUN test client"));
     b.add_raw(AttrType(0x0024), &[0x6e, 0x00, 0x01, 0xff]);
-    b.add_raw(AttrType(0x8029), &[0x93, 0x2f, 0xf9, 0xb1, 0x51, 0x26, 0x3b, 0x36]);
+    b.add_raw(
+        AttrType(0x8029),
+        &[0x93, 0x2f, 0xf9, 0xb1, 0x51, 0x26, 0x3b, 0x36],
+    );
     b.add(&Username("evtj:h6vY"));
-    b.add_message_integrity(SHORT_TERM_PASSWORD).add_fingerprint();
+    b.add_message_integrity(SHORT_TERM_PASSWORD)
+        .add_fingerprint();
     assert_eq!(b.finish(), SAMPLE_REQUEST.len());
     assert_eq!(out, SAMPLE_REQUEST);
 }
@@ -98,15 +115,23 @@ fn rfc5769_2_1_sample_request_decodes_verifies_and_reencodes() {
 fn check_response(bytes: &[u8], mapped: SocketAddr) {
     let m = Message::decode(bytes).expect("decode");
     assert_eq!(m.typ(), MessageType::new(Method::BINDING, Class::Success));
-    assert_eq!(m.get::<XorMappedAddress>().unwrap(), Some(XorMappedAddress(mapped)));
-    assert_eq!(m.get::<Software<'_>>().unwrap(), Some(Software("test vector")));
+    assert_eq!(
+        m.get::<XorMappedAddress>().unwrap(),
+        Some(XorMappedAddress(mapped))
+    );
+    assert_eq!(
+        m.get::<Software<'_>>().unwrap(),
+        Some(Software("test vector"))
+    );
     assert!(m.verify_integrity(SHORT_TERM_PASSWORD));
     assert!(m.verify_fingerprint());
 
     let mut out = Vec::new();
     let mut b = MessageBuilder::new(&mut out, m.typ(), TID1).padding(b' ');
-    b.add(&Software("test vector")).add(&XorMappedAddress(mapped));
-    b.add_message_integrity(SHORT_TERM_PASSWORD).add_fingerprint();
+    b.add(&Software("test vector"))
+        .add(&XorMappedAddress(mapped));
+    b.add_message_integrity(SHORT_TERM_PASSWORD)
+        .add_fingerprint();
     b.finish();
     assert_eq!(out, bytes);
 }
@@ -120,7 +145,9 @@ fn rfc5769_2_2_sample_ipv4_response() {
 fn rfc5769_2_3_sample_ipv6_response() {
     check_response(
         &SAMPLE_IPV6_RESPONSE,
-        "[2001:db8:1234:5678:11:2233:4455:6677]:32853".parse().unwrap(),
+        "[2001:db8:1234:5678:11:2233:4455:6677]:32853"
+            .parse()
+            .unwrap(),
     );
 }
 
@@ -128,8 +155,14 @@ fn rfc5769_2_3_sample_ipv6_response() {
 fn rfc5769_2_4_long_term_request() {
     let m = Message::decode(&SAMPLE_LONG_TERM).expect("decode");
     assert_eq!(m.transaction_id(), TID2);
-    assert_eq!(m.get::<Username<'_>>().unwrap(), Some(Username(MATRIX_USER)));
-    assert_eq!(m.get::<Nonce<'_>>().unwrap(), Some(Nonce("f//499k954d6OL34oL9FSTvy64sA")));
+    assert_eq!(
+        m.get::<Username<'_>>().unwrap(),
+        Some(Username(MATRIX_USER))
+    );
+    assert_eq!(
+        m.get::<Nonce<'_>>().unwrap(),
+        Some(Nonce("f//499k954d6OL34oL9FSTvy64sA"))
+    );
     assert_eq!(m.get::<Realm<'_>>().unwrap(), Some(Realm("example.org")));
     // The password after SASLprep is "TheMatrIX".
     let key = long_term_key_md5(MATRIX_USER, "example.org", "TheMatrIX");
@@ -175,7 +208,11 @@ fn rfc8489_b_1_userhash_and_integrity_sha256() {
 fn rfc8489_14_5_attributes_after_integrity_are_ignored_except_fingerprint() {
     let mut out = Vec::new();
     let tid = TransactionId([7; 12]);
-    let mut b = MessageBuilder::new(&mut out, MessageType::new(Method::BINDING, Class::Request), tid);
+    let mut b = MessageBuilder::new(
+        &mut out,
+        MessageType::new(Method::BINDING, Class::Request),
+        tid,
+    );
     b.add(&Username("alice")).add_message_integrity(b"key");
     b.add(&Software("smuggled"));
     b.add_fingerprint();
@@ -194,7 +231,10 @@ fn flipping_any_bit_breaks_integrity_or_decode() {
         let mut b = SAMPLE_LONG_TERM;
         b[i / 8] ^= 1 << (i % 8);
         if let Ok(m) = Message::decode(&b) {
-            assert!(!m.verify_integrity(&key), "bit {i} flipped but integrity still verifies");
+            assert!(
+                !m.verify_integrity(&key),
+                "bit {i} flipped but integrity still verifies"
+            );
         }
     }
 }

@@ -161,7 +161,10 @@ fn decode_plain_address(typ: AttrType, v: &[u8]) -> Result<SocketAddr, DecodeErr
     }
     let port = u16::from_be_bytes([v[2], v[3]]);
     match (v[1], v.len()) {
-        (0x01, 8) => Ok(SocketAddr::new(Ipv4Addr::new(v[4], v[5], v[6], v[7]).into(), port)),
+        (0x01, 8) => Ok(SocketAddr::new(
+            Ipv4Addr::new(v[4], v[5], v[6], v[7]).into(),
+            port,
+        )),
         (0x02, 20) => {
             let mut o = [0u8; 16];
             o.copy_from_slice(&v[4..20]);
@@ -299,7 +302,10 @@ pub struct UserHash<'a>(pub &'a [u8; 32]);
 impl<'a> Attribute<'a> for UserHash<'a> {
     const TYPE: AttrType = AttrType::USERHASH;
     fn decode(value: &'a [u8], _: &TransactionId) -> Result<Self, DecodeError> {
-        value.try_into().map(Self).map_err(|_| bad(Self::TYPE, "length is not 32"))
+        value
+            .try_into()
+            .map(Self)
+            .map_err(|_| bad(Self::TYPE, "length is not 32"))
     }
     fn encode_value(&self, _: &TransactionId, out: &mut Vec<u8>) {
         out.extend_from_slice(self.0);
@@ -328,7 +334,10 @@ pub struct MessageIntegrity<'a>(pub &'a [u8; 20]);
 impl<'a> Attribute<'a> for MessageIntegrity<'a> {
     const TYPE: AttrType = AttrType::MESSAGE_INTEGRITY;
     fn decode(value: &'a [u8], _: &TransactionId) -> Result<Self, DecodeError> {
-        value.try_into().map(Self).map_err(|_| bad(Self::TYPE, "length is not 20"))
+        value
+            .try_into()
+            .map(Self)
+            .map_err(|_| bad(Self::TYPE, "length is not 20"))
     }
     fn encode_value(&self, _: &TransactionId, out: &mut Vec<u8>) {
         out.extend_from_slice(self.0);
@@ -360,7 +369,9 @@ pub struct Fingerprint(pub u32);
 impl Attribute<'_> for Fingerprint {
     const TYPE: AttrType = AttrType::FINGERPRINT;
     fn decode(value: &[u8], _: &TransactionId) -> Result<Self, DecodeError> {
-        let b: [u8; 4] = value.try_into().map_err(|_| bad(Self::TYPE, "length is not 4"))?;
+        let b: [u8; 4] = value
+            .try_into()
+            .map_err(|_| bad(Self::TYPE, "length is not 4"))?;
         Ok(Self(u32::from_be_bytes(b)))
     }
     fn encode_value(&self, _: &TransactionId, out: &mut Vec<u8>) {
@@ -428,7 +439,10 @@ impl UnknownAttributes {
 
     /// Collects up to [`Self::MAX`] types.
     pub fn from_types(types: impl IntoIterator<Item = AttrType>) -> Self {
-        let mut s = Self { types: [AttrType(0); Self::MAX], len: 0 };
+        let mut s = Self {
+            types: [AttrType(0); Self::MAX],
+            len: 0,
+        };
         for t in types.into_iter().take(Self::MAX) {
             s.types[s.len] = t;
             s.len += 1;
@@ -449,7 +463,11 @@ impl Attribute<'_> for UnknownAttributes {
         if value.len() % 2 != 0 {
             return Err(bad(Self::TYPE, "odd length"));
         }
-        Ok(Self::from_types(value.chunks_exact(2).map(|c| AttrType(u16::from_be_bytes([c[0], c[1]])))))
+        Ok(Self::from_types(
+            value
+                .chunks_exact(2)
+                .map(|c| AttrType(u16::from_be_bytes([c[0], c[1]]))),
+        ))
     }
     fn encode_value(&self, _: &TransactionId, out: &mut Vec<u8>) {
         for t in self.types() {
@@ -478,7 +496,11 @@ impl<'a> Attribute<'a> for AddressErrorCode<'a> {
         let code = decode_code(Self::TYPE, value)?;
         let reason =
             std::str::from_utf8(&value[4..]).map_err(|_| bad(Self::TYPE, "reason not UTF-8"))?;
-        Ok(Self { family: AddressFamily(value[0]), code, reason })
+        Ok(Self {
+            family: AddressFamily(value[0]),
+            code,
+            reason,
+        })
     }
     fn encode_value(&self, _: &TransactionId, out: &mut Vec<u8>) {
         out.extend_from_slice(&[self.family.0, 0]);
@@ -511,7 +533,9 @@ pub struct Lifetime(pub u32);
 impl Attribute<'_> for Lifetime {
     const TYPE: AttrType = AttrType::LIFETIME;
     fn decode(value: &[u8], _: &TransactionId) -> Result<Self, DecodeError> {
-        let b: [u8; 4] = value.try_into().map_err(|_| bad(Self::TYPE, "length is not 4"))?;
+        let b: [u8; 4] = value
+            .try_into()
+            .map_err(|_| bad(Self::TYPE, "length is not 4"))?;
         Ok(Self(u32::from_be_bytes(b)))
     }
     fn encode_value(&self, _: &TransactionId, out: &mut Vec<u8>) {
@@ -558,7 +582,9 @@ impl Attribute<'_> for EvenPort {
     const TYPE: AttrType = AttrType::EVEN_PORT;
     fn decode(value: &[u8], _: &TransactionId) -> Result<Self, DecodeError> {
         match value {
-            [b] => Ok(Self { reserve: b & 0x80 != 0 }),
+            [b] => Ok(Self {
+                reserve: b & 0x80 != 0,
+            }),
             _ => Err(bad(Self::TYPE, "length is not 1")),
         }
     }
@@ -614,7 +640,10 @@ pub struct ReservationToken(pub [u8; 8]);
 impl Attribute<'_> for ReservationToken {
     const TYPE: AttrType = AttrType::RESERVATION_TOKEN;
     fn decode(value: &[u8], _: &TransactionId) -> Result<Self, DecodeError> {
-        value.try_into().map(Self).map_err(|_| bad(Self::TYPE, "length is not 8"))
+        value
+            .try_into()
+            .map(Self)
+            .map_err(|_| bad(Self::TYPE, "length is not 8"))
     }
     fn encode_value(&self, _: &TransactionId, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.0);
@@ -705,8 +734,9 @@ pub struct PasswordAlgorithms<'a> {
 
 impl<'a> PasswordAlgorithms<'a> {
     /// The list this server offers: SHA-256 first, then MD5, neither with parameters.
-    pub const SERVER: PasswordAlgorithms<'static> =
-        PasswordAlgorithms { raw: &[0x00, 0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00] };
+    pub const SERVER: PasswordAlgorithms<'static> = PasswordAlgorithms {
+        raw: &[0x00, 0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00],
+    };
 
     /// The raw value bytes.
     #[must_use]
@@ -726,7 +756,10 @@ impl<'a> PasswordAlgorithms<'a> {
             let plen = usize::from(u16::from_be_bytes([raw[off + 2], raw[off + 3]]));
             let params = &raw[off + 4..off + 4 + plen];
             off += 4 + ((plen + 3) & !3);
-            Some(PasswordAlgorithm { algorithm: alg, params })
+            Some(PasswordAlgorithm {
+                algorithm: alg,
+                params,
+            })
         })
     }
 }
@@ -741,7 +774,8 @@ impl<'a> Attribute<'a> for PasswordAlgorithms<'a> {
             }
             let plen = usize::from(u16::from_be_bytes([value[off + 2], value[off + 3]]));
             let next = off + 4 + ((plen + 3) & !3);
-            if off + 4 + plen > value.len() || (next > value.len() && off + 4 + plen != value.len()) {
+            if off + 4 + plen > value.len() || (next > value.len() && off + 4 + plen != value.len())
+            {
                 return Err(bad(Self::TYPE, "parameters overrun"));
             }
             off = next;

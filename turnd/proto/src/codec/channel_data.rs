@@ -52,19 +52,28 @@ impl<'a> ChannelData<'a> {
     /// Short buffer, bad channel number, or a length that does not fit.
     pub fn decode(buf: &'a [u8]) -> Result<Self, DecodeError> {
         if buf.len() < Self::HEADER_LEN {
-            return Err(DecodeError::Truncated { need: Self::HEADER_LEN, have: buf.len() });
+            return Err(DecodeError::Truncated {
+                need: Self::HEADER_LEN,
+                have: buf.len(),
+            });
         }
         let channel = ChannelNumber::new(u16::from_be_bytes([buf[0], buf[1]]))?;
         let len = usize::from(u16::from_be_bytes([buf[2], buf[3]]));
         let end = Self::HEADER_LEN + len;
         if buf.len() < end {
-            return Err(DecodeError::Truncated { need: end, have: buf.len() });
+            return Err(DecodeError::Truncated {
+                need: end,
+                have: buf.len(),
+            });
         }
         let padded = (end + 3) & !3;
         if buf.len() != end && buf.len() != padded {
             return Err(DecodeError::TrailingBytes(buf.len() - end));
         }
-        Ok(Self { channel, data: &buf[Self::HEADER_LEN..end] })
+        Ok(Self {
+            channel,
+            data: &buf[Self::HEADER_LEN..end],
+        })
     }
 
     /// Writes the 4-byte header for `len` bytes of data on `channel` into `out[..4]`.

@@ -50,13 +50,18 @@ pub enum FrameLen {
 /// # Errors
 /// The first byte is neither STUN nor ChannelData: the stream is garbage and must be closed.
 pub fn frame_len(buf: &[u8]) -> Result<FrameLen, DecodeError> {
-    let Some(&first) = buf.first() else { return Ok(FrameLen::NeedMore(4)) };
+    let Some(&first) = buf.first() else {
+        return Ok(FrameLen::NeedMore(4));
+    };
     let (hdr, total) = match Demux::classify(first) {
         Demux::Stun => {
             if buf.len() < 4 {
                 return Ok(FrameLen::NeedMore(HEADER_LEN));
             }
-            (HEADER_LEN, HEADER_LEN + usize::from(u16::from_be_bytes([buf[2], buf[3]])))
+            (
+                HEADER_LEN,
+                HEADER_LEN + usize::from(u16::from_be_bytes([buf[2], buf[3]])),
+            )
         }
         Demux::ChannelData => {
             if buf.len() < 4 {

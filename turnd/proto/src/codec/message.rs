@@ -56,7 +56,10 @@ impl<'a> Message<'a> {
     /// [`DecodeError`] naming the first thing that is wrong.
     pub fn decode(buf: &'a [u8]) -> Result<Self, DecodeError> {
         if buf.len() < HEADER_LEN {
-            return Err(DecodeError::Truncated { need: HEADER_LEN, have: buf.len() });
+            return Err(DecodeError::Truncated {
+                need: HEADER_LEN,
+                have: buf.len(),
+            });
         }
         if buf[0] & 0xc0 != 0 {
             return Err(DecodeError::NotStun);
@@ -71,7 +74,10 @@ impl<'a> Message<'a> {
         }
         let total = HEADER_LEN + usize::from(len);
         if buf.len() < total {
-            return Err(DecodeError::Truncated { need: total, have: buf.len() });
+            return Err(DecodeError::Truncated {
+                need: total,
+                have: buf.len(),
+            });
         }
         if buf.len() > total {
             return Err(DecodeError::TrailingBytes(buf.len() - total));
@@ -108,7 +114,10 @@ impl<'a> Message<'a> {
             match AttrType(typ) {
                 AttrType::MESSAGE_INTEGRITY => {
                     if alen != 20 {
-                        return Err(DecodeError::BadAttribute { attr: typ, what: "length is not 20" });
+                        return Err(DecodeError::BadAttribute {
+                            attr: typ,
+                            what: "length is not 20",
+                        });
                     }
                     if msg.integrity.is_none() && msg.integrity_sha256.is_none() {
                         msg.integrity = Some(off);
@@ -127,7 +136,10 @@ impl<'a> Message<'a> {
                 }
                 AttrType::FINGERPRINT => {
                     if alen != 4 {
-                        return Err(DecodeError::BadAttribute { attr: typ, what: "length is not 4" });
+                        return Err(DecodeError::BadAttribute {
+                            attr: typ,
+                            what: "length is not 4",
+                        });
                     }
                     msg.fingerprint = Some(off);
                 }
@@ -198,7 +210,11 @@ impl<'a> Message<'a> {
                 Some(fi) => here <= fi || Some(here) == sha || typ == AttrType::FINGERPRINT,
             };
             if counts {
-                return Some(RawAttribute { typ, value: &buf[here + 4..here + 4 + alen], offset: here });
+                return Some(RawAttribute {
+                    typ,
+                    value: &buf[here + 4..here + 4 + alen],
+                    offset: here,
+                });
             }
         })
     }
@@ -224,21 +240,29 @@ impl<'a> Message<'a> {
     /// CreatePermission, RFC 8656 §9.1).
     pub fn get_all<A: Attribute<'a>>(&self) -> impl Iterator<Item = Result<A, DecodeError>> + 'a {
         let tid = self.tid;
-        self.attributes().filter(|a| a.typ == A::TYPE).map(move |a| A::decode(a.value, &tid))
+        self.attributes()
+            .filter(|a| a.typ == A::TYPE)
+            .map(move |a| A::decode(a.value, &tid))
     }
 
     /// Comprehension-required attribute types this implementation does not understand
     /// (RFC 8489 §14, §7.3.1: answer 420 listing them).
     pub fn unknown_comprehension_required(&self) -> impl Iterator<Item = AttrType> + 'a {
-        self.attributes().map(|a| a.typ).filter(|t| t.is_comprehension_required() && !t.is_known())
+        self.attributes()
+            .map(|a| a.typ)
+            .filter(|t| t.is_comprehension_required() && !t.is_known())
     }
 
     /// Checks MESSAGE-INTEGRITY (HMAC-SHA1, RFC 8489 §14.5) against `key` in constant time.
     /// False when absent.
     #[must_use]
     pub fn verify_integrity(&self, key: &[u8]) -> bool {
-        let Some(off) = self.integrity else { return false };
-        let Ok(mut mac) = <Hmac<Sha1> as Mac>::new_from_slice(key) else { return false };
+        let Some(off) = self.integrity else {
+            return false;
+        };
+        let Ok(mut mac) = <Hmac<Sha1> as Mac>::new_from_slice(key) else {
+            return false;
+        };
         self.feed_covered(off, 20, |d| mac.update(d));
         mac.verify_slice(&self.buf[off + 4..off + 24]).is_ok()
     }
@@ -247,17 +271,24 @@ impl<'a> Message<'a> {
     /// False when absent.
     #[must_use]
     pub fn verify_integrity_sha256(&self, key: &[u8]) -> bool {
-        let Some(off) = self.integrity_sha256 else { return false };
+        let Some(off) = self.integrity_sha256 else {
+            return false;
+        };
         let alen = usize::from(be16(self.buf, off + 2));
-        let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(key) else { return false };
+        let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(key) else {
+            return false;
+        };
         self.feed_covered(off, alen, |d| mac.update(d));
-        mac.verify_truncated_left(&self.buf[off + 4..off + 4 + alen]).is_ok()
+        mac.verify_truncated_left(&self.buf[off + 4..off + 4 + alen])
+            .is_ok()
     }
 
     /// Checks FINGERPRINT (RFC 8489 §14.7). False when absent.
     #[must_use]
     pub fn verify_fingerprint(&self) -> bool {
-        let Some(off) = self.fingerprint else { return false };
+        let Some(off) = self.fingerprint else {
+            return false;
+        };
         let mut h = crc32fast::Hasher::new();
         self.feed_covered(off, 4, |d| h.update(d));
         let want = u32::from_be_bytes([
@@ -300,7 +331,12 @@ impl<'b> MessageBuilder<'b> {
         out.extend_from_slice(&[0, 0]);
         out.extend_from_slice(&MAGIC_COOKIE.to_be_bytes());
         out.extend_from_slice(&tid.0);
-        Self { out, start, tid, pad: 0 }
+        Self {
+            out,
+            start,
+            tid,
+            pad: 0,
+        }
     }
 
     /// Sets the byte used for padding. Its content is arbitrary (RFC 8489 §14); the default is
@@ -360,7 +396,8 @@ impl<'b> MessageBuilder<'b> {
         let mut mac = <Hmac<Sha1> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
         mac.update(&self.out[self.start..]);
         let tag = mac.finalize().into_bytes();
-        self.out.extend_from_slice(&AttrType::MESSAGE_INTEGRITY.0.to_be_bytes());
+        self.out
+            .extend_from_slice(&AttrType::MESSAGE_INTEGRITY.0.to_be_bytes());
         self.out.extend_from_slice(&20u16.to_be_bytes());
         self.out.extend_from_slice(&tag);
         self
@@ -372,7 +409,8 @@ impl<'b> MessageBuilder<'b> {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
         mac.update(&self.out[self.start..]);
         let tag = mac.finalize().into_bytes();
-        self.out.extend_from_slice(&AttrType::MESSAGE_INTEGRITY_SHA256.0.to_be_bytes());
+        self.out
+            .extend_from_slice(&AttrType::MESSAGE_INTEGRITY_SHA256.0.to_be_bytes());
         self.out.extend_from_slice(&32u16.to_be_bytes());
         self.out.extend_from_slice(&tag);
         self
@@ -382,7 +420,8 @@ impl<'b> MessageBuilder<'b> {
     pub fn add_fingerprint(&mut self) -> &mut Self {
         self.set_len(8);
         let crc = crc32fast::hash(&self.out[self.start..]) ^ FINGERPRINT_XOR;
-        self.out.extend_from_slice(&AttrType::FINGERPRINT.0.to_be_bytes());
+        self.out
+            .extend_from_slice(&AttrType::FINGERPRINT.0.to_be_bytes());
         self.out.extend_from_slice(&4u16.to_be_bytes());
         self.out.extend_from_slice(&crc.to_be_bytes());
         self

@@ -87,7 +87,10 @@ impl MessageType {
             0b10 => Class::Success,
             _ => Class::Error,
         };
-        Self { method: Method(m), class }
+        Self {
+            method: Method(m),
+            class,
+        }
     }
 
     /// Packs into the 16-bit field.
@@ -100,7 +103,11 @@ impl MessageType {
             Class::Success => 0b10,
             Class::Error => 0b11,
         };
-        (m & 0x000f) | ((m & 0x0070) << 1) | ((m & 0x0f80) << 2) | ((c & 0b01) << 4) | ((c & 0b10) << 7)
+        (m & 0x000f)
+            | ((m & 0x0070) << 1)
+            | ((m & 0x0f80) << 2)
+            | ((c & 0b01) << 4)
+            | ((c & 0b10) << 7)
     }
 }
 
@@ -208,7 +215,12 @@ mod tests {
     #[test]
     fn every_method_and_class_round_trips() {
         for m in 0..0x1000u16 {
-            for c in [Class::Request, Class::Indication, Class::Success, Class::Error] {
+            for c in [
+                Class::Request,
+                Class::Indication,
+                Class::Success,
+                Class::Error,
+            ] {
                 let t = MessageType::new(Method(m), c);
                 assert_eq!(MessageType::from_u16(t.to_u16()), t);
                 assert_eq!(t.to_u16() & 0xc000, 0);

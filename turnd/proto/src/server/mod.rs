@@ -1,0 +1,1737 @@
+//! The TURN server state machine (RFC 8656 §5–§12, RFC 6156, RFC 8489 §6–§9).
+//!
+//! [`Server`] holds every allocation of one shard. It is driven entirely from outside:
+//!
+//! * in: [`Server::handle_client_datagram`] (a UDP datagram, or one frame of a TCP/TLS
+//!   stream, from a client), [`Server::handle_peer_datagram`] (a datagram that arrived on a
+//!   relay socket), [`Server::handle_relay_bound`] (the IO layer's answer to a
+//!   [`RelayRequest`]), [`Server::handle_connection_closed`] and [`Server::handle_timeout`];
+//! * out: [`Server::poll_transmit`] (datagrams to send, in order), [`Server::poll_event`]
+//!   (relay sockets to open or close, allocations created or ended, rejections to count) and
+//!   [`Server::poll_timeout`] (when to call `handle_timeout` next).
+//!
+//! Call the `poll_*` methods after every `handle_*` call until they return `None`. Outgoing
+//! datagrams are written into one reused buffer, so relaying a packet allocates nothing once
+//! the buffers have grown to their working size.
+
+mod allocation;
+pub mod policy;
+mod quota;
+mod timer;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+pub use allocation::{AllocationStats, RelayedAddress};
+pub use quota::{LocalQuota, QuotaExceeded, QuotaLedger, SharedQuota};
+
+use crate::auth::{CredentialError, Credentials, LongTermKey, NonceCheck, NonceIssuer};
+use crate::codec::*;
+use allocation::{family_index, Allocation, ChannelBinding, CHANNEL_COOLDOWN};
+use policy::{PeerDenied, PeerPolicy};
+use timer::{Deadlines, TimerKey};
+
+/// The transport between client and server (RFC 8656 §3.1).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub enum Transport {
+    /// UDP.
+    Udp,
+    /// TCP.
+    Tcp,
+    /// TLS over TCP.
+    Tls,
+}
+
+impl Transport {
+    /// A stable label for logs and metrics.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+            Self::Tls => "tls",
+        }
+    }
+
+    /// Whether ChannelData must be padded to 4 bytes (streams, RFC 8656 §12.5).
+    #[must_use]
+    pub fn is_stream(self) -> bool {
+        !matches!(self, Self::Udp)
+    }
+}
+
+/// The 5-tuple that identifies an allocation (RFC 8656 §2.2): the client's address, the
+/// server address it reached, and the transport.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct FiveTuple {
+    /// The client's transport address as the server sees it.
+    pub client: SocketAddr,
+    /// The server transport address the client sent to.
+    pub server: SocketAddr,
+    /// The transport protocol.
+    pub transport: Transport,
+}
+
+/// Tunables of the server (RFC 8656 §7–§12 name the defaults).
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Users, REST API secrets and the realm.
+    pub credentials: Credentials,
+    /// Key for stateless nonces; random per process.
+    pub nonce_secret: [u8; 32],
+    /// How long a nonce stays fresh before a 438 (coturn's `stale-nonce`, default 600 s).
+    pub nonce_lifetime: Duration,
+    /// Allocation lifetime when the client asks for none or for less (600 s, RFC 8656 §7.2).
+    pub default_lifetime: Duration,
+    /// The longest allocation lifetime granted (3600 s, RFC 8656 §7.2).
+    pub max_lifetime: Duration,
+    /// Permission lifetime (300 s, RFC 8656 §9).
+    pub permission_lifetime: Duration,
+    /// Channel binding lifetime (600 s, RFC 8656 §11).
+    pub channel_lifetime: Duration,
+    /// How long a reserved (EVEN-PORT R bit) port is held (30 s, RFC 8656 §7.2).
+    pub reservation_lifetime: Duration,
+    /// How long a non-idempotent answer is replayed for a retransmission (40 s, RFC 8489 §6.3.1).
+    pub transaction_lifetime: Duration,
+    /// Whether the IO layer can relay over IPv4.
+    pub relay_ipv4: bool,
+    /// Whether the IO layer can relay over IPv6.
+    pub relay_ipv6: bool,
+    /// Which peers may be reached.
+    pub policy: PeerPolicy,
+    /// Most permissions one allocation may hold (RFC 8656 §9.1: 508 beyond).
+    pub max_permissions_per_allocation: usize,
+    /// SOFTWARE sent to authenticated clients only; `None` sends nothing.
+    pub software: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            credentials: Credentials::new("turnd"),
+            nonce_secret: [0; 32],
+            nonce_lifetime: Duration::from_secs(600),
+            default_lifetime: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+            permission_lifetime: Duration::from_secs(300),
+            channel_lifetime: Duration::from_secs(600),
+            reservation_lifetime: Duration::from_secs(30),
+            transaction_lifetime: Duration::from_secs(40),
+            relay_ipv4: true,
+            relay_ipv6: true,
+            policy: PeerPolicy::default(),
+            max_permissions_per_allocation: 64,
+            software: None,
+        }
+    }
+}
+
+/// Why a request was refused. Each value picks the STUN error code of the response and labels
+/// the rejection metric (`as_str`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[non_exhaustive]
+pub enum Reject {
+    /// 400: an attribute the method needs is missing.
+    MissingAttribute,
+    /// 400: an attribute could not be decoded.
+    MalformedAttribute,
+    /// 400: a request with a method the server does not serve.
+    UnknownMethod,
+    /// 400: PASSWORD-ALGORITHM(S) absent on one side, altered, or unsupported (RFC 8489 §9.2.4).
+    BadPasswordAlgorithm,
+    /// 400: attributes that must not appear together (RFC 8656 §7.2).
+    ConflictingAttributes,
+    /// 400: CHANNEL-NUMBER outside 0x4000–0x4FFF.
+    InvalidChannelNumber,
+    /// 400: the channel or the peer is already bound otherwise (RFC 8656 §11.2).
+    ChannelConflict,
+    /// 401: no integrity; the response is the challenge (REALM, NONCE).
+    Unauthenticated,
+    /// 401: integrity did not verify.
+    BadIntegrity,
+    /// 401: no such user.
+    UnknownUser,
+    /// 401: a TURN REST API username past its expiry.
+    ExpiredCredentials,
+    /// 403: the peer address is not allowed by policy.
+    ForbiddenPeer,
+    /// 420: comprehension-required attributes the server does not know.
+    UnknownAttribute,
+    /// 437: an Allocate on a 5-tuple that already has an allocation.
+    AllocationExists,
+    /// 437: a request that needs an allocation on a 5-tuple without one.
+    NoAllocation,
+    /// 438: the nonce is stale or not ours.
+    StaleNonce,
+    /// 440: the requested address family is not served.
+    AddressFamilyNotSupported,
+    /// 441: another username than the one that created the allocation.
+    WrongCredentials,
+    /// 442: REQUESTED-TRANSPORT other than UDP.
+    UnsupportedTransport,
+    /// 443: the peer's family has no relayed address in this allocation.
+    PeerAddressFamilyMismatch,
+    /// 486: the user's allocation quota is used up.
+    UserQuotaReached,
+    /// 508: the server-wide allocation quota is used up.
+    TotalQuotaReached,
+    /// 508: no relay port was free.
+    NoRelayPort,
+    /// 508: the allocation has as many permissions as it may.
+    PermissionQuotaReached,
+    /// 508: the RESERVATION-TOKEN is unknown or expired.
+    InvalidReservationToken,
+}
+
+impl Reject {
+    /// The STUN error code sent.
+    #[must_use]
+    pub fn code(self) -> ErrorCode {
+        use Reject::*;
+        match self {
+            MissingAttribute
+            | MalformedAttribute
+            | UnknownMethod
+            | BadPasswordAlgorithm
+            | ConflictingAttributes
+            | InvalidChannelNumber
+            | ChannelConflict => ErrorCode::BAD_REQUEST,
+            Unauthenticated | BadIntegrity | UnknownUser | ExpiredCredentials => {
+                ErrorCode::UNAUTHENTICATED
+            }
+            ForbiddenPeer => ErrorCode::FORBIDDEN,
+            UnknownAttribute => ErrorCode::UNKNOWN_ATTRIBUTE,
+            AllocationExists | NoAllocation => ErrorCode::ALLOCATION_MISMATCH,
+            StaleNonce => ErrorCode::STALE_NONCE,
+            AddressFamilyNotSupported => ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED,
+            WrongCredentials => ErrorCode::WRONG_CREDENTIALS,
+            UnsupportedTransport => ErrorCode::UNSUPPORTED_TRANSPORT_PROTOCOL,
+            PeerAddressFamilyMismatch => ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH,
+            UserQuotaReached => ErrorCode::ALLOCATION_QUOTA_REACHED,
+            TotalQuotaReached | NoRelayPort | PermissionQuotaReached | InvalidReservationToken => {
+                ErrorCode::INSUFFICIENT_CAPACITY
+            }
+        }
+    }
+
+    /// A stable snake_case label (metrics, logs).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        use Reject::*;
+        match self {
+            MissingAttribute => "missing_attribute",
+            MalformedAttribute => "malformed_attribute",
+            UnknownMethod => "unknown_method",
+            BadPasswordAlgorithm => "bad_password_algorithm",
+            ConflictingAttributes => "conflicting_attributes",
+            InvalidChannelNumber => "invalid_channel_number",
+            ChannelConflict => "channel_conflict",
+            Unauthenticated => "unauthenticated",
+            BadIntegrity => "bad_integrity",
+            UnknownUser => "unknown_user",
+            ExpiredCredentials => "expired_credentials",
+            ForbiddenPeer => "forbidden_peer",
+            UnknownAttribute => "unknown_attribute",
+            AllocationExists => "allocation_exists",
+            NoAllocation => "no_allocation",
+            StaleNonce => "stale_nonce",
+            AddressFamilyNotSupported => "address_family_not_supported",
+            WrongCredentials => "wrong_credentials",
+            UnsupportedTransport => "unsupported_transport",
+            PeerAddressFamilyMismatch => "peer_address_family_mismatch",
+            UserQuotaReached => "user_quota_reached",
+            TotalQuotaReached => "total_quota_reached",
+            NoRelayPort => "no_relay_port",
+            PermissionQuotaReached => "permission_quota_reached",
+            InvalidReservationToken => "invalid_reservation_token",
+        }
+    }
+}
+
+/// Why a datagram was dropped without an answer. Counted in [`Stats`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[non_exhaustive]
+pub enum DropReason {
+    /// Not STUN and not ChannelData, or failed to decode.
+    Malformed,
+    /// A STUN response or an unknown indication from a client.
+    Unexpected,
+    /// Data for a 5-tuple or relay address without an allocation.
+    NoAllocation,
+    /// ChannelData on a channel that is not bound.
+    NoChannel,
+    /// To or from a peer without a permission.
+    NoPermission,
+    /// A Send indication missing XOR-PEER-ADDRESS or DATA, or with a bad one.
+    BadIndication,
+    /// A Send indication toward a peer whose family has no relayed address.
+    PeerFamily,
+    /// A retransmitted Allocate while its relay is still being bound.
+    Pending,
+}
+
+impl DropReason {
+    /// Every reason, in `Stats::drops` order.
+    pub const ALL: [Self; 8] = [
+        Self::Malformed,
+        Self::Unexpected,
+        Self::NoAllocation,
+        Self::NoChannel,
+        Self::NoPermission,
+        Self::BadIndication,
+        Self::PeerFamily,
+        Self::Pending,
+    ];
+
+    /// A stable snake_case label.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::Unexpected => "unexpected",
+            Self::NoAllocation => "no_allocation",
+            Self::NoChannel => "no_channel",
+            Self::NoPermission => "no_permission",
+            Self::BadIndication => "bad_indication",
+            Self::PeerFamily => "peer_family",
+            Self::Pending => "pending",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// Counters the IO layer exports as metrics.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Stats {
+    /// Dropped datagrams by [`DropReason`] (index as in `DropReason::ALL`).
+    pub drops: [u64; 8],
+    /// Datagrams relayed client → peer.
+    pub packets_to_peer: u64,
+    /// Payload bytes relayed client → peer.
+    pub bytes_to_peer: u64,
+    /// Datagrams relayed peer → client.
+    pub packets_from_peer: u64,
+    /// Payload bytes relayed peer → client.
+    pub bytes_from_peer: u64,
+}
+
+impl Stats {
+    /// Drops for one reason.
+    #[must_use]
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+}
+
+/// Where a [`Transmit`] goes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Destination {
+    /// To a client, over the listener (or connection) of this 5-tuple.
+    Client(FiveTuple),
+    /// To a peer, from the relay socket bound at `relay`.
+    Peer {
+        /// The local address of the relay socket.
+        relay: SocketAddr,
+        /// The peer.
+        peer: SocketAddr,
+    },
+}
+
+/// A datagram (or stream frame) to send.
+#[derive(Debug)]
+pub struct Transmit<'a> {
+    /// Where to.
+    pub destination: Destination,
+    /// The bytes.
+    pub payload: &'a [u8],
+    /// Send with the IP DF bit set (DONT-FRAGMENT, RFC 8656 §18.9).
+    pub dont_fragment: bool,
+}
+
+/// Identifies a [`RelayRequest`] until [`Server::handle_relay_bound`] answers it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct RelayRequestId(pub u64);
+
+/// Which port the relay socket should get.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum PortRequest {
+    /// Any free port of the range.
+    Any,
+    /// An even port (EVEN-PORT, RFC 8656 §7.2); with `reserve_next`, hold port + 1 too and
+    /// report it in [`RelayBound::reserved_next`].
+    Even {
+        /// Also reserve the next-higher port.
+        reserve_next: bool,
+    },
+    /// The port held for a RESERVATION-TOKEN: bind exactly this local address.
+    Reserved(SocketAddr),
+}
+
+/// The IO layer must bind relay socket(s) and answer with [`Server::handle_relay_bound`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct RelayRequest {
+    /// Echo this back.
+    pub id: RelayRequestId,
+    /// The allocation's 5-tuple.
+    pub five_tuple: FiveTuple,
+    /// The family of the (first) relayed address.
+    pub family: AddressFamily,
+    /// Also bind an IPv6 relayed address (ADDITIONAL-ADDRESS-FAMILY, RFC 8656 §7.2).
+    pub additional_ipv6: bool,
+    /// Port constraints.
+    pub port: PortRequest,
+    /// Set DF on the relay socket(s) (DONT-FRAGMENT).
+    pub dont_fragment: bool,
+}
+
+/// Why the IO layer could not bind a relay socket.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RelayError {
+    /// Every port of the range is in use (→ 508).
+    NoPortAvailable,
+    /// No relay address of that family is configured (→ 440).
+    FamilyUnavailable,
+}
+
+/// The IO layer's answer to a [`RelayRequest`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct RelayBound {
+    /// The first relayed address.
+    pub primary: Result<RelayedAddress, RelayError>,
+    /// The IPv6 one, when `additional_ipv6` was asked.
+    pub additional: Option<Result<RelayedAddress, RelayError>>,
+    /// The port held for a later RESERVATION-TOKEN (its local address).
+    pub reserved_next: Option<SocketAddr>,
+}
+
+/// Why an allocation ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum EndReason {
+    /// Its lifetime ran out.
+    Expired,
+    /// A Refresh with LIFETIME 0.
+    Deleted,
+    /// Its TCP/TLS connection closed.
+    ConnectionClosed,
+}
+
+/// Things the IO layer acts on or reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Bind relay socket(s), then call [`Server::handle_relay_bound`].
+    RelayRequested(RelayRequest),
+    /// Close the relay socket bound at this local address; its port is free again.
+    RelayReleased(SocketAddr),
+    /// An allocation was created.
+    AllocationCreated {
+        /// Its 5-tuple.
+        five_tuple: FiveTuple,
+        /// The authenticated username.
+        username: Box<str>,
+        /// Relayed addresses (IPv4, IPv6).
+        relayed: [Option<RelayedAddress>; 2],
+        /// Granted lifetime.
+        lifetime: Duration,
+    },
+    /// An allocation ended; its relay sockets are released by separate events.
+    AllocationEnded {
+        /// Its 5-tuple.
+        five_tuple: FiveTuple,
+        /// The username.
+        username: Box<str>,
+        /// Relayed addresses.
+        relayed: [Option<RelayedAddress>; 2],
+        /// How long it lived.
+        duration: Duration,
+        /// Traffic it relayed.
+        stats: AllocationStats,
+        /// Why.
+        reason: EndReason,
+    },
+    /// A request was answered with an error.
+    Rejected {
+        /// The transport.
+        transport: Transport,
+        /// The request's method.
+        method: Method,
+        /// Why.
+        reason: Reject,
+    },
+}
+
+/// How to sign a response to an authenticated request.
+#[derive(Clone, Copy, Debug)]
+struct Signer {
+    key: LongTermKey,
+    sha256: bool,
+    fingerprint: bool,
+}
+
+struct Authenticated {
+    username: String,
+    signer: Signer,
+}
+
+struct Pending {
+    tid: TransactionId,
+    username: Box<str>,
+    signer: Signer,
+    lifetime: Duration,
+    dont_fragment: bool,
+    reserve_next: bool,
+}
+
+struct Reservation {
+    local: SocketAddr,
+}
+
+struct QueuedTransmit {
+    destination: Destination,
+    start: usize,
+    end: usize,
+    dont_fragment: bool,
+}
+
+/// The TURN server state machine. See the [module documentation](self).
+pub struct Server {
+    config: ServerConfig,
+    nonces: NonceIssuer,
+    quota: Box<dyn QuotaLedger>,
+    epoch: Instant,
+    epoch_unix: u64,
+
+    slab: Vec<Option<Allocation>>,
+    free: Vec<u32>,
+    by_tuple: HashMap<FiveTuple, u32>,
+    by_relay: HashMap<SocketAddr, u32>,
+    pending: HashMap<RelayRequestId, (FiveTuple, Pending)>,
+    pending_tuples: HashMap<FiveTuple, RelayRequestId>,
+    next_request: u64,
+    reservations: HashMap<[u8; 8], Reservation>,
+    next_token: u64,
+    tx_cache: HashMap<u64, (FiveTuple, TransactionId, Vec<u8>)>,
+    tx_cache_index: HashMap<(FiveTuple, TransactionId), u64>,
+    next_tx: u64,
+    deadlines: Deadlines,
+    generations: Vec<u32>,
+    last_now: Instant,
+
+    out: Vec<u8>,
+    transmits: VecDeque<QueuedTransmit>,
+    events: VecDeque<Event>,
+    stats: Stats,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("allocations", &self.by_tuple.len())
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+impl Server {
+    /// A server with `config`; `now` and `unix_now` (seconds) anchor its clock: later `now`
+    /// values map to UNIX time for REST API expiry and nonces.
+    #[must_use]
+    pub fn new(config: ServerConfig, now: Instant, unix_now: u64) -> Self {
+        Self::with_quota(config, Box::new(LocalQuota::default()), now, unix_now)
+    }
+
+    /// As [`Server::new`], with an allocation quota ledger (shared between shards by the IO
+    /// layer, e.g. [`SharedQuota`]).
+    #[must_use]
+    pub fn with_quota(
+        config: ServerConfig,
+        quota: Box<dyn QuotaLedger>,
+        now: Instant,
+        unix_now: u64,
+    ) -> Self {
+        let nonces = NonceIssuer::new(config.nonce_secret, config.nonce_lifetime.as_secs().max(1));
+        Self {
+            config,
+            nonces,
+            quota,
+            epoch: now,
+            epoch_unix: unix_now,
+            slab: Vec::new(),
+            free: Vec::new(),
+            by_tuple: HashMap::new(),
+            by_relay: HashMap::new(),
+            pending: HashMap::new(),
+            pending_tuples: HashMap::new(),
+            next_request: 0,
+            reservations: HashMap::new(),
+            next_token: 0,
+            tx_cache: HashMap::new(),
+            tx_cache_index: HashMap::new(),
+            next_tx: 0,
+            deadlines: Deadlines::default(),
+            generations: Vec::new(),
+            last_now: now,
+            out: Vec::with_capacity(64 * 1024),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// Counters.
+    #[must_use]
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// How many allocations exist.
+    #[must_use]
+    pub fn allocation_count(&self) -> usize {
+        self.by_tuple.len()
+    }
+
+    /// How many permissions and channel bindings exist, across allocations.
+    #[must_use]
+    pub fn permission_and_channel_count(&self) -> (usize, usize) {
+        self.slab.iter().flatten().fold((0, 0), |(p, c), a| {
+            (p + a.permissions.len(), c + a.channels.len())
+        })
+    }
+
+    fn unix(&self, now: Instant) -> u64 {
+        self.epoch_unix + now.saturating_duration_since(self.epoch).as_secs()
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Outputs
+
+    /// The next datagram to send. Call until `None` after every `handle_*`.
+    pub fn poll_transmit(&mut self) -> Option<Transmit<'_>> {
+        let Some(t) = self.transmits.pop_front() else {
+            self.out.clear();
+            return None;
+        };
+        Some(Transmit {
+            destination: t.destination,
+            payload: &self.out[t.start..t.end],
+            dont_fragment: t.dont_fragment,
+        })
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Server::handle_timeout`] should next be called. It may be early; never late.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadlines.next()
+    }
+
+    fn drop_packet(&mut self, reason: DropReason) {
+        self.stats.drops[reason.index()] += 1;
+    }
+
+    fn queue(&mut self, destination: Destination, start: usize, dont_fragment: bool) {
+        let end = self.out.len();
+        self.transmits.push_back(QueuedTransmit {
+            destination,
+            start,
+            end,
+            dont_fragment,
+        });
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Timers
+
+    /// Expires whatever is due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = now;
+        while let Some((at, key)) = self.deadlines.pop_due(now) {
+            match key {
+                TimerKey::Allocation(idx, gen) => self.check_allocation(idx, gen, at, now),
+                TimerKey::Reservation(token) => {
+                    if let Some(r) = self.reservations.remove(&token) {
+                        self.events.push_back(Event::RelayReleased(r.local));
+                    }
+                }
+                TimerKey::Transaction(id) => {
+                    if let Some((ft, tid, _)) = self.tx_cache.remove(&id) {
+                        self.tx_cache_index.remove(&(ft, tid));
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_allocation(&mut self, idx: u32, gen: u32, fired: Instant, now: Instant) {
+        let Some(Some(a)) = self.slab.get_mut(idx as usize) else {
+            return;
+        };
+        if a.generation != gen || a.scheduled != fired {
+            return; // superseded entry
+        }
+        if a.expires <= now {
+            self.remove_allocation(idx, EndReason::Expired, now);
+            return;
+        }
+        a.sweep(now);
+        let next = a.next_deadline();
+        a.scheduled = next;
+        self.deadlines.push(next, TimerKey::Allocation(idx, gen));
+    }
+
+    /// Makes sure the allocation's timer fires no later than `at`.
+    fn schedule(&mut self, idx: u32, at: Instant) {
+        if let Some(Some(a)) = self.slab.get_mut(idx as usize) {
+            if at < a.scheduled {
+                a.scheduled = at;
+                self.deadlines
+                    .push(at, TimerKey::Allocation(idx, a.generation));
+            }
+        }
+    }
+
+    fn remove_allocation(&mut self, idx: u32, reason: EndReason, now: Instant) {
+        let Some(slot) = self.slab.get_mut(idx as usize) else {
+            return;
+        };
+        let Some(a) = slot.take() else { return };
+        self.free.push(idx);
+        self.by_tuple.remove(&a.five_tuple);
+        for r in a.relayed.iter().flatten() {
+            self.by_relay.remove(&r.local);
+            self.events.push_back(Event::RelayReleased(r.local));
+        }
+        self.quota.release(&a.username);
+        self.events.push_back(Event::AllocationEnded {
+            five_tuple: a.five_tuple,
+            username: a.username,
+            relayed: a.relayed,
+            duration: now.saturating_duration_since(a.created),
+            stats: a.stats,
+            reason,
+        });
+    }
+
+    /// The client's TCP/TLS connection closed: its allocation ends with it (RFC 8656 §3.1).
+    pub fn handle_connection_closed(&mut self, now: Instant, five_tuple: FiveTuple) {
+        self.last_now = now;
+        if let Some(&idx) = self.by_tuple.get(&five_tuple) {
+            self.remove_allocation(idx, EndReason::ConnectionClosed, now);
+        }
+        if let Some(id) = self.pending_tuples.remove(&five_tuple) {
+            if let Some((_, p)) = self.pending.remove(&id) {
+                self.quota.release(&p.username);
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Relay path
+
+    /// A datagram arrived on the relay socket bound at `relay` from `peer`
+    /// (RFC 8656 §11.3, §12.6): relayed to the client as ChannelData when a channel is bound
+    /// to the peer, else as a Data indication; dropped without a permission.
+    pub fn handle_peer_datagram(
+        &mut self,
+        now: Instant,
+        relay: SocketAddr,
+        peer: SocketAddr,
+        data: &[u8],
+    ) {
+        let Some(&idx) = self.by_relay.get(&relay) else {
+            return self.drop_packet(DropReason::NoAllocation);
+        };
+        let Some(Some(a)) = self.slab.get_mut(idx as usize) else {
+            return self.drop_packet(DropReason::NoAllocation);
+        };
+        if !a.has_permission(peer.ip(), now) {
+            return self.drop_packet(DropReason::NoPermission);
+        }
+        let Ok(len) = u16::try_from(data.len()) else {
+            return self.drop_packet(DropReason::Malformed);
+        };
+        let ft = a.five_tuple;
+        a.stats.packets_from_peer += 1;
+        a.stats.bytes_from_peer += u64::from(len);
+        self.stats.packets_from_peer += 1;
+        self.stats.bytes_from_peer += u64::from(len);
+        let start = self.out.len();
+        if let Some(ch) = a.channel_by_peer(peer, now) {
+            let mut hdr = [0u8; 4];
+            ChannelData::write_header(ch.number, len, &mut hdr);
+            self.out.extend_from_slice(&hdr);
+            self.out.extend_from_slice(data);
+            if ft.transport.is_stream() {
+                let pad = (4 - data.len() % 4) % 4;
+                self.out.extend_from_slice(&[0u8; 3][..pad]);
+            }
+        } else {
+            let tid = self.fresh_tid();
+            let mut b = MessageBuilder::new(
+                &mut self.out,
+                MessageType::new(Method::DATA, Class::Indication),
+                tid,
+            );
+            b.add(&XorPeerAddress(peer)).add(&Data(data));
+            b.finish();
+        }
+        self.queue(Destination::Client(ft), start, false);
+    }
+
+    fn fresh_tid(&mut self) -> TransactionId {
+        // Indications need a unique-ish id; it protects nothing, so a counter suffices.
+        self.next_tx = self.next_tx.wrapping_add(1);
+        let mut t = [0u8; 12];
+        t[4..].copy_from_slice(&self.next_tx.to_be_bytes());
+        TransactionId(t)
+    }
+
+    /// A datagram (or one stream frame) from a client. STUN requests are answered, Send
+    /// indications and ChannelData relayed, anything else dropped and counted.
+    pub fn handle_client_datagram(&mut self, now: Instant, five_tuple: FiveTuple, data: &[u8]) {
+        self.last_now = now;
+        let Some(&first) = data.first() else {
+            return self.drop_packet(DropReason::Malformed);
+        };
+        match Demux::classify(first) {
+            Demux::ChannelData => self.handle_channel_data(now, five_tuple, data),
+            Demux::Stun => match Message::decode(data) {
+                Ok(msg) => self.handle_stun(now, five_tuple, &msg),
+                Err(_) => self.drop_packet(DropReason::Malformed),
+            },
+            _ => self.drop_packet(DropReason::Malformed),
+        }
+    }
+
+    fn handle_channel_data(&mut self, now: Instant, ft: FiveTuple, data: &[u8]) {
+        let Ok(cd) = ChannelData::decode(data) else {
+            return self.drop_packet(DropReason::Malformed);
+        };
+        let Some(&idx) = self.by_tuple.get(&ft) else {
+            return self.drop_packet(DropReason::NoAllocation);
+        };
+        let Some(Some(a)) = self.slab.get_mut(idx as usize) else {
+            return self.drop_packet(DropReason::NoAllocation);
+        };
+        let Some(&ChannelBinding { peer, .. }) = a.channel_by_number(cd.channel, now) else {
+            return self.drop_packet(DropReason::NoChannel);
+        };
+        if !a.has_permission(peer.ip(), now) {
+            return self.drop_packet(DropReason::NoPermission);
+        }
+        let Some(relay) = a.relayed_for(peer.ip()) else {
+            return self.drop_packet(DropReason::PeerFamily);
+        };
+        let n = cd.data.len() as u64;
+        a.stats.packets_to_peer += 1;
+        a.stats.bytes_to_peer += n;
+        let df = a.dont_fragment;
+        self.stats.packets_to_peer += 1;
+        self.stats.bytes_to_peer += n;
+        let start = self.out.len();
+        self.out.extend_from_slice(cd.data);
+        self.queue(
+            Destination::Peer {
+                relay: relay.local,
+                peer,
+            },
+            start,
+            df,
+        );
+    }
+
+    fn handle_send_indication(&mut self, now: Instant, ft: FiveTuple, msg: &Message<'_>) {
+        let (Ok(Some(XorPeerAddress(peer))), Ok(Some(Data(data)))) =
+            (msg.get::<XorPeerAddress>(), msg.get::<Data<'_>>())
+        else {
+            return self.drop_packet(DropReason::BadIndication);
+        };
+        let Some(&idx) = self.by_tuple.get(&ft) else {
+            return self.drop_packet(DropReason::NoAllocation);
+        };
+        let Some(Some(a)) = self.slab.get_mut(idx as usize) else {
+            return self.drop_packet(DropReason::NoAllocation);
+        };
+        let Some(relay) = a.relayed_for(peer.ip()) else {
+            return self.drop_packet(DropReason::PeerFamily);
+        };
+        if !a.has_permission(peer.ip(), now) {
+            return self.drop_packet(DropReason::NoPermission);
+        }
+        let df = a.dont_fragment || msg.raw(AttrType::DONT_FRAGMENT).is_some();
+        let n = data.len() as u64;
+        a.stats.packets_to_peer += 1;
+        a.stats.bytes_to_peer += n;
+        self.stats.packets_to_peer += 1;
+        self.stats.bytes_to_peer += n;
+        let start = self.out.len();
+        self.out.extend_from_slice(data);
+        self.queue(
+            Destination::Peer {
+                relay: relay.local,
+                peer,
+            },
+            start,
+            df,
+        );
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // STUN requests
+
+    fn handle_stun(&mut self, now: Instant, ft: FiveTuple, msg: &Message<'_>) {
+        let typ = msg.typ();
+        match typ.class {
+            Class::Indication => {
+                if typ.method == Method::SEND {
+                    self.handle_send_indication(now, ft, msg);
+                } else {
+                    // Binding indications are keepalives; others are not for a server.
+                    if typ.method != Method::BINDING {
+                        self.drop_packet(DropReason::Unexpected);
+                    }
+                }
+                return;
+            }
+            Class::Success | Class::Error => return self.drop_packet(DropReason::Unexpected),
+            Class::Request => {}
+        }
+        // A request with FINGERPRINT that does not verify is not STUN at all (RFC 8489 §7.3).
+        if msg.has_fingerprint() && !msg.verify_fingerprint() {
+            return self.drop_packet(DropReason::Malformed);
+        }
+        if msg.unknown_comprehension_required().next().is_some() {
+            let unknown = UnknownAttributes::from_types(msg.unknown_comprehension_required());
+            return self.reject(ft, msg, Reject::UnknownAttribute, None, |b| {
+                b.add(&unknown);
+            });
+        }
+        match typ.method {
+            Method::BINDING => self.handle_binding(ft, msg),
+            Method::ALLOCATE
+            | Method::REFRESH
+            | Method::CREATE_PERMISSION
+            | Method::CHANNEL_BIND => {
+                // Retransmission of a non-idempotent request already answered: same answer.
+                if let Some(id) = self.tx_cache_index.get(&(ft, msg.transaction_id())) {
+                    if let Some((_, _, bytes)) = self.tx_cache.get(id).filter(|(_, _, b)| {
+                        MessageType::from_u16(u16::from_be_bytes([b[0], b[1]])).method == typ.method
+                    }) {
+                        let start = self.out.len();
+                        self.out.extend_from_slice(bytes);
+                        self.queue(Destination::Client(ft), start, false);
+                        return;
+                    }
+                }
+                let auth = match self.authenticate(now, ft, msg) {
+                    Ok(a) => a,
+                    Err(r) => return self.reject(ft, msg, r, None, |_| {}),
+                };
+                match typ.method {
+                    Method::ALLOCATE => self.handle_allocate(ft, msg, auth),
+                    Method::REFRESH => self.handle_refresh(now, ft, msg, &auth),
+                    Method::CREATE_PERMISSION => self.handle_create_permission(now, ft, msg, &auth),
+                    _ => self.handle_channel_bind(now, ft, msg, &auth),
+                }
+            }
+            _ => self.reject(ft, msg, Reject::UnknownMethod, None, |_| {}),
+        }
+    }
+
+    fn handle_binding(&mut self, ft: FiveTuple, msg: &Message<'_>) {
+        let start = self.out.len();
+        let mut b = MessageBuilder::new(
+            &mut self.out,
+            MessageType::new(Method::BINDING, Class::Success),
+            msg.transaction_id(),
+        );
+        b.add(&XorMappedAddress(ft.client));
+        if msg.has_fingerprint() {
+            b.add_fingerprint();
+        }
+        b.finish();
+        self.queue(Destination::Client(ft), start, false);
+    }
+
+    /// RFC 8489 §9.2.4: the long-term credential checks, in the RFC's order.
+    fn authenticate(
+        &self,
+        now: Instant,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+    ) -> Result<Authenticated, Reject> {
+        let sha256 = msg.has_integrity_sha256();
+        if !sha256 && !msg.has_integrity() {
+            return Err(Reject::Unauthenticated);
+        }
+        let realm = msg
+            .get::<Realm<'_>>()
+            .map_err(|_| Reject::MalformedAttribute)?;
+        let nonce = msg
+            .get::<Nonce<'_>>()
+            .map_err(|_| Reject::MalformedAttribute)?;
+        let username = msg
+            .get::<Username<'_>>()
+            .map_err(|_| Reject::MalformedAttribute)?;
+        let userhash = msg
+            .get::<UserHash<'_>>()
+            .map_err(|_| Reject::MalformedAttribute)?;
+        let (Some(_realm), Some(nonce)) = (realm, nonce) else {
+            return Err(Reject::MissingAttribute);
+        };
+        if username.is_none() && userhash.is_none() {
+            return Err(Reject::MissingAttribute);
+        }
+        let unix = self.unix(now);
+        let features = match self.nonces.check(nonce.0.as_bytes(), unix, ft.client) {
+            NonceCheck::Valid { features } => features,
+            NonceCheck::Stale | NonceCheck::Invalid => return Err(Reject::StaleNonce),
+        };
+        let algorithm = self.password_algorithm(msg, features)?;
+        let username: String = match (username, userhash) {
+            (Some(u), _) => u.0.to_owned(),
+            (None, Some(h)) => self
+                .config
+                .credentials
+                .username_for_hash(h.0)
+                .ok_or(Reject::UnknownUser)?
+                .to_owned(),
+            (None, None) => return Err(Reject::MissingAttribute),
+        };
+        let keys = self
+            .config
+            .credentials
+            .keys(&username, algorithm, unix)
+            .map_err(|e| match e {
+                CredentialError::Expired => Reject::ExpiredCredentials,
+                CredentialError::UnknownUser | CredentialError::AlgorithmUnavailable => {
+                    Reject::UnknownUser
+                }
+            })?;
+        for key in keys.iter() {
+            let ok = if sha256 {
+                msg.verify_integrity_sha256(key.as_bytes())
+            } else {
+                msg.verify_integrity(key.as_bytes())
+            };
+            if ok {
+                return Ok(Authenticated {
+                    username,
+                    signer: Signer {
+                        key: *key,
+                        sha256,
+                        fingerprint: msg.has_fingerprint(),
+                    },
+                });
+            }
+        }
+        Err(Reject::BadIntegrity)
+    }
+
+    /// RFC 8489 §9.2.4 (bid-down protection): both PASSWORD-ALGORITHMS and PASSWORD-ALGORITHM
+    /// or neither; the list must be ours unchanged and the choice one of them.
+    fn password_algorithm(
+        &self,
+        msg: &Message<'_>,
+        features: u32,
+    ) -> Result<PasswordAlgorithmId, Reject> {
+        let list = msg
+            .get::<PasswordAlgorithms<'_>>()
+            .map_err(|_| Reject::BadPasswordAlgorithm)?;
+        let alg = msg
+            .get::<PasswordAlgorithm<'_>>()
+            .map_err(|_| Reject::BadPasswordAlgorithm)?;
+        if features & crate::auth::FEATURE_PASSWORD_ALGORITHMS == 0 {
+            return Ok(PasswordAlgorithmId::MD5);
+        }
+        match (list, alg) {
+            (None, None) => Ok(PasswordAlgorithmId::MD5),
+            (Some(list), Some(alg)) => {
+                if list.as_bytes() != PasswordAlgorithms::SERVER.as_bytes()
+                    || !alg.params.is_empty()
+                    || !PasswordAlgorithms::SERVER
+                        .iter()
+                        .any(|a| a.algorithm == alg.algorithm)
+                {
+                    return Err(Reject::BadPasswordAlgorithm);
+                }
+                Ok(alg.algorithm)
+            }
+            _ => Err(Reject::BadPasswordAlgorithm),
+        }
+    }
+
+    /// Sends an error response. Unauthenticated ones carry no reason phrase and no SOFTWARE;
+    /// 401 and 438 carry the challenge (REALM, NONCE, PASSWORD-ALGORITHMS).
+    fn reject(
+        &mut self,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        reason: Reject,
+        signer: Option<Signer>,
+        extra: impl FnOnce(&mut MessageBuilder<'_>),
+    ) {
+        let method = msg.typ().method;
+        self.events.push_back(Event::Rejected {
+            transport: ft.transport,
+            method,
+            reason,
+        });
+        let code = reason.code();
+        let challenge = matches!(code, ErrorCode::UNAUTHENTICATED | ErrorCode::STALE_NONCE);
+        let nonce = challenge.then(|| self.nonces.issue(self.epoch_unix_now_hint(), ft.client));
+        let start = self.out.len();
+        let software = self.config.software.as_deref().filter(|_| signer.is_some());
+        let realm = self.config.credentials.realm();
+        let mut b = MessageBuilder::new(
+            &mut self.out,
+            MessageType::new(method, Class::Error),
+            msg.transaction_id(),
+        );
+        let phrase = if signer.is_some() {
+            code.reason_phrase()
+        } else {
+            ""
+        };
+        b.add(&ErrorCodeAttr {
+            code,
+            reason: phrase,
+        });
+        if let Some(n) = &nonce {
+            b.add(&Realm(realm))
+                .add(&Nonce(n.as_str()))
+                .add(&PasswordAlgorithms::SERVER);
+        }
+        extra(&mut b);
+        if let Some(s) = software {
+            b.add(&Software(s));
+        }
+        finish_signed(&mut b, signer, msg.has_fingerprint());
+        b.finish();
+        self.queue(Destination::Client(ft), start, false);
+    }
+
+    /// The UNIX time of the most recent `handle_*` call (nonces issued in error responses).
+    fn epoch_unix_now_hint(&self) -> u64 {
+        self.unix(self.last_now)
+    }
+
+    fn success(
+        &mut self,
+        ft: FiveTuple,
+        method: Method,
+        tid: TransactionId,
+        signer: Signer,
+        body: impl FnOnce(&mut MessageBuilder<'_>),
+    ) -> (usize, usize) {
+        let start = self.out.len();
+        let software = self.config.software.as_deref();
+        let mut b =
+            MessageBuilder::new(&mut self.out, MessageType::new(method, Class::Success), tid);
+        body(&mut b);
+        if let Some(s) = software {
+            b.add(&Software(s));
+        }
+        finish_signed(&mut b, Some(signer), signer.fingerprint);
+        b.finish();
+        self.queue(Destination::Client(ft), start, false);
+        (start, self.out.len())
+    }
+
+    fn cache_transaction(
+        &mut self,
+        now: Instant,
+        ft: FiveTuple,
+        tid: TransactionId,
+        range: (usize, usize),
+    ) {
+        self.next_tx = self.next_tx.wrapping_add(1);
+        let id = self.next_tx;
+        let bytes = self.out[range.0..range.1].to_vec();
+        self.tx_cache.insert(id, (ft, tid, bytes));
+        self.tx_cache_index.insert((ft, tid), id);
+        self.deadlines.push(
+            now + self.config.transaction_lifetime,
+            TimerKey::Transaction(id),
+        );
+    }
+
+    fn allocation_for(&mut self, ft: FiveTuple, auth: &Authenticated) -> Result<u32, Reject> {
+        let idx = *self.by_tuple.get(&ft).ok_or(Reject::NoAllocation)?;
+        match self.slab.get(idx as usize) {
+            Some(Some(a)) if *a.username == *auth.username => Ok(idx),
+            Some(Some(_)) => Err(Reject::WrongCredentials),
+            _ => Err(Reject::NoAllocation),
+        }
+    }
+
+    fn lifetime(&self, requested: Option<Lifetime>) -> Duration {
+        match requested {
+            None => self.config.default_lifetime,
+            Some(Lifetime(s)) => Duration::from_secs(u64::from(s))
+                .min(self.config.max_lifetime)
+                .max(self.config.default_lifetime),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Allocate (RFC 8656 §7.2)
+
+    fn handle_allocate(&mut self, ft: FiveTuple, msg: &Message<'_>, auth: Authenticated) {
+        let signer = auth.signer;
+        match self.check_allocate(ft, msg) {
+            Ok(req) => {
+                if let Err(r) = self.quota.try_acquire(&auth.username) {
+                    let reason = match r {
+                        QuotaExceeded::User => Reject::UserQuotaReached,
+                        QuotaExceeded::Total => Reject::TotalQuotaReached,
+                    };
+                    return self.reject(ft, msg, reason, Some(signer), |_| {});
+                }
+                let id = RelayRequestId(self.next_request);
+                self.next_request += 1;
+                let lifetime = self.lifetime(msg.get::<Lifetime>().ok().flatten());
+                self.pending.insert(
+                    id,
+                    (
+                        ft,
+                        Pending {
+                            tid: msg.transaction_id(),
+                            username: auth.username.into_boxed_str(),
+                            signer,
+                            lifetime,
+                            dont_fragment: req.dont_fragment,
+                            reserve_next: matches!(
+                                req.port,
+                                PortRequest::Even { reserve_next: true }
+                            ),
+                        },
+                    ),
+                );
+                self.pending_tuples.insert(ft, id);
+                self.events.push_back(Event::RelayRequested(RelayRequest {
+                    id,
+                    five_tuple: ft,
+                    ..req
+                }));
+            }
+            Err(Ok(())) => self.drop_packet(DropReason::Pending),
+            Err(Err(r)) => self.reject(ft, msg, r, Some(signer), |_| {}),
+        }
+    }
+
+    /// Validates an Allocate. `Err(Ok(()))`: drop silently (retransmission while pending).
+    fn check_allocate(
+        &mut self,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+    ) -> Result<RelayRequest, Result<(), Reject>> {
+        let reject = |r| Err(Err(r));
+        if self.pending_tuples.contains_key(&ft) {
+            return Err(Ok(()));
+        }
+        if self.by_tuple.contains_key(&ft) {
+            return reject(Reject::AllocationExists);
+        }
+        let transport = match msg.get::<RequestedTransport>() {
+            Ok(Some(t)) => t,
+            Ok(None) => return reject(Reject::MissingAttribute),
+            Err(_) => return reject(Reject::MalformedAttribute),
+        };
+        if transport != RequestedTransport::UDP {
+            return reject(Reject::UnsupportedTransport);
+        }
+        let bad = |_: DecodeError| Err(Reject::MalformedAttribute);
+        let even = msg.get::<EvenPort>().map_err(bad)?;
+        let token = msg.get::<ReservationToken>().map_err(bad)?;
+        let requested = msg.get::<RequestedAddressFamily>().map_err(bad)?;
+        let additional = msg.get::<AdditionalAddressFamily>().map_err(bad)?;
+        let dont_fragment = msg.raw(AttrType::DONT_FRAGMENT).is_some();
+        if token.is_some() && (even.is_some() || requested.is_some() || additional.is_some()) {
+            return reject(Reject::ConflictingAttributes);
+        }
+        if requested.is_some() && additional.is_some() {
+            return reject(Reject::ConflictingAttributes);
+        }
+        if let Some(AdditionalAddressFamily(f)) = additional {
+            if f != AddressFamily::IPV6 {
+                return reject(Reject::ConflictingAttributes);
+            }
+        }
+        let family = match requested {
+            Some(RequestedAddressFamily(f)) => f,
+            // Browsers never ask: IPv4, or the client's own family when there is no IPv4 relay.
+            None if self.config.relay_ipv4 => AddressFamily::IPV4,
+            None => AddressFamily::of(ft.client.ip()),
+        };
+        let served = match family {
+            AddressFamily::IPV4 => self.config.relay_ipv4,
+            AddressFamily::IPV6 => self.config.relay_ipv6,
+            _ => false,
+        };
+        if !served {
+            return reject(Reject::AddressFamilyNotSupported);
+        }
+        if additional.is_some() && !self.config.relay_ipv4 {
+            return reject(Reject::AddressFamilyNotSupported);
+        }
+        let port = match (token, even) {
+            (Some(t), _) => match self.reservations.remove(&t.0) {
+                Some(r) => PortRequest::Reserved(r.local),
+                None => return reject(Reject::InvalidReservationToken),
+            },
+            (None, Some(e)) => PortRequest::Even {
+                reserve_next: e.reserve,
+            },
+            (None, None) => PortRequest::Any,
+        };
+        let family = if let PortRequest::Reserved(local) = port {
+            AddressFamily::of(local.ip())
+        } else {
+            family
+        };
+        Ok(RelayRequest {
+            id: RelayRequestId(0),
+            five_tuple: ft,
+            family,
+            additional_ipv6: additional.is_some() && self.config.relay_ipv6,
+            port,
+            dont_fragment,
+        })
+    }
+
+    /// The IO layer bound (or failed to bind) the relay socket(s) for request `id`.
+    pub fn handle_relay_bound(&mut self, now: Instant, id: RelayRequestId, bound: RelayBound) {
+        self.last_now = now;
+        let Some((ft, p)) = self.pending.remove(&id) else {
+            // The client went away meanwhile: give the ports back.
+            for local in [
+                bound.primary.ok().map(|r| r.local),
+                bound.additional.and_then(|r| r.ok()).map(|r| r.local),
+                bound.reserved_next,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                self.events.push_back(Event::RelayReleased(local));
+            }
+            return;
+        };
+        self.pending_tuples.remove(&ft);
+        let primary = match bound.primary {
+            Ok(r) => r,
+            Err(e) => {
+                self.quota.release(&p.username);
+                if let Some(local) = bound.reserved_next {
+                    self.events.push_back(Event::RelayReleased(local));
+                }
+                let reason = match e {
+                    RelayError::NoPortAvailable => Reject::NoRelayPort,
+                    RelayError::FamilyUnavailable => Reject::AddressFamilyNotSupported,
+                };
+                return self.reject_raw(ft, Method::ALLOCATE, p.tid, reason, p.signer);
+            }
+        };
+        let mut relayed = [None, None];
+        relayed[family_index(primary.advertised.ip())] = Some(primary);
+        let mut address_error = None;
+        match bound.additional {
+            Some(Ok(r)) => relayed[1] = Some(r),
+            Some(Err(e)) => {
+                address_error = Some(match e {
+                    RelayError::NoPortAvailable => ErrorCode::INSUFFICIENT_CAPACITY,
+                    RelayError::FamilyUnavailable => ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED,
+                });
+            }
+            None => {}
+        }
+        let token = match (p.reserve_next, bound.reserved_next) {
+            (true, Some(local)) => {
+                self.next_token = self.next_token.wrapping_add(1);
+                let mut t = (self.next_token
+                    ^ u64::from_be_bytes(
+                        self.config.nonce_secret[..8].try_into().unwrap_or_default(),
+                    ))
+                .to_be_bytes();
+                t[0] |= 0x80;
+                self.reservations.insert(t, Reservation { local });
+                self.deadlines.push(
+                    now + self.config.reservation_lifetime,
+                    TimerKey::Reservation(t),
+                );
+                Some(ReservationToken(t))
+            }
+            (_, Some(local)) => {
+                self.events.push_back(Event::RelayReleased(local));
+                None
+            }
+            _ => None,
+        };
+        let expires = now + p.lifetime;
+        let (idx, generation) = match self.free.pop() {
+            Some(i) => (i, self.generation_after(i)),
+            None => {
+                self.slab.push(None);
+                (u32::try_from(self.slab.len() - 1).unwrap_or(u32::MAX), 0)
+            }
+        };
+        let alloc = Allocation {
+            five_tuple: ft,
+            username: p.username.clone(),
+            relayed,
+            created: now,
+            expires,
+            scheduled: expires,
+            generation,
+            permissions: Vec::new(),
+            channels: Vec::new(),
+            dont_fragment: p.dont_fragment,
+            stats: AllocationStats::default(),
+        };
+        if let Some(slot) = self.slab.get_mut(idx as usize) {
+            *slot = Some(alloc);
+        }
+        self.by_tuple.insert(ft, idx);
+        for r in relayed.iter().flatten() {
+            self.by_relay.insert(r.local, idx);
+        }
+        self.deadlines
+            .push(expires, TimerKey::Allocation(idx, generation));
+        self.generations_bump(idx, generation);
+        let lifetime = p.lifetime;
+        let range = self.success(ft, Method::ALLOCATE, p.tid, p.signer, |b| {
+            for r in relayed.iter().flatten() {
+                b.add(&XorRelayedAddress(r.advertised));
+            }
+            if let Some(code) = address_error {
+                b.add(&AddressErrorCode {
+                    family: AddressFamily::IPV6,
+                    code,
+                    reason: code.reason_phrase(),
+                });
+            }
+            b.add(&Lifetime(secs(lifetime)));
+            if let Some(t) = token {
+                b.add(&t);
+            }
+            b.add(&XorMappedAddress(ft.client));
+        });
+        self.cache_transaction(now, ft, p.tid, range);
+        self.events.push_back(Event::AllocationCreated {
+            five_tuple: ft,
+            username: p.username,
+            relayed,
+            lifetime,
+        });
+    }
+
+    fn generation_after(&self, idx: u32) -> u32 {
+        self.generations
+            .get(idx as usize)
+            .map_or(0, |g| g.wrapping_add(1))
+    }
+
+    fn generations_bump(&mut self, idx: u32, generation: u32) {
+        let i = idx as usize;
+        if self.generations.len() <= i {
+            self.generations.resize(i + 1, 0);
+        }
+        self.generations[i] = generation;
+    }
+
+    fn reject_raw(
+        &mut self,
+        ft: FiveTuple,
+        method: Method,
+        tid: TransactionId,
+        reason: Reject,
+        signer: Signer,
+    ) {
+        self.events.push_back(Event::Rejected {
+            transport: ft.transport,
+            method,
+            reason,
+        });
+        let code = reason.code();
+        let start = self.out.len();
+        let mut b = MessageBuilder::new(&mut self.out, MessageType::new(method, Class::Error), tid);
+        b.add(&ErrorCodeAttr {
+            code,
+            reason: code.reason_phrase(),
+        });
+        finish_signed(&mut b, Some(signer), signer.fingerprint);
+        b.finish();
+        self.queue(Destination::Client(ft), start, false);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Refresh (RFC 8656 §8.2)
+
+    fn handle_refresh(
+        &mut self,
+        now: Instant,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        auth: &Authenticated,
+    ) {
+        let signer = auth.signer;
+        let idx = match self.allocation_for(ft, auth) {
+            Ok(i) => i,
+            Err(r) => return self.reject(ft, msg, r, Some(signer), |_| {}),
+        };
+        let requested = match msg.get::<Lifetime>() {
+            Ok(l) => l,
+            Err(_) => {
+                return self.reject(ft, msg, Reject::MalformedAttribute, Some(signer), |_| {})
+            }
+        };
+        if let Ok(Some(RequestedAddressFamily(f))) = msg.get::<RequestedAddressFamily>() {
+            let has = self
+                .slab
+                .get(idx as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|a| match f {
+                    AddressFamily::IPV4 => a.relayed[0].is_some(),
+                    AddressFamily::IPV6 => a.relayed[1].is_some(),
+                    _ => false,
+                });
+            if !has {
+                return self.reject(
+                    ft,
+                    msg,
+                    Reject::PeerAddressFamilyMismatch,
+                    Some(signer),
+                    |_| {},
+                );
+            }
+        }
+        let tid = msg.transaction_id();
+        if requested == Some(Lifetime(0)) {
+            self.remove_allocation(idx, EndReason::Deleted, now);
+            let range = self.success(ft, Method::REFRESH, tid, signer, |b| {
+                b.add(&Lifetime(0));
+            });
+            self.cache_transaction(now, ft, tid, range);
+            return;
+        }
+        let lifetime = self.lifetime(requested);
+        if let Some(Some(a)) = self.slab.get_mut(idx as usize) {
+            a.expires = now + lifetime;
+        }
+        self.schedule(idx, now + lifetime);
+        self.success(ft, Method::REFRESH, tid, signer, |b| {
+            b.add(&Lifetime(secs(lifetime)));
+        });
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // CreatePermission (RFC 8656 §9.2)
+
+    fn check_peer(
+        &self,
+        a_relayed: &[Option<RelayedAddress>; 2],
+        peer: SocketAddr,
+    ) -> Result<(), Reject> {
+        if a_relayed[family_index(peer.ip())].is_none() {
+            return Err(Reject::PeerAddressFamilyMismatch);
+        }
+        match self.config.policy.check(peer.ip()) {
+            Ok(()) => Ok(()),
+            Err(PeerDenied::OperatorDenied | PeerDenied::NotPublic) => Err(Reject::ForbiddenPeer),
+        }
+    }
+
+    fn handle_create_permission(
+        &mut self,
+        now: Instant,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        auth: &Authenticated,
+    ) {
+        let signer = auth.signer;
+        let idx = match self.allocation_for(ft, auth) {
+            Ok(i) => i,
+            Err(r) => return self.reject(ft, msg, r, Some(signer), |_| {}),
+        };
+        let relayed = match self.slab.get(idx as usize) {
+            Some(Some(a)) => a.relayed,
+            _ => return self.reject(ft, msg, Reject::NoAllocation, Some(signer), |_| {}),
+        };
+        let mut peers = [None::<IpAddr>; 16];
+        let mut n = 0;
+        for p in msg.get_all::<XorPeerAddress>() {
+            let Ok(XorPeerAddress(peer)) = p else {
+                return self.reject(ft, msg, Reject::MalformedAttribute, Some(signer), |_| {});
+            };
+            if let Err(r) = self.check_peer(&relayed, peer) {
+                return self.reject(ft, msg, r, Some(signer), |_| {});
+            }
+            if n == peers.len() {
+                return self.reject(
+                    ft,
+                    msg,
+                    Reject::PermissionQuotaReached,
+                    Some(signer),
+                    |_| {},
+                );
+            }
+            peers[n] = Some(peer.ip());
+            n += 1;
+        }
+        if n == 0 {
+            return self.reject(ft, msg, Reject::MissingAttribute, Some(signer), |_| {});
+        }
+        let expires = now + self.config.permission_lifetime;
+        let max = self.config.max_permissions_per_allocation;
+        let Some(Some(a)) = self.slab.get_mut(idx as usize) else {
+            return;
+        };
+        // All or nothing (RFC 8656 §9.2): check room first.
+        let new = peers[..n]
+            .iter()
+            .flatten()
+            .filter(|ip| {
+                !a.permissions
+                    .iter()
+                    .any(|p| p.ip == policy::canonical_ip(**ip))
+            })
+            .count();
+        if a.permissions.len() + new > max {
+            return self.reject(
+                ft,
+                msg,
+                Reject::PermissionQuotaReached,
+                Some(signer),
+                |_| {},
+            );
+        }
+        for ip in peers[..n].iter().flatten() {
+            a.install_permission(*ip, expires, max);
+        }
+        self.schedule(idx, expires);
+        self.success(
+            ft,
+            Method::CREATE_PERMISSION,
+            msg.transaction_id(),
+            signer,
+            |_| {},
+        );
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // ChannelBind (RFC 8656 §11.2)
+
+    fn handle_channel_bind(
+        &mut self,
+        now: Instant,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        auth: &Authenticated,
+    ) {
+        let signer = auth.signer;
+        let idx = match self.allocation_for(ft, auth) {
+            Ok(i) => i,
+            Err(r) => return self.reject(ft, msg, r, Some(signer), |_| {}),
+        };
+        let number = match msg.get::<ChannelNumber>() {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                return self.reject(ft, msg, Reject::MissingAttribute, Some(signer), |_| {})
+            }
+            Err(_) => {
+                return self.reject(ft, msg, Reject::InvalidChannelNumber, Some(signer), |_| {})
+            }
+        };
+        let peer = match msg.get::<XorPeerAddress>() {
+            Ok(Some(XorPeerAddress(p))) => p,
+            Ok(None) => {
+                return self.reject(ft, msg, Reject::MissingAttribute, Some(signer), |_| {})
+            }
+            Err(_) => {
+                return self.reject(ft, msg, Reject::MalformedAttribute, Some(signer), |_| {})
+            }
+        };
+        let relayed = match self.slab.get(idx as usize) {
+            Some(Some(a)) => a.relayed,
+            _ => return self.reject(ft, msg, Reject::NoAllocation, Some(signer), |_| {}),
+        };
+        if let Err(r) = self.check_peer(&relayed, peer) {
+            return self.reject(ft, msg, r, Some(signer), |_| {});
+        }
+        let max = self.config.max_permissions_per_allocation;
+        let ch_expires = now + self.config.channel_lifetime;
+        let perm_expires = now + self.config.permission_lifetime;
+        let Some(Some(a)) = self.slab.get_mut(idx as usize) else {
+            return;
+        };
+        // Conflicts include bindings in their post-expiry cooldown (RFC 8656 §12).
+        let cooling = |c: &ChannelBinding| c.expires + CHANNEL_COOLDOWN > now;
+        let by_number = a
+            .channels
+            .iter()
+            .position(|c| c.number == number && cooling(c));
+        let by_peer = a.channels.iter().position(|c| c.peer == peer && cooling(c));
+        match (by_number, by_peer) {
+            (Some(i), Some(j)) if i == j => a.channels[i].expires = ch_expires,
+            (None, None) => {
+                if !a.has_permission(peer.ip(), now) && a.permissions.len() >= max {
+                    return self.reject(
+                        ft,
+                        msg,
+                        Reject::PermissionQuotaReached,
+                        Some(signer),
+                        |_| {},
+                    );
+                }
+                a.channels.push(ChannelBinding {
+                    number,
+                    peer,
+                    expires: ch_expires,
+                });
+            }
+            _ => return self.reject(ft, msg, Reject::ChannelConflict, Some(signer), |_| {}),
+        }
+        a.install_permission(peer.ip(), perm_expires, max);
+        self.schedule(idx, perm_expires.min(ch_expires));
+        self.success(
+            ft,
+            Method::CHANNEL_BIND,
+            msg.transaction_id(),
+            signer,
+            |_| {},
+        );
+    }
+}
+
+fn finish_signed(b: &mut MessageBuilder<'_>, signer: Option<Signer>, fingerprint: bool) {
+    if let Some(s) = signer {
+        if s.sha256 {
+            b.add_message_integrity_sha256(s.key.as_bytes());
+        } else {
+            b.add_message_integrity(s.key.as_bytes());
+        }
+    }
+    if fingerprint {
+        b.add_fingerprint();
+    }
+}
+
+#[cfg(test)]
+mod tests;

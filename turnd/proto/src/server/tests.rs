@@ -1,0 +1,1297 @@
+//! Fake-clock tests of the server state machine: one per rule, named after it.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::auth::{
+    long_term_key_md5, long_term_key_sha256, rest_api_password, user_hash, UserSecret,
+};
+
+const REALM: &str = "example.org";
+const UNIX0: u64 = 1_700_000_000;
+const SECRET: &[u8] = b"s3cret";
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn udp(client: &str) -> FiveTuple {
+    FiveTuple {
+        client: addr(client),
+        server: addr("198.51.100.1:3478"),
+        transport: Transport::Udp,
+    }
+}
+
+/// The server plus a fake IO layer: a fake clock, a relay port pool, captured output.
+struct Harness {
+    server: Server,
+    now: Instant,
+    ports: Vec<u16>,
+    bound: Vec<SocketAddr>,
+    sent: Vec<(Destination, Vec<u8>, bool)>,
+    events: Vec<Event>,
+    fail_ipv6: bool,
+}
+
+fn config() -> ServerConfig {
+    let mut credentials = Credentials::new(REALM);
+    credentials.add_secret(SECRET.to_vec());
+    credentials.add_user("alice", &UserSecret::Password("wonderland".into()));
+    credentials.add_user(
+        "bob",
+        &UserSecret::Md5Key(long_term_key_md5("bob", REALM, "builder")),
+    );
+    ServerConfig {
+        credentials,
+        nonce_secret: [9; 32],
+        policy: PeerPolicy::new(
+            vec![
+                "192.0.2.0/24".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ],
+            vec![],
+        ),
+        ..ServerConfig::default()
+    }
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with(config(), Box::new(LocalQuota::default()))
+    }
+
+    fn with(config: ServerConfig, quota: Box<dyn QuotaLedger>) -> Self {
+        let t0 = Instant::now();
+        Self {
+            server: Server::with_quota(config, quota, t0, UNIX0),
+            now: t0,
+            ports: (49152..49162).collect(),
+            bound: Vec::new(),
+            sent: Vec::new(),
+            events: Vec::new(),
+            fail_ipv6: false,
+        }
+    }
+
+    fn advance(&mut self, d: Duration) {
+        let target = self.now + d;
+        // Wake at every deadline on the way, like a real driver.
+        while let Some(t) = self.server.poll_timeout() {
+            if t > target {
+                break;
+            }
+            self.now = self.now.max(t);
+            self.server.handle_timeout(self.now);
+            self.pump();
+        }
+        self.now = target;
+        self.server.handle_timeout(self.now);
+        self.pump();
+    }
+
+    fn bind(
+        &mut self,
+        family: AddressFamily,
+        port: PortRequest,
+    ) -> Result<RelayedAddress, RelayError> {
+        if family == AddressFamily::IPV6 && self.fail_ipv6 {
+            return Err(RelayError::NoPortAvailable);
+        }
+        let ip = if family == AddressFamily::IPV6 {
+            "[2001:db8::10]"
+        } else {
+            "10.0.0.5"
+        };
+        let public = if family == AddressFamily::IPV6 {
+            "[2001:db8::10]"
+        } else {
+            "203.0.113.5"
+        };
+        let port = match port {
+            PortRequest::Reserved(local) => local.port(),
+            PortRequest::Even { .. } => {
+                let i = self
+                    .ports
+                    .iter()
+                    .position(|p| p % 2 == 0)
+                    .ok_or(RelayError::NoPortAvailable)?;
+                self.ports.remove(i)
+            }
+            PortRequest::Any => {
+                if self.ports.is_empty() {
+                    return Err(RelayError::NoPortAvailable);
+                }
+                self.ports.remove(0)
+            }
+        };
+        let local = addr(&format!("{ip}:{port}"));
+        self.bound.push(local);
+        Ok(RelayedAddress {
+            local,
+            advertised: addr(&format!("{public}:{port}")),
+        })
+    }
+
+    fn pump(&mut self) {
+        loop {
+            while let Some(t) = self.server.poll_transmit() {
+                self.sent
+                    .push((t.destination, t.payload.to_vec(), t.dont_fragment));
+            }
+            let Some(ev) = self.server.poll_event() else {
+                break;
+            };
+            match &ev {
+                Event::RelayRequested(req) => {
+                    let primary = self.bind(req.family, req.port);
+                    let additional = req
+                        .additional_ipv6
+                        .then(|| self.bind(AddressFamily::IPV6, PortRequest::Any));
+                    let reserved_next = match (req.port, &primary) {
+                        (PortRequest::Even { reserve_next: true }, Ok(r)) => {
+                            let next = r.local.port() + 1;
+                            self.ports.retain(|p| *p != next);
+                            Some(SocketAddr::new(r.local.ip(), next))
+                        }
+                        _ => None,
+                    };
+                    let id = req.id;
+                    self.server.handle_relay_bound(
+                        self.now,
+                        id,
+                        RelayBound {
+                            primary,
+                            additional,
+                            reserved_next,
+                        },
+                    );
+                }
+                Event::RelayReleased(local) => {
+                    self.bound.retain(|b| b != local);
+                    self.ports.push(local.port());
+                }
+                _ => {}
+            }
+            self.events.push(ev);
+        }
+    }
+
+    fn client_sends(&mut self, ft: FiveTuple, bytes: &[u8]) {
+        self.server.handle_client_datagram(self.now, ft, bytes);
+        self.pump();
+    }
+
+    fn peer_sends(&mut self, relay: SocketAddr, peer: SocketAddr, data: &[u8]) {
+        self.server
+            .handle_peer_datagram(self.now, relay, peer, data);
+        self.pump();
+    }
+
+    fn take_sent(&mut self) -> Vec<(Destination, Vec<u8>, bool)> {
+        std::mem::take(&mut self.sent)
+    }
+
+    fn last_reply(&mut self) -> Vec<u8> {
+        let sent = self.take_sent();
+        assert_eq!(sent.len(), 1, "expected exactly one datagram, got {sent:?}");
+        assert!(matches!(sent[0].0, Destination::Client(_)));
+        sent[0].1.clone()
+    }
+
+    fn rejections(&self) -> Vec<Reject> {
+        self.events
+            .iter()
+            .filter_map(|e| {
+                if let Event::Rejected { reason, .. } = e {
+                    Some(*reason)
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+}
+
+/// How a test client authenticates.
+#[derive(Clone)]
+enum Cred {
+    Password { user: String, password: String },
+    UserHash { user: String, password: String },
+    Sha256 { user: String, password: String },
+}
+
+fn rest(user: &str, expiry: u64) -> Cred {
+    let username = format!("{expiry}:{user}");
+    let password = rest_api_password(SECRET, &username);
+    Cred::Password {
+        user: username,
+        password,
+    }
+}
+
+fn alice() -> Cred {
+    Cred::Password {
+        user: "alice".into(),
+        password: "wonderland".into(),
+    }
+}
+
+/// A long-term-credential client that handles the 401 challenge like a real one.
+struct Client {
+    ft: FiveTuple,
+    cred: Cred,
+    nonce: Option<String>,
+    next_tid: u8,
+}
+
+impl Client {
+    fn new(ft: FiveTuple, cred: Cred) -> Self {
+        Self {
+            ft,
+            cred,
+            nonce: None,
+            next_tid: 1,
+        }
+    }
+
+    fn tid(&mut self) -> TransactionId {
+        self.next_tid = self.next_tid.wrapping_add(1);
+        TransactionId([self.next_tid; 12])
+    }
+
+    fn build(
+        &self,
+        method: Method,
+        tid: TransactionId,
+        body: &dyn Fn(&mut MessageBuilder<'_>),
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut b = MessageBuilder::new(&mut out, MessageType::new(method, Class::Request), tid);
+        body(&mut b);
+        if let Some(nonce) = &self.nonce {
+            match &self.cred {
+                Cred::Password { user, password } => {
+                    b.add(&Username(user)).add(&Realm(REALM)).add(&Nonce(nonce));
+                    b.add_message_integrity(&long_term_key_md5(user, REALM, password));
+                }
+                Cred::UserHash { user, password } => {
+                    b.add(&UserHash(&user_hash(user, REALM)))
+                        .add(&Realm(REALM))
+                        .add(&Nonce(nonce));
+                    b.add_message_integrity_sha256(&long_term_key_md5(user, REALM, password));
+                }
+                Cred::Sha256 { user, password } => {
+                    b.add(&Username(user)).add(&Realm(REALM)).add(&Nonce(nonce));
+                    b.add(&PasswordAlgorithms::SERVER);
+                    b.add(&PasswordAlgorithm {
+                        algorithm: PasswordAlgorithmId::SHA256,
+                        params: &[],
+                    });
+                    b.add_message_integrity_sha256(&long_term_key_sha256(user, REALM, password));
+                }
+            }
+        }
+        b.add_fingerprint();
+        b.finish();
+        out
+    }
+
+    /// Sends a request, answering 401/438 challenges once each; returns the final reply.
+    fn request(
+        &mut self,
+        h: &mut Harness,
+        method: Method,
+        body: &dyn Fn(&mut MessageBuilder<'_>),
+    ) -> Vec<u8> {
+        let tid = self.tid();
+        for _ in 0..3 {
+            let req = self.build(method, tid, body);
+            h.client_sends(self.ft, &req);
+            let reply = h.last_reply();
+            let m = Message::decode(&reply).unwrap();
+            let code = m.get::<ErrorCodeAttr<'_>>().unwrap().map(|e| e.code);
+            if matches!(
+                code,
+                Some(ErrorCode::UNAUTHENTICATED | ErrorCode::STALE_NONCE)
+            ) && self.nonce_changed(&m)
+            {
+                continue;
+            }
+            return reply;
+        }
+        panic!("authentication loop");
+    }
+
+    fn nonce_changed(&mut self, m: &Message<'_>) -> bool {
+        let n = m.get::<Nonce<'_>>().unwrap().map(|n| n.0.to_owned());
+        let changed = n.is_some() && n != self.nonce;
+        if changed {
+            self.nonce = n;
+        }
+        changed
+    }
+
+    fn allocate(&mut self, h: &mut Harness) -> Vec<u8> {
+        self.request(h, Method::ALLOCATE, &|b| {
+            b.add(&RequestedTransport::UDP);
+        })
+    }
+
+    fn permit(&mut self, h: &mut Harness, peer: SocketAddr) -> Vec<u8> {
+        self.request(h, Method::CREATE_PERMISSION, &|b| {
+            b.add(&XorPeerAddress(peer));
+        })
+    }
+
+    fn bind_channel(&mut self, h: &mut Harness, n: u16, peer: SocketAddr) -> Vec<u8> {
+        self.request(h, Method::CHANNEL_BIND, &|b| {
+            b.add_raw(AttrType::CHANNEL_NUMBER, &[(n >> 8) as u8, n as u8, 0, 0]);
+            b.add(&XorPeerAddress(peer));
+        })
+    }
+
+    fn refresh(&mut self, h: &mut Harness, lifetime: Option<u32>) -> Vec<u8> {
+        self.request(h, Method::REFRESH, &|b| {
+            if let Some(l) = lifetime {
+                b.add(&Lifetime(l));
+            }
+        })
+    }
+}
+
+fn error_code(reply: &[u8]) -> Option<u16> {
+    Message::decode(reply)
+        .unwrap()
+        .get::<ErrorCodeAttr<'_>>()
+        .unwrap()
+        .map(|e| e.code.0)
+}
+
+fn is_success(reply: &[u8]) -> bool {
+    Message::decode(reply).unwrap().typ().class == Class::Success
+}
+
+fn relayed(reply: &[u8]) -> Vec<SocketAddr> {
+    let m = Message::decode(reply).unwrap();
+    m.get_all::<XorRelayedAddress>()
+        .map(|r| r.unwrap().0)
+        .collect()
+}
+
+const PEER: &str = "192.0.2.44:9000";
+
+fn allocated(h: &mut Harness, client: &str) -> (Client, SocketAddr) {
+    let mut c = Client::new(udp(client), alice());
+    let r = c.allocate(h);
+    assert!(is_success(&r), "allocate failed: {:?}", error_code(&r));
+    let local = h.bound.last().copied().unwrap();
+    (c, local)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Binding and challenges
+
+#[test]
+fn rfc8489_binding_answered_without_auth_with_xor_mapped_address_and_no_software() {
+    let mut cfg = config();
+    cfg.software = Some("turnd".into());
+    let mut h = Harness::with(cfg, Box::new(LocalQuota::default()));
+    let ft = udp("192.0.2.7:40000");
+    let mut out = Vec::new();
+    let mut b = MessageBuilder::new(
+        &mut out,
+        MessageType::new(Method::BINDING, Class::Request),
+        TransactionId([1; 12]),
+    );
+    b.add_fingerprint();
+    b.finish();
+    h.client_sends(ft, &out);
+    let r = h.last_reply();
+    let m = Message::decode(&r).unwrap();
+    assert_eq!(m.typ(), MessageType::new(Method::BINDING, Class::Success));
+    assert_eq!(m.transaction_id(), TransactionId([1; 12]));
+    assert_eq!(
+        m.get::<XorMappedAddress>().unwrap(),
+        Some(XorMappedAddress(ft.client))
+    );
+    assert_eq!(m.get::<Software<'_>>().unwrap(), None);
+    assert!(m.verify_fingerprint());
+}
+
+#[test]
+fn rfc8489_9_2_4_request_without_integrity_gets_401_challenge_without_reason_phrase() {
+    let mut h = Harness::new();
+    let mut c = Client::new(udp("192.0.2.7:40000"), alice());
+    let tid = c.tid();
+    let req = c.build(Method::ALLOCATE, tid, &|b| {
+        b.add(&RequestedTransport::UDP);
+    });
+    h.client_sends(c.ft, &req);
+    let r = h.last_reply();
+    let m = Message::decode(&r).unwrap();
+    assert_eq!(m.typ(), MessageType::new(Method::ALLOCATE, Class::Error));
+    let e = m.get::<ErrorCodeAttr<'_>>().unwrap().unwrap();
+    assert_eq!(e.code, ErrorCode::UNAUTHENTICATED);
+    assert_eq!(e.reason, "");
+    assert_eq!(m.get::<Realm<'_>>().unwrap(), Some(Realm(REALM)));
+    assert!(m
+        .get::<Nonce<'_>>()
+        .unwrap()
+        .unwrap()
+        .0
+        .starts_with("obMatJos2"));
+    assert_eq!(
+        m.get::<PasswordAlgorithms<'_>>().unwrap(),
+        Some(PasswordAlgorithms::SERVER)
+    );
+    assert!(!m.has_integrity());
+    assert_eq!(h.server.allocation_count(), 0);
+    assert_eq!(h.rejections(), vec![Reject::Unauthenticated]);
+}
+
+#[test]
+fn rfc8489_9_2_4_wrong_password_gets_401() {
+    let mut h = Harness::new();
+    let mut c = Client::new(
+        udp("192.0.2.7:40000"),
+        Cred::Password {
+            user: "alice".into(),
+            password: "nope".into(),
+        },
+    );
+    let r = c.allocate(&mut h);
+    assert_eq!(error_code(&r), Some(401));
+    assert!(h.rejections().contains(&Reject::BadIntegrity));
+    let mut c = Client::new(
+        udp("192.0.2.7:40001"),
+        Cred::Password {
+            user: "mallory".into(),
+            password: "x".into(),
+        },
+    );
+    assert_eq!(error_code(&c.allocate(&mut h)), Some(401));
+    assert!(h.rejections().contains(&Reject::UnknownUser));
+}
+
+#[test]
+fn rfc8489_9_2_4_stale_nonce_gets_438_then_retry_succeeds() {
+    let mut h = Harness::new();
+    let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
+    h.advance(Duration::from_secs(601)); // nonce lifetime 600 s; allocation lifetime 600 s
+    let mut c2 = Client::new(udp("192.0.2.7:40001"), alice());
+    c2.nonce = c.nonce.clone();
+    // c2 reuses c's nonce: bound to another address and stale → 438, then succeeds.
+    let r = c2.allocate(&mut h);
+    assert!(is_success(&r));
+    assert!(h.rejections().contains(&Reject::StaleNonce));
+    // And the original client's nonce is simply stale.
+    h.events.clear();
+    let r = c.allocate(&mut h);
+    assert!(is_success(&r), "{:?}", error_code(&r));
+    assert_eq!(h.rejections(), vec![Reject::StaleNonce]);
+}
+
+#[test]
+fn turn_rest_api_credential_allocates_under_any_configured_secret() {
+    let mut cfg = config();
+    cfg.credentials.add_secret(b"rotated".to_vec());
+    let mut h = Harness::with(cfg, Box::new(LocalQuota::default()));
+    let mut c = Client::new(udp("192.0.2.7:40000"), rest("web", UNIX0 + 3600));
+    assert!(is_success(&c.allocate(&mut h)));
+    let username = format!("{}:web", UNIX0 + 3600);
+    let password = rest_api_password(b"rotated", &username);
+    let mut c = Client::new(
+        udp("192.0.2.7:40001"),
+        Cred::Password {
+            user: username,
+            password,
+        },
+    );
+    assert!(is_success(&c.allocate(&mut h)));
+}
+
+#[test]
+fn expired_rest_credential_refused_on_allocate_and_on_refresh() {
+    let mut h = Harness::new();
+    let mut old = Client::new(udp("192.0.2.7:40000"), rest("web", UNIX0 - 1));
+    assert_eq!(error_code(&old.allocate(&mut h)), Some(401));
+    assert!(h.rejections().contains(&Reject::ExpiredCredentials));
+
+    let mut c = Client::new(udp("192.0.2.7:40001"), rest("web", UNIX0 + 100));
+    assert!(is_success(&c.allocate(&mut h)));
+    h.advance(Duration::from_secs(101));
+    let r = c.refresh(&mut h, Some(600));
+    assert_eq!(error_code(&r), Some(401));
+    assert_eq!(h.rejections().last(), Some(&Reject::ExpiredCredentials));
+}
+
+#[test]
+fn static_user_configured_with_turnadmin_key_authenticates() {
+    let mut h = Harness::new();
+    let mut c = Client::new(
+        udp("192.0.2.7:40000"),
+        Cred::Password {
+            user: "bob".into(),
+            password: "builder".into(),
+        },
+    );
+    assert!(is_success(&c.allocate(&mut h)));
+}
+
+#[test]
+fn rfc8489_sha256_password_algorithm_and_integrity_sha256_response() {
+    let mut h = Harness::new();
+    let mut c = Client::new(
+        udp("192.0.2.7:40000"),
+        Cred::Sha256 {
+            user: "alice".into(),
+            password: "wonderland".into(),
+        },
+    );
+    let r = c.allocate(&mut h);
+    let m = Message::decode(&r).unwrap();
+    assert_eq!(m.typ().class, Class::Success);
+    assert!(m.verify_integrity_sha256(&long_term_key_sha256("alice", REALM, "wonderland")));
+    assert!(!m.has_integrity());
+}
+
+#[test]
+fn rfc8489_9_2_4_altered_password_algorithms_is_400() {
+    let mut h = Harness::new();
+    let mut c = Client::new(udp("192.0.2.7:40000"), alice());
+    let _ = c.allocate(&mut h); // learn a nonce
+    let nonce = c.nonce.clone().unwrap();
+    let mut out = Vec::new();
+    let mut b = MessageBuilder::new(
+        &mut out,
+        MessageType::new(Method::REFRESH, Class::Request),
+        TransactionId([3; 12]),
+    );
+    b.add(&Username("alice"))
+        .add(&Realm(REALM))
+        .add(&Nonce(&nonce));
+    // Only MD5 listed: a downgrade attempt.
+    b.add_raw(AttrType::PASSWORD_ALGORITHMS, &[0, 1, 0, 0]);
+    b.add(&PasswordAlgorithm {
+        algorithm: PasswordAlgorithmId::MD5,
+        params: &[],
+    });
+    b.add_message_integrity(&long_term_key_md5("alice", REALM, "wonderland"));
+    b.finish();
+    h.client_sends(c.ft, &out);
+    assert_eq!(error_code(&h.last_reply()), Some(400));
+    assert_eq!(h.rejections().last(), Some(&Reject::BadPasswordAlgorithm));
+}
+
+#[test]
+fn rfc8489_userhash_identifies_a_static_user() {
+    let mut h = Harness::new();
+    let mut c = Client::new(
+        udp("192.0.2.7:40000"),
+        Cred::UserHash {
+            user: "alice".into(),
+            password: "wonderland".into(),
+        },
+    );
+    let r = c.allocate(&mut h);
+    assert!(is_success(&r), "{:?}", error_code(&r));
+}
+
+#[test]
+fn rfc8489_7_3_1_unknown_comprehension_required_attribute_gets_420_listing_it() {
+    let mut h = Harness::new();
+    let mut out = Vec::new();
+    let mut b = MessageBuilder::new(
+        &mut out,
+        MessageType::new(Method::BINDING, Class::Request),
+        TransactionId([4; 12]),
+    );
+    b.add_raw(AttrType(0x7777), b"xx");
+    b.add_raw(AttrType(0xC001), b"optional is ignored");
+    b.finish();
+    h.client_sends(udp("192.0.2.7:1"), &out);
+    let r = h.last_reply();
+    let m = Message::decode(&r).unwrap();
+    assert_eq!(error_code(&r), Some(420));
+    assert_eq!(
+        m.get::<UnknownAttributes>().unwrap().unwrap().types(),
+        &[AttrType(0x7777)]
+    );
+
+    let mut out = Vec::new();
+    let mut b = MessageBuilder::new(
+        &mut out,
+        MessageType::new(Method::BINDING, Class::Request),
+        TransactionId([5; 12]),
+    );
+    b.add_raw(AttrType(0xC001), b"optional is ignored");
+    b.finish();
+    h.client_sends(udp("192.0.2.7:1"), &out);
+    assert!(is_success(&h.last_reply()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Allocate
+
+#[test]
+fn rfc8656_7_2_allocate_grants_relayed_address_default_lifetime_and_mapped_address() {
+    let mut h = Harness::new();
+    let mut c = Client::new(udp("192.0.2.7:40000"), alice());
+    let r = c.allocate(&mut h);
+    let m = Message::decode(&r).unwrap();
+    assert_eq!(m.typ(), MessageType::new(Method::ALLOCATE, Class::Success));
+    assert_eq!(
+        relayed(&r),
+        vec![addr("203.0.113.5:49152")],
+        "advertised, not bound, address"
+    );
+    assert_eq!(m.get::<Lifetime>().unwrap(), Some(Lifetime(600)));
+    assert_eq!(
+        m.get::<XorMappedAddress>().unwrap(),
+        Some(XorMappedAddress(c.ft.client))
+    );
+    assert!(m.verify_integrity(&long_term_key_md5("alice", REALM, "wonderland")));
+    assert!(m.verify_fingerprint());
+    assert_eq!(h.bound, vec![addr("10.0.0.5:49152")]);
+    assert!(h
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::AllocationCreated { username, .. } if &**username == "alice")));
+}
+
+#[test]
+fn rfc8656_7_2_lifetime_is_clamped_between_default_and_max() {
+    let mut h = Harness::new();
+    let mut c = Client::new(udp("192.0.2.7:40000"), alice());
+    let r = c.request(&mut h, Method::ALLOCATE, &|b| {
+        b.add(&RequestedTransport::UDP).add(&Lifetime(100_000));
+    });
+    assert_eq!(
+        Message::decode(&r).unwrap().get::<Lifetime>().unwrap(),
+        Some(Lifetime(3600))
+    );
+    let r = c.refresh(&mut h, Some(30));
+    assert_eq!(
+        Message::decode(&r).unwrap().get::<Lifetime>().unwrap(),
+        Some(Lifetime(600))
+    );
+}
+
+#[test]
+fn rfc8656_7_2_second_allocate_on_same_five_tuple_is_437_but_retransmission_gets_same_answer() {
+    let mut h = Harness::new();
+    let mut c = Client::new(udp("192.0.2.7:40000"), alice());
+    let tid = c.tid();
+    let _ = c.request(&mut h, Method::ALLOCATE, &|b| {
+        b.add(&RequestedTransport::UDP);
+    }); // learns the nonce (uses its own tid)
+    c.request(&mut h, Method::REFRESH, &|b| {
+        b.add(&Lifetime(0));
+    });
+    let req = c.build(Method::ALLOCATE, tid, &|b| {
+        b.add(&RequestedTransport::UDP);
+    });
+    h.client_sends(c.ft, &req);
+    let first = h.last_reply();
+    assert!(is_success(&first));
+    h.advance(Duration::from_secs(1));
+    h.client_sends(c.ft, &req);
+    assert_eq!(
+        h.last_reply(),
+        first,
+        "retransmission answered byte for byte"
+    );
+    assert_eq!(h.bound.len(), 1, "no second relay");
+    let r = c.allocate(&mut h);
+    assert_eq!(error_code(&r), Some(437));
+}
+
+#[test]
+fn rfc8656_7_2_missing_requested_transport_is_400_and_tcp_is_442() {
+    let mut h = Harness::new();
+    let mut c = Client::new(udp("192.0.2.7:40000"), alice());
+    assert_eq!(
+        error_code(&c.request(&mut h, Method::ALLOCATE, &|_| {})),
+        Some(400)
+    );
+    let r = c.request(&mut h, Method::ALLOCATE, &|b| {
+        b.add(&RequestedTransport::TCP);
+    });
+    assert_eq!(error_code(&r), Some(442));
+    let m = Message::decode(&r).unwrap();
+    assert_eq!(
+        m.get::<ErrorCodeAttr<'_>>().unwrap().unwrap().reason,
+        "Unsupported Transport Protocol"
+    );
+    assert!(
+        m.verify_integrity(&long_term_key_md5("alice", REALM, "wonderland")),
+        "authenticated errors are signed"
+    );
+}
+
+#[test]
+fn rfc8656_7_2_unserved_family_is_440() {
+    let mut cfg = config();
+    cfg.relay_ipv6 = false;
+    let mut h = Harness::with(cfg, Box::new(LocalQuota::default()));
+    let mut c = Client::new(udp("192.0.2.7:40000"), alice());
+    let r = c.request(&mut h, Method::ALLOCATE, &|b| {
+        b.add(&RequestedTransport::UDP)
+            .add(&RequestedAddressFamily(AddressFamily::IPV6));
+    });
+    assert_eq!(error_code(&r), Some(440));
+}
+
+#[test]
+fn rfc6156_browser_without_family_gets_client_family_when_no_ipv4_relay() {
+    let mut cfg = config();
+    cfg.relay_ipv4 = false;
+    let mut h = Harness::with(cfg, Box::new(LocalQuota::default()));
+    let mut c = Client::new(udp("[2001:db8::7]:40000"), alice());
+    let r = c.allocate(&mut h);
+    assert_eq!(relayed(&r), vec![addr("[2001:db8::10]:49152")]);
+}
+
+#[test]
+fn rfc8656_7_2_additional_address_family_gives_dual_stack_allocation() {
+    let mut h = Harness::new();
+    let mut c = Client::new(udp("192.0.2.7:40000"), alice());
+    let r = c.request(&mut h, Method::ALLOCATE, &|b| {
+        b.add(&RequestedTransport::UDP)
+            .add(&AdditionalAddressFamily(AddressFamily::IPV6));
+    });
+    assert_eq!(
+        relayed(&r),
+        vec![addr("203.0.113.5:49152"), addr("[2001:db8::10]:49153")]
+    );
+    // Both families can now get permissions.
+    assert!(is_success(&c.permit(&mut h, addr(PEER))));
+    assert!(is_success(&c.permit(&mut h, addr("[2001:db8::99]:5"))));
+}
+
+#[test]
+fn rfc8656_7_2_failed_additional_family_reported_in_address_error_code() {
+    let mut h = Harness::new();
+    h.fail_ipv6 = true;
+    let mut c = Client::new(udp("192.0.2.7:40000"), alice());
+    let r = c.request(&mut h, Method::ALLOCATE, &|b| {
+        b.add(&RequestedTransport::UDP)
+            .add(&AdditionalAddressFamily(AddressFamily::IPV6));
+    });
+    assert_eq!(relayed(&r).len(), 1);
+    let m = Message::decode(&r).unwrap();
+    let e = m.get::<AddressErrorCode<'_>>().unwrap().unwrap();
+    assert_eq!(
+        (e.family, e.code),
+        (AddressFamily::IPV6, ErrorCode::INSUFFICIENT_CAPACITY)
+    );
+}
+
+#[test]
+fn rfc8656_7_2_conflicting_family_attributes_are_400() {
+    let mut h = Harness::new();
+    let mut c = Client::new(udp("192.0.2.7:40000"), alice());
+    let r = c.request(&mut h, Method::ALLOCATE, &|b| {
+        b.add(&RequestedTransport::UDP)
+            .add(&RequestedAddressFamily(AddressFamily::IPV4))
+            .add(&AdditionalAddressFamily(AddressFamily::IPV6));
+    });
+    assert_eq!(error_code(&r), Some(400));
+}
+
+#[test]
+fn rfc8656_7_2_even_port_with_reservation_token_and_its_expiry() {
+    let mut h = Harness::new();
+    let mut c = Client::new(udp("192.0.2.7:40000"), alice());
+    let r = c.request(&mut h, Method::ALLOCATE, &|b| {
+        b.add(&RequestedTransport::UDP)
+            .add(&EvenPort { reserve: true });
+    });
+    let m = Message::decode(&r).unwrap();
+    let port = relayed(&r)[0].port();
+    assert_eq!(port % 2, 0);
+    let token = m.get::<ReservationToken>().unwrap().unwrap();
+    // A second client redeems the token and gets port + 1.
+    let mut c2 = Client::new(udp("192.0.2.7:40002"), alice());
+    let r2 = c2.request(&mut h, Method::ALLOCATE, &|b| {
+        b.add(&RequestedTransport::UDP).add(&token);
+    });
+    assert_eq!(relayed(&r2)[0].port(), port + 1);
+    // The token is single-use.
+    let mut c3 = Client::new(udp("192.0.2.7:40003"), alice());
+    let r3 = c3.request(&mut h, Method::ALLOCATE, &|b| {
+        b.add(&RequestedTransport::UDP).add(&token);
+    });
+    assert_eq!(error_code(&r3), Some(508));
+
+    // An unredeemed reservation is released after 30 s.
+    let mut c4 = Client::new(udp("192.0.2.7:40004"), alice());
+    let r4 = c4.request(&mut h, Method::ALLOCATE, &|b| {
+        b.add(&RequestedTransport::UDP)
+            .add(&EvenPort { reserve: true });
+    });
+    let held = relayed(&r4)[0].port() + 1;
+    assert!(!h.ports.contains(&held));
+    h.advance(Duration::from_secs(31));
+    assert!(h.ports.contains(&held), "reserved port released");
+}
+
+#[test]
+fn rfc8656_7_2_user_quota_486_total_quota_508() {
+    let mut h = Harness::with(config(), Box::new(LocalQuota::new(Some(1), Some(2))));
+    let mut a = Client::new(udp("192.0.2.7:1"), alice());
+    assert!(is_success(&a.allocate(&mut h)));
+    let mut a2 = Client::new(udp("192.0.2.7:2"), alice());
+    assert_eq!(error_code(&a2.allocate(&mut h)), Some(486));
+    let mut b = Client::new(
+        udp("192.0.2.7:3"),
+        Cred::Password {
+            user: "bob".into(),
+            password: "builder".into(),
+        },
+    );
+    assert!(is_success(&b.allocate(&mut h)));
+    let mut w = Client::new(udp("192.0.2.7:4"), rest("web", UNIX0 + 999));
+    assert_eq!(error_code(&w.allocate(&mut h)), Some(508));
+    assert!(h.rejections().contains(&Reject::UserQuotaReached));
+    assert!(h.rejections().contains(&Reject::TotalQuotaReached));
+    // Deleting frees the quota at once.
+    assert!(is_success(&a.refresh(&mut h, Some(0))));
+    assert!(is_success(&a2.allocate(&mut h)));
+}
+
+#[test]
+fn rfc8656_7_2_port_exhaustion_is_508_and_freed_ports_are_reusable_at_once() {
+    let mut h = Harness::new();
+    h.ports = vec![50000];
+    let (mut a, _) = allocated(&mut h, "192.0.2.7:1");
+    let mut b = Client::new(udp("192.0.2.7:2"), alice());
+    assert_eq!(error_code(&b.allocate(&mut h)), Some(508));
+    assert_eq!(h.rejections().last(), Some(&Reject::NoRelayPort));
+    assert!(is_success(&a.refresh(&mut h, Some(0))));
+    assert!(is_success(&b.allocate(&mut h)));
+    assert_eq!(h.server.allocation_count(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refresh and expiry
+
+#[test]
+fn rfc8656_8_refresh_zero_deletes_and_releases_the_relay() {
+    let mut h = Harness::new();
+    let (mut c, local) = allocated(&mut h, "192.0.2.7:40000");
+    let r = c.refresh(&mut h, Some(0));
+    assert!(is_success(&r));
+    assert_eq!(
+        Message::decode(&r).unwrap().get::<Lifetime>().unwrap(),
+        Some(Lifetime(0))
+    );
+    assert!(h.events.contains(&Event::RelayReleased(local)));
+    assert!(h.events.iter().any(|e| matches!(
+        e,
+        Event::AllocationEnded {
+            reason: EndReason::Deleted,
+            ..
+        }
+    )));
+    assert_eq!(h.server.allocation_count(), 0);
+    assert_eq!(error_code(&c.refresh(&mut h, None)), Some(437));
+}
+
+#[test]
+fn rfc8656_8_refresh_without_allocation_is_437_and_other_user_is_441() {
+    let mut h = Harness::new();
+    let mut c = Client::new(udp("192.0.2.7:40000"), alice());
+    assert_eq!(error_code(&c.refresh(&mut h, None)), Some(437));
+    let _ = c.allocate(&mut h);
+    let mut other = Client::new(
+        c.ft,
+        Cred::Password {
+            user: "bob".into(),
+            password: "builder".into(),
+        },
+    );
+    assert_eq!(error_code(&other.refresh(&mut h, None)), Some(441));
+    assert_eq!(error_code(&other.permit(&mut h, addr(PEER))), Some(441));
+}
+
+#[test]
+fn rfc8656_8_refresh_with_unallocated_family_is_443() {
+    let mut h = Harness::new();
+    let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
+    let r = c.request(&mut h, Method::REFRESH, &|b| {
+        b.add(&RequestedAddressFamily(AddressFamily::IPV6));
+    });
+    assert_eq!(error_code(&r), Some(443));
+}
+
+#[test]
+fn rfc8656_allocation_expires_after_its_lifetime_unless_refreshed() {
+    let mut h = Harness::new();
+    let (mut c, local) = allocated(&mut h, "192.0.2.7:40000");
+    h.advance(Duration::from_secs(500));
+    assert!(is_success(&c.refresh(&mut h, Some(600))));
+    h.advance(Duration::from_secs(500));
+    assert_eq!(
+        h.server.allocation_count(),
+        1,
+        "refreshed at 500 s: alive at 1000 s"
+    );
+    h.advance(Duration::from_secs(101));
+    assert_eq!(h.server.allocation_count(), 0);
+    assert!(h.events.contains(&Event::RelayReleased(local)));
+    assert!(h.events.iter().any(|e| matches!(
+        e,
+        Event::AllocationEnded {
+            reason: EndReason::Expired,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn rfc8656_3_1_allocation_dies_with_its_connection() {
+    let mut h = Harness::new();
+    let mut ft = udp("192.0.2.7:40000");
+    ft.transport = Transport::Tcp;
+    let mut c = Client::new(ft, alice());
+    assert!(is_success(&c.allocate(&mut h)));
+    h.server.handle_connection_closed(h.now, ft);
+    h.pump();
+    assert_eq!(h.server.allocation_count(), 0);
+    assert!(h.events.iter().any(|e| matches!(
+        e,
+        Event::AllocationEnded {
+            reason: EndReason::ConnectionClosed,
+            ..
+        }
+    )));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Permissions, Send/Data, channels
+
+#[test]
+fn rfc8656_9_create_permission_installs_several_peers_and_relays_both_ways() {
+    let mut h = Harness::new();
+    let (mut c, local) = allocated(&mut h, "192.0.2.7:40000");
+    let r = c.request(&mut h, Method::CREATE_PERMISSION, &|b| {
+        b.add(&XorPeerAddress(addr("192.0.2.44:1")))
+            .add(&XorPeerAddress(addr("192.0.2.45:1")));
+    });
+    assert!(is_success(&r));
+    // Send indication → peer (any port of a permitted IP).
+    for peer in ["192.0.2.44:7", "192.0.2.45:9"] {
+        let mut out = Vec::new();
+        let mut b = MessageBuilder::new(
+            &mut out,
+            MessageType::new(Method::SEND, Class::Indication),
+            TransactionId([8; 12]),
+        );
+        b.add(&XorPeerAddress(addr(peer)))
+            .add(&Data(b"hello"))
+            .add(&DontFragment);
+        b.finish();
+        h.client_sends(c.ft, &out);
+        let sent = h.take_sent();
+        assert_eq!(
+            sent,
+            vec![(
+                Destination::Peer {
+                    relay: local,
+                    peer: addr(peer)
+                },
+                b"hello".to_vec(),
+                true
+            )]
+        );
+    }
+    // Peer → client as a Data indication.
+    h.peer_sends(local, addr("192.0.2.44:7"), b"back");
+    let sent = h.take_sent();
+    assert_eq!(sent.len(), 1);
+    let m = Message::decode(&sent[0].1).unwrap();
+    assert_eq!(m.typ(), MessageType::new(Method::DATA, Class::Indication));
+    assert_eq!(
+        m.get::<XorPeerAddress>().unwrap(),
+        Some(XorPeerAddress(addr("192.0.2.44:7")))
+    );
+    assert_eq!(m.get::<Data<'_>>().unwrap(), Some(Data(b"back")));
+    // Unpermitted peer: dropped both ways, counted.
+    h.peer_sends(local, addr("192.0.2.99:7"), b"x");
+    assert!(h.take_sent().is_empty());
+    assert_eq!(h.server.stats().dropped(DropReason::NoPermission), 1);
+}
+
+#[test]
+fn rfc8656_9_permission_expires_after_300_seconds() {
+    let mut h = Harness::new();
+    let (mut c, local) = allocated(&mut h, "192.0.2.7:40000");
+    assert!(is_success(&c.permit(&mut h, addr(PEER))));
+    h.advance(Duration::from_secs(299));
+    h.peer_sends(local, addr(PEER), b"a");
+    assert_eq!(h.take_sent().len(), 1);
+    h.advance(Duration::from_secs(2));
+    h.peer_sends(local, addr(PEER), b"b");
+    assert!(h.take_sent().is_empty());
+    assert_eq!(
+        h.server.permission_and_channel_count(),
+        (0, 0),
+        "swept by the timer"
+    );
+}
+
+#[test]
+fn rfc8656_9_1_forbidden_peers_get_403_and_nothing_is_sent() {
+    let mut h = Harness::with(
+        ServerConfig {
+            policy: PeerPolicy::default(),
+            ..config()
+        },
+        Box::new(LocalQuota::default()),
+    );
+    let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
+    for peer in [
+        "127.0.0.1:5",
+        "[::ffff:127.0.0.1]:5",
+        "10.0.0.1:5",
+        "169.254.169.254:80",
+    ] {
+        let r = c.permit(&mut h, addr(peer));
+        assert_eq!(error_code(&r), Some(403), "{peer}");
+        let r = c.bind_channel(&mut h, 0x4000, addr(peer));
+        assert_eq!(error_code(&r), Some(403), "{peer}");
+    }
+    assert!(h.sent.is_empty());
+    assert_eq!(h.server.permission_and_channel_count(), (0, 0));
+}
+
+#[test]
+fn rfc8656_9_1_one_forbidden_peer_refuses_the_whole_request() {
+    let mut h = Harness::new();
+    let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
+    let r = c.request(&mut h, Method::CREATE_PERMISSION, &|b| {
+        b.add(&XorPeerAddress(addr(PEER)))
+            .add(&XorPeerAddress(addr("10.1.1.1:1")));
+    });
+    assert_eq!(error_code(&r), Some(403));
+    assert_eq!(h.server.permission_and_channel_count(), (0, 0));
+}
+
+#[test]
+fn rfc8656_9_peer_family_mismatch_is_443() {
+    let mut h = Harness::new();
+    let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
+    assert_eq!(
+        error_code(&c.permit(&mut h, addr("[2001:db8::1]:5"))),
+        Some(443)
+    );
+}
+
+#[test]
+fn rfc8656_9_1_permission_quota_is_508() {
+    let mut h = Harness::with(
+        ServerConfig {
+            max_permissions_per_allocation: 2,
+            ..config()
+        },
+        Box::new(LocalQuota::default()),
+    );
+    let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
+    assert!(is_success(&c.permit(&mut h, addr("192.0.2.1:1"))));
+    assert!(is_success(&c.permit(&mut h, addr("192.0.2.2:1"))));
+    assert!(
+        is_success(&c.permit(&mut h, addr("192.0.2.2:9"))),
+        "refresh of an existing one"
+    );
+    assert_eq!(
+        error_code(&c.permit(&mut h, addr("192.0.2.3:1"))),
+        Some(508)
+    );
+}
+
+#[test]
+fn rfc8656_11_channel_bind_relays_channel_data_both_ways() {
+    let mut h = Harness::new();
+    let (mut c, local) = allocated(&mut h, "192.0.2.7:40000");
+    assert!(is_success(&c.bind_channel(&mut h, 0x4001, addr(PEER))));
+    let mut cd = Vec::new();
+    ChannelData {
+        channel: ChannelNumber::new(0x4001).unwrap(),
+        data: b"abcde",
+    }
+    .encode(false, &mut cd);
+    h.client_sends(c.ft, &cd);
+    assert_eq!(
+        h.take_sent(),
+        vec![(
+            Destination::Peer {
+                relay: local,
+                peer: addr(PEER)
+            },
+            b"abcde".to_vec(),
+            false
+        )]
+    );
+    h.peer_sends(local, addr(PEER), b"xyz");
+    let sent = h.take_sent();
+    assert_eq!(
+        sent[0].1,
+        vec![0x40, 0x01, 0x00, 0x03, b'x', b'y', b'z'],
+        "UDP: no padding"
+    );
+    // Another port of the same peer IP has a permission but no channel → Data indication.
+    h.peer_sends(local, addr("192.0.2.44:9001"), b"q");
+    let sent = h.take_sent();
+    assert_eq!(
+        Message::decode(&sent[0].1).unwrap().typ().method,
+        Method::DATA
+    );
+    assert_eq!(h.server.stats().packets_to_peer, 1);
+    assert_eq!(h.server.stats().packets_from_peer, 2);
+}
+
+#[test]
+fn rfc8656_12_5_channel_data_to_stream_clients_is_padded() {
+    let mut h = Harness::new();
+    let mut ft = udp("192.0.2.7:40000");
+    ft.transport = Transport::Tls;
+    let mut c = Client::new(ft, alice());
+    assert!(is_success(&c.allocate(&mut h)));
+    let local = h.bound[0];
+    assert!(is_success(&c.bind_channel(&mut h, 0x4fff, addr(PEER))));
+    h.peer_sends(local, addr(PEER), b"xyz");
+    assert_eq!(
+        h.take_sent()[0].1,
+        vec![0x4f, 0xff, 0x00, 0x03, b'x', b'y', b'z', 0]
+    );
+    // Padded ChannelData from a stream client is accepted.
+    h.client_sends(ft, &[0x4f, 0xff, 0x00, 0x01, b'k', 0, 0, 0]);
+    assert_eq!(h.take_sent()[0].1, b"k");
+}
+
+#[test]
+fn rfc8656_11_2_channel_numbers_outside_range_are_400() {
+    let mut h = Harness::new();
+    let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
+    for n in [0x3fff, 0x5000, 0xffff] {
+        assert_eq!(
+            error_code(&c.bind_channel(&mut h, n, addr(PEER))),
+            Some(400),
+            "{n:#x}"
+        );
+    }
+    assert_eq!(h.rejections().last(), Some(&Reject::InvalidChannelNumber));
+}
+
+#[test]
+fn rfc8656_11_2_conflicting_rebinds_are_400_and_same_binding_refreshes() {
+    let mut h = Harness::new();
+    let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
+    assert!(is_success(&c.bind_channel(&mut h, 0x4000, addr(PEER))));
+    assert!(
+        is_success(&c.bind_channel(&mut h, 0x4000, addr(PEER))),
+        "refresh"
+    );
+    assert_eq!(
+        error_code(&c.bind_channel(&mut h, 0x4000, addr("192.0.2.45:1"))),
+        Some(400)
+    );
+    assert_eq!(
+        error_code(&c.bind_channel(&mut h, 0x4002, addr(PEER))),
+        Some(400)
+    );
+    assert_eq!(h.rejections().last(), Some(&Reject::ChannelConflict));
+}
+
+#[test]
+fn rfc8656_12_channel_expires_after_600_seconds_and_cools_down_for_300() {
+    let mut h = Harness::new();
+    let (mut c, local) = allocated(&mut h, "192.0.2.7:40000");
+    assert!(is_success(&c.bind_channel(&mut h, 0x4000, addr(PEER))));
+    // Keep the allocation and the permission alive, not the channel.
+    for _ in 0..2 {
+        h.advance(Duration::from_secs(280));
+        assert!(is_success(&c.refresh(&mut h, Some(600))));
+        assert!(is_success(&c.permit(&mut h, addr(PEER))));
+    }
+    h.advance(Duration::from_secs(41)); // 601 s after binding
+    let mut cd = Vec::new();
+    ChannelData {
+        channel: ChannelNumber::new(0x4000).unwrap(),
+        data: b"z",
+    }
+    .encode(false, &mut cd);
+    h.client_sends(c.ft, &cd);
+    assert!(h.take_sent().is_empty(), "channel expired");
+    assert_eq!(h.server.stats().dropped(DropReason::NoChannel), 1);
+    h.peer_sends(local, addr(PEER), b"d");
+    assert_eq!(
+        Message::decode(&h.take_sent()[0].1).unwrap().typ().method,
+        Method::DATA
+    );
+    // During the cooldown the number cannot go to another peer.
+    assert_eq!(
+        error_code(&c.bind_channel(&mut h, 0x4000, addr("192.0.2.45:1"))),
+        Some(400)
+    );
+    h.advance(Duration::from_secs(200));
+    assert!(is_success(&c.refresh(&mut h, Some(600))));
+    h.advance(Duration::from_secs(100));
+    assert!(
+        is_success(&c.bind_channel(&mut h, 0x4000, addr("192.0.2.45:1"))),
+        "free after cooldown"
+    );
+}
+
+#[test]
+fn send_indication_without_permission_is_dropped() {
+    let mut h = Harness::new();
+    let (c, _) = allocated(&mut h, "192.0.2.7:40000");
+    let mut out = Vec::new();
+    let mut b = MessageBuilder::new(
+        &mut out,
+        MessageType::new(Method::SEND, Class::Indication),
+        TransactionId([8; 12]),
+    );
+    b.add(&XorPeerAddress(addr(PEER))).add(&Data(b"hello"));
+    b.finish();
+    h.client_sends(c.ft, &out);
+    assert!(h.take_sent().is_empty());
+    assert_eq!(h.server.stats().dropped(DropReason::NoPermission), 1);
+}
+
+#[test]
+fn malformed_datagrams_are_counted_and_the_server_keeps_serving() {
+    let mut h = Harness::new();
+    let ft = udp("192.0.2.7:40000");
+    for junk in [
+        &b""[..],
+        b"\x00",
+        b"\xff\xff\xff",
+        &[0u8; 19],
+        &[0x40, 0x00, 0xff, 0xff],
+        &[0x00, 0x01, 0x00, 0x04, 0x21, 0x12, 0xa4, 0x42],
+    ] {
+        h.client_sends(ft, junk);
+    }
+    assert!(h.take_sent().is_empty());
+    assert!(h.server.stats().dropped(DropReason::Malformed) >= 5);
+    let (_c, _) = allocated(&mut h, "192.0.2.7:40001");
+}
+
+#[test]
+fn allocation_state_is_under_1_kib() {
+    // The core's per-allocation memory: the struct, its two index entries, and typical
+    // permission and channel vectors (4 each). The HashMap overhead is estimated at 1.5×.
+    let alloc = size_of::<Allocation>();
+    let perms = 4 * size_of::<allocation::Permission>();
+    let chans = 4 * size_of::<ChannelBinding>();
+    let index = (size_of::<(FiveTuple, u32)>() + size_of::<(SocketAddr, u32)>()) * 3 / 2;
+    let total = alloc + perms + chans + index;
+    assert!(total < 1024, "per-allocation state is {total} bytes");
+}
