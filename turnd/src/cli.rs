@@ -120,7 +120,12 @@ pub fn rest_credential(
     let now = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let username = format!("{}:{user}", now.saturating_add(ttl.as_secs()));
     let password = turn_proto::auth::rest_api_password(secret, &username);
-    RestCredential { username, password, ttl: ttl.as_secs(), uris }
+    RestCredential {
+        username,
+        password,
+        ttl: ttl.as_secs(),
+        uris,
+    }
 }
 
 /// `0x` + lowercase hex of MD5(user:realm:password), the `turnadmin -k` format.
@@ -144,7 +149,13 @@ pub fn generated_secret_banner(secret: &str, host: &str, port: u16, now: SystemT
     } else {
         format!("turn:{host}:{port}?transport=udp")
     };
-    let c = rest_credential(secret.as_bytes(), "example", Duration::from_secs(86_400), now, vec![uri]);
+    let c = rest_credential(
+        secret.as_bytes(),
+        "example",
+        Duration::from_secs(86_400),
+        now,
+        vec![uri],
+    );
     format!(
         "turnd: no auth secret configured (config file, TURND_AUTH_SECRET or TURND_AUTH_SECRET_FILE);\n\
          turnd: generated one for this run only. It changes at every start.\n\
@@ -185,13 +196,18 @@ pub enum LogInitError {
 pub fn init_logging(log: &Logging, env: &dyn Env) -> Result<(), LogInitError> {
     let directive = env.var("RUST_LOG").filter(|v| !v.trim().is_empty());
     let filter_text = directive.clone().unwrap_or_else(|| log.level.clone());
-    let filter = tracing_subscriber::EnvFilter::builder().parse(&filter_text).map_err(|e| {
-        LogInitError::BadFilter { value: filter_text.clone(), detail: e.to_string() }
-    })?;
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .parse(&filter_text)
+        .map_err(|e| LogInitError::BadFilter {
+            value: filter_text.clone(),
+            detail: e.to_string(),
+        })?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let result = match log.format {
         LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.with_ansi(std::io::stdout().is_terminal()).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stdout().is_terminal())
+            .try_init(),
     };
     result.map_err(|_| LogInitError::AlreadyInstalled)
 }
@@ -213,7 +229,18 @@ mod tests {
         assert_eq!(cli.config, Some(PathBuf::from("/etc/turnd.toml")));
         assert!(cli.command.is_none());
         let cli = Cli::try_parse_from([
-            "turnd", "credentials", "--secret", "s", "--user", "u", "--ttl", "1h", "--uri", "turn:a", "--uri", "turn:b",
+            "turnd",
+            "credentials",
+            "--secret",
+            "s",
+            "--user",
+            "u",
+            "--ttl",
+            "1h",
+            "--uri",
+            "turn:a",
+            "--uri",
+            "turn:b",
         ])
         .expect("parses");
         match cli.command {
@@ -223,7 +250,8 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        let cli = Cli::try_parse_from(["turnd", "key", "-u", "a", "-r", "b", "-p", "c"]).expect("parses");
+        let cli =
+            Cli::try_parse_from(["turnd", "key", "-u", "a", "-r", "b", "-p", "c"]).expect("parses");
         assert!(matches!(cli.command, Some(Command::Key { .. })));
     }
 
@@ -252,9 +280,18 @@ mod tests {
     #[test]
     fn rest_credential_follows_the_turn_rest_api() {
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let c = rest_credential(b"secret", "alice", Duration::from_secs(3600), now, vec!["turn:x".into()]);
+        let c = rest_credential(
+            b"secret",
+            "alice",
+            Duration::from_secs(3600),
+            now,
+            vec!["turn:x".into()],
+        );
         assert_eq!(c.username, "1700003600:alice");
-        assert_eq!(c.password, turn_proto::auth::rest_api_password(b"secret", "1700003600:alice"));
+        assert_eq!(
+            c.password,
+            turn_proto::auth::rest_api_password(b"secret", "1700003600:alice")
+        );
         assert_eq!(c.ttl, 3600);
         let json: serde_json::Value = serde_json::to_value(&c).expect("json");
         assert_eq!(json["uris"][0], "turn:x");
@@ -263,7 +300,10 @@ mod tests {
     #[test]
     fn key_hex_is_0x_and_32_lowercase_hex_digits() {
         // MD5("alice:example.org:secret"), as printed by `turnadmin -k -u alice -r example.org -p secret`.
-        assert_eq!(key_hex("alice", "example.org", "secret"), "0x543e1aec5d3614f03141652d6ada51b2");
+        assert_eq!(
+            key_hex("alice", "example.org", "secret"),
+            "0x543e1aec5d3614f03141652d6ada51b2"
+        );
     }
 
     #[test]

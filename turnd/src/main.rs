@@ -20,7 +20,11 @@ fn main() -> ExitCode {
         None => run_server(cli.config.as_deref()),
         Some(Command::CheckConfig { file }) => check_config(&file),
         Some(Command::Credentials(args)) => credentials(args),
-        Some(Command::Key { user, realm, password }) => {
+        Some(Command::Key {
+            user,
+            realm,
+            password,
+        }) => {
             println!("{}", cli::key_hex(&user, &realm, &password));
             Ok(ExitCode::SUCCESS)
         }
@@ -46,10 +50,17 @@ fn run_server(config: Option<&Path>) -> anyhow::Result<ExitCode> {
     let settings = load_settings(config)?;
     if settings.auth.generated_secret {
         let port = settings.listeners.udp.first().map_or(3478, |a| a.port());
-        let secret = settings.auth.secrets.first().map(|s| s.expose().to_owned()).unwrap_or_default();
-        let banner = cli::generated_secret_banner(&secret, &local_ip().to_string(), port, SystemTime::now());
+        let secret = settings
+            .auth
+            .secrets
+            .first()
+            .map(|s| s.expose().to_owned())
+            .unwrap_or_default();
+        let banner =
+            cli::generated_secret_banner(&secret, &local_ip().to_string(), port, SystemTime::now());
         let mut out = std::io::stdout().lock();
-        out.write_all(banner.as_bytes()).context("writing to stdout")?;
+        out.write_all(banner.as_bytes())
+            .context("writing to stdout")?;
         out.flush().context("writing to stdout")?;
     }
     cli::init_logging(&settings.log, &ProcessEnv)?;
@@ -90,11 +101,23 @@ fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
     let tls = if s.tls.is_some() { "on" } else { "off" };
     println!("{}: OK", file.display());
     println!("  udp listeners: {:?}", s.listeners.udp);
-    println!("  tcp listeners: {:?} (served once TCP lands)", s.listeners.tcp);
+    println!(
+        "  tcp listeners: {:?} (served once TCP lands)",
+        s.listeners.tcp
+    );
     println!("  tls listeners: {:?} (tls {tls})", s.listeners.tls);
     println!("  realm: {}", s.auth.realm);
-    println!("  static users: {}, REST-API secrets: {}", s.auth.users.len(), s.auth.secrets.len());
-    let external: Vec<String> = s.relay.external_ips.iter().map(ToString::to_string).collect();
+    println!(
+        "  static users: {}, REST-API secrets: {}",
+        s.auth.users.len(),
+        s.auth.secrets.len()
+    );
+    let external: Vec<String> = s
+        .relay
+        .external_ips
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     println!(
         "  relay: addresses {:?}, ports {}-{}, external {external:?}",
         s.relay.addresses,
@@ -110,7 +133,10 @@ fn credentials(args: CredentialsArgs) -> anyhow::Result<ExitCode> {
         (Some(s), _) => s.clone(),
         (None, Some(f)) => first_line(f)?,
         (None, None) => {
-            if let Some(s) = ProcessEnv.var(ENV_AUTH_SECRET).filter(|s| !s.trim().is_empty()) {
+            if let Some(s) = ProcessEnv
+                .var(ENV_AUTH_SECRET)
+                .filter(|s| !s.trim().is_empty())
+            {
                 s.trim().to_owned()
             } else if let Some(f) = ProcessEnv.var(ENV_AUTH_SECRET_FILE) {
                 first_line(Path::new(&f)).with_context(|| format!("from {ENV_AUTH_SECRET_FILE}"))?
@@ -124,7 +150,13 @@ fn credentials(args: CredentialsArgs) -> anyhow::Result<ExitCode> {
             }
         }
     };
-    let c = cli::rest_credential(secret.as_bytes(), &args.user, args.ttl, SystemTime::now(), args.uris);
+    let c = cli::rest_credential(
+        secret.as_bytes(),
+        &args.user,
+        args.ttl,
+        SystemTime::now(),
+        args.uris,
+    );
     println!("{}", serde_json::to_string_pretty(&c)?);
     Ok(ExitCode::SUCCESS)
 }
@@ -140,13 +172,15 @@ fn first_line(path: &Path) -> anyhow::Result<String> {
 }
 
 fn import_coturn(file: &Path, output: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let import = coturn::import(&text);
     for note in &import.notes {
         eprintln!("{}: {note}", file.display());
     }
     match output {
-        Some(out) => std::fs::write(out, &import.toml).with_context(|| format!("cannot write {}", out.display()))?,
+        Some(out) => std::fs::write(out, &import.toml)
+            .with_context(|| format!("cannot write {}", out.display()))?,
         None => print!("{}", import.toml),
     }
     let name = output.map_or_else(|| "<converted>".to_owned(), |p| p.display().to_string());
@@ -156,7 +190,10 @@ fn import_coturn(file: &Path, output: Option<&Path>) -> anyhow::Result<ExitCode>
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("{}: converted, but the result does not validate: {e}", file.display());
+            eprintln!(
+                "{}: converted, but the result does not validate: {e}",
+                file.display()
+            );
             Ok(ExitCode::FAILURE)
         }
     }

@@ -45,7 +45,10 @@ fn assert_located(out: &Output, path: &Path, line: usize, key: &str, detail: &st
     let err = stderr(out);
     let prefix = format!("turnd: {}:{line}:", path.display());
     assert!(err.starts_with(&prefix), "expected {prefix:?} in {err:?}");
-    assert!(err.contains(&format!(": {key}: ")), "expected key {key} in {err:?}");
+    assert!(
+        err.contains(&format!(": {key}: ")),
+        "expected key {key} in {err:?}"
+    );
     assert!(err.contains(detail), "expected {detail:?} in {err:?}");
 }
 
@@ -53,33 +56,60 @@ const SECRET: &str = "[auth]\nsecrets = [\"s\"]\n";
 
 #[test]
 fn unknown_key_reports_line_and_key() {
-    let (out, path, _dir) = check(&format!("{SECRET}\n[relay]\nmin_port = 49152\nmax-port = 50175\n"));
+    let (out, path, _dir) = check(&format!(
+        "{SECRET}\n[relay]\nmin_port = 49152\nmax-port = 50175\n"
+    ));
     assert_located(&out, &path, 6, "relay.max-port", "unknown key `max-port`");
     assert!(stderr(&out).contains("max_port"), "lists the accepted keys");
 }
 
 #[test]
 fn inverted_port_range_reports_line_and_key() {
-    let (out, path, _dir) = check(&format!("{SECRET}[relay]\nmin_port = 50175\nmax_port = 49152\n"));
-    assert_located(&out, &path, 5, "relay.max_port", "inverted relay port range");
+    let (out, path, _dir) = check(&format!(
+        "{SECRET}[relay]\nmin_port = 50175\nmax_port = 49152\n"
+    ));
+    assert_located(
+        &out,
+        &path,
+        5,
+        "relay.max_port",
+        "inverted relay port range",
+    );
 }
 
 #[test]
 fn bad_cidr_reports_line_and_key() {
-    let (out, path, _dir) =
-        check(&format!("{SECRET}[peers]\ndeny = [\n  \"192.168.0.0/16\",\n  \"192.168.0.0/40\",\n]\n"));
-    assert_located(&out, &path, 6, "peers.deny[1]", "`192.168.0.0/40` is not a valid CIDR");
+    let (out, path, _dir) = check(&format!(
+        "{SECRET}[peers]\ndeny = [\n  \"192.168.0.0/16\",\n  \"192.168.0.0/40\",\n]\n"
+    ));
+    assert_located(
+        &out,
+        &path,
+        6,
+        "peers.deny[1]",
+        "`192.168.0.0/40` is not a valid CIDR",
+    );
 }
 
 #[test]
 fn missing_secret_file_reports_line_key_and_file() {
-    let (out, path, _dir) = check("[auth]\nrealm = \"r\"\nsecret_files = [\"/nonexistent/turnd/secret\"]\n");
-    assert_located(&out, &path, 3, "auth.secret_files[0]", "/nonexistent/turnd/secret");
+    let (out, path, _dir) =
+        check("[auth]\nrealm = \"r\"\nsecret_files = [\"/nonexistent/turnd/secret\"]\n");
+    assert_located(
+        &out,
+        &path,
+        3,
+        "auth.secret_files[0]",
+        "/nonexistent/turnd/secret",
+    );
 }
 
 #[test]
 fn missing_secret_file_from_env_names_variable_and_file() {
-    let out = turnd().env("TURND_AUTH_SECRET_FILE", "/nonexistent/k8s/secret").output().expect("runs");
+    let out = turnd()
+        .env("TURND_AUTH_SECRET_FILE", "/nonexistent/k8s/secret")
+        .output()
+        .expect("runs");
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains("TURND_AUTH_SECRET_FILE"), "{err}");
@@ -108,14 +138,26 @@ fn check_config_accepts_the_shipped_example() {
 #[test]
 fn bad_arguments_exit_2_with_a_message() {
     for args in [
-        &["credentials", "--user", "u", "--secret", "s", "--ttl", "whenever"][..],
+        &[
+            "credentials",
+            "--user",
+            "u",
+            "--secret",
+            "s",
+            "--ttl",
+            "whenever",
+        ][..],
         &["key", "-u", "alice"][..],
         &["no-such-command"][..],
         &["check-config"][..],
     ] {
         let out = run(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
-        assert!(stderr(&out).contains("error:"), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("error:"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
     }
     let out = run(&["credentials", "--user", "u"]);
     assert_eq!(out.status.code(), Some(2), "no secret anywhere");
@@ -123,7 +165,10 @@ fn bad_arguments_exit_2_with_a_message() {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("after 1970").as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
 }
 
 #[test]
@@ -149,8 +194,14 @@ fn credentials_print_rest_api_json_that_verifies() {
     let (expiry, user) = username.split_once(':').expect("expiry:user");
     assert_eq!(user, "alice");
     let expiry: u64 = expiry.parse().expect("unix time");
-    assert!((before + 86_400..=after + 86_400).contains(&expiry), "{expiry}");
-    assert_eq!(json["password"], turn_proto::auth::rest_api_password(b"north-secret", username));
+    assert!(
+        (before + 86_400..=after + 86_400).contains(&expiry),
+        "{expiry}"
+    );
+    assert_eq!(
+        json["password"],
+        turn_proto::auth::rest_api_password(b"north-secret", username)
+    );
     assert_eq!(json["ttl"], 86_400);
     assert_eq!(json["uris"][1], "turns:turn.example.org:443?transport=tcp");
 }
@@ -160,10 +211,21 @@ fn credentials_read_the_secret_from_a_file_or_the_environment() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("secret");
     std::fs::write(&file, "\nfile-secret\n").expect("write");
-    let out = run(&["credentials", "--secret-file", file.to_str().expect("utf8"), "--user", "u", "--ttl", "60"]);
+    let out = run(&[
+        "credentials",
+        "--secret-file",
+        file.to_str().expect("utf8"),
+        "--user",
+        "u",
+        "--ttl",
+        "60",
+    ]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let username = json["username"].as_str().expect("username");
-    assert_eq!(json["password"], turn_proto::auth::rest_api_password(b"file-secret", username));
+    assert_eq!(
+        json["password"],
+        turn_proto::auth::rest_api_password(b"file-secret", username)
+    );
     assert_eq!(json["uris"], serde_json::json!([]));
 
     let out = turnd()
@@ -173,7 +235,10 @@ fn credentials_read_the_secret_from_a_file_or_the_environment() {
         .expect("runs");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let username = json["username"].as_str().expect("username");
-    assert_eq!(json["password"], turn_proto::auth::rest_api_password(b"env-secret", username));
+    assert_eq!(
+        json["password"],
+        turn_proto::auth::rest_api_password(b"env-secret", username)
+    );
 }
 
 fn require_tools() -> bool {
@@ -197,14 +262,26 @@ fn key_matches_turnadmin() {
         let hex: String = expected.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(ours, format!("0x{hex}"));
 
-        match Command::new("turnadmin").args(["-k", "-u", user, "-r", realm, "-p", pass]).output() {
+        match Command::new("turnadmin")
+            .args(["-k", "-u", user, "-r", realm, "-p", pass])
+            .output()
+        {
             Ok(theirs) => {
                 // turnadmin prints its own log lines too; the key is the line starting with 0x.
                 let text = stdout(&theirs);
-                let key = text.lines().find(|l| l.starts_with("0x")).expect("turnadmin printed a key");
-                assert_eq!(ours, key.trim(), "turnd key vs turnadmin -k for {user}/{realm}");
+                let key = text
+                    .lines()
+                    .find(|l| l.starts_with("0x"))
+                    .expect("turnadmin printed a key");
+                assert_eq!(
+                    ours,
+                    key.trim(),
+                    "turnd key vs turnadmin -k for {user}/{realm}"
+                );
             }
-            Err(e) if require_tools() => panic!("TURND_REQUIRE_TOOLS=1 but turnadmin cannot run: {e}"),
+            Err(e) if require_tools() => {
+                panic!("TURND_REQUIRE_TOOLS=1 but turnadmin cannot run: {e}")
+            }
             Err(e) => {
                 eprintln!("skipping the turnadmin comparison: turnadmin not runnable ({e}); install coturn");
                 return;
@@ -280,18 +357,37 @@ fn import_coturn_produces_valid_toml_and_lists_what_it_drops() {
     let toml = dir.path().join("turnd.toml");
     std::fs::write(&toml, &out.stdout).expect("write");
     let checked = run(&["check-config", toml.to_str().expect("utf8")]);
-    assert!(checked.status.success(), "{}\n{}", stderr(&checked), stdout(&out));
+    assert!(
+        checked.status.success(),
+        "{}\n{}",
+        stderr(&checked),
+        stdout(&out)
+    );
     let summary = stdout(&checked);
-    assert!(summary.contains("udp listeners: [10.10.10.11:3478]"), "{summary}");
-    assert!(summary.contains("static users: 1, REST-API secrets: 2"), "{summary}");
+    assert!(
+        summary.contains("udp listeners: [10.10.10.11:3478]"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("static users: 1, REST-API secrets: 2"),
+        "{summary}"
+    );
     assert!(summary.contains("94.130.141.98/10.10.10.11"), "{summary}");
     let text = stdout(&out);
-    assert!(text.contains("\"10.0.0.0/8\""), "ranges become CIDRs: {text}");
+    assert!(
+        text.contains("\"10.0.0.0/8\""),
+        "ranges become CIDRs: {text}"
+    );
     assert!(text.contains("\"172.16.0.0/12\""), "{text}");
 
     // --output writes the same text to a file.
     let written = dir.path().join("out.toml");
-    let out2 = run(&["import-coturn", conf.to_str().expect("utf8"), "-o", written.to_str().expect("utf8")]);
+    let out2 = run(&[
+        "import-coturn",
+        conf.to_str().expect("utf8"),
+        "-o",
+        written.to_str().expect("utf8"),
+    ]);
     assert!(out2.status.success());
     assert_eq!(std::fs::read(&written).expect("written"), out.stdout);
 }
@@ -311,12 +407,20 @@ fn import_coturn_reports_a_result_that_needs_a_secret() {
         .env("TURND_AUTH_SECRET", "from-k8s")
         .output()
         .expect("runs");
-    assert!(out.status.success(), "validates with the secret in the environment: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "validates with the secret in the environment: {}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn no_config_prints_a_generated_secret_and_a_working_credential_once() {
-    let mut child = turnd().stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn");
+    let mut child = turnd()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -331,7 +435,9 @@ fn no_config_prints_a_generated_secret_and_a_working_credential_once() {
         }
         let _ = tx.send(lines);
     });
-    let lines = rx.recv_timeout(Duration::from_secs(20)).expect("banner within 20 s");
+    let lines = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("banner within 20 s");
     let _ = child.kill();
     let _ = child.wait();
     let field = |name: &str| {
@@ -344,7 +450,10 @@ fn no_config_prints_a_generated_secret_and_a_working_credential_once() {
     assert_eq!(secret.len(), 48, "{secret}");
     let username = field("username:");
     assert!(username.ends_with(":example"), "{username}");
-    assert_eq!(field("password:"), turn_proto::auth::rest_api_password(secret.as_bytes(), &username));
+    assert_eq!(
+        field("password:"),
+        turn_proto::auth::rest_api_password(secret.as_bytes(), &username)
+    );
     assert!(field("uri:").starts_with("turn:"), "{lines:?}");
 }
 
@@ -366,7 +475,11 @@ impl OutputWithTimeout for Command {
     /// Runs up to 3 s (the server would run forever once the driver exists) and
     /// returns what it printed on stdout.
     fn output_with_timeout(&mut self) -> String {
-        let mut child = self.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn");
+        let mut child = self
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
         let deadline = std::time::Instant::now() + Duration::from_secs(3);
         while std::time::Instant::now() < deadline {
             if child.try_wait().expect("wait").is_some() {
@@ -375,6 +488,9 @@ impl OutputWithTimeout for Command {
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = child.kill();
-        child.wait_with_output().map(|o| stdout(&o)).expect("output")
+        child
+            .wait_with_output()
+            .map(|o| stdout(&o))
+            .expect("output")
     }
 }

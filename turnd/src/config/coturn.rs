@@ -121,7 +121,12 @@ pub fn import(text: &str) -> Import {
             },
         };
         let mut note = |kind, reason: &str| {
-            notes.push(Note { line, option: name.to_owned(), kind, reason: reason.to_owned() });
+            notes.push(Note {
+                line,
+                option: name.to_owned(),
+                kind,
+                reason: reason.to_owned(),
+            });
         };
         take(&mut c, name, value, &mut note);
     }
@@ -137,16 +142,25 @@ pub fn import(text: &str) -> Import {
         }
     }
     header.push('\n');
-    Import { toml: header + &toml, notes }
+    Import {
+        toml: header + &toml,
+        notes,
+    }
 }
 
 fn unquote(v: &str) -> &str {
-    v.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(v)
+    v.strip_prefix('"')
+        .and_then(|x| x.strip_suffix('"'))
+        .unwrap_or(v)
 }
 
 fn parse_ip(s: &str) -> Option<IpAddr> {
     let s = s.trim();
-    s.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(s).parse().ok()
+    s.strip_prefix('[')
+        .and_then(|x| x.strip_suffix(']'))
+        .unwrap_or(s)
+        .parse()
+        .ok()
 }
 
 /// Applies one option to `c`, or records why it was not carried.
@@ -172,7 +186,10 @@ fn take(c: &mut Coturn, name: &str, value: Option<&str>, note: &mut dyn FnMut(No
     let seconds = |note: &mut dyn FnMut(NoteKind, &str)| match v.parse::<i64>() {
         Ok(n) if n > 0 => u64::try_from(n).ok(),
         Ok(_) => {
-            note(NotNeeded, "0 or negative means coturn's default, which is turnd's too");
+            note(
+                NotNeeded,
+                "0 or negative means coturn's default, which is turnd's too",
+            );
             None
         }
         Err(_) => {
@@ -183,7 +200,10 @@ fn take(c: &mut Coturn, name: &str, value: Option<&str>, note: &mut dyn FnMut(No
     let ip = |note: &mut dyn FnMut(NoteKind, &str)| {
         let r = parse_ip(v);
         if r.is_none() {
-            note(NotCarried, &format!("`{v}` is not an IP address (turnd does not resolve names)"));
+            note(
+                NotCarried,
+                &format!("`{v}` is not an IP address (turnd does not resolve names)"),
+            );
         }
         r
     };
@@ -192,11 +212,17 @@ fn take(c: &mut Coturn, name: &str, value: Option<&str>, note: &mut dyn FnMut(No
         "tls-listening-port" => c.tls_listening_port = port(note),
         "alt-listening-port" => {
             c.alt_listening_port = port(note);
-            note(Changed, "turnd has no RFC 5780 NAT discovery; the port becomes one more listener");
+            note(
+                Changed,
+                "turnd has no RFC 5780 NAT discovery; the port becomes one more listener",
+            );
         }
         "alt-tls-listening-port" => {
             c.alt_tls_listening_port = port(note);
-            note(Changed, "turnd has no RFC 5780 NAT discovery; the port becomes one more TLS listener");
+            note(
+                Changed,
+                "turnd has no RFC 5780 NAT discovery; the port becomes one more TLS listener",
+            );
         }
         "listening-ip" => c.listening_ips.extend(ip(note)),
         "relay-ip" => c.relay_ips.extend(ip(note)),
@@ -208,7 +234,10 @@ fn take(c: &mut Coturn, name: &str, value: Option<&str>, note: &mut dyn FnMut(No
             if ok {
                 c.external_ips.push(v.to_owned());
             } else {
-                note(NotCarried, &format!("`{v}` is not PUBLIC or PUBLIC/PRIVATE IP addresses"));
+                note(
+                    NotCarried,
+                    &format!("`{v}` is not PUBLIC or PUBLIC/PRIVATE IP addresses"),
+                );
             }
         }
         "min-port" => c.min_port = port(note),
@@ -236,20 +265,33 @@ fn take(c: &mut Coturn, name: &str, value: Option<&str>, note: &mut dyn FnMut(No
         }
         "rest-api-separator" if v == ":" => note(NotNeeded, "`:` is turnd's separator"),
         "rest-api-separator" => {
-            note(NotCarried, "turnd's REST API usernames are always `<expiry>:<user>`");
+            note(
+                NotCarried,
+                "turnd's REST API usernames are always `<expiry>:<user>`",
+            );
         }
         "cert" => c.cert = Some(v.to_owned()),
         "pkey" => c.pkey = Some(v.to_owned()),
         "denied-peer-ip" | "allowed-peer-ip" => match range_to_cidrs(v) {
             Some(nets) if name == "denied-peer-ip" => c.denied.extend(nets),
             Some(nets) => c.allowed.extend(nets),
-            None => note(NotCarried, &format!("`{v}` is not an IP address or an IP range A-B")),
+            None => note(
+                NotCarried,
+                &format!("`{v}` is not an IP address or an IP range A-B"),
+            ),
         },
         "allow-loopback-peers" => {
-            c.allowed.extend(["127.0.0.0/8", "::1/128"].iter().filter_map(|s| s.parse::<IpNet>().ok()));
+            c.allowed.extend(
+                ["127.0.0.0/8", "::1/128"]
+                    .iter()
+                    .filter_map(|s| s.parse::<IpNet>().ok()),
+            );
         }
         "no-loopback-peers" | "no-multicast-peers" => {
-            note(NotNeeded, "turnd denies loopback and multicast peers by default (peers.deny_special_purpose)");
+            note(
+                NotNeeded,
+                "turnd denies loopback and multicast peers by default (peers.deny_special_purpose)",
+            );
         }
         "user-quota" => c.user_quota = count(note),
         "total-quota" => c.total_quota = count(note),
@@ -257,7 +299,11 @@ fn take(c: &mut Coturn, name: &str, value: Option<&str>, note: &mut dyn FnMut(No
         "channel-lifetime" => c.channel_lifetime = seconds(note),
         "permission-lifetime" => c.permission_lifetime = seconds(note),
         "stale-nonce" => {
-            c.stale_nonce = if value.is_none() { Some(600) } else { seconds(note) };
+            c.stale_nonce = if value.is_none() {
+                Some(600)
+            } else {
+                seconds(note)
+            };
         }
         "no-udp" => c.no_udp = true,
         "no-tcp" => c.no_tcp = true,
@@ -268,47 +314,95 @@ fn take(c: &mut Coturn, name: &str, value: Option<&str>, note: &mut dyn FnMut(No
         }
         "verbose" | "v" => c.log_level = Some("debug"),
         "Verbose" | "V" => c.log_level = Some("trace"),
-        "relay-threads" | "general-threads" => match v.parse::<usize>() {
-            Ok(n) if n > 0 => {
-                c.workers = Some(n);
-                note(Changed, "turnd's workers serve listeners and relays together (default: one per core)");
+        "relay-threads" | "general-threads" => {
+            match v.parse::<usize>() {
+                Ok(n) if n > 0 => {
+                    c.workers = Some(n);
+                    note(Changed, "turnd's workers serve listeners and relays together (default: one per core)");
+                }
+                _ => note(NotNeeded, "0 means one per core, which is turnd's default"),
             }
-            _ => note(NotNeeded, "0 means one per core, which is turnd's default"),
-        },
+        }
         "fingerprint" | "f" => {
-            note(NotNeeded, "turnd has no switch for it: FINGERPRINT handling is built in (RFC 8489 §14.7)");
+            note(
+                NotNeeded,
+                "turnd has no switch for it: FINGERPRINT handling is built in (RFC 8489 §14.7)",
+            );
         }
         "no-cli" | "cli-ip" | "cli-port" | "cli-password" | "cli-max-output-sessions" => {
             note(NotNeeded, "turnd has no telnet admin CLI");
         }
-        "log-file" | "l" | "syslog" | "simple-log" | "new-log-timestamp" | "new-log-timestamp-format"
-        | "log-binding" | "syslog-facility" => {
+        "log-file"
+        | "l"
+        | "syslog"
+        | "simple-log"
+        | "new-log-timestamp"
+        | "new-log-timestamp-format"
+        | "log-binding"
+        | "syslog-facility" => {
             note(NotCarried, "turnd logs to stdout (text or JSON, [log]); let systemd or the container runtime keep the logs");
         }
         "no-tlsv1" | "no-tlsv1_1" => note(NotNeeded, "turnd's TLS speaks only TLS 1.2 and 1.3"),
         "no-tlsv1_2" => note(NotCarried, "turnd's TLS always offers TLS 1.2 and 1.3"),
         "cipher-list" | "ec-curve-name" | "dh-file" | "dh566" | "dh1066" | "ca-file" => {
-            note(NotCarried, "turnd's TLS uses rustls' safe default cipher suites and groups");
+            note(
+                NotCarried,
+                "turnd's TLS uses rustls' safe default cipher suites and groups",
+            );
         }
         "pidfile" | "proc-user" | "proc-group" => {
             note(NotCarried, "run turnd under systemd or Kubernetes with the user you want; it writes no pid file");
         }
         "userdb" | "b" | "db" | "psql-userdb" | "sql-userdb" | "e" | "mysql-userdb" | "M"
-        | "mongo-userdb" | "J" | "redis-userdb" | "N" | "redis-statsdb" | "O" | "secret-ts-exp-time" => {
-            note(NotCarried, "turnd reads no user database: list users under [auth] or use REST-API secrets");
+        | "mongo-userdb" | "J" | "redis-userdb" | "N" | "redis-statsdb" | "O"
+        | "secret-ts-exp-time" => {
+            note(
+                NotCarried,
+                "turnd reads no user database: list users under [auth] or use REST-API secrets",
+            );
         }
         "no-auth" | "z" => note(NotCarried, "turnd always authenticates TURN requests"),
         "prometheus" | "prometheus-port" | "prometheus-username-labels" => {
-            note(NotCarried, "metrics are not served yet (a later turnd issue adds /metrics)");
+            note(
+                NotCarried,
+                "metrics are not served yet (a later turnd issue adds /metrics)",
+            );
         }
-        "server-name" | "oauth" | "mobility" | "no-stun" | "stun-only" | "S" | "secure-stun"
-        | "check-origin-consistency" | "bps-capacity" | "max-bps" | "B" | "alternate-server"
-        | "tls-alternate-server" | "aux-server" | "udp-self-balance" | "listening-device" | "L"
-        | "relay-device" | "web-admin" | "web-admin-ip" | "web-admin-port" | "web-admin-listen-on-workers"
-        | "acme-redirect" | "server-relay" | "keep-address-family" | "allocation-default-address-family"
-        | "no-software-attribute" | "software-name" | "response-origin-only-with-rfc5780" | "no-rfc5780"
-        | "no-stun-backward-compatibility" | "respond-http-unsupported" | "max-allocate-timeout"
-        | "drop-invalid-packets" | "sock-buf-size" => {
+        "server-name"
+        | "oauth"
+        | "mobility"
+        | "no-stun"
+        | "stun-only"
+        | "S"
+        | "secure-stun"
+        | "check-origin-consistency"
+        | "bps-capacity"
+        | "max-bps"
+        | "B"
+        | "alternate-server"
+        | "tls-alternate-server"
+        | "aux-server"
+        | "udp-self-balance"
+        | "listening-device"
+        | "L"
+        | "relay-device"
+        | "web-admin"
+        | "web-admin-ip"
+        | "web-admin-port"
+        | "web-admin-listen-on-workers"
+        | "acme-redirect"
+        | "server-relay"
+        | "keep-address-family"
+        | "allocation-default-address-family"
+        | "no-software-attribute"
+        | "software-name"
+        | "response-origin-only-with-rfc5780"
+        | "no-rfc5780"
+        | "no-stun-backward-compatibility"
+        | "respond-http-unsupported"
+        | "max-allocate-timeout"
+        | "drop-invalid-packets"
+        | "sock-buf-size" => {
             note(NotCarried, "turnd has no equivalent option");
         }
         _ => note(NotCarried, "unknown to turnd's importer"),
@@ -323,7 +417,9 @@ pub fn range_to_cidrs(s: &str) -> Option<Vec<IpNet>> {
     };
     let (a, b) = (parse_ip(a)?, parse_ip(b)?);
     let (start, end, bits, v4) = match (a, b) {
-        (IpAddr::V4(x), IpAddr::V4(y)) => (u128::from(u32::from(x)), u128::from(u32::from(y)), 32, true),
+        (IpAddr::V4(x), IpAddr::V4(y)) => {
+            (u128::from(u32::from(x)), u128::from(u32::from(y)), 32, true)
+        }
         (IpAddr::V6(x), IpAddr::V6(y)) => (u128::from(x), u128::from(y), 128, false),
         _ => return None,
     };
@@ -334,9 +430,23 @@ pub fn range_to_cidrs(s: &str) -> Option<Vec<IpNet>> {
     let mut cur = start;
     loop {
         // The largest aligned block starting at `cur` that does not pass `end`.
-        let mut size_bits = if cur == 0 { bits } else { cur.trailing_zeros().min(bits) };
-        let span = |b: u32| if b >= 128 { u128::MAX } else { (1u128 << b) - 1 };
-        while size_bits > 0 && cur.checked_add(span(size_bits)).is_none_or(|last| last > end) {
+        let mut size_bits = if cur == 0 {
+            bits
+        } else {
+            cur.trailing_zeros().min(bits)
+        };
+        let span = |b: u32| {
+            if b >= 128 {
+                u128::MAX
+            } else {
+                (1u128 << b) - 1
+            }
+        };
+        while size_bits > 0
+            && cur
+                .checked_add(span(size_bits))
+                .is_none_or(|last| last > end)
+        {
             size_bits -= 1;
         }
         let prefix = u8::try_from(bits - size_bits).ok()?;
@@ -379,7 +489,12 @@ fn listeners(ips: &[IpAddr], ports: &[Option<u16>]) -> Vec<String> {
 /// Builds the TOML; adds notes that concern the file as a whole.
 fn emit(c: &Coturn, notes: &mut Vec<Note>) -> String {
     let mut whole = |option: &str, kind, reason: &str| {
-        notes.push(Note { line: 0, option: option.to_owned(), kind, reason: reason.to_owned() });
+        notes.push(Note {
+            line: 0,
+            option: option.to_owned(),
+            kind,
+            reason: reason.to_owned(),
+        });
     };
     let mut doc = DocumentMut::new();
 
@@ -391,15 +506,33 @@ fn emit(c: &Coturn, notes: &mut Vec<Note>) -> String {
     };
     let plain = [c.listening_port.or(Some(3478)), c.alt_listening_port];
     let mut listen = Table::new();
-    listen["udp"] = strings(if c.no_udp { Vec::new() } else { listeners(&ips, &plain) });
-    listen["tcp"] = strings(if c.no_tcp { Vec::new() } else { listeners(&ips, &plain) });
+    listen["udp"] = strings(if c.no_udp {
+        Vec::new()
+    } else {
+        listeners(&ips, &plain)
+    });
+    listen["tcp"] = strings(if c.no_tcp {
+        Vec::new()
+    } else {
+        listeners(&ips, &plain)
+    });
     let have_cert = c.cert.is_some() && c.pkey.is_some();
     if c.no_tls {
         listen["tls"] = strings(Vec::new());
     } else if have_cert {
-        listen["tls"] = strings(listeners(&ips, &[c.tls_listening_port.or(Some(5349)), c.alt_tls_listening_port]));
+        listen["tls"] = strings(listeners(
+            &ips,
+            &[
+                c.tls_listening_port.or(Some(5349)),
+                c.alt_tls_listening_port,
+            ],
+        ));
         if !c.no_dtls {
-            whole("(DTLS)", NoteKind::NotCarried, "coturn also served DTLS on the TLS ports; turnd does not");
+            whole(
+                "(DTLS)",
+                NoteKind::NotCarried,
+                "coturn also served DTLS on the TLS ports; turnd does not",
+            );
         }
     } else {
         whole(
@@ -416,7 +549,11 @@ fn emit(c: &Coturn, notes: &mut Vec<Note>) -> String {
         tls["key"] = toml_edit::value(c.pkey.clone().unwrap_or_default());
         doc["tls"] = Item::Table(tls);
     } else if c.cert.is_some() != c.pkey.is_some() {
-        whole("cert/pkey", NoteKind::NotCarried, "only one of cert and pkey is set; TLS needs both");
+        whole(
+            "cert/pkey",
+            NoteKind::NotCarried,
+            "only one of cert and pkey is set; TLS needs both",
+        );
     }
 
     // [auth]
@@ -562,15 +699,32 @@ mod tests {
 
     #[test]
     fn ranges_become_minimal_cidrs() {
-        assert_eq!(range_to_cidrs("10.0.0.0-10.255.255.255"), Some(nets(&["10.0.0.0/8"])));
+        assert_eq!(
+            range_to_cidrs("10.0.0.0-10.255.255.255"),
+            Some(nets(&["10.0.0.0/8"]))
+        );
         assert_eq!(range_to_cidrs("1.2.3.4"), Some(nets(&["1.2.3.4/32"])));
         assert_eq!(
             range_to_cidrs("192.168.1.5-192.168.1.12"),
-            Some(nets(&["192.168.1.5/32", "192.168.1.6/31", "192.168.1.8/30", "192.168.1.12/32"]))
+            Some(nets(&[
+                "192.168.1.5/32",
+                "192.168.1.6/31",
+                "192.168.1.8/30",
+                "192.168.1.12/32"
+            ]))
         );
-        assert_eq!(range_to_cidrs("0.0.0.0-255.255.255.255"), Some(nets(&["0.0.0.0/0"])));
-        assert_eq!(range_to_cidrs("::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), Some(nets(&["::/0"])));
-        assert_eq!(range_to_cidrs("fc00::-fdff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), Some(nets(&["fc00::/7"])));
+        assert_eq!(
+            range_to_cidrs("0.0.0.0-255.255.255.255"),
+            Some(nets(&["0.0.0.0/0"]))
+        );
+        assert_eq!(
+            range_to_cidrs("::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+            Some(nets(&["::/0"]))
+        );
+        assert_eq!(
+            range_to_cidrs("fc00::-fdff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+            Some(nets(&["fc00::/7"]))
+        );
         assert_eq!(range_to_cidrs("10.0.0.2-10.0.0.1"), None, "inverted");
         assert_eq!(range_to_cidrs("10.0.0.1-::1"), None, "mixed families");
         assert_eq!(range_to_cidrs("nonsense"), None);
@@ -580,7 +734,10 @@ mod tests {
     fn ranges_cover_exactly_the_range() {
         let cidrs = range_to_cidrs("172.16.0.7-172.16.3.200").expect("range");
         let total: u64 = cidrs.iter().map(|n| 1u64 << (32 - n.prefix_len())).sum();
-        assert_eq!(total, (172 * 16777216 + 16 * 65536 + 3 * 256 + 200) - (172 * 16777216 + 16 * 65536 + 7) + 1);
+        assert_eq!(
+            total,
+            (172 * 16777216 + 16 * 65536 + 3 * 256 + 200) - (172 * 16777216 + 16 * 65536 + 7) + 1
+        );
     }
 
     const COTURN: &str = r#"
@@ -628,10 +785,16 @@ mobility
         let out = import(COTURN);
         let config = Config::parse_named(&out.toml, "imported.toml").expect("parses");
         let s = config.validate(&MapEnv::default()).expect("validates");
-        assert_eq!(s.listeners.udp, vec!["10.10.10.11:3478".parse().expect("addr")]);
+        assert_eq!(
+            s.listeners.udp,
+            vec!["10.10.10.11:3478".parse().expect("addr")]
+        );
         assert_eq!(
             s.listeners.tls,
-            vec!["10.10.10.11:5349".parse().expect("addr"), "10.10.10.11:443".parse().expect("addr")]
+            vec![
+                "10.10.10.11:5349".parse().expect("addr"),
+                "10.10.10.11:443".parse().expect("addr")
+            ]
         );
         assert_eq!(s.relay.ports, 49152..=50175);
         let private: IpAddr = "10.10.10.11".parse().expect("ip");
@@ -649,7 +812,10 @@ mobility
         assert_eq!(s.quotas.allocations_per_user.map(|q| q.get()), Some(12));
         assert_eq!(s.quotas.total_allocations.map(|q| q.get()), Some(1200));
         assert_eq!(s.log.level, "debug");
-        assert_eq!(s.tls.expect("tls").key.to_str(), Some("/etc/letsencrypt/live/example.org/privkey.pem"));
+        assert_eq!(
+            s.tls.expect("tls").key.to_str(),
+            Some("/etc/letsencrypt/live/example.org/privkey.pem")
+        );
 
         let not_carried: Vec<&str> = out
             .notes
@@ -658,20 +824,44 @@ mobility
             .map(|n| n.option.as_str())
             .collect();
         for opt in ["log-file", "simple-log", "pidfile", "mobility"] {
-            assert!(not_carried.contains(&opt), "{opt} missing from {not_carried:?}");
+            assert!(
+                not_carried.contains(&opt),
+                "{opt} missing from {not_carried:?}"
+            );
         }
-        let log_file = out.notes.iter().find(|n| n.option == "log-file").expect("note");
+        let log_file = out
+            .notes
+            .iter()
+            .find(|n| n.option == "log-file")
+            .expect("note");
         assert_eq!(log_file.line, 35);
-        assert!(out.toml.contains("#   line 35: log-file: not carried"), "{}", out.toml);
-        for carried in ["listening-port", "realm", "user", "static-auth-secret", "cert", "external-ip"] {
-            assert!(!out.notes.iter().any(|n| n.option == carried && n.kind == NoteKind::NotCarried));
+        assert!(
+            out.toml.contains("#   line 35: log-file: not carried"),
+            "{}",
+            out.toml
+        );
+        for carried in [
+            "listening-port",
+            "realm",
+            "user",
+            "static-auth-secret",
+            "cert",
+            "external-ip",
+        ] {
+            assert!(!out
+                .notes
+                .iter()
+                .any(|n| n.option == carried && n.kind == NoteKind::NotCarried));
         }
     }
 
     #[test]
     fn transports_can_be_turned_off() {
         let out = import("no-udp\nno-tls\nuse-auth-secret\nstatic-auth-secret=s\n");
-        let s = Config::from_toml(&out.toml).expect("parses").validate(&MapEnv::default()).expect("valid");
+        let s = Config::from_toml(&out.toml)
+            .expect("parses")
+            .validate(&MapEnv::default())
+            .expect("valid");
         assert!(s.listeners.udp.is_empty());
         assert!(s.listeners.tls.is_empty());
         assert_eq!(s.listeners.tcp.len(), 2);
@@ -680,15 +870,35 @@ mobility
     #[test]
     fn secret_without_use_auth_secret_is_not_carried() {
         let out = import("static-auth-secret=s\nuser=u:p\n");
-        let s = Config::from_toml(&out.toml).expect("parses").validate(&MapEnv::default()).expect("valid");
+        let s = Config::from_toml(&out.toml)
+            .expect("parses")
+            .validate(&MapEnv::default())
+            .expect("valid");
         assert!(s.auth.secrets.is_empty());
-        assert!(out.notes.iter().any(|n| n.option == "static-auth-secret" && n.kind == NoteKind::NotCarried));
+        assert!(out
+            .notes
+            .iter()
+            .any(|n| n.option == "static-auth-secret" && n.kind == NoteKind::NotCarried));
     }
 
     #[test]
     fn bad_values_are_reported_not_carried() {
-        let out = import("min-port=lots\nexternal-ip=turn.example.org\nuser=nopassword\nfrobnicate=1\n");
-        let lines: Vec<(usize, &str)> = out.notes.iter().filter(|n| n.kind == NoteKind::NotCarried).map(|n| (n.line, n.option.as_str())).collect();
-        assert_eq!(lines, [(1, "min-port"), (2, "external-ip"), (3, "user"), (4, "frobnicate")]);
+        let out =
+            import("min-port=lots\nexternal-ip=turn.example.org\nuser=nopassword\nfrobnicate=1\n");
+        let lines: Vec<(usize, &str)> = out
+            .notes
+            .iter()
+            .filter(|n| n.kind == NoteKind::NotCarried)
+            .map(|n| (n.line, n.option.as_str()))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                (1, "min-port"),
+                (2, "external-ip"),
+                (3, "user"),
+                (4, "frobnicate")
+            ]
+        );
     }
 }

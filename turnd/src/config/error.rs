@@ -38,13 +38,22 @@ impl fmt::Display for Location {
 #[derive(Debug, thiserror::Error)]
 #[error("{location}: {reason}")]
 pub struct ConfigError {
-    /// Where the error is.
-    pub location: Location,
+    /// Where the error is (boxed: errors are rare, `Result`s are everywhere).
+    pub location: Box<Location>,
     /// What is wrong. (Part of the message, so not also reported as the `source()`.)
-    pub reason: Reason,
+    pub reason: Box<Reason>,
 }
 
 impl ConfigError {
+    /// An error at `location` for `reason`.
+    #[must_use]
+    pub fn new(location: Location, reason: Reason) -> Self {
+        Self {
+            location: Box::new(location),
+            reason: Box::new(reason),
+        }
+    }
+
     /// The reason, for matching in callers and tests.
     #[must_use]
     pub fn reason(&self) -> &Reason {

@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 
 pub use error::{ConfigError, Location, Reason};
 pub use settings::{
-    Auth, ExternalIp, Lifetimes, Listeners, LogFormat, Logging, PeerPolicy, Quotas, Relay,
-    Secret, Settings, SocketBuffers, StaticUser, TlsFiles, SPECIAL_PURPOSE_PEERS,
+    Auth, ExternalIp, Lifetimes, Listeners, LogFormat, Logging, PeerPolicy, Quotas, Relay, Secret,
+    Settings, SocketBuffers, StaticUser, TlsFiles, SPECIAL_PURPOSE_PEERS,
 };
 use source::Origin;
 
@@ -62,7 +62,11 @@ impl Env for MapEnv {
 
 impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for MapEnv {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
-        Self(iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+        Self(
+            iter.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
     }
 }
 
@@ -78,7 +82,7 @@ pub enum DurationValue {
 
 /// The configuration file as written. Every section and key is optional; see
 /// `deploy/turnd.example.toml` for each key's meaning and default.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Listening sockets.
@@ -115,24 +119,6 @@ pub struct Config {
     origin: Origin,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            listen: ListenConfig::default(),
-            tls: TlsConfig::default(),
-            auth: AuthConfig::default(),
-            relay: RelayConfig::default(),
-            lifetimes: LifetimesConfig::default(),
-            peers: PeersConfig::default(),
-            quotas: QuotasConfig::default(),
-            sockets: SocketsConfig::default(),
-            server: ServerConfig::default(),
-            log: LogConfig::default(),
-            origin: Origin::default(),
-        }
-    }
-}
-
 /// Named defaults, shared by serde and the `Default` impls.
 pub mod defaults {
     use super::DurationValue;
@@ -145,7 +131,9 @@ pub mod defaults {
     /// TLS listeners: 5349 and 443 on every address (used only with a certificate).
     #[must_use]
     pub fn tls_listeners() -> Vec<String> {
-        ["0.0.0.0:5349", "[::]:5349", "0.0.0.0:443", "[::]:443"].map(str::to_owned).to_vec()
+        ["0.0.0.0:5349", "[::]:5349", "0.0.0.0:443", "[::]:443"]
+            .map(str::to_owned)
+            .to_vec()
     }
     /// The realm.
     #[must_use]
@@ -222,7 +210,11 @@ pub struct ListenConfig {
 
 impl Default for ListenConfig {
     fn default() -> Self {
-        Self { udp: defaults::plain_listeners(), tcp: defaults::plain_listeners(), tls: None }
+        Self {
+            udp: defaults::plain_listeners(),
+            tcp: defaults::plain_listeners(),
+            tls: None,
+        }
     }
 }
 
@@ -438,7 +430,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: defaults::log_level(), format: LogFormat::default() }
+        Self {
+            level: defaults::log_level(),
+            format: LogFormat::default(),
+        }
     }
 }
 
@@ -458,9 +453,16 @@ impl Config {
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            location: Location { file: name.clone(), line: None, column: None, key: None },
-            reason: Reason::Read(e),
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                Location {
+                    file: name.clone(),
+                    line: None,
+                    column: None,
+                    key: None,
+                },
+                Reason::Read(e),
+            )
         })?;
         Self::parse_named(&text, &name)
     }
@@ -470,7 +472,10 @@ impl Config {
     /// # Errors
     /// As [`Config::from_toml`].
     pub fn parse_named(text: &str, name: &str) -> Result<Self, ConfigError> {
-        let origin = Origin { name: name.to_owned(), text: Some(Arc::from(text)) };
+        let origin = Origin {
+            name: name.to_owned(),
+            text: Some(Arc::from(text)),
+        };
         match toml::from_str::<Self>(text) {
             Ok(mut config) => {
                 config.origin = origin;
@@ -510,7 +515,10 @@ fn parse_error(origin: &Origin, e: &toml::de::Error) -> ConfigError {
                 .trim_start_matches("expected one of ")
                 .trim_start_matches("expected ")
                 .replace('`', "");
-            Reason::UnknownKey { key: field.to_owned(), expected }
+            Reason::UnknownKey {
+                key: field.to_owned(),
+                expected,
+            }
         }
         None => Reason::Syntax { message },
     };
@@ -524,8 +532,10 @@ mod tests {
     #[test]
     fn empty_file_equals_defaults() {
         let parsed = Config::from_toml("").expect("empty parses");
-        let mut default = Config::default();
-        default.origin = parsed.origin.clone();
+        let default = Config {
+            origin: parsed.origin.clone(),
+            ..Config::default()
+        };
         assert_eq!(parsed, default);
     }
 
@@ -542,7 +552,11 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(err.to_string().starts_with("<string>:3:1: relay.max_prot: unknown key"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("<string>:3:1: relay.max_prot: unknown key"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -595,19 +609,38 @@ mod tests {
         let private: std::net::IpAddr = "10.10.10.11".parse().expect("ip");
         assert_eq!(s.relay.addresses, vec![private]);
         assert_eq!(s.relay.advertised(private).to_string(), "94.130.141.98");
-        assert_eq!(s.listeners.udp, vec!["10.10.10.11:3478".parse().expect("addr")]);
+        assert_eq!(
+            s.listeners.udp,
+            vec!["10.10.10.11:3478".parse().expect("addr")]
+        );
         assert_eq!(s.listeners.tls.len(), 2);
         assert_eq!(s.auth.realm, "turn.example.org");
         assert_eq!(
             s.auth.users["monitoring"].key_md5,
-            turn_proto::auth::long_term_key_md5("monitoring", "turn.example.org", "watch-the-relay")
+            turn_proto::auth::long_term_key_md5(
+                "monitoring",
+                "turn.example.org",
+                "watch-the-relay"
+            )
         );
         assert_eq!(s.log.format, LogFormat::Json);
         // Every section of Config appears in the example.
-        for section in
-            ["listen", "tls", "auth", "relay", "lifetimes", "peers", "quotas", "sockets", "server", "log"]
-        {
-            assert!(text.contains(&format!("[{section}]")), "example lacks [{section}]");
+        for section in [
+            "listen",
+            "tls",
+            "auth",
+            "relay",
+            "lifetimes",
+            "peers",
+            "quotas",
+            "sockets",
+            "server",
+            "log",
+        ] {
+            assert!(
+                text.contains(&format!("[{section}]")),
+                "example lacks [{section}]"
+            );
         }
     }
 

@@ -107,7 +107,9 @@ pub struct StaticUser {
 
 impl fmt::Debug for StaticUser {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StaticUser").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("StaticUser")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -317,17 +319,32 @@ pub(super) fn validate(
         (Some(cert), Some(key)) => {
             for (k, v) in [("tls.cert", cert), ("tls.key", key)] {
                 if v.trim().is_empty() {
-                    return Err(err(k, Reason::Unusable { value: v.clone(), detail: "empty path" }));
+                    return Err(err(
+                        k,
+                        Reason::Unusable {
+                            value: v.clone(),
+                            detail: "empty path",
+                        },
+                    ));
                 }
             }
-            Some(TlsFiles { cert: PathBuf::from(cert), key: PathBuf::from(key) })
+            Some(TlsFiles {
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+            })
         }
         (None, None) => None,
         (Some(_), None) => {
-            return Err(err("tls.cert", Reason::Conflict("tls.cert is set but tls.key is not")))
+            return Err(err(
+                "tls.cert",
+                Reason::Conflict("tls.cert is set but tls.key is not"),
+            ))
         }
         (None, Some(_)) => {
-            return Err(err("tls.key", Reason::Conflict("tls.key is set but tls.cert is not")))
+            return Err(err(
+                "tls.key",
+                Reason::Conflict("tls.key is set but tls.cert is not"),
+            ))
         }
     };
     let tls = match (&config.listen.tls, &tls_files) {
@@ -362,7 +379,10 @@ pub(super) fn validate(
         if u.name.is_empty() {
             return Err(err(
                 &format!("{at}.name"),
-                Reason::Unusable { value: String::new(), detail: "empty username" },
+                Reason::Unusable {
+                    value: String::new(),
+                    detail: "empty username",
+                },
             ));
         }
         let user = match (&u.password, &u.key) {
@@ -380,7 +400,10 @@ pub(super) fn validate(
             _ => return Err(err(&at, Reason::UserCredential(u.name.clone()))),
         };
         if users.insert(u.name.clone(), user).is_some() {
-            return Err(err(&format!("{at}.name"), Reason::Duplicate(u.name.clone())));
+            return Err(err(
+                &format!("{at}.name"),
+                Reason::Duplicate(u.name.clone()),
+            ));
         }
     }
     let mut secrets = Vec::new();
@@ -398,12 +421,17 @@ pub(super) fn validate(
     if let Some(s) = env.var(ENV_AUTH_SECRET) {
         let s = s.trim();
         if s.is_empty() {
-            return Err(env_error(origin, ENV_AUTH_SECRET, Reason::EmptySecret(ENV_AUTH_SECRET.into())));
+            return Err(env_error(
+                origin,
+                ENV_AUTH_SECRET,
+                Reason::EmptySecret(ENV_AUTH_SECRET.into()),
+            ));
         }
         secrets.push(Secret::new(s));
     }
     if let Some(f) = env.var(ENV_AUTH_SECRET_FILE) {
-        secrets.extend(read_secret_file(&f).map_err(|r| env_error(origin, ENV_AUTH_SECRET_FILE, r))?);
+        secrets
+            .extend(read_secret_file(&f).map_err(|r| env_error(origin, ENV_AUTH_SECRET_FILE, r))?);
     }
 
     // [relay]
@@ -411,20 +439,32 @@ pub(super) fn validate(
     if r.min_port == 0 {
         return Err(err(
             "relay.min_port",
-            Reason::OutOfRange { value: "0".into(), detail: "relay ports are 1..=65535" },
+            Reason::OutOfRange {
+                value: "0".into(),
+                detail: "relay ports are 1..=65535",
+            },
         ));
     }
     if r.min_port > r.max_port {
         return Err(err(
             "relay.max_port",
-            Reason::InvertedPortRange { min: r.min_port, max: r.max_port },
+            Reason::InvertedPortRange {
+                min: r.min_port,
+                max: r.max_port,
+            },
         ));
     }
     let mut relay_addrs = Vec::new();
     for (i, a) in r.addresses.iter().enumerate() {
         let at = format!("relay.addresses[{i}]");
         let ip = parse_ip(a).ok_or_else(|| {
-            err(&at, Reason::BadAddress { value: a.clone(), what: "IP address" })
+            err(
+                &at,
+                Reason::BadAddress {
+                    value: a.clone(),
+                    what: "IP address",
+                },
+            )
         })?;
         if ip.is_unspecified() || ip.is_multicast() {
             return Err(err(
@@ -444,18 +484,38 @@ pub(super) fn validate(
     let mut external_ips: Vec<ExternalIp> = Vec::new();
     for (i, e) in r.external_ips.iter().enumerate() {
         let at = format!("relay.external_ips[{i}]");
-        let bad = || err(&at, Reason::BadAddress { value: e.clone(), what: "PUBLIC or PUBLIC/PRIVATE IP pair" });
+        let bad = || {
+            err(
+                &at,
+                Reason::BadAddress {
+                    value: e.clone(),
+                    what: "PUBLIC or PUBLIC/PRIVATE IP pair",
+                },
+            )
+        };
         let (public, private) = match e.split_once('/') {
-            Some((p, q)) => (parse_ip(p).ok_or_else(bad)?, Some(parse_ip(q).ok_or_else(bad)?)),
+            Some((p, q)) => (
+                parse_ip(p).ok_or_else(bad)?,
+                Some(parse_ip(q).ok_or_else(bad)?),
+            ),
             None => (parse_ip(e).ok_or_else(bad)?, None),
         };
         if public.is_unspecified() || private.is_some_and(|p| p.is_unspecified()) {
-            return Err(err(&at, Reason::Unusable { value: e.clone(), detail: "unspecified address" }));
+            return Err(err(
+                &at,
+                Reason::Unusable {
+                    value: e.clone(),
+                    detail: "unspecified address",
+                },
+            ));
         }
         if private.is_some_and(|p| p.is_ipv4() != public.is_ipv4()) {
             return Err(err(
                 &at,
-                Reason::Unusable { value: e.clone(), detail: "PUBLIC and PRIVATE must be the same IP family" },
+                Reason::Unusable {
+                    value: e.clone(),
+                    detail: "PUBLIC and PRIVATE must be the same IP family",
+                },
             ));
         }
         let clash = external_ips.iter().any(|x| match private {
@@ -488,7 +548,11 @@ pub(super) fn validate(
     let allow = cidrs(&config.peers.allow, "peers.allow", origin)?;
     let mut deny = Vec::new();
     if config.peers.deny_special_purpose {
-        deny.extend(SPECIAL_PURPOSE_PEERS.iter().filter_map(|s| s.parse::<IpNet>().ok()));
+        deny.extend(
+            SPECIAL_PURPOSE_PEERS
+                .iter()
+                .filter_map(|s| s.parse::<IpNet>().ok()),
+        );
     }
     deny.extend(cidrs(&config.peers.deny, "peers.deny", origin)?);
 
@@ -504,7 +568,13 @@ pub(super) fn validate(
     let s = &config.sockets;
     let buf = |v: u64, key: &str| -> Result<Option<usize>, ConfigError> {
         if v > MAX_BUFFER {
-            return Err(err(key, Reason::OutOfRange { value: v.to_string(), detail: "at most 1 GiB" }));
+            return Err(err(
+                key,
+                Reason::OutOfRange {
+                    value: v.to_string(),
+                    detail: "at most 1 GiB",
+                },
+            ));
         }
         Ok(usize::try_from(v).ok().filter(|&v| v > 0))
     };
@@ -519,18 +589,23 @@ pub(super) fn validate(
     if config.server.workers > 1024 {
         return Err(err(
             "server.workers",
-            Reason::OutOfRange { value: config.server.workers.to_string(), detail: "0 (one per core) to 1024" },
+            Reason::OutOfRange {
+                value: config.server.workers.to_string(),
+                detail: "0 (one per core) to 1024",
+            },
         ));
     }
-    let workers = NonZeroUsize::new(config.server.workers).unwrap_or_else(|| {
-        std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
-    });
+    let workers = NonZeroUsize::new(config.server.workers)
+        .unwrap_or_else(|| std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN));
 
     // [log]
     if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&config.log.level) {
         return Err(err(
             "log.level",
-            Reason::BadLogLevel { value: config.log.level.clone(), detail: e.to_string() },
+            Reason::BadLogLevel {
+                value: config.log.level.clone(),
+                detail: e.to_string(),
+            },
         ));
     }
 
@@ -548,14 +623,26 @@ pub(super) fn validate(
         source: origin.name.clone(),
         listeners: Listeners { udp, tcp, tls },
         tls: tls_files,
-        auth: Auth { realm, users, secrets, generated_secret },
-        relay: Relay { addresses: relay_addrs, ports: r.min_port..=r.max_port, external_ips },
+        auth: Auth {
+            realm,
+            users,
+            secrets,
+            generated_secret,
+        },
+        relay: Relay {
+            addresses: relay_addrs,
+            ports: r.min_port..=r.max_port,
+            external_ips,
+        },
         lifetimes,
         peers: PeerPolicy { allow, deny },
         quotas,
         sockets,
         workers,
-        log: Logging { level: config.log.level.clone(), format: config.log.format },
+        log: Logging {
+            level: config.log.level.clone(),
+            format: config.log.format,
+        },
     })
 }
 
@@ -568,18 +655,28 @@ fn env_error(origin: &Origin, var: &str, reason: Reason) -> ConfigError {
 /// Accepts `1.2.3.4`, `::1` and `[::1]`.
 fn parse_ip(s: &str) -> Option<IpAddr> {
     let s = s.trim();
-    let s = s.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(s);
+    let s = s
+        .strip_prefix('[')
+        .and_then(|x| x.strip_suffix(']'))
+        .unwrap_or(s);
     s.parse().ok()
 }
 
-fn socket_addrs(list: &[String], key: &str, origin: &Origin) -> Result<Vec<SocketAddr>, ConfigError> {
+fn socket_addrs(
+    list: &[String],
+    key: &str,
+    origin: &Origin,
+) -> Result<Vec<SocketAddr>, ConfigError> {
     let mut out = Vec::with_capacity(list.len());
     for (i, a) in list.iter().enumerate() {
         let at = format!("{key}[{i}]");
         let addr: SocketAddr = a.trim().parse().map_err(|_| {
             origin.error_at(
                 &at,
-                Reason::BadAddress { value: a.clone(), what: "socket address (IP:port, [IPv6]:port)" },
+                Reason::BadAddress {
+                    value: a.clone(),
+                    what: "socket address (IP:port, [IPv6]:port)",
+                },
             )
         })?;
         if out.contains(&addr) {
@@ -595,7 +692,13 @@ fn cidrs(list: &[String], key: &str, origin: &Origin) -> Result<Vec<IpNet>, Conf
         .enumerate()
         .map(|(i, s)| {
             parse_cidr(s).map_err(|detail| {
-                origin.error_at(&format!("{key}[{i}]"), Reason::BadCidr { value: s.clone(), detail })
+                origin.error_at(
+                    &format!("{key}[{i}]"),
+                    Reason::BadCidr {
+                        value: s.clone(),
+                        detail,
+                    },
+                )
             })
         })
         .collect()
@@ -607,13 +710,18 @@ pub(crate) fn parse_cidr(s: &str) -> Result<IpNet, String> {
     if t.contains('/') {
         t.parse::<IpNet>().map_err(|e| e.to_string())
     } else {
-        parse_ip(t).map(IpNet::from).ok_or_else(|| "not an IP address".to_owned())
+        parse_ip(t)
+            .map(IpNet::from)
+            .ok_or_else(|| "not an IP address".to_owned())
     }
 }
 
 /// `0x` + 32 hex digits (the `0x` is optional) → 16 bytes.
 pub(crate) fn parse_key(s: &str) -> Option<[u8; 16]> {
-    let hex = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")).unwrap_or(s);
+    let hex = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
     if hex.len() != 32 || !hex.is_ascii() {
         return None;
     }
@@ -632,7 +740,10 @@ fn duration(v: &DurationValue, key: &str, origin: &Origin) -> Result<Duration, C
             Err(e) => {
                 return Err(origin.error_at(
                     key,
-                    Reason::BadDuration { value: t.clone(), detail: e.to_string() },
+                    Reason::BadDuration {
+                        value: t.clone(),
+                        detail: e.to_string(),
+                    },
                 ))
             }
         },
@@ -640,15 +751,20 @@ fn duration(v: &DurationValue, key: &str, origin: &Origin) -> Result<Duration, C
     if d < Duration::from_secs(1) || d > Duration::from_secs(7 * 24 * 3600) {
         return Err(origin.error_at(
             key,
-            Reason::BadDuration { value: text, detail: "must be between 1 s and 7 days".into() },
+            Reason::BadDuration {
+                value: text,
+                detail: "must be between 1 s and 7 days".into(),
+            },
         ));
     }
     Ok(d)
 }
 
 fn read_secret_file(path: &str) -> Result<Vec<Secret>, Reason> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| Reason::SecretFile { path: PathBuf::from(path), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| Reason::SecretFile {
+        path: PathBuf::from(path),
+        source,
+    })?;
     let secrets: Vec<Secret> = text
         .lines()
         .map(str::trim)
@@ -689,7 +805,10 @@ mod tests {
         let s = check(WITH_SECRET).expect("valid");
         assert_eq!(
             s.listeners.udp,
-            vec!["0.0.0.0:3478".parse::<SocketAddr>().expect("addr"), "[::]:3478".parse().expect("addr")]
+            vec![
+                "0.0.0.0:3478".parse::<SocketAddr>().expect("addr"),
+                "[::]:3478".parse().expect("addr")
+            ]
         );
         assert_eq!(s.listeners.tcp.len(), 2);
         assert!(s.listeners.tls.is_empty(), "no TLS without a certificate");
@@ -715,8 +834,18 @@ mod tests {
             .expect_err("inverted");
         assert_eq!(e.location.line, Some(5));
         assert_eq!(e.location.key.as_deref(), Some("relay.max_port"));
-        assert!(matches!(e.reason(), Reason::InvertedPortRange { min: 50000, max: 40000 }));
-        assert!(e.to_string().starts_with("t.toml:5:1: relay.max_port: inverted"), "{e}");
+        assert!(matches!(
+            e.reason(),
+            Reason::InvertedPortRange {
+                min: 50000,
+                max: 40000
+            }
+        ));
+        assert!(
+            e.to_string()
+                .starts_with("t.toml:5:1: relay.max_port: inverted"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -730,7 +859,8 @@ mod tests {
 
     #[test]
     fn missing_secret_file_names_the_file_line_and_key() {
-        let e = check("[auth]\nsecret_files = [\"/nonexistent/turnd-secret\"]\n").expect_err("missing");
+        let e =
+            check("[auth]\nsecret_files = [\"/nonexistent/turnd-secret\"]\n").expect_err("missing");
         assert_eq!(e.location.line, Some(2));
         assert_eq!(e.location.key.as_deref(), Some("auth.secret_files[0]"));
         assert!(e.to_string().contains("/nonexistent/turnd-secret"), "{e}");
@@ -747,14 +877,19 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let s = Config::from_toml("").expect("parses").validate(&env).expect("valid");
+        let s = Config::from_toml("")
+            .expect("parses")
+            .validate(&env)
+            .expect("valid");
         let got: Vec<&str> = s.auth.secrets.iter().map(Secret::expose).collect();
         assert_eq!(got, ["from-env", "old", "new"]);
     }
 
     #[test]
     fn missing_env_secret_file_is_an_error_naming_the_file() {
-        let env: MapEnv = [(ENV_AUTH_SECRET_FILE, "/nonexistent/k8s/secret")].into_iter().collect();
+        let env: MapEnv = [(ENV_AUTH_SECRET_FILE, "/nonexistent/k8s/secret")]
+            .into_iter()
+            .collect();
         let e = Settings::embedded_default(&env).expect_err("missing file");
         assert_eq!(e.location.key.as_deref(), Some(ENV_AUTH_SECRET_FILE));
         assert!(e.to_string().contains("/nonexistent/k8s/secret"), "{e}");
@@ -785,13 +920,19 @@ mod tests {
         )
         .expect("valid");
         let alice = &s.auth.users["alice"];
-        assert_eq!(alice.key_md5, turn_proto::auth::long_term_key_md5("alice", "example.org", "pw"));
+        assert_eq!(
+            alice.key_md5,
+            turn_proto::auth::long_term_key_md5("alice", "example.org", "pw")
+        );
         assert!(alice.key_sha256.is_some());
         assert_eq!(s.auth.users["bob"].key_md5[..2], [0x54, 0x3e]);
         assert!(s.auth.users["bob"].key_sha256.is_none());
 
         let e = check("[[auth.users]]\nname = \"bob\"\nkey = \"0x1234\"\n").expect_err("short key");
-        assert_eq!((e.location.line, e.location.key.as_deref()), (Some(3), Some("auth.users[0].key")));
+        assert_eq!(
+            (e.location.line, e.location.key.as_deref()),
+            (Some(3), Some("auth.users[0].key"))
+        );
         let e = check("[[auth.users]]\nname = \"bob\"\n").expect_err("no credential");
         assert!(matches!(e.reason(), Reason::UserCredential(_)));
         let e = check("[[auth.users]]\nname = \"a\"\npassword = \"1\"\n[[auth.users]]\nname = \"a\"\npassword = \"2\"\n")
@@ -808,35 +949,58 @@ mod tests {
         .expect("valid");
         let private: IpAddr = "10.10.10.11".parse().expect("ip");
         assert_eq!(s.relay.addresses, vec![private]);
-        assert_eq!(s.relay.advertised(private), "94.130.141.98".parse::<IpAddr>().expect("ip"));
+        assert_eq!(
+            s.relay.advertised(private),
+            "94.130.141.98".parse::<IpAddr>().expect("ip")
+        );
         let other: IpAddr = "10.10.10.12".parse().expect("ip");
-        assert_eq!(s.relay.advertised(other), other, "no mapping for other IPv4 addresses");
+        assert_eq!(
+            s.relay.advertised(other),
+            other,
+            "no mapping for other IPv4 addresses"
+        );
         let v6: IpAddr = "fd00::5".parse().expect("ip");
-        assert_eq!(s.relay.advertised(v6), "2001:db8::1".parse::<IpAddr>().expect("ip"));
+        assert_eq!(
+            s.relay.advertised(v6),
+            "2001:db8::1".parse::<IpAddr>().expect("ip")
+        );
 
-        let e = check(&format!("{WITH_SECRET}[relay]\nexternal_ips = [\"94.130.141.98/fd00::1\"]\n"))
-            .expect_err("mixed families");
+        let e = check(&format!(
+            "{WITH_SECRET}[relay]\nexternal_ips = [\"94.130.141.98/fd00::1\"]\n"
+        ))
+        .expect_err("mixed families");
         assert_eq!(e.location.key.as_deref(), Some("relay.external_ips[0]"));
-        let e = check(&format!("{WITH_SECRET}[relay]\naddresses = [\"0.0.0.0\"]\n")).expect_err("unspecified");
+        let e = check(&format!(
+            "{WITH_SECRET}[relay]\naddresses = [\"0.0.0.0\"]\n"
+        ))
+        .expect_err("unspecified");
         assert_eq!(e.location.line, Some(4));
     }
 
     #[test]
     fn peer_policy_denies_special_purpose_unless_allowed() {
-        let s = check(&format!("{WITH_SECRET}[peers]\nallow = [\"127.0.0.1\"]\ndeny = [\"203.0.114.0/24\"]\n"))
-            .expect("valid");
+        let s = check(&format!(
+            "{WITH_SECRET}[peers]\nallow = [\"127.0.0.1\"]\ndeny = [\"203.0.114.0/24\"]\n"
+        ))
+        .expect("valid");
         let ok = |ip: &str| s.peers.is_allowed(ip.parse().expect("ip"));
         assert!(ok("127.0.0.1"), "explicit allow wins");
         assert!(!ok("127.0.0.2"));
         assert!(!ok("10.0.0.1"));
         assert!(!ok("169.254.169.254"));
         assert!(!ok("::ffff:10.0.0.1"), "IPv4-mapped is checked as IPv4");
-        assert!(ok("::ffff:127.0.0.1"), "mapped loopback follows the IPv4 allow");
+        assert!(
+            ok("::ffff:127.0.0.1"),
+            "mapped loopback follows the IPv4 allow"
+        );
         assert!(!ok("::1"));
         assert!(!ok("203.0.114.9"));
         assert!(ok("94.130.141.98"));
         assert!(ok("2a01:4f8::1"));
-        let open = check(&format!("{WITH_SECRET}[peers]\ndeny_special_purpose = false\n")).expect("valid");
+        let open = check(&format!(
+            "{WITH_SECRET}[peers]\ndeny_special_purpose = false\n"
+        ))
+        .expect("valid");
         assert!(open.peers.is_allowed(IpAddr::V4(Ipv4Addr::LOCALHOST)));
         assert!(open.peers.is_allowed(IpAddr::V6(Ipv6Addr::LOCALHOST)));
     }
@@ -850,12 +1014,22 @@ mod tests {
 
     #[test]
     fn lifetimes_and_durations_are_checked() {
-        let s = check(&format!("{WITH_SECRET}[lifetimes]\nallocation = \"5m\"\nnonce = \"1h\"\n")).expect("valid");
+        let s = check(&format!(
+            "{WITH_SECRET}[lifetimes]\nallocation = \"5m\"\nnonce = \"1h\"\n"
+        ))
+        .expect("valid");
         assert_eq!(s.lifetimes.allocation, Duration::from_secs(300));
         assert_eq!(s.lifetimes.nonce, Duration::from_secs(3600));
-        let e = check(&format!("{WITH_SECRET}[lifetimes]\nchannel = \"ten minutes\"\n")).expect_err("bad");
-        assert_eq!((e.location.line, e.location.key.as_deref()), (Some(4), Some("lifetimes.channel")));
-        let e = check(&format!("{WITH_SECRET}[lifetimes]\nallocation = 7200\n")).expect_err("over max");
+        let e = check(&format!(
+            "{WITH_SECRET}[lifetimes]\nchannel = \"ten minutes\"\n"
+        ))
+        .expect_err("bad");
+        assert_eq!(
+            (e.location.line, e.location.key.as_deref()),
+            (Some(4), Some("lifetimes.channel"))
+        );
+        let e =
+            check(&format!("{WITH_SECRET}[lifetimes]\nallocation = 7200\n")).expect_err("over max");
         assert_eq!(e.location.key.as_deref(), Some("lifetimes.allocation"));
         let e = check(&format!("{WITH_SECRET}[lifetimes]\npermission = 0\n")).expect_err("zero");
         assert!(matches!(e.reason(), Reason::BadDuration { .. }));
@@ -863,9 +1037,13 @@ mod tests {
 
     #[test]
     fn tls_listeners_need_a_certificate() {
-        let e = check(&format!("{WITH_SECRET}[listen]\ntls = [\"0.0.0.0:443\"]\n")).expect_err("no cert");
+        let e = check(&format!("{WITH_SECRET}[listen]\ntls = [\"0.0.0.0:443\"]\n"))
+            .expect_err("no cert");
         assert_eq!(e.location.key.as_deref(), Some("listen.tls"));
-        let s = check(&format!("{WITH_SECRET}[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n")).expect("valid");
+        let s = check(&format!(
+            "{WITH_SECRET}[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n"
+        ))
+        .expect("valid");
         assert_eq!(s.listeners.tls.len(), 4, "5349 and 443 on IPv4 and IPv6");
         assert_eq!(s.tls.expect("tls").cert, PathBuf::from("/c.pem"));
         let e = check(&format!("{WITH_SECRET}[tls]\ncert = \"/c.pem\"\n")).expect_err("no key");
@@ -874,9 +1052,15 @@ mod tests {
 
     #[test]
     fn listeners_must_parse_and_be_unique() {
-        let e = check(&format!("{WITH_SECRET}[listen]\nudp = [\"0.0.0.0:3478\", \"3478\"]\n")).expect_err("bad");
+        let e = check(&format!(
+            "{WITH_SECRET}[listen]\nudp = [\"0.0.0.0:3478\", \"3478\"]\n"
+        ))
+        .expect_err("bad");
         assert_eq!(e.location.key.as_deref(), Some("listen.udp[1]"));
-        let e = check(&format!("{WITH_SECRET}[listen]\nudp = [\"0.0.0.0:3478\", \"0.0.0.0:3478\"]\n")).expect_err("dup");
+        let e = check(&format!(
+            "{WITH_SECRET}[listen]\nudp = [\"0.0.0.0:3478\", \"0.0.0.0:3478\"]\n"
+        ))
+        .expect_err("dup");
         assert!(matches!(e.reason(), Reason::Duplicate(_)));
         let s = check(&format!("{WITH_SECRET}[listen]\nudp = []\ntcp = []\n")).expect("valid");
         assert!(s.listeners.udp.is_empty());
@@ -891,25 +1075,34 @@ mod tests {
         .expect("valid");
         assert_eq!(s.quotas.allocations_per_user.map(NonZeroU32::get), Some(10));
         assert_eq!(s.quotas.total_allocations, None);
-        assert_eq!(s.quotas.permissions_per_allocation.map(NonZeroU32::get), Some(128));
+        assert_eq!(
+            s.quotas.permissions_per_allocation.map(NonZeroU32::get),
+            Some(128)
+        );
         assert_eq!(s.sockets.recv, Some(4 << 20));
         assert_eq!(s.sockets.send, None);
         assert_eq!(s.workers.get(), 3);
-        let e = check(&format!("{WITH_SECRET}[log]\nlevel = \"info,[[\"\n")).expect_err("bad filter");
+        let e =
+            check(&format!("{WITH_SECRET}[log]\nlevel = \"info,[[\"\n")).expect_err("bad filter");
         assert_eq!(e.location.key.as_deref(), Some("log.level"));
     }
 
     #[test]
     fn parse_key_wants_32_hex_digits() {
-        assert_eq!(parse_key("0x000102030405060708090a0b0c0d0e0f").map(|k| k[15]), Some(15));
+        assert_eq!(
+            parse_key("0x000102030405060708090a0b0c0d0e0f").map(|k| k[15]),
+            Some(15)
+        );
         assert!(parse_key("0x000102030405060708090a0b0c0d0e0").is_none());
         assert!(parse_key("0x000102030405060708090a0b0c0d0e0g").is_none());
     }
 
     #[test]
     fn secrets_never_print() {
-        let s = check("[auth]\nsecrets = [\"hunter2\"]\n[[auth.users]]\nname = \"u\"\npassword = \"pw\"\n")
-            .expect("valid");
+        let s = check(
+            "[auth]\nsecrets = [\"hunter2\"]\n[[auth.users]]\nname = \"u\"\npassword = \"pw\"\n",
+        )
+        .expect("valid");
         let dbg = format!("{s:?}");
         assert!(!dbg.contains("hunter2"), "{dbg}");
     }

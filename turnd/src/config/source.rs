@@ -20,7 +20,10 @@ pub(crate) struct Origin {
 
 impl Default for Origin {
     fn default() -> Self {
-        Self { name: "<embedded default>".to_owned(), text: None }
+        Self {
+            name: "<embedded default>".to_owned(),
+            text: None,
+        }
     }
 }
 
@@ -77,7 +80,15 @@ impl Origin {
             }
             _ => (None, None),
         };
-        ConfigError { location: Location { file: self.name.clone(), line, column, key }, reason }
+        ConfigError::new(
+            Location {
+                file: self.name.clone(),
+                line,
+                column,
+                key,
+            },
+            reason,
+        )
     }
 
     /// The dotted key path of the innermost key or value covering `offset`.
@@ -102,7 +113,9 @@ pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// The start offset of `path`: the key's own span for a table entry, the value's for
 /// an array element; falls back to the deepest ancestor that has a span.
 fn span_of(table: &Table, path: &[Seg<'_>]) -> Option<usize> {
-    let (Seg::Key(first), rest) = path.split_first()? else { return None };
+    let (Seg::Key(first), rest) = path.split_first()? else {
+        return None;
+    };
     let (key, item) = table.get_key_value(first)?;
     let here = key.span().map(|s| s.start);
     if rest.is_empty() {
@@ -135,7 +148,8 @@ fn span_in_item(item: &Item, path: &[Seg<'_>]) -> Option<usize> {
             if path.len() == 1 {
                 // The first key of that table is the best line we have.
                 return t.iter().next().and_then(|(k, _)| {
-                    t.get_key_value(k).and_then(|(key, _)| key.span().map(|s| s.start))
+                    t.get_key_value(k)
+                        .and_then(|(key, _)| key.span().map(|s| s.start))
                 });
             }
             span_of(t, &path[1..])
@@ -157,7 +171,9 @@ fn push_key(path: &mut String, key: &str) {
 
 fn find_in_table(table: &Table, offset: usize, path: &mut String) -> bool {
     for (name, _) in table.iter() {
-        let Some((key, item)) = table.get_key_value(name) else { continue };
+        let Some((key, item)) = table.get_key_value(name) else {
+            continue;
+        };
         let len = path.len();
         push_key(path, name);
         if contains(key.span(), offset) || find_in_item(item, offset, path) {
@@ -202,7 +218,9 @@ fn find_in_value(value: &toml_edit::Value, offset: usize, path: &mut String) -> 
         }
         toml_edit::Value::InlineTable(t) => {
             for (name, _) in t.iter() {
-                let Some((key, item)) = t.get_key_value(name) else { continue };
+                let Some((key, item)) = t.get_key_value(name) else {
+                    continue;
+                };
                 let len = path.len();
                 push_key(path, name);
                 if contains(key.span(), offset) || find_in_item(item, offset, path) {
@@ -228,7 +246,12 @@ mod tests {
         );
         assert_eq!(
             segments("auth.users[1].key"),
-            vec![Seg::Key("auth"), Seg::Key("users"), Seg::Index(1), Seg::Key("key")]
+            vec![
+                Seg::Key("auth"),
+                Seg::Key("users"),
+                Seg::Index(1),
+                Seg::Key("key")
+            ]
         );
     }
 
@@ -242,19 +265,29 @@ mod tests {
     fn error_at_finds_keys_values_and_table_arrays() {
         let text = "[relay]\nmin_port = 5\n\n[peers]\ndeny = [\n  \"a\",\n  \"b\",\n]\n\n\
                     [[auth.users]]\nname = \"x\"\n[[auth.users]]\nname = \"y\"\nkey = \"z\"\n";
-        let origin = Origin { name: "f.toml".into(), text: Some(text.into()) };
+        let origin = Origin {
+            name: "f.toml".into(),
+            text: Some(text.into()),
+        };
         let line = |k: &str| origin.error_at(k, Reason::NoCredentials).location.line;
         assert_eq!(line("relay.min_port"), Some(2));
         assert_eq!(line("peers.deny[1]"), Some(7));
         assert_eq!(line("auth.users[1].key"), Some(14));
         assert_eq!(line("auth.users[1]"), Some(13));
-        assert_eq!(line("relay.absent"), Some(1), "falls back to the parent key");
+        assert_eq!(
+            line("relay.absent"),
+            Some(1),
+            "falls back to the parent key"
+        );
     }
 
     #[test]
     fn key_at_names_the_innermost_key() {
         let text = "[relay]\nmin_port = 5\n[peers]\ndeny = [\"a\", \"b\"]\n";
-        let origin = Origin { name: "f.toml".into(), text: Some(text.into()) };
+        let origin = Origin {
+            name: "f.toml".into(),
+            text: Some(text.into()),
+        };
         let off = text.find("\"b\"").expect("in text");
         assert_eq!(origin.key_at(off).as_deref(), Some("peers.deny[1]"));
         let off = text.find("min_port").expect("in text");
