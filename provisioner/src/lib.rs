@@ -19,4 +19,5 @@
 
 pub mod exec;
 pub mod inventory;
+pub mod render;
 pub mod secrets;

@@ -117,7 +117,8 @@ impl SshTransport {
         })
     }
 
-    fn control_path(&self) -> PathBuf {
+    /// The ControlMaster socket (its directory is removed when the transport is dropped).
+    pub fn control_path(&self) -> PathBuf {
         self.control_dir.path().join("c")
     }
 

@@ -1,0 +1,327 @@
+//! libvirt network and domain definitions: typed specs, rendered to XML, and read back from
+//! the XML libvirt reports so that "define if different" compares what we manage and ignores
+//! what libvirt adds (UUIDs, PCI addresses, defaults).
+
+use std::net::Ipv4Addr;
+
+use super::xml::Element;
+use crate::inventory::{Cluster, MacAddr, Vm};
+
+/// Why libvirt's XML could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum XmlError {
+    /// Not XML.
+    #[error("libvirt returned malformed XML: {0}")]
+    Malformed(#[from] roxmltree::Error),
+    /// A value we rely on is missing or of the wrong form.
+    #[error("libvirt XML: {0}")]
+    Field(String),
+}
+
+/// One static DHCP lease on the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpHost {
+    /// MAC of the VM.
+    pub mac: MacAddr,
+    /// Its name.
+    pub name: String,
+    /// Its address.
+    pub ip: Ipv4Addr,
+}
+
+/// The NAT network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSpec {
+    /// Network name.
+    pub name: String,
+    /// Bridge device.
+    pub bridge: String,
+    /// Host address on the bridge.
+    pub gateway: Ipv4Addr,
+    /// Netmask.
+    pub netmask: Ipv4Addr,
+    /// Static leases, in inventory order.
+    pub hosts: Vec<DhcpHost>,
+}
+
+impl NetworkSpec {
+    /// The network the inventory asks for.
+    pub fn from_cluster(c: &Cluster) -> Self {
+        Self {
+            name: c.network.name.clone(),
+            bridge: c.network.bridge.clone(),
+            gateway: c.network.gateway,
+            netmask: c.network.cidr.netmask(),
+            hosts: c
+                .vms
+                .iter()
+                .map(|v| DhcpHost {
+                    mac: v.mac,
+                    name: v.name.to_string(),
+                    ip: v.ip,
+                })
+                .collect(),
+        }
+    }
+
+    /// The libvirt XML.
+    pub fn to_xml(&self) -> String {
+        Element::new("network")
+            .child(Element::new("name").text(&self.name))
+            .child(Element::new("forward").attr("mode", "nat"))
+            .child(
+                Element::new("bridge")
+                    .attr("name", &self.bridge)
+                    .attr("stp", "on")
+                    .attr("delay", 0),
+            )
+            .child(
+                Element::new("ip")
+                    .attr("address", self.gateway)
+                    .attr("netmask", self.netmask)
+                    .child(Element::new("dhcp").children(self.hosts.iter().map(|h| {
+                        Element::new("host")
+                            .attr("mac", h.mac)
+                            .attr("name", &h.name)
+                            .attr("ip", h.ip)
+                    }))),
+            )
+            .to_xml()
+    }
+
+    /// Reads the managed fields back from libvirt's `net-dumpxml`.
+    pub fn from_xml(xml: &str) -> Result<Self, XmlError> {
+        let doc = roxmltree::Document::parse(xml)?;
+        let root = doc.root_element();
+        let ip = child(root, "ip")?;
+        let hosts = ip
+            .children()
+            .find(|n| n.has_tag_name("dhcp"))
+            .map(|dhcp| {
+                dhcp.children()
+                    .filter(|n| n.has_tag_name("host"))
+                    .map(|h| {
+                        Ok(DhcpHost {
+                            mac: parse_attr(h, "mac")?,
+                            name: attr(h, "name")?.to_owned(),
+                            ip: parse_attr(h, "ip")?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, XmlError>>()
+            })
+            .transpose()?
+            .unwrap_or_default();
+        Ok(Self {
+            name: text(child(root, "name")?)?,
+            bridge: attr(child(root, "bridge")?, "name")?.to_owned(),
+            gateway: parse_attr(ip, "address")?,
+            netmask: parse_attr(ip, "netmask")?,
+            hosts,
+        })
+    }
+}
+
+/// Where a VM's files live on the host.
+pub fn overlay_path(image_dir: &str, vm: &str) -> String {
+    format!("{image_dir}/{vm}.qcow2")
+}
+
+/// Where a VM's cloud-init seed ISO lives on the host.
+pub fn seed_path(image_dir: &str, vm: &str) -> String {
+    format!("{image_dir}/{vm}-seed.iso")
+}
+
+/// One VM's domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainSpec {
+    /// Domain name.
+    pub name: String,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// The qcow2 overlay.
+    pub disk: String,
+    /// The cloud-init seed ISO.
+    pub seed: String,
+    /// Interface MAC.
+    pub mac: MacAddr,
+    /// libvirt network the interface joins.
+    pub network: String,
+}
+
+impl DomainSpec {
+    /// The domain the inventory asks for `vm`.
+    pub fn from_vm(c: &Cluster, vm: &Vm) -> Self {
+        Self {
+            name: vm.name.to_string(),
+            memory_mib: u64::from(vm.memory_gib) * 1024,
+            vcpus: vm.vcpus,
+            disk: overlay_path(&c.host.image_dir, vm.name.as_str()),
+            seed: seed_path(&c.host.image_dir, vm.name.as_str()),
+            mac: vm.mac,
+            network: c.network.name.clone(),
+        }
+    }
+
+    /// The libvirt XML (KVM, virtio disk and NIC, serial console, no graphics).
+    pub fn to_xml(&self) -> String {
+        Element::new("domain")
+            .attr("type", "kvm")
+            .child(Element::new("name").text(&self.name))
+            .child(
+                Element::new("memory")
+                    .attr("unit", "MiB")
+                    .text(self.memory_mib),
+            )
+            .child(Element::new("vcpu").text(self.vcpus))
+            .child(
+                Element::new("os")
+                    .child(
+                        Element::new("type")
+                            .attr("arch", "x86_64")
+                            .attr("machine", "q35")
+                            .text("hvm"),
+                    )
+                    .child(Element::new("boot").attr("dev", "hd")),
+            )
+            .child(
+                Element::new("features")
+                    .child(Element::new("acpi"))
+                    .child(Element::new("apic")),
+            )
+            .child(Element::new("cpu").attr("mode", "host-passthrough"))
+            .child(
+                Element::new("devices")
+                    .child(
+                        Element::new("disk")
+                            .attr("type", "file")
+                            .attr("device", "disk")
+                            .child(
+                                Element::new("driver")
+                                    .attr("name", "qemu")
+                                    .attr("type", "qcow2"),
+                            )
+                            .child(Element::new("source").attr("file", &self.disk))
+                            .child(
+                                Element::new("target")
+                                    .attr("dev", "vda")
+                                    .attr("bus", "virtio"),
+                            ),
+                    )
+                    .child(
+                        Element::new("disk")
+                            .attr("type", "file")
+                            .attr("device", "cdrom")
+                            .child(
+                                Element::new("driver")
+                                    .attr("name", "qemu")
+                                    .attr("type", "raw"),
+                            )
+                            .child(Element::new("source").attr("file", &self.seed))
+                            .child(
+                                Element::new("target")
+                                    .attr("dev", "sda")
+                                    .attr("bus", "sata"),
+                            )
+                            .child(Element::new("readonly")),
+                    )
+                    .child(
+                        Element::new("interface")
+                            .attr("type", "network")
+                            .child(Element::new("mac").attr("address", self.mac))
+                            .child(Element::new("source").attr("network", &self.network))
+                            .child(Element::new("model").attr("type", "virtio")),
+                    )
+                    .child(Element::new("serial").attr("type", "pty"))
+                    .child(Element::new("console").attr("type", "pty"))
+                    .child(
+                        Element::new("channel").attr("type", "unix").child(
+                            Element::new("target")
+                                .attr("type", "virtio")
+                                .attr("name", "org.qemu.guest_agent.0"),
+                        ),
+                    ),
+            )
+            .to_xml()
+    }
+
+    /// Reads the managed fields back from libvirt's `dumpxml`.
+    pub fn from_xml(xml: &str) -> Result<Self, XmlError> {
+        let doc = roxmltree::Document::parse(xml)?;
+        let root = doc.root_element();
+        let memory = child(root, "memory")?;
+        let amount: u64 = text(memory)?
+            .parse()
+            .map_err(|_| XmlError::Field("memory is not a number".into()))?;
+        let memory_mib = match memory.attribute("unit").unwrap_or("KiB") {
+            "KiB" | "k" => amount / 1024,
+            "MiB" | "M" => amount,
+            "GiB" | "G" => amount * 1024,
+            other => {
+                return Err(XmlError::Field(format!(
+                    "memory unit {other} is not handled"
+                )))
+            }
+        };
+        let devices = child(root, "devices")?;
+        let disk_source = |device: &str| -> Result<String, XmlError> {
+            devices
+                .children()
+                .filter(|n| n.has_tag_name("disk") && n.attribute("device") == Some(device))
+                .find_map(|d| d.children().find(|n| n.has_tag_name("source")))
+                .and_then(|s| s.attribute("file"))
+                .map(str::to_owned)
+                .ok_or_else(|| XmlError::Field(format!("no {device} with a file source")))
+        };
+        let iface = child(devices, "interface")?;
+        Ok(Self {
+            name: text(child(root, "name")?)?,
+            memory_mib,
+            vcpus: text(child(root, "vcpu")?)?
+                .parse()
+                .map_err(|_| XmlError::Field("vcpu is not a number".into()))?,
+            disk: disk_source("disk")?,
+            seed: disk_source("cdrom")?,
+            mac: parse_attr(child(iface, "mac")?, "address")?,
+            network: attr(child(iface, "source")?, "network")?.to_owned(),
+        })
+    }
+}
+
+fn child<'a, 'i>(
+    node: roxmltree::Node<'a, 'i>,
+    name: &str,
+) -> Result<roxmltree::Node<'a, 'i>, XmlError> {
+    node.children()
+        .find(|n| n.has_tag_name(name))
+        .ok_or_else(|| XmlError::Field(format!("<{}> has no <{name}>", node.tag_name().name())))
+}
+
+fn attr<'a>(node: roxmltree::Node<'a, '_>, name: &str) -> Result<&'a str, XmlError> {
+    node.attribute(name).ok_or_else(|| {
+        XmlError::Field(format!(
+            "<{}> has no {name} attribute",
+            node.tag_name().name()
+        ))
+    })
+}
+
+fn parse_attr<T: std::str::FromStr>(
+    node: roxmltree::Node<'_, '_>,
+    name: &str,
+) -> Result<T, XmlError> {
+    let v = attr(node, name)?;
+    v.parse().map_err(|_| {
+        XmlError::Field(format!(
+            "<{}> {name}=`{v}` is malformed",
+            node.tag_name().name()
+        ))
+    })
+}
+
+fn text(node: roxmltree::Node<'_, '_>) -> Result<String, XmlError> {
+    node.text()
+        .map(|t| t.trim().to_owned())
+        .ok_or_else(|| XmlError::Field(format!("<{}> is empty", node.tag_name().name())))
+}
