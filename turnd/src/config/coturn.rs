@@ -290,7 +290,7 @@ fn take(c: &mut Coturn, name: &str, value: Option<&str>, note: &mut dyn FnMut(No
         "no-loopback-peers" | "no-multicast-peers" => {
             note(
                 NotNeeded,
-                "turnd denies loopback and multicast peers by default (peers.deny_special_purpose)",
+                "turnd denies loopback and multicast peers by default (the built-in deny list)",
             );
         }
         "user-quota" => c.user_quota = count(note),
@@ -652,7 +652,6 @@ fn emit(c: &Coturn, notes: &mut Vec<Note>) -> String {
 
     // [peers]
     let mut peers = Table::new();
-    peers["deny_special_purpose"] = toml_edit::value(true);
     whole(
         "(peers)",
         NoteKind::Changed,
@@ -803,10 +802,10 @@ mobility
         let secrets: Vec<&str> = s.auth.secrets.iter().map(|x| x.expose()).collect();
         assert_eq!(secrets, ["first-secret", "second-secret"]);
         assert_eq!(
-            s.auth.users["alice"].key_md5,
+            s.auth.users["alice"].key_md5("turn.example.org"),
             turn_proto::auth::long_term_key_md5("alice", "turn.example.org", "wonderland")
         );
-        assert_eq!(s.auth.users["bob"].key_md5[0], 0x54);
+        assert_eq!(s.auth.users["bob"].key_md5("turn.example.org")[0], 0x54);
         assert!(s.peers.is_allowed("10.10.10.20".parse().expect("ip")));
         assert!(!s.peers.is_allowed("10.10.10.21".parse().expect("ip")));
         assert_eq!(s.quotas.allocations_per_user.map(|q| q.get()), Some(12));

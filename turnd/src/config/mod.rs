@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 pub use error::{ConfigError, Location, Reason};
 pub use settings::{
     Auth, ExternalIp, Lifetimes, Listeners, LogFormat, Logging, PeerPolicy, Quotas, Relay, Secret,
-    Settings, SocketBuffers, StaticUser, TlsFiles, SPECIAL_PURPOSE_PEERS,
+    Settings, SocketBuffers, StaticUser, TlsFiles,
 };
 use source::Origin;
 
@@ -175,15 +175,10 @@ pub mod defaults {
     pub fn nonce() -> DurationValue {
         DurationValue::Seconds(600)
     }
-    /// Deny loopback, private, link-local, multicast and other special-purpose peers.
-    #[must_use]
-    pub fn deny_special_purpose() -> bool {
-        true
-    }
     /// Permissions one allocation may hold.
     #[must_use]
-    pub fn permissions_per_allocation() -> u32 {
-        128
+    pub fn permissions_per_allocation() -> usize {
+        64
     }
     /// Log filter.
     #[must_use]
@@ -338,29 +333,16 @@ impl Default for LifetimesConfig {
 }
 
 /// `[peers]`: a peer is allowed if it matches `allow`, else denied if it matches
-/// `deny` (or the special-purpose list), else allowed.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+/// `deny` or the core's built-in list of non-public ranges, else allowed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeersConfig {
-    /// Deny [`SPECIAL_PURPOSE_PEERS`] (loopback, private, link-local, metadata, multicast...).
-    #[serde(default = "defaults::deny_special_purpose")]
-    pub deny_special_purpose: bool,
     /// CIDRs or single IPs always allowed.
     #[serde(default)]
     pub allow: Vec<String>,
     /// CIDRs or single IPs denied.
     #[serde(default)]
     pub deny: Vec<String>,
-}
-
-impl Default for PeersConfig {
-    fn default() -> Self {
-        Self {
-            deny_special_purpose: defaults::deny_special_purpose(),
-            allow: Vec::new(),
-            deny: Vec::new(),
-        }
-    }
 }
 
 /// `[quotas]`: 0 means no limit.
@@ -375,7 +357,7 @@ pub struct QuotasConfig {
     pub total_allocations: u32,
     /// Permissions one allocation may hold (508 beyond).
     #[serde(default = "defaults::permissions_per_allocation")]
-    pub permissions_per_allocation: u32,
+    pub permissions_per_allocation: usize,
 }
 
 impl Default for QuotasConfig {
@@ -616,7 +598,7 @@ mod tests {
         assert_eq!(s.listeners.tls.len(), 2);
         assert_eq!(s.auth.realm, "turn.example.org");
         assert_eq!(
-            s.auth.users["monitoring"].key_md5,
+            s.auth.users["monitoring"].key_md5("turn.example.org"),
             turn_proto::auth::long_term_key_md5(
                 "monitoring",
                 "turn.example.org",

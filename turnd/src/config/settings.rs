@@ -12,6 +12,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
+use turn_proto::auth::{CandidateKeys, Credentials, UserSecret};
+use turn_proto::server::{policy, LocalQuota, ServerConfig};
 
 use super::error::{ConfigError, Reason};
 use super::source::Origin;
@@ -94,22 +96,23 @@ impl fmt::Debug for Secret {
 }
 
 /// A static long-term user.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaticUser {
     /// Username.
     pub name: String,
-    /// MD5(name:realm:password), for MESSAGE-INTEGRITY (RFC 8489 §9.2.2).
-    pub key_md5: [u8; 16],
-    /// SHA-256(name:realm:password), for MESSAGE-INTEGRITY-SHA256; only known when the
-    /// password (not just the MD5 key) was configured.
-    pub key_sha256: Option<[u8; 32]>,
+    /// The password, or the MD5 key `turnadmin -k` prints (then only the MD5 password
+    /// algorithm works for this user). Its `Debug` prints no secret.
+    pub secret: UserSecret,
 }
 
-impl fmt::Debug for StaticUser {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StaticUser")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+impl StaticUser {
+    /// MD5(name:realm:password), the key for MESSAGE-INTEGRITY (RFC 8489 §9.2.2).
+    #[must_use]
+    pub fn key_md5(&self, realm: &str) -> [u8; 16] {
+        match &self.secret {
+            UserSecret::Password(p) => turn_proto::auth::long_term_key_md5(&self.name, realm, p),
+            UserSecret::Md5Key(k) => *k,
+        }
     }
 }
 
@@ -126,6 +129,21 @@ pub struct Auth {
     /// True when `secrets` is a single secret turnd generated because none was
     /// configured (embedded default only); `main` prints it once with an example credential.
     pub generated_secret: bool,
+}
+
+impl Auth {
+    /// The credential store the protocol core checks requests against.
+    #[must_use]
+    pub fn credentials(&self) -> Credentials {
+        let mut c = Credentials::new(self.realm.clone());
+        for u in self.users.values() {
+            c.add_user(u.name.clone(), &u.secret);
+        }
+        for s in &self.secrets {
+            c.add_secret(s.as_bytes());
+        }
+        c
+    }
 }
 
 /// Relay settings.
@@ -191,68 +209,43 @@ pub struct Lifetimes {
     pub nonce: Duration,
 }
 
-/// Which peers clients may reach: allowed if in `allow`; else denied if in `deny`;
-/// else allowed. IPv4-mapped IPv6 peers are checked as IPv4.
+/// Which peers clients may reach: the operator's lists on top of the core's built-in
+/// deny list of non-public ranges ([`policy::DEFAULT_DENIED`]: loopback, RFC 1918, CGNAT,
+/// link-local incl. 169.254.169.254, multicast, documentation, ULA, ...). A peer in
+/// `allow` is allowed; else one in `deny` or in the built-in list is denied (403); else
+/// it is allowed. IPv4-mapped IPv6 peers are checked as IPv4.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerPolicy {
-    /// Always allowed.
+    /// The operator's allow list; wins over both deny lists.
     pub allow: Vec<IpNet>,
-    /// Denied (includes [`SPECIAL_PURPOSE_PEERS`] unless turned off).
+    /// The operator's deny list.
     pub deny: Vec<IpNet>,
 }
 
 impl PeerPolicy {
-    /// Whether a client may relay to `peer`.
+    /// The policy the protocol core enforces.
+    #[must_use]
+    pub fn policy(&self) -> policy::PeerPolicy {
+        policy::PeerPolicy::new(self.allow.clone(), self.deny.clone())
+    }
+
+    /// Whether a client may relay to `peer` (builds the core's policy: for tools and tests,
+    /// not for the packet path).
     #[must_use]
     pub fn is_allowed(&self, peer: IpAddr) -> bool {
-        let peer = match peer {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
-            v4 @ IpAddr::V4(_) => v4,
-        };
-        self.allow.iter().any(|n| n.contains(&peer)) || !self.deny.iter().any(|n| n.contains(&peer))
+        self.policy().check(peer).is_ok()
     }
 }
-
-/// Peers denied unless `peers.deny_special_purpose = false`: the IANA special-purpose
-/// ranges (RFC 6890 and successors) a relay should not reach — loopback, private,
-/// shared, link-local (which includes the cloud metadata address 169.254.169.254),
-/// documentation, benchmarking, multicast, reserved, and their IPv6 counterparts.
-pub const SPECIAL_PURPOSE_PEERS: &[&str] = &[
-    "0.0.0.0/8",
-    "10.0.0.0/8",
-    "100.64.0.0/10",
-    "127.0.0.0/8",
-    "169.254.0.0/16",
-    "172.16.0.0/12",
-    "192.0.0.0/24",
-    "192.0.2.0/24",
-    "192.88.99.0/24",
-    "192.168.0.0/16",
-    "198.18.0.0/15",
-    "198.51.100.0/24",
-    "203.0.113.0/24",
-    "224.0.0.0/4",
-    "240.0.0.0/4",
-    "::/128",
-    "::1/128",
-    "64:ff9b:1::/48",
-    "100::/64",
-    "2001::/23",
-    "2001:db8::/32",
-    "fc00::/7",
-    "fe80::/10",
-    "ff00::/8",
-];
 
 /// Quotas; `None` means unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quotas {
-    /// Allocations per username.
+    /// Allocations per username (486 beyond).
     pub allocations_per_user: Option<NonZeroU32>,
-    /// Allocations in total.
+    /// Allocations in total (486 beyond).
     pub total_allocations: Option<NonZeroU32>,
-    /// Permissions per allocation.
-    pub permissions_per_allocation: Option<NonZeroU32>,
+    /// Permissions per allocation (508 beyond).
+    pub permissions_per_allocation: NonZeroUsize,
 }
 
 /// Socket buffer sizes in bytes; `None` keeps the OS default.
@@ -297,6 +290,49 @@ impl Settings {
     /// `TURND_AUTH_SECRET_FILE` names a file that cannot be read or is empty.
     pub fn embedded_default(env: &dyn Env) -> Result<Self, ConfigError> {
         validate(&Config::default(), &Origin::default(), env, true)
+    }
+
+    /// The protocol core's configuration: credentials, lifetimes, peer policy and the
+    /// permission quota. `nonce_secret` keys the stateless nonces (random per process).
+    /// The relay families follow `relay.addresses`, or the listeners when it is empty.
+    #[must_use]
+    pub fn server_config(&self, nonce_secret: [u8; 32]) -> ServerConfig {
+        let families: Vec<bool> = if self.relay.addresses.is_empty() {
+            let l = &self.listeners;
+            l.udp
+                .iter()
+                .chain(&l.tcp)
+                .chain(&l.tls)
+                .map(SocketAddr::is_ipv4)
+                .collect()
+        } else {
+            self.relay.addresses.iter().map(IpAddr::is_ipv4).collect()
+        };
+        ServerConfig {
+            credentials: self.auth.credentials(),
+            nonce_secret,
+            nonce_lifetime: self.lifetimes.nonce,
+            default_lifetime: self.lifetimes.allocation,
+            max_lifetime: self.lifetimes.max_allocation,
+            permission_lifetime: self.lifetimes.permission,
+            channel_lifetime: self.lifetimes.channel,
+            relay_ipv4: families.contains(&true),
+            relay_ipv6: families.contains(&false),
+            policy: self.peers.policy(),
+            max_permissions_per_allocation: self.quotas.permissions_per_allocation.get(),
+            ..ServerConfig::default()
+        }
+    }
+}
+
+impl Quotas {
+    /// The allocation quota ledger of one process.
+    #[must_use]
+    pub fn ledger(&self) -> LocalQuota {
+        LocalQuota::new(
+            self.allocations_per_user.map(NonZeroU32::get),
+            self.total_allocations.map(NonZeroU32::get),
+        )
     }
 }
 
@@ -388,14 +424,14 @@ pub(super) fn validate(
         let user = match (&u.password, &u.key) {
             (Some(p), None) => StaticUser {
                 name: u.name.clone(),
-                key_md5: turn_proto::auth::long_term_key_md5(&u.name, &realm, p),
-                key_sha256: Some(turn_proto::auth::long_term_key_sha256(&u.name, &realm, p)),
+                secret: UserSecret::Password(p.clone()),
             },
             (None, Some(k)) => StaticUser {
                 name: u.name.clone(),
-                key_md5: parse_key(k)
-                    .ok_or_else(|| err(&format!("{at}.key"), Reason::BadKey(k.clone())))?,
-                key_sha256: None,
+                secret: UserSecret::Md5Key(
+                    parse_key(k)
+                        .ok_or_else(|| err(&format!("{at}.key"), Reason::BadKey(k.clone())))?,
+                ),
             },
             _ => return Err(err(&at, Reason::UserCredential(u.name.clone()))),
         };
@@ -546,22 +582,24 @@ pub(super) fn validate(
 
     // [peers]
     let allow = cidrs(&config.peers.allow, "peers.allow", origin)?;
-    let mut deny = Vec::new();
-    if config.peers.deny_special_purpose {
-        deny.extend(
-            SPECIAL_PURPOSE_PEERS
-                .iter()
-                .filter_map(|s| s.parse::<IpNet>().ok()),
-        );
-    }
-    deny.extend(cidrs(&config.peers.deny, "peers.deny", origin)?);
+    let deny = cidrs(&config.peers.deny, "peers.deny", origin)?;
 
     // [quotas]
     let q = &config.quotas;
     let quotas = Quotas {
         allocations_per_user: NonZeroU32::new(q.allocations_per_user),
         total_allocations: NonZeroU32::new(q.total_allocations),
-        permissions_per_allocation: NonZeroU32::new(q.permissions_per_allocation),
+        permissions_per_allocation: NonZeroUsize::new(q.permissions_per_allocation).ok_or_else(
+            || {
+                err(
+                    "quotas.permissions_per_allocation",
+                    Reason::OutOfRange {
+                        value: "0".into(),
+                        detail: "an allocation needs at least one permission",
+                    },
+                )
+            },
+        )?,
     };
 
     // [sockets]
@@ -609,6 +647,16 @@ pub(super) fn validate(
         ));
     }
 
+    if secrets.len() > CandidateKeys::MAX {
+        return Err(err(
+            "auth.secrets",
+            Reason::OutOfRange {
+                value: secrets.len().to_string(),
+                detail: "at most 8 REST-API secrets in all (auth.secrets, auth.secret_files \
+                         and the environment together)",
+            },
+        ));
+    }
     // Checked last, so that mistakes elsewhere in the file are reported first.
     let mut generated_secret = false;
     if secrets.is_empty() && users.is_empty() {
@@ -920,13 +968,24 @@ mod tests {
         )
         .expect("valid");
         let alice = &s.auth.users["alice"];
+        assert_eq!(alice.secret, UserSecret::Password("pw".into()));
         assert_eq!(
-            alice.key_md5,
+            alice.key_md5("example.org"),
             turn_proto::auth::long_term_key_md5("alice", "example.org", "pw")
         );
-        assert!(alice.key_sha256.is_some());
-        assert_eq!(s.auth.users["bob"].key_md5[..2], [0x54, 0x3e]);
-        assert!(s.auth.users["bob"].key_sha256.is_none());
+        assert_eq!(s.auth.users["bob"].key_md5("any")[..2], [0x54, 0x3e]);
+        assert!(matches!(s.auth.users["bob"].secret, UserSecret::Md5Key(_)));
+
+        // The core's credential store takes both: MD5 for both users, SHA-256 only with a
+        // password.
+        let creds = s.auth.credentials();
+        assert_eq!(creds.realm(), "example.org");
+        let md5 = turn_proto::codec::PasswordAlgorithmId::MD5;
+        let sha = turn_proto::codec::PasswordAlgorithmId::SHA256;
+        assert!(creds.keys("alice", sha, 0).is_ok());
+        assert!(creds.keys("bob", md5, 0).is_ok());
+        assert!(creds.keys("bob", sha, 0).is_err());
+        assert!(creds.keys("carol", md5, 0).is_err());
 
         let e = check("[[auth.users]]\nname = \"bob\"\nkey = \"0x1234\"\n").expect_err("short key");
         assert_eq!(
@@ -997,19 +1056,14 @@ mod tests {
         assert!(!ok("203.0.114.9"));
         assert!(ok("94.130.141.98"));
         assert!(ok("2a01:4f8::1"));
-        let open = check(&format!(
-            "{WITH_SECRET}[peers]\ndeny_special_purpose = false\n"
-        ))
-        .expect("valid");
-        assert!(open.peers.is_allowed(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-        assert!(open.peers.is_allowed(IpAddr::V6(Ipv6Addr::LOCALHOST)));
-    }
-
-    #[test]
-    fn every_special_purpose_entry_parses() {
-        for s in SPECIAL_PURPOSE_PEERS {
-            assert!(s.parse::<IpNet>().is_ok(), "{s}");
-        }
+        assert!(s
+            .peers
+            .policy()
+            .check(IpAddr::V6(Ipv6Addr::LOCALHOST))
+            .is_err());
+        assert!(!s.peers.is_allowed(IpAddr::V4(Ipv4Addr::new(224, 0, 0, 1))));
+        assert_eq!(s.peers.deny.len(), 1, "only the operator's list is kept");
+        assert!(!policy::DEFAULT_DENIED.is_empty());
     }
 
     #[test]
@@ -1075,16 +1129,41 @@ mod tests {
         .expect("valid");
         assert_eq!(s.quotas.allocations_per_user.map(NonZeroU32::get), Some(10));
         assert_eq!(s.quotas.total_allocations, None);
-        assert_eq!(
-            s.quotas.permissions_per_allocation.map(NonZeroU32::get),
-            Some(128)
-        );
+        assert_eq!(s.quotas.permissions_per_allocation.get(), 64);
         assert_eq!(s.sockets.recv, Some(4 << 20));
         assert_eq!(s.sockets.send, None);
         assert_eq!(s.workers.get(), 3);
         let e =
             check(&format!("{WITH_SECRET}[log]\nlevel = \"info,[[\"\n")).expect_err("bad filter");
         assert_eq!(e.location.key.as_deref(), Some("log.level"));
+    }
+
+    #[test]
+    fn server_config_carries_the_settings_into_the_core() {
+        let s = check(&format!(
+            "{WITH_SECRET}[relay]\naddresses = [\"10.10.10.11\"]\n[lifetimes]\nallocation = 120\n\
+             nonce = 30\n[quotas]\npermissions_per_allocation = 7\nallocations_per_user = 2\n"
+        ))
+        .expect("valid");
+        let c = s.server_config([7; 32]);
+        assert_eq!(c.default_lifetime, Duration::from_secs(120));
+        assert_eq!(c.max_lifetime, Duration::from_secs(3600));
+        assert_eq!(c.nonce_lifetime, Duration::from_secs(30));
+        assert_eq!(c.permission_lifetime, Duration::from_secs(300));
+        assert_eq!(c.channel_lifetime, Duration::from_secs(600));
+        assert_eq!(c.max_permissions_per_allocation, 7);
+        assert!(c.relay_ipv4 && !c.relay_ipv6, "relay only on 10.10.10.11");
+        assert_eq!(c.nonce_secret, [7; 32]);
+        assert_eq!(c.credentials.realm(), "turnd");
+        assert!(c.policy.check("10.0.0.1".parse().expect("ip")).is_err());
+        let ledger = s.quotas.ledger();
+        assert_eq!((ledger.per_user, ledger.total), (Some(2), None));
+
+        let dual = check(WITH_SECRET).expect("valid").server_config([0; 32]);
+        assert!(
+            dual.relay_ipv4 && dual.relay_ipv6,
+            "default listeners are dual-stack"
+        );
     }
 
     #[test]
