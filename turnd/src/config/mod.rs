@@ -71,13 +71,38 @@ impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for MapEnv {
 }
 
 /// A duration in the file: whole seconds (`600`) or a human-readable string (`"10m"`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+/// The text is parsed in `validate()`, so a bad value is reported with its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum DurationValue {
     /// Whole seconds.
     Seconds(u64),
     /// Text such as `"10m"`, `"1h 30m"`, `"600s"`.
     Text(String),
+}
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = DurationValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration: whole seconds (600) or text (\"10m\", \"1h 30m\")")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(DurationValue::Seconds(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                u64::try_from(v)
+                    .map(DurationValue::Seconds)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(DurationValue::Text(v.to_owned()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// The configuration file as written. Every section and key is optional; see
@@ -624,6 +649,53 @@ mod tests {
                 "example lacks [{section}]"
             );
         }
+    }
+
+    #[test]
+    fn durations_of_the_wrong_type_say_what_is_expected() {
+        let err = Config::from_toml("[lifetimes]\nchannel = true\n").expect_err("bool");
+        assert_eq!(err.location.key.as_deref(), Some("lifetimes.channel"));
+        assert!(
+            err.to_string().contains("whole seconds (600) or text"),
+            "{err}"
+        );
+        let err = Config::from_toml("[lifetimes]\nchannel = -5\n").expect_err("negative");
+        assert_eq!(err.location.line, Some(2));
+    }
+
+    #[test]
+    fn every_key_is_shown_in_the_example() {
+        let text = include_str!("../../../deploy/turnd.example.toml");
+        let defaults = toml::Value::try_from(Config::default()).expect("serializes");
+        let mut missing = Vec::new();
+        let toml::Value::Table(sections) = defaults else {
+            panic!("a table")
+        };
+        for (section, keys) in &sections {
+            let toml::Value::Table(keys) = keys else {
+                continue;
+            };
+            let names = keys.keys().map(String::as_str);
+            // Optional keys without a default are not serialized; name them here.
+            let optional: &[&str] = match section.as_str() {
+                "listen" => &["tls"],
+                "tls" => &["cert", "key"],
+                _ => &[],
+            };
+            for key in names.chain(optional.iter().copied()) {
+                let table_array = format!("[[{section}.{key}]]");
+                if !text.lines().any(|l| {
+                    let l = l.trim_start();
+                    l.starts_with(&format!("{key} =")) || l.starts_with(&table_array)
+                }) {
+                    missing.push(format!("{section}.{key}"));
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "not in deploy/turnd.example.toml: {missing:?}"
+        );
     }
 
     #[test]
