@@ -72,9 +72,9 @@ fn run_server(config: Option<&Path>) -> anyhow::Result<ExitCode> {
         "starting turnd {}",
         env!("CARGO_PKG_VERSION")
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(settings.workers.get())
-        .thread_name("turnd")
+    // The driver runs its workers on threads of its own; this runtime only awaits them
+    // and the shutdown signals.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;

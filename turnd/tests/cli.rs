@@ -494,3 +494,43 @@ impl OutputWithTimeout for Command {
             .expect("output")
     }
 }
+
+#[test]
+fn log_format_json_writes_one_object_per_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("turnd.toml");
+    std::fs::write(
+        &path,
+        "[listen]\nudp = [\"127.0.0.1:0\"]\ntcp = []\n[auth]\nsecrets = [\"s\"]\n\
+         [log]\nformat = \"json\"\nlevel = \"info\"\n",
+    )
+    .expect("write");
+    let out = turnd()
+        .args(["--config", path.to_str().expect("utf8")])
+        .output_with_timeout();
+    let first = out.lines().next().expect("a log line");
+    let line: serde_json::Value = serde_json::from_str(first).expect("JSON log line");
+    assert_eq!(line["level"], "INFO", "{first}");
+    assert!(
+        line["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("starting turnd")),
+        "{first}"
+    );
+}
+
+#[test]
+fn rust_log_overrides_the_configured_level() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("turnd.toml");
+    std::fs::write(
+        &path,
+        "[listen]\nudp = [\"127.0.0.1:0\"]\ntcp = []\n[auth]\nsecrets = [\"s\"]\n[log]\nlevel = \"info\"\n",
+    )
+    .expect("write");
+    let out = turnd()
+        .args(["--config", path.to_str().expect("utf8")])
+        .env("RUST_LOG", "error")
+        .output_with_timeout();
+    assert!(!out.contains("starting turnd"), "{out}");
+}
