@@ -561,6 +561,16 @@ pub(super) fn validate(
         if clash {
             return Err(err(&at, Reason::Duplicate(e.clone())));
         }
+        if private.is_some_and(|p| !relay_addrs.is_empty() && !relay_addrs.contains(&p)) {
+            return Err(err(
+                &at,
+                Reason::Unusable {
+                    value: e.clone(),
+                    detail:
+                        "PRIVATE is not one of relay.addresses, so this mapping would never apply",
+                },
+            ));
+        }
         external_ips.push(ExternalIp { public, private });
     }
 
@@ -1034,6 +1044,18 @@ mod tests {
         ))
         .expect_err("unspecified");
         assert_eq!(e.location.line, Some(4));
+    }
+
+    #[test]
+    fn external_ip_private_must_be_a_relay_address() {
+        let e = check(&format!(
+            "{WITH_SECRET}[relay]\naddresses = [\"10.10.10.12\"]\n\
+             external_ips = [\"94.130.141.98/10.10.10.11\"]\n"
+        ))
+        .expect_err("never applies");
+        assert_eq!(e.location.key.as_deref(), Some("relay.external_ips[0]"));
+        assert_eq!(e.location.line, Some(5));
+        assert!(e.to_string().contains("relay.addresses"), "{e}");
     }
 
     #[test]
