@@ -1,10 +1,698 @@
-//! The IO driver around the sans-IO core (placeholder until the real driver lands).
+//! The IO driver around the sans-IO [`turn_proto::server::Server`].
+//!
+//! One worker per core, each an OS thread with a single-threaded tokio runtime and its own
+//! `Server` shard. Every worker binds every UDP listener with SO_REUSEPORT, so the kernel
+//! spreads clients over the workers by 4-tuple hash, and a client's datagrams always reach the
+//! same worker. An allocation's relay socket belongs to the worker that created it, so
+//! there is no lock anywhere on the packet path: the only shared state is the relay port
+//! pool and the allocation quota, touched when an allocation starts or ends.
+//!
+//! Sockets are read in batches (quinn-udp: recvmmsg) into one buffer set per worker; the
+//! core writes replies into its own reused buffer, so relaying allocates nothing per packet.
+//! Read loops are bounded: after a number of batches a task yields so a flooded socket cannot
+//! starve the others.
 
-/// Runs the server with `settings` until it is stopped.
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
+use tokio::io::Interest;
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+use turn_proto::codec::AddressFamily;
+use turn_proto::server::{
+    Destination, Event, FiveTuple, PortRequest, RelayBound, RelayError, RelayRequest,
+    RelayedAddress, Server, ServerConfig, SharedQuota, Transmit, Transport,
+};
+
+use crate::config::Settings;
+use crate::net::ports::PortPools;
+use crate::net::udp::{self, Buffers};
+
+/// Datagrams read per system call.
+const BATCH: usize = 32;
+/// Largest datagram accepted (UDP's maximum payload).
+const DATAGRAM: usize = 65_536;
+/// Batches read from one socket before yielding to the other tasks.
+const BATCHES_PER_WAKE: usize = 8;
+
+/// What every worker shares.
+struct Shared {
+    config: ServerConfig,
+    quota: SharedQuota,
+    ports: PortPools,
+    settings: Settings,
+}
+
+/// A running server: its bound listener addresses and the means to stop it.
+pub struct Running {
+    /// The UDP listener addresses actually bound (port 0 resolved).
+    pub udp: Vec<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    threads: Vec<JoinHandle<()>>,
+    failed: Arc<Mutex<Option<usize>>>,
+    failure: Arc<tokio::sync::Notify>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("udp", &self.udp)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Running {
+    /// Stops every worker and waits for them.
+    pub fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+
+    /// Resolves when a worker has died (a panic): the process must not go on half-alive.
+    pub async fn worker_failed(&self) -> usize {
+        loop {
+            let notified = self.failure.notified();
+            if let Some(i) = *lock(&self.failed) {
+                return i;
+            }
+            notified.await;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Reports a worker's death when dropped during a panic unwind.
+struct DeathWatch {
+    index: usize,
+    failed: Arc<Mutex<Option<usize>>>,
+    failure: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for DeathWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            error!(worker = self.index, "worker panicked; stopping turnd");
+            *lock(&self.failed) = Some(self.index);
+            self.failure.notify_waiters();
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Binds the listeners and starts the workers.
 ///
 /// # Errors
-/// Always, for now: the driver is not written yet.
-pub async fn serve(settings: crate::config::Settings) -> anyhow::Result<()> {
-    let _ = settings;
-    anyhow::bail!("driver not yet written")
+/// A listener could not be bound, or a worker thread could not start.
+pub fn start(settings: Settings) -> anyhow::Result<Running> {
+    let mut nonce_secret = [0u8; 32];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut nonce_secret[..]);
+    let mut config = settings.server_config(nonce_secret);
+    config.rfc5766_channel_numbers = std::env::var_os("TURND_TMP_COMPAT").is_some();
+    let quota = SharedQuota(Arc::new(Mutex::new(settings.quotas.ledger())));
+    let workers = settings.workers.get();
+    let buffers = Buffers {
+        recv: settings.sockets.recv,
+        send: settings.sockets.send,
+    };
+
+    // The first worker's sockets resolve port 0; the others bind the same address.
+    let mut per_worker: Vec<Vec<std::net::UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut bound = Vec::new();
+    for addr in &settings.listeners.udp {
+        let first = udp::bind(*addr, true, buffers)
+            .with_context(|| format!("binding UDP listener {addr}"))?;
+        let actual = first.local_addr()?;
+        per_worker[0].push(first);
+        for sockets in per_worker.iter_mut().skip(1) {
+            sockets.push(
+                udp::bind(actual, true, buffers)
+                    .with_context(|| format!("binding UDP listener {actual}"))?,
+            );
+        }
+        bound.push(actual);
+    }
+    info!(udp = ?bound, workers, "listening");
+
+    let shared = Arc::new(Shared {
+        config,
+        quota,
+        ports: PortPools::new(settings.relay.ports.clone()),
+        settings,
+    });
+    let (tx, rx) = watch::channel(false);
+    let failed = Arc::new(Mutex::new(None));
+    let failure = Arc::new(tokio::sync::Notify::new());
+    let mut threads = Vec::new();
+    for (index, sockets) in per_worker.into_iter().enumerate() {
+        let shared = shared.clone();
+        let rx = rx.clone();
+        let watch = DeathWatch {
+            index,
+            failed: failed.clone(),
+            failure: failure.clone(),
+        };
+        let t = std::thread::Builder::new()
+            .name(format!("turnd-worker-{index}"))
+            .spawn(move || {
+                let _watch = watch;
+                if let Err(e) = run_worker(index, &shared, sockets, rx) {
+                    error!(worker = index, error = %e, "worker failed");
+                    panic!("worker {index} failed: {e}");
+                }
+            })
+            .context("starting a worker thread")?;
+        threads.push(t);
+    }
+    Ok(Running {
+        udp: bound,
+        shutdown: tx,
+        threads,
+        failed,
+        failure,
+    })
+}
+
+/// Runs turnd until SIGTERM or SIGINT, or until a worker dies.
+///
+/// # Errors
+/// Start-up failed, or a worker died.
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let running = start(settings)?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let outcome = tokio::select! {
+        _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); Ok(()) }
+        _ = term.recv() => { info!("SIGTERM: stopping"); Ok(()) }
+        i = running.worker_failed() => Err(anyhow::anyhow!("worker {i} died")),
+    };
+    tokio::task::spawn_blocking(move || running.shutdown())
+        .await
+        .context("stopping workers")?;
+    outcome
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker
+
+struct Listener {
+    local: SocketAddr,
+    sock: tokio::net::UdpSocket,
+    state: UdpSocketState,
+}
+
+struct RelayIo {
+    sock: tokio::net::UdpSocket,
+    state: UdpSocketState,
+    dont_fragment: bool,
+}
+
+struct RelayEntry {
+    io: Rc<RelayIo>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct RecvBufs {
+    data: Vec<u8>,
+    meta: [RecvMeta; BATCH],
+}
+
+impl RecvBufs {
+    fn new() -> Self {
+        Self {
+            data: vec![0; BATCH * DATAGRAM],
+            meta: [RecvMeta::default(); BATCH],
+        }
+    }
+
+    fn recv(&mut self, state: &UdpSocketState, sock: &tokio::net::UdpSocket) -> io::Result<usize> {
+        let mut chunks = self.data.chunks_mut(DATAGRAM);
+        let mut slices: [IoSliceMut<'_>; BATCH] =
+            std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or(&mut [])));
+        state.recv(UdpSockRef::from(sock), &mut slices, &mut self.meta)
+    }
+
+    fn datagram(&self, i: usize) -> (&RecvMeta, &[u8]) {
+        let m = &self.meta[i];
+        let start = i * DATAGRAM;
+        (m, &self.data[start..start + m.len.min(DATAGRAM)])
+    }
+}
+
+struct Worker {
+    index: usize,
+    core: RefCell<Server>,
+    listeners: Vec<Listener>,
+    relays: RefCell<HashMap<SocketAddr, RelayEntry>>,
+    reserved: RefCell<HashMap<SocketAddr, std::net::UdpSocket>>,
+    bufs: RefCell<RecvBufs>,
+    shared: Arc<Shared>,
+    rng: Cell<u64>,
+    send_errors: Cell<u64>,
+}
+
+fn run_worker(
+    index: usize,
+    shared: &Arc<Shared>,
+    sockets: Vec<std::net::UdpSocket>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let mut listeners = Vec::new();
+        for s in sockets {
+            let state = UdpSocketState::new(UdpSockRef::from(&s))?;
+            udp::disable_gro(&s)?;
+            let local = s.local_addr()?;
+            udp::set_dont_fragment(&s, local.is_ipv6(), false)?;
+            listeners.push(Listener {
+                local,
+                sock: tokio::net::UdpSocket::from_std(s)?,
+                state,
+            });
+        }
+        let core = Server::with_quota(
+            shared.config.clone(),
+            Box::new(shared.quota.clone()),
+            Instant::now(),
+            unix_now(),
+        );
+        let seed = unix_now()
+            ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ u64::from(std::process::id());
+        let worker = Rc::new(Worker {
+            index,
+            core: RefCell::new(core),
+            listeners,
+            relays: RefCell::new(HashMap::new()),
+            reserved: RefCell::new(HashMap::new()),
+            bufs: RefCell::new(RecvBufs::new()),
+            shared: shared.clone(),
+            rng: Cell::new(seed | 1),
+            send_errors: Cell::new(0),
+        });
+        for i in 0..worker.listeners.len() {
+            tokio::task::spawn_local(listener_loop(worker.clone(), i));
+        }
+        tokio::task::spawn_local(timer_loop(worker.clone()));
+        debug!(worker = index, "worker running");
+        let _ = shutdown.changed().await;
+        for (_, r) in worker.relays.borrow_mut().drain() {
+            r.task.abort();
+        }
+        anyhow::Ok(())
+    })
+}
+
+async fn listener_loop(w: Rc<Worker>, i: usize) {
+    loop {
+        let l = &w.listeners[i];
+        if let Err(e) = l.sock.readable().await {
+            warn!(error = %e, listener = %l.local, "listener failed");
+            return;
+        }
+        for _ in 0..BATCHES_PER_WAKE {
+            let l = &w.listeners[i];
+            let mut bufs = w.bufs.borrow_mut();
+            let n = match l
+                .sock
+                .try_io(Interest::READABLE, || bufs.recv(&l.state, &l.sock))
+            {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    debug!(error = %e, "recv error on listener");
+                    break;
+                }
+            };
+            let now = Instant::now();
+            {
+                let mut core = w.core.borrow_mut();
+                for k in 0..n {
+                    let (meta, data) = bufs.datagram(k);
+                    let server =
+                        SocketAddr::new(meta.dst_ip.unwrap_or(l.local.ip()), l.local.port());
+                    let ft = FiveTuple {
+                        client: meta.addr,
+                        server,
+                        transport: Transport::Udp,
+                    };
+                    core.handle_client_datagram(now, ft, data);
+                }
+            }
+            drop(bufs);
+            w.flush();
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn relay_loop(w: Rc<Worker>, io: Rc<RelayIo>, local: SocketAddr) {
+    loop {
+        if io.sock.readable().await.is_err() {
+            return;
+        }
+        for _ in 0..BATCHES_PER_WAKE {
+            let mut bufs = w.bufs.borrow_mut();
+            let n = match io
+                .sock
+                .try_io(Interest::READABLE, || bufs.recv(&io.state, &io.sock))
+            {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // ICMP errors surface here as ECONNREFUSED and the like: keep reading.
+                    debug!(error = %e, relay = %local, "recv error on relay");
+                    break;
+                }
+            };
+            let now = Instant::now();
+            {
+                let mut core = w.core.borrow_mut();
+                for k in 0..n {
+                    let (meta, data) = bufs.datagram(k);
+                    core.handle_peer_datagram(now, local, meta.addr, data);
+                }
+            }
+            drop(bufs);
+            w.flush();
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn timer_loop(w: Rc<Worker>) {
+    loop {
+        let now = Instant::now();
+        let next = w.core.borrow().poll_timeout();
+        let wake = next.map_or(now + Duration::from_secs(1), |t| {
+            t.min(now + Duration::from_secs(1))
+        });
+        tokio::time::sleep_until(wake.into()).await;
+        w.core.borrow_mut().handle_timeout(Instant::now());
+        w.flush();
+    }
+}
+
+impl Worker {
+    fn random(&self) -> u64 {
+        // xorshift64*: port choice only needs to be unpredictable to a casual observer.
+        let mut x = self.rng.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Sends everything the core has queued and acts on its events, until both are empty.
+    fn flush(self: &Rc<Self>) {
+        loop {
+            let event = {
+                let mut core = self.core.borrow_mut();
+                while let Some(t) = core.poll_transmit() {
+                    self.send(&t);
+                }
+                core.poll_event()
+            };
+            match event {
+                Some(e) => self.handle_event(e),
+                None => return,
+            }
+        }
+    }
+
+    fn send(&self, t: &Transmit<'_>) {
+        let result = match t.destination {
+            Destination::Client(ft) => {
+                let Some(l) = self.listeners.iter().find(|l| {
+                    l.local.port() == ft.server.port()
+                        && (l.local.ip() == ft.server.ip()
+                            || (l.local.ip().is_unspecified()
+                                && l.local.is_ipv4() == ft.server.is_ipv4()))
+                }) else {
+                    return;
+                };
+                let tx = quinn_udp::Transmit {
+                    destination: ft.client,
+                    ecn: None,
+                    contents: t.payload,
+                    segment_size: None,
+                    src_ip: l.local.ip().is_unspecified().then_some(ft.server.ip()),
+                };
+                l.state.try_send(UdpSockRef::from(&l.sock), &tx)
+            }
+            Destination::Peer { relay, peer } => {
+                let relays = self.relays.borrow();
+                let Some(r) = relays.get(&relay) else { return };
+                let tx = quinn_udp::Transmit {
+                    destination: peer,
+                    ecn: None,
+                    contents: t.payload,
+                    segment_size: None,
+                    src_ip: None,
+                };
+                let toggle = t.dont_fragment && !r.io.dont_fragment;
+                if toggle {
+                    let _ = udp::set_dont_fragment(&r.io.sock, relay.is_ipv6(), true);
+                }
+                let res = r.io.state.try_send(UdpSockRef::from(&r.io.sock), &tx);
+                if toggle {
+                    let _ = udp::set_dont_fragment(&r.io.sock, relay.is_ipv6(), false);
+                }
+                res
+            }
+        };
+        if let Err(e) = result {
+            // UDP: a full socket buffer drops the datagram, as the network would.
+            self.send_errors.set(self.send_errors.get() + 1);
+            debug!(error = %e, "send failed");
+        }
+    }
+
+    fn handle_event(self: &Rc<Self>, event: Event) {
+        match event {
+            Event::RelayRequested(req) => {
+                let bound = self.bind_relays(&req);
+                self.core
+                    .borrow_mut()
+                    .handle_relay_bound(Instant::now(), req.id, bound);
+            }
+            Event::RelayReleased(local) => {
+                if let Some(r) = self.relays.borrow_mut().remove(&local) {
+                    r.task.abort();
+                }
+                self.reserved.borrow_mut().remove(&local);
+                self.shared.ports.release(local.ip(), local.port());
+            }
+            Event::AllocationCreated {
+                five_tuple,
+                username,
+                relayed,
+                lifetime,
+            } => {
+                info!(
+                    worker = self.index,
+                    user = %username,
+                    client = %five_tuple.client,
+                    server = %five_tuple.server,
+                    transport = five_tuple.transport.as_str(),
+                    relayed = %fmt_relayed(&relayed),
+                    lifetime_s = lifetime.as_secs(),
+                    "allocation created"
+                );
+            }
+            Event::AllocationEnded {
+                five_tuple,
+                username,
+                relayed,
+                duration,
+                stats,
+                reason,
+            } => {
+                info!(
+                    worker = self.index,
+                    user = %username,
+                    client = %five_tuple.client,
+                    server = %five_tuple.server,
+                    transport = five_tuple.transport.as_str(),
+                    relayed = %fmt_relayed(&relayed),
+                    duration_s = duration.as_secs(),
+                    bytes_to_peer = stats.bytes_to_peer,
+                    bytes_from_peer = stats.bytes_from_peer,
+                    packets_to_peer = stats.packets_to_peer,
+                    packets_from_peer = stats.packets_from_peer,
+                    reason = ?reason,
+                    "allocation ended"
+                );
+            }
+            Event::Rejected {
+                transport,
+                method,
+                reason,
+            } => {
+                debug!(
+                    transport = transport.as_str(),
+                    method = method.name(),
+                    reason = reason.as_str(),
+                    "rejected"
+                );
+            }
+        }
+    }
+
+    /// The IP a relay socket of `family` binds to: the first configured relay address of that
+    /// family, else the address the request arrived on when it has that family.
+    fn relay_ip(&self, family: AddressFamily, arrival: IpAddr) -> Option<IpAddr> {
+        let want_v4 = family == AddressFamily::IPV4;
+        let configured = &self.shared.settings.relay.addresses;
+        if configured.is_empty() {
+            (arrival.is_ipv4() == want_v4 && !arrival.is_unspecified()).then_some(arrival)
+        } else {
+            configured
+                .iter()
+                .copied()
+                .find(|ip| ip.is_ipv4() == want_v4)
+        }
+    }
+
+    fn bind_relays(self: &Rc<Self>, req: &RelayRequest) -> RelayBound {
+        let arrival = req.five_tuple.server.ip();
+        let mut reserved_next = None;
+        let primary = self.bind_one(
+            req.family,
+            arrival,
+            req.port,
+            req.dont_fragment,
+            &mut reserved_next,
+        );
+        let additional = req.additional_ipv6.then(|| {
+            self.bind_one(
+                AddressFamily::IPV6,
+                arrival,
+                PortRequest::Any,
+                req.dont_fragment,
+                &mut None,
+            )
+        });
+        RelayBound {
+            primary,
+            additional,
+            reserved_next,
+        }
+    }
+
+    fn bind_one(
+        self: &Rc<Self>,
+        family: AddressFamily,
+        arrival: IpAddr,
+        port: PortRequest,
+        dont_fragment: bool,
+        reserved_next: &mut Option<SocketAddr>,
+    ) -> Result<RelayedAddress, RelayError> {
+        let s = &self.shared.settings;
+        let buffers = Buffers {
+            recv: s.sockets.relay_recv,
+            send: s.sockets.relay_send,
+        };
+        let sock = if let PortRequest::Reserved(local) = port {
+            self.reserved
+                .borrow_mut()
+                .remove(&local)
+                .ok_or(RelayError::NoPortAvailable)?
+        } else {
+            let ip = self
+                .relay_ip(family, arrival)
+                .ok_or(RelayError::FamilyUnavailable)?;
+            let (even, pair) = match port {
+                PortRequest::Even { reserve_next } => (true, reserve_next),
+                _ => (false, false),
+            };
+            let start = usize::try_from(self.random() % 65_536).unwrap_or(0);
+            let (_, (sock, next)) = self
+                .shared
+                .ports
+                .acquire(ip, even, pair, start, |p| {
+                    let a = udp::bind(SocketAddr::new(ip, p), false, buffers).ok()?;
+                    let b = if pair {
+                        Some(udp::bind(SocketAddr::new(ip, p + 1), false, buffers).ok()?)
+                    } else {
+                        None
+                    };
+                    Some((a, b))
+                })
+                .ok_or(RelayError::NoPortAvailable)?;
+            if let Some(next) = next {
+                if let Ok(addr) = next.local_addr() {
+                    self.reserved.borrow_mut().insert(addr, next);
+                    *reserved_next = Some(addr);
+                }
+            }
+            sock
+        };
+        let local = sock.local_addr().map_err(|_| RelayError::NoPortAvailable)?;
+        let setup = || -> io::Result<RelayIo> {
+            let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
+            udp::disable_gro(&sock)?;
+            udp::set_dont_fragment(&sock, local.is_ipv6(), dont_fragment)?;
+            Ok(RelayIo {
+                sock: tokio::net::UdpSocket::from_std(sock.try_clone()?)?,
+                state,
+                dont_fragment,
+            })
+        };
+        let io = match setup() {
+            Ok(io) => Rc::new(io),
+            Err(e) => {
+                warn!(error = %e, relay = %local, "relay socket setup failed");
+                self.shared.ports.release(local.ip(), local.port());
+                return Err(RelayError::NoPortAvailable);
+            }
+        };
+        drop(sock);
+        let task = tokio::task::spawn_local(relay_loop(self.clone(), io.clone(), local));
+        self.relays
+            .borrow_mut()
+            .insert(local, RelayEntry { io, task });
+        let advertised = SocketAddr::new(s.relay.advertised(local.ip()), local.port());
+        Ok(RelayedAddress { local, advertised })
+    }
+}
+
+fn fmt_relayed(relayed: &[Option<RelayedAddress>; 2]) -> String {
+    relayed
+        .iter()
+        .flatten()
+        .map(|r| {
+            if r.local == r.advertised {
+                r.local.to_string()
+            } else {
+                format!("{} (bound {})", r.advertised, r.local)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }

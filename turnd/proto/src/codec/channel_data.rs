@@ -2,22 +2,27 @@
 
 use super::DecodeError;
 
-/// A channel number, validated to 0x4000–0x4FFF (RFC 8656 §12).
+/// A channel number, validated to 0x4000–0x7FFF: RFC 8656 §12 allows 0x4000–0x4FFF, RFC 5766
+/// allowed up to 0x7FFF and older clients (coturn's `turnutils_uclient`) still pick numbers
+/// there. Whether the wider range is accepted is the server's policy
+/// ([`crate::server::ServerConfig::rfc5766_channel_numbers`]).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 pub struct ChannelNumber(u16);
 
 impl ChannelNumber {
     /// The lowest valid channel number.
     pub const MIN: u16 = 0x4000;
-    /// The highest valid channel number.
+    /// The highest channel number of RFC 8656.
     pub const MAX: u16 = 0x4FFF;
+    /// The highest channel number of RFC 5766.
+    pub const MAX_RFC5766: u16 = 0x7FFF;
 
     /// Validates a channel number.
     ///
     /// # Errors
-    /// [`DecodeError::BadChannelNumber`] outside 0x4000–0x4FFF.
+    /// [`DecodeError::BadChannelNumber`] outside 0x4000–0x7FFF.
     pub fn new(n: u16) -> Result<Self, DecodeError> {
-        if (Self::MIN..=Self::MAX).contains(&n) {
+        if (Self::MIN..=Self::MAX_RFC5766).contains(&n) {
             Ok(Self(n))
         } else {
             Err(DecodeError::BadChannelNumber(n))
@@ -28,6 +33,12 @@ impl ChannelNumber {
     #[must_use]
     pub fn get(self) -> u16 {
         self.0
+    }
+
+    /// Whether the number is inside RFC 8656's range 0x4000–0x4FFF.
+    #[must_use]
+    pub fn is_rfc8656(self) -> bool {
+        self.0 <= Self::MAX
     }
 }
 

@@ -63,7 +63,8 @@ pub fn frame_len(buf: &[u8]) -> Result<FrameLen, DecodeError> {
                 HEADER_LEN + usize::from(u16::from_be_bytes([buf[2], buf[3]])),
             )
         }
-        Demux::ChannelData => {
+        // 80–127 are unassigned by RFC 7983; RFC 5766 clients put channels 0x5000–0x7FFF there.
+        Demux::ChannelData | Demux::Unknown if (64..=127).contains(&first) => {
             if buf.len() < 4 {
                 return Ok(FrameLen::NeedMore(4));
             }

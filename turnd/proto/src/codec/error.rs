@@ -45,8 +45,8 @@ pub enum DecodeError {
         /// What is wrong with it.
         what: &'static str,
     },
-    /// A ChannelData channel number is outside 0x4000–0x4FFF (RFC 8656 §12).
-    #[error("channel number {0:#06x} is outside 0x4000-0x4FFF")]
+    /// A channel number is outside 0x4000–0x7FFF (RFC 8656 §12, RFC 5766 §11).
+    #[error("channel number {0:#06x} is outside 0x4000-0x7FFF")]
     BadChannelNumber(u16),
     /// The first byte matches neither STUN nor ChannelData (RFC 7983).
     #[error("first byte {0} is neither STUN nor ChannelData")]

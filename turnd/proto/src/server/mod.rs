@@ -104,6 +104,9 @@ pub struct ServerConfig {
     pub max_permissions_per_allocation: usize,
     /// SOFTWARE sent to authenticated clients only; `None` sends nothing.
     pub software: Option<String>,
+    /// Also accept channel numbers 0x5000–0x7FFF, which RFC 5766 allowed and RFC 8656
+    /// reserved; coturn's `turnutils_uclient` still uses them. Off by default.
+    pub rfc5766_channel_numbers: bool,
 }
 
 impl Default for ServerConfig {
@@ -123,6 +126,7 @@ impl Default for ServerConfig {
             policy: PeerPolicy::default(),
             max_permissions_per_allocation: 64,
             software: None,
+            rfc5766_channel_numbers: false,
         }
     }
 }
@@ -142,7 +146,7 @@ pub enum Reject {
     BadPasswordAlgorithm,
     /// 400: attributes that must not appear together (RFC 8656 §7.2).
     ConflictingAttributes,
-    /// 400: CHANNEL-NUMBER outside 0x4000–0x4FFF.
+    /// 400: CHANNEL-NUMBER outside 0x4000–0x4FFF (0x7FFF with `rfc5766_channel_numbers`).
     InvalidChannelNumber,
     /// 400: the channel or the peer is already bound otherwise (RFC 8656 §11.2).
     ChannelConflict,
@@ -812,6 +816,10 @@ impl Server {
         };
         match Demux::classify(first) {
             Demux::ChannelData => self.handle_channel_data(now, five_tuple, data),
+            // RFC 5766 channels 0x5000–0x7FFF (only ever bound when allowed).
+            Demux::Unknown if (0x50..=0x7f).contains(&first) => {
+                self.handle_channel_data(now, five_tuple, data);
+            }
             Demux::Stun => match Message::decode(data) {
                 Ok(msg) => self.handle_stun(now, five_tuple, &msg),
                 Err(_) => self.drop_packet(DropReason::Malformed),
@@ -1651,7 +1659,10 @@ impl Server {
             Err(r) => return self.reject(ft, msg, r, Some(signer), |_| {}),
         };
         let number = match msg.get::<ChannelNumber>() {
-            Ok(Some(n)) => n,
+            Ok(Some(n)) if n.is_rfc8656() || self.config.rfc5766_channel_numbers => n,
+            Ok(Some(_)) => {
+                return self.reject(ft, msg, Reject::InvalidChannelNumber, Some(signer), |_| {});
+            }
             Ok(None) => {
                 return self.reject(ft, msg, Reject::MissingAttribute, Some(signer), |_| {})
             }
