@@ -293,6 +293,10 @@ mod tests {
             turn_proto::auth::rest_api_password(b"secret", "1700003600:alice")
         );
         assert_eq!(c.ttl, 3600);
+        assert_eq!(
+            turn_proto::auth::rest_api_expiry(&c.username),
+            Some(1_700_003_600)
+        );
         let json: serde_json::Value = serde_json::to_value(&c).expect("json");
         assert_eq!(json["uris"][0], "turn:x");
     }
