@@ -95,7 +95,11 @@ fn encode_one<'x, A: Attribute<'x>>(
     .padding(pad);
     b.add(attr);
     let len = b.finish();
-    assert_eq!(&out[..prefix.len()], prefix, "the builder touched the prefix");
+    assert_eq!(
+        &out[..prefix.len()],
+        prefix,
+        "the builder touched the prefix"
+    );
     let msg = out.split_off(prefix.len());
     assert_eq!(msg.len(), len);
     let vlen = usize::from(u16::from_be_bytes([msg[22], msg[23]]));
@@ -236,7 +240,8 @@ proptest! {
 
         // A byte that is never valid UTF-8, within the length limit.
         let mut v = b"abcdefgh".to_vec();
-        v[bad_at.index(v.len())] = 0xff;
+        let at = bad_at.index(v.len());
+        v[at] = 0xff;
         let mut out = Vec::new();
         let mut b = MessageBuilder::new(
             &mut out,
@@ -330,6 +335,7 @@ proptest! {
     #[test]
     fn turn_scalar_attributes_round_trip(
         channel in ChannelNumber::MIN..=ChannelNumber::MAX,
+        old_channel in ChannelNumber::MAX + 1..=ChannelNumber::MAX_RFC5766,
         lifetime in any::<u32>(),
         family in any::<u8>(),
         additional in any::<u8>(),
@@ -339,6 +345,7 @@ proptest! {
         tid in tid(),
     ) {
         round_trip!(ChannelNumber, ChannelNumber::new(channel).unwrap(), tid, &[], 0);
+        round_trip!(ChannelNumber, ChannelNumber::new(old_channel).unwrap(), tid, &[], 0);
         round_trip!(Lifetime, Lifetime(lifetime), tid, &[], 0);
         round_trip!(
             RequestedAddressFamily,
@@ -366,9 +373,18 @@ proptest! {
     }
 
     #[test]
-    fn channel_numbers_outside_0x4000_to_0x4fff_are_refused(n in any::<u16>(), tid in tid()) {
-        let valid = (0x4000..=0x4fff).contains(&n);
-        prop_assert_eq!(ChannelNumber::new(n).is_ok(), valid);
+    fn channel_numbers_outside_0x4000_to_0x7fff_are_refused_and_rfc8656_is_0x4fff(
+        n in any::<u16>(),
+        tid in tid(),
+    ) {
+        // The codec takes RFC 5766's range; whether 0x5000-0x7FFF is served is the server's
+        // policy (`rfc5766_channel_numbers`).
+        let valid = (0x4000..=0x7fff).contains(&n);
+        let ch = ChannelNumber::new(n);
+        prop_assert_eq!(ch.is_ok(), valid);
+        if let Ok(c) = ch {
+            prop_assert_eq!(c.is_rfc8656(), n <= 0x4fff);
+        }
         let mut out = Vec::new();
         let mut b = MessageBuilder::new(
             &mut out,
@@ -383,6 +399,9 @@ proptest! {
         if let Ok(Some(c)) = got {
             prop_assert_eq!(c.get(), n);
         }
+        // ChannelData on such a number decodes exactly when the number is valid.
+        let datagram = [hi, lo, 0, 1, 0xab];
+        prop_assert_eq!(ChannelData::decode(&datagram).is_ok(), valid);
     }
 
     #[test]
@@ -718,22 +737,27 @@ fn setup() -> impl Strategy<Value = Setup> {
         prop::option::of(0u32..4),
         1usize..6,
         any::<bool>(),
+        any::<bool>(),
     )
-        .prop_map(|(v4, v6, per_user, total, max_permissions, software)| Setup {
-            relay_ipv4: v4,
-            relay_ipv6: v6,
-            per_user_quota: per_user,
-            total_quota: total,
-            max_permissions,
-            software,
-        })
+        .prop_map(
+            |(v4, v6, per_user, total, max_permissions, software, rfc5766_channels)| Setup {
+                relay_ipv4: v4,
+                relay_ipv6: v6,
+                per_user_quota: per_user,
+                total_quota: total,
+                max_permissions,
+                software,
+                rfc5766_channels,
+            },
+        )
 }
 
 fn req_kind() -> impl Strategy<Value = ReqKind> {
     let family = || prop::option::of(prop_oneof![Just(1u8), Just(2u8), any::<u8>()]);
-    let lifetime = || prop::option::of(prop_oneof![Just(0u32), Just(600), Just(3600), any::<u32>()]);
+    let lifetime =
+        || prop::option::of(prop_oneof![Just(0u32), Just(600), Just(3600), any::<u32>()]);
     prop_oneof![
-        Just(ReqKind::Binding),
+        1 => Just(ReqKind::Binding),
         3 => (
             prop::option::of(prop_oneof![4 => Just(17u8), 1 => any::<u8>()]),
             family(),
@@ -753,12 +777,12 @@ fn req_kind() -> impl Strategy<Value = ReqKind> {
                 lifetime,
                 dont_fragment,
             }),
-        (lifetime(), family())
+        1 => (lifetime(), family())
             .prop_map(|(lifetime, requested_family)| ReqKind::Refresh { lifetime, requested_family }),
         2 => vec(any::<u8>(), 0..20).prop_map(|peers| ReqKind::CreatePermission { peers }),
         2 => (any::<u16>(), any::<u8>())
             .prop_map(|(channel, peer)| ReqKind::ChannelBind { channel, peer }),
-        (any::<u16>(), any::<u16>()).prop_map(|(method, attr)| ReqKind::Odd { method, attr }),
+        1 => (any::<u16>(), any::<u16>()).prop_map(|(method, attr)| ReqKind::Odd { method, attr }),
     ]
 }
 
@@ -849,7 +873,10 @@ fn driver_reaches_allocations_permissions_channels_and_relaying() {
         Op::Request {
             tuple: 0,
             cred: 1,
-            kind: ReqKind::ChannelBind { channel: 1, peer: 0 },
+            kind: ReqKind::ChannelBind {
+                channel: 1,
+                peer: 0,
+            },
             tid: 2,
             fingerprint: false,
             corrupt: None,
@@ -868,8 +895,17 @@ fn driver_reaches_allocations_permissions_channels_and_relaying() {
     assert_eq!(d.bound.len(), 2, "an IPv4 and an IPv6 relay socket");
     d.sent.clear();
     d.run(&[
-        Op::ChannelData { tuple: 0, channel: 1, data: b"hello".to_vec() },
-        Op::Send { tuple: 0, peer: 2, data: b"v6".to_vec(), dont_fragment: true },
+        Op::ChannelData {
+            tuple: 0,
+            channel: 1,
+            data: b"hello".to_vec(),
+        },
+        Op::Send {
+            tuple: 0,
+            peer: 2,
+            data: b"v6".to_vec(),
+            dont_fragment: true,
+        },
     ]);
     let to_peers: Vec<_> = d
         .sent
@@ -880,12 +916,79 @@ fn driver_reaches_allocations_permissions_channels_and_relaying() {
         })
         .collect();
     let peers = driver::peers();
-    assert_eq!(to_peers, vec![(peers[0], b"hello".to_vec()), (peers[2], b"v6".to_vec())]);
+    assert_eq!(
+        to_peers,
+        vec![(peers[0], b"hello".to_vec()), (peers[2], b"v6".to_vec())]
+    );
     let relay4 = *d.bound.iter().find(|a| a.is_ipv4()).unwrap();
     d.sent.clear();
-    d.run(&[Op::Peer { relay: 0, peer: 0, data: b"back".to_vec() }]);
-    assert!(d.sent.iter().any(|(dst, p)| matches!(dst,
-        turn_proto::server::Destination::Client(_)) && ChannelData::decode(p).is_ok_and(|c| c.data == b"back")),
-        "peer datagram on {relay4} not relayed as ChannelData: {:?}", d.sent);
+    d.run(&[Op::Peer {
+        relay: 0,
+        peer: 0,
+        data: b"back".to_vec(),
+    }]);
+    assert!(
+        d.sent.iter().any(
+            |(dst, p)| matches!(dst, turn_proto::server::Destination::Client(_))
+                && ChannelData::decode(p).is_ok_and(|c| c.data == b"back")
+        ),
+        "peer datagram on {relay4} not relayed as ChannelData: {:?}",
+        d.sent
+    );
     d.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bugs the scenario properties found, pinned as plain tests (minimal inputs).
+
+fn allocate_op(tuple: u8, additional: bool, even_port: Option<bool>, token: Option<u8>) -> Op {
+    Op::Request {
+        tuple,
+        cred: 1,
+        kind: ReqKind::Allocate {
+            transport: Some(17),
+            requested_family: None,
+            additional_family: additional.then_some(2),
+            even_port,
+            token,
+            lifetime: None,
+            dont_fragment: false,
+        },
+        tid: 1,
+        fingerprint: false,
+        corrupt: None,
+    }
+}
+
+/// RFC 8656 §7.2 dual allocation: the IO layer bound the IPv6 socket but not the IPv4 one.
+/// The Allocate fails with 508, and the IPv6 socket must be given back like `reserved_next`
+/// is; `handle_relay_bound` forgets it.
+#[test]
+fn additional_relay_socket_is_released_when_the_primary_bind_fails() {
+    let mut d = Driver::new(Setup::default());
+    d.run(&[
+        Op::RelayMode(8), // hold the relay request
+        allocate_op(0, true, None, None),
+        Op::RelayMode(1), // then fail the IPv4 bind, bind IPv6
+        Op::Answer,
+    ]);
+    assert_eq!(d.server.allocation_count(), 0);
+    assert!(d.bound.is_empty(), "leaked relay sockets: {:?}", d.bound);
+}
+
+/// An Allocate with a valid RESERVATION-TOKEN that is then refused by the allocation quota
+/// (486) must not lose the reserved port.
+#[test]
+fn reserved_port_is_released_when_its_allocate_hits_the_quota() {
+    let mut d = Driver::new(Setup {
+        per_user_quota: Some(1),
+        ..Setup::default()
+    });
+    d.run(&[
+        allocate_op(0, false, Some(true), None), // EVEN-PORT R: holds port + 1
+        allocate_op(3, false, None, Some(0)),    // alice again, with the token: 486
+        Op::Advance { millis: 60_000 },          // the reservation's 30 s run out
+    ]);
+    assert_eq!(d.server.allocation_count(), 1);
+    assert_eq!(d.bound.len(), 1, "held relay sockets: {:?}", d.bound);
 }

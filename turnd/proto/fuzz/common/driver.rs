@@ -18,14 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use turn_proto::auth::{
-    long_term_key_md5, long_term_key_sha256, rest_api_password, user_hash, Credentials,
-    UserSecret,
+    long_term_key_md5, long_term_key_sha256, rest_api_password, user_hash, Credentials, UserSecret,
 };
 use turn_proto::codec::{
-    AddressFamily, AdditionalAddressFamily, AttrType, ChannelData, ChannelNumber, Class, Data,
+    AdditionalAddressFamily, AddressFamily, AttrType, ChannelData, ChannelNumber, Class, Data,
     DontFragment, ErrorCode, ErrorCodeAttr, EvenPort, Lifetime, Message, MessageBuilder,
-    MessageType, Method, Nonce, PasswordAlgorithm, PasswordAlgorithmId, PasswordAlgorithms,
-    Realm, RequestedAddressFamily, RequestedTransport, ReservationToken, TransactionId, UserHash,
+    MessageType, Method, Nonce, PasswordAlgorithm, PasswordAlgorithmId, PasswordAlgorithms, Realm,
+    RequestedAddressFamily, RequestedTransport, ReservationToken, TransactionId, UserHash,
     Username, XorMappedAddress, XorPeerAddress,
 };
 use turn_proto::server::policy::PeerPolicy;
@@ -105,6 +104,8 @@ pub(crate) struct Setup {
     pub(crate) total_quota: Option<u32>,
     pub(crate) max_permissions: usize,
     pub(crate) software: bool,
+    /// Serve RFC 5766 channel numbers 0x5000-0x7FFF too.
+    pub(crate) rfc5766_channels: bool,
 }
 
 impl Default for Setup {
@@ -116,6 +117,7 @@ impl Default for Setup {
             total_quota: None,
             max_permissions: 8,
             software: false,
+            rfc5766_channels: false,
         }
     }
 }
@@ -234,12 +236,13 @@ pub(crate) enum Op {
     },
 }
 
-/// Channel numbers: mostly a few valid ones so bindings get reused, sometimes anything.
+/// Channel numbers: mostly a few valid ones so bindings get reused, sometimes an RFC 5766 one
+/// (0x5000-0x7FFF), sometimes anything.
 pub(crate) fn channel_from(c: u16) -> u16 {
-    if c & 0x8000 != 0 {
-        c & 0x7fff
-    } else {
-        ChannelNumber::MIN + (c % 4)
+    match c >> 14 {
+        0 | 1 => ChannelNumber::MIN + (c % 4),
+        2 => ChannelNumber::MAX + 1 + (c % 4),
+        _ => c << 2,
     }
 }
 
@@ -283,6 +286,7 @@ impl Driver {
             relay_ipv6: setup.relay_ipv6,
             max_permissions_per_allocation: setup.max_permissions,
             software: setup.software.then(|| "turnd-fuzz".to_owned()),
+            rfc5766_channel_numbers: setup.rfc5766_channels,
             ..ServerConfig::default()
         };
         let quota = Arc::new(Mutex::new(LocalQuota::new(
@@ -371,10 +375,14 @@ impl Driver {
                 let n = channel_from(*channel);
                 let mut out = Vec::new();
                 match ChannelNumber::new(n) {
-                    Ok(ch) => ChannelData { channel: ch, data }.encode(ft.transport.is_stream(), &mut out),
+                    Ok(ch) => {
+                        ChannelData { channel: ch, data }.encode(ft.transport.is_stream(), &mut out)
+                    }
                     Err(_) => {
                         out.extend_from_slice(&n.to_be_bytes());
-                        out.extend_from_slice(&u16::try_from(data.len()).unwrap_or(0).to_be_bytes());
+                        out.extend_from_slice(
+                            &u16::try_from(data.len()).unwrap_or(0).to_be_bytes(),
+                        );
                         out.extend_from_slice(data);
                     }
                 }
@@ -504,7 +512,7 @@ impl Driver {
         b.finish();
         if let Some((pos, x)) = corrupt {
             let i = usize::from(pos) % out.len();
-            out[i] ^= (*x).max(1);
+            out[i] ^= x.max(1);
         }
         out
     }
@@ -518,12 +526,20 @@ impl Driver {
         match cred {
             Cred::None => {}
             Cred::Alice | Cred::Wrong => {
-                let password = if cred == Cred::Alice { "wonderland" } else { "wrong" };
-                b.add(&Username("alice")).add(&Realm(REALM)).add(&Nonce(nonce));
+                let password = if cred == Cred::Alice {
+                    "wonderland"
+                } else {
+                    "wrong"
+                };
+                b.add(&Username("alice"))
+                    .add(&Realm(REALM))
+                    .add(&Nonce(nonce));
                 b.add_message_integrity(&long_term_key_md5("alice", REALM, password));
             }
             Cred::AliceSha256 => {
-                b.add(&Username("alice")).add(&Realm(REALM)).add(&Nonce(nonce));
+                b.add(&Username("alice"))
+                    .add(&Realm(REALM))
+                    .add(&Nonce(nonce));
                 b.add(&PasswordAlgorithms::SERVER);
                 b.add(&PasswordAlgorithm {
                     algorithm: PasswordAlgorithmId::SHA256,
@@ -538,7 +554,9 @@ impl Driver {
                 b.add_message_integrity_sha256(&long_term_key_md5("alice", REALM, "wonderland"));
             }
             Cred::Bob => {
-                b.add(&Username("bob")).add(&Realm(REALM)).add(&Nonce(nonce));
+                b.add(&Username("bob"))
+                    .add(&Realm(REALM))
+                    .add(&Nonce(nonce));
                 b.add_message_integrity(&long_term_key_md5("bob", REALM, "builder"));
             }
             Cred::Rest | Cred::RestExpired => {
@@ -547,7 +565,9 @@ impl Driver {
                 } else {
                     rest(self.unix_now().saturating_sub(60))
                 };
-                b.add(&Username(&user)).add(&Realm(REALM)).add(&Nonce(nonce));
+                b.add(&Username(&user))
+                    .add(&Realm(REALM))
+                    .add(&Nonce(nonce));
                 b.add_message_integrity(&long_term_key_md5(&user, REALM, &password));
             }
         }
@@ -587,7 +607,9 @@ impl Driver {
             }
             let free = |q: u16| {
                 !self.bound.contains(&sa(v4(10, 0, 0, 5), q))
-                    && !self.bound.contains(&sa(v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10]), q))
+                    && !self
+                        .bound
+                        .contains(&sa(v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10]), q))
             };
             if free(p) && (!pair || free(p + 1)) {
                 return Some(p);
@@ -612,7 +634,11 @@ impl Driver {
         RelayedAddress { local, advertised }
     }
 
-    fn bind(&mut self, family: AddressFamily, port: PortRequest) -> Result<RelayedAddress, RelayError> {
+    fn bind(
+        &mut self,
+        family: AddressFamily,
+        port: PortRequest,
+    ) -> Result<RelayedAddress, RelayError> {
         let ip = Self::local_ip(family).ok_or(RelayError::FamilyUnavailable)?;
         let local = match port {
             PortRequest::Reserved(local) => {
@@ -622,10 +648,16 @@ impl Driver {
                 );
                 return Ok(Self::relayed(local));
             }
-            PortRequest::Even { reserve_next } => {
-                sa(ip, self.next_free_port(true, reserve_next).ok_or(RelayError::NoPortAvailable)?)
-            }
-            PortRequest::Any => sa(ip, self.next_free_port(false, false).ok_or(RelayError::NoPortAvailable)?),
+            PortRequest::Even { reserve_next } => sa(
+                ip,
+                self.next_free_port(true, reserve_next)
+                    .ok_or(RelayError::NoPortAvailable)?,
+            ),
+            PortRequest::Any => sa(
+                ip,
+                self.next_free_port(false, false)
+                    .ok_or(RelayError::NoPortAvailable)?,
+            ),
         };
         assert!(self.bound.insert(local), "port {local} handed out twice");
         Ok(Self::relayed(local))
@@ -656,7 +688,10 @@ impl Driver {
         let reserved_next = match (req.port, &primary) {
             (PortRequest::Even { reserve_next: true }, Ok(r)) => {
                 let next = sa(r.local.ip(), r.local.port() + 1);
-                assert!(self.bound.insert(next), "reserved port {next} already in use");
+                assert!(
+                    self.bound.insert(next),
+                    "reserved port {next} already in use"
+                );
                 Some(next)
             }
             _ => None,
@@ -799,8 +834,15 @@ impl Driver {
         // Outlive every lifetime (max 3600 s, the channel cooldown, reservations).
         self.advance(Duration::from_secs(2 * 3600));
         self.advance(Duration::from_secs(600));
-        assert_eq!(self.server.allocation_count(), 0, "allocations outlived their lifetime");
-        assert_eq!(self.created, self.ended, "AllocationCreated without AllocationEnded");
+        assert_eq!(
+            self.server.allocation_count(),
+            0,
+            "allocations outlived their lifetime"
+        );
+        assert_eq!(
+            self.created, self.ended,
+            "AllocationCreated without AllocationEnded"
+        );
         assert_eq!(self.server.permission_and_channel_count(), (0, 0));
         assert!(
             self.bound.is_empty(),
@@ -873,6 +915,7 @@ pub(crate) fn parse_setup(r: &mut Bytes<'_>) -> Setup {
         total_quota: (a & 0x20 != 0).then_some(u32::from((b >> 2) & 0x03)),
         max_permissions: usize::from((b >> 4) & 0x07) + 1,
         software: a & 0x40 != 0,
+        rfc5766_channels: a & 0x80 != 0,
     }
 }
 

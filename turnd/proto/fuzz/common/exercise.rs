@@ -4,7 +4,7 @@
 //! decode are asserted.
 
 use turn_proto::codec::{
-    frame_len, AddressErrorCode, AdditionalAddressFamily, AlternateDomain, AlternateServer,
+    frame_len, AdditionalAddressFamily, AddressErrorCode, AlternateDomain, AlternateServer,
     Attribute, ChannelData, ChannelNumber, Data, DontFragment, ErrorCodeAttr, EvenPort,
     Fingerprint, FrameLen, Icmp, Lifetime, MappedAddress, Message, MessageIntegrity,
     MessageIntegritySha256, Nonce, PasswordAlgorithm, PasswordAlgorithms, Realm,
@@ -39,7 +39,11 @@ pub(crate) fn stun(bytes: &[u8]) {
     let _ = (m.typ(), m.transaction_id(), m.typ().method.name());
     for a in m.attributes() {
         assert!(a.offset >= HEADER_LEN && a.offset + 4 + a.value.len() <= bytes.len());
-        let _ = (a.typ.name(), a.typ.is_known(), a.typ.is_comprehension_required());
+        let _ = (
+            a.typ.name(),
+            a.typ.is_known(),
+            a.typ.is_comprehension_required(),
+        );
     }
     let _ = m.unknown_comprehension_required().count();
     get_all::<MappedAddress>(&m);
@@ -80,7 +84,7 @@ pub(crate) fn stun(bytes: &[u8]) {
         assert!((300..700).contains(&e.code.0), "ERROR-CODE {:?}", e.code);
     }
     if let Ok(Some(c)) = m.get::<ChannelNumber>() {
-        assert!((ChannelNumber::MIN..=ChannelNumber::MAX).contains(&c.get()));
+        assert!((ChannelNumber::MIN..=ChannelNumber::MAX_RFC5766).contains(&c.get()));
     }
     for key in KEYS {
         let mi = m.verify_integrity(key);
@@ -96,7 +100,7 @@ pub(crate) fn stun(bytes: &[u8]) {
 pub(crate) fn channel_data(bytes: &[u8]) {
     if let Ok(cd) = ChannelData::decode(bytes) {
         let n = cd.channel.get();
-        assert!((ChannelNumber::MIN..=ChannelNumber::MAX).contains(&n));
+        assert!((ChannelNumber::MIN..=ChannelNumber::MAX_RFC5766).contains(&n));
         let end = ChannelData::HEADER_LEN + cd.data.len();
         assert!(bytes.len() == end || bytes.len() == (end + 3) & !3);
         assert_eq!(cd.data, &bytes[4..end]);
@@ -110,7 +114,11 @@ pub(crate) fn stream(mut buf: &[u8]) -> usize {
     loop {
         match frame_len(buf) {
             Ok(FrameLen::Complete(n)) => {
-                assert!(n >= 4 && n <= buf.len(), "Complete({n}) of {} bytes", buf.len());
+                assert!(
+                    n >= 4 && n <= buf.len(),
+                    "Complete({n}) of {} bytes",
+                    buf.len()
+                );
                 let (frame, rest) = buf.split_at(n);
                 stun(frame);
                 channel_data(frame);
@@ -118,7 +126,11 @@ pub(crate) fn stream(mut buf: &[u8]) -> usize {
                 buf = rest;
             }
             Ok(FrameLen::NeedMore(n)) => {
-                assert!(n > buf.len(), "NeedMore({n}) with {} bytes buffered", buf.len());
+                assert!(
+                    n > buf.len(),
+                    "NeedMore({n}) with {} bytes buffered",
+                    buf.len()
+                );
                 return frames;
             }
             Err(_) => return frames,
