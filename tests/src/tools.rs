@@ -1,0 +1,76 @@
+//! External tools (coturn's `turnserver` and `turnutils_*`).
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Whether missing tools must fail tests (`TURND_REQUIRE_TOOLS=1`, set in CI).
+#[must_use]
+pub fn tools_required() -> bool {
+    std::env::var("TURND_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
+}
+
+/// Finds `name` on `PATH` (or in `/usr/bin`, `/usr/local/bin`).
+///
+/// Returns `None` (and says so on stderr) when it is missing, so the caller can skip.
+///
+/// # Panics
+/// The tool is missing and [`tools_required`].
+#[must_use]
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain(["/usr/bin".into(), "/usr/local/bin".into()])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            !tools_required(),
+            "{name} is not installed and TURND_REQUIRE_TOOLS=1 (apt-get install -y coturn)"
+        );
+        eprintln!("SKIPPED: {name} is not installed (apt-get install -y coturn)");
+    }
+    found
+}
+
+/// Runs a command to completion with a deadline, killing it when the deadline passes.
+///
+/// # Errors
+/// It could not start, or it outlived `timeout`.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Drain the pipes on threads so a chatty tool cannot block on a full pipe.
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let t_out = std::thread::spawn(move || read_all(out.as_mut()));
+    let t_err = std::thread::spawn(move || read_all(err.as_mut()));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("{cmd:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Output {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    })
+}
+
+fn read_all(r: Option<&mut impl std::io::Read>) -> Vec<u8> {
+    let mut v = Vec::new();
+    if let Some(r) = r {
+        let _ = r.read_to_end(&mut v);
+    }
+    v
+}
