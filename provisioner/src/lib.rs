@@ -19,5 +19,7 @@
 
 pub mod exec;
 pub mod inventory;
+pub mod phases;
+pub mod plan;
 pub mod render;
 pub mod secrets;

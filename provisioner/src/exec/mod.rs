@@ -7,6 +7,7 @@
 mod fake;
 mod local;
 mod ssh;
+mod sudo;
 mod virsh_shell;
 
 use std::fmt;
@@ -14,6 +15,7 @@ use std::fmt;
 pub use fake::{Recorded, RecordingTransport};
 pub use local::LocalTransport;
 pub use ssh::{SshOptions, SshTransport};
+pub use sudo::Sudo;
 pub use virsh_shell::VirshShellTransport;
 
 /// A command: a program and its arguments, never a shell string; plus optional stdin.
@@ -208,6 +210,18 @@ pub trait Transport: Send + Sync {
                 stderr: out.stderr.trim().to_owned(),
             })
         }
+    }
+}
+
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn target(&self) -> &str {
+        (**self).target()
+    }
+    fn run(&self, cmd: &Cmd) -> Result<Output, ExecError> {
+        (**self).run(cmd)
+    }
+    fn upload(&self, data: &[u8], path: &str, mode: u32) -> Result<(), ExecError> {
+        (**self).upload(data, path, mode)
     }
 }
 

@@ -5,15 +5,20 @@
 //! uploads run locally.
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Mutex;
+use std::time::Duration;
+
+/// How long one virsh command may take before the session is declared stuck.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 use super::{log_output, shell_quote, Cmd, ExecError, LocalTransport, Output, Transport};
 
 struct Session {
     child: Child,
     stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+    lines: Receiver<std::io::Result<String>>,
     seq: u64,
 }
 
@@ -53,10 +58,19 @@ impl VirshShellTransport {
         };
         let stdin = child.stdin.take().ok_or_else(|| proto("no stdin pipe"))?;
         let stdout = BufReader::new(child.stdout.take().ok_or_else(|| proto("no stdout pipe"))?);
+        let (tx, lines) = mpsc::channel();
+        // Lines are read on a thread so that a stuck virsh becomes a timeout, not a hang.
+        std::thread::spawn(move || {
+            for line in stdout.lines() {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
         let mut session = Session {
             child,
             stdin,
-            stdout,
+            lines,
             seq: 0,
         };
         // Swallow the banner.
@@ -73,7 +87,7 @@ impl VirshShellTransport {
 /// (the prompt-echo lines removed).
 fn exchange(s: &mut Session, line: &str) -> Result<Vec<String>, ExecError> {
     s.seq += 1;
-    let marker = format!("--provisioner-mark-{}--", s.seq);
+    let marker = format!("provisioner-mark-{}", s.seq);
     let proto = |reason: String| ExecError::Protocol {
         target: "virsh-shell".to_owned(),
         reason,
@@ -83,15 +97,19 @@ fn exchange(s: &mut Session, line: &str) -> Result<Vec<String>, ExecError> {
         .map_err(|e| proto(format!("virsh went away: {e}")))?;
     let mut lines = Vec::new();
     loop {
-        let mut buf = String::new();
-        let n = s
-            .stdout
-            .read_line(&mut buf)
-            .map_err(|e| proto(format!("reading virsh: {e}")))?;
-        if n == 0 {
-            return Err(proto(format!("virsh exited while running `{line}`")));
-        }
-        let text = buf.trim_end_matches(['\n', '\r']);
+        let buf = match s.lines.recv_timeout(COMMAND_TIMEOUT) {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => return Err(proto(format!("reading virsh: {e}"))),
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(proto(format!(
+                    "virsh did not answer `{line}` within {COMMAND_TIMEOUT:?}"
+                )))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(proto(format!("virsh exited while running `{line}`")))
+            }
+        };
+        let text = buf.trim_end_matches('\r');
         if text == marker {
             break;
         }
@@ -114,6 +132,12 @@ impl Drop for VirshShellTransport {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let _ = writeln!(s.stdin, "quit");
         let _ = s.stdin.flush();
+        if !matches!(s.child.try_wait(), Ok(Some(_))) {
+            std::thread::sleep(Duration::from_millis(20));
+            if !matches!(s.child.try_wait(), Ok(Some(_))) {
+                let _ = s.child.kill();
+            }
+        }
         let _ = s.child.wait();
     }
 }

@@ -201,7 +201,7 @@ pub enum Role {
 }
 
 /// One VM.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Vm {
     /// Name: libvirt domain, hostname and Kubernetes node name.

@@ -66,8 +66,14 @@ impl NetworkSpec {
 
     /// The libvirt XML.
     pub fn to_xml(&self) -> String {
+        self.to_xml_with_uuid(None)
+    }
+
+    /// The libvirt XML carrying `uuid`: redefining an existing object must keep its UUID.
+    pub fn to_xml_with_uuid(&self, uuid: Option<&str>) -> String {
         Element::new("network")
             .child(Element::new("name").text(&self.name))
+            .children(uuid.map(|u| Element::new("uuid").text(u)))
             .child(Element::new("forward").attr("mode", "nat"))
             .child(
                 Element::new("bridge")
@@ -166,9 +172,15 @@ impl DomainSpec {
 
     /// The libvirt XML (KVM, virtio disk and NIC, serial console, no graphics).
     pub fn to_xml(&self) -> String {
+        self.to_xml_with_uuid(None)
+    }
+
+    /// The libvirt XML carrying `uuid`: redefining an existing domain must keep its UUID.
+    pub fn to_xml_with_uuid(&self, uuid: Option<&str>) -> String {
         Element::new("domain")
             .attr("type", "kvm")
             .child(Element::new("name").text(&self.name))
+            .children(uuid.map(|u| Element::new("uuid").text(u)))
             .child(
                 Element::new("memory")
                     .attr("unit", "MiB")
@@ -287,6 +299,17 @@ impl DomainSpec {
             network: attr(child(iface, "source")?, "network")?.to_owned(),
         })
     }
+}
+
+/// The `<uuid>` of a network or domain definition, if any.
+pub fn uuid_of(xml: &str) -> Result<Option<String>, XmlError> {
+    let doc = roxmltree::Document::parse(xml)?;
+    Ok(doc
+        .root_element()
+        .children()
+        .find(|n| n.has_tag_name("uuid"))
+        .and_then(|n| n.text())
+        .map(|t| t.trim().to_owned()))
 }
 
 fn child<'a, 'i>(

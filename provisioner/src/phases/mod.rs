@@ -1,0 +1,136 @@
+//! The phases. Each one gathers facts (read-only commands), computes a [`Plan`] from them with
+//! a pure function, and leaves applying to [`crate::plan::apply`].
+
+pub mod facts;
+pub mod host;
+pub mod k8s;
+pub mod virsh;
+pub mod vms;
+
+use crate::exec::ExecError;
+use crate::inventory::Cluster;
+use crate::plan::{PhaseId, Plan, Transports};
+
+/// Knobs that are not part of the inventory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Debian packages the host needs.
+    pub host_packages: Vec<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            host_packages: [
+                "qemu-kvm",
+                "libvirt-daemon-system",
+                "libvirt-clients",
+                "qemu-utils",
+                "cloud-image-utils",
+                "genisoimage",
+                "curl",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        }
+    }
+}
+
+/// Everything a phase needs.
+#[derive(Debug)]
+pub struct Context<'a> {
+    /// The validated inventory.
+    pub cluster: &'a Cluster,
+    /// Where commands run.
+    pub transports: &'a Transports,
+    /// Settings.
+    pub settings: &'a Settings,
+}
+
+/// Why a phase could not be planned.
+#[derive(Debug, thiserror::Error)]
+pub enum PhaseError {
+    /// Gathering facts failed.
+    #[error("phase {phase}: gathering facts: {source}")]
+    Gather {
+        /// The phase.
+        phase: PhaseId,
+        /// The failing command.
+        source: ExecError,
+    },
+    /// libvirt returned XML we cannot read.
+    #[error("phase {phase}: {source}")]
+    Xml {
+        /// The phase.
+        phase: PhaseId,
+        /// What was wrong.
+        source: crate::render::libvirt::XmlError,
+    },
+    /// Some tool's output could not be read.
+    #[error("phase {phase}: cannot read the output of `{command}`: {reason}")]
+    Output {
+        /// The phase.
+        phase: PhaseId,
+        /// The command.
+        command: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The phase belongs to a later version.
+    #[error("phase {0} is not implemented in this version")]
+    NotImplemented(PhaseId),
+    /// A VM has no transport.
+    #[error("phase {phase}: {source}")]
+    Transport {
+        /// The phase.
+        phase: PhaseId,
+        /// What is missing.
+        source: crate::plan::NoTransport,
+    },
+}
+
+/// Gathers facts for `phase` and plans it.
+pub fn plan(phase: PhaseId, ctx: &Context<'_>) -> Result<Plan, PhaseError> {
+    match phase {
+        PhaseId::Host => {
+            let facts = host::gather(ctx)?;
+            Ok(host::plan(ctx.cluster, ctx.settings, &facts))
+        }
+        PhaseId::Vms => {
+            let facts = vms::gather(ctx)?;
+            Ok(vms::plan(ctx.cluster, &facts))
+        }
+        PhaseId::K8sCommon => {
+            let facts = k8s::gather_common(ctx)?;
+            Ok(k8s::plan_common(ctx.cluster, &facts))
+        }
+        PhaseId::K8sMaster => {
+            let facts = k8s::gather_master(ctx)?;
+            Ok(k8s::plan_master(ctx.cluster, &facts))
+        }
+        PhaseId::K8sWorkers => {
+            let facts = k8s::gather_workers(ctx)?;
+            Ok(k8s::plan_workers(ctx.cluster, &facts))
+        }
+        PhaseId::HostKubectl => {
+            let facts = k8s::gather_host_kubectl(ctx)?;
+            Ok(k8s::plan_host_kubectl(ctx.cluster, &facts))
+        }
+        PhaseId::Turnd | PhaseId::HostNetworking | PhaseId::Monitoring => {
+            Err(PhaseError::NotImplemented(phase))
+        }
+    }
+}
+
+/// Gathers and plans the teardown: with `keep_vms`, `kubeadm reset` on every VM that has
+/// joined; otherwise the domains, their disks and seeds, and the network are removed.
+pub fn plan_teardown(ctx: &Context<'_>, keep_vms: bool) -> Result<Plan, PhaseError> {
+    if keep_vms {
+        let facts = k8s::gather_reset(ctx)?;
+        Ok(k8s::plan_reset(ctx.cluster, &facts))
+    } else {
+        let vm_facts = vms::gather(ctx)?;
+        let host_facts = host::gather_network(ctx)?;
+        Ok(vms::plan_teardown(ctx.cluster, &vm_facts, &host_facts))
+    }
+}

@@ -1,0 +1,521 @@
+//! Plans: typed, concrete actions computed from observed facts, printed, then applied in
+//! order. Applying records every finished action in a journal; a failure stops with the
+//! phase, the action, the command and its stderr.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use crate::exec::{Cmd, ExecError, Transport};
+use crate::inventory::Vm;
+use crate::render::k8s::{self, JoinCommand};
+
+/// Where an action runs.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Target {
+    /// The libvirt host.
+    Host,
+    /// One VM (as root).
+    Vm(String),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Host => f.write_str("host"),
+            Self::Vm(name) => f.write_str(name),
+        }
+    }
+}
+
+/// One primitive operation of an action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Run a command; a non-zero exit fails the action.
+    Run(Cmd),
+    /// Write a file.
+    Upload {
+        /// Destination.
+        path: String,
+        /// Contents.
+        data: Vec<u8>,
+        /// Permission bits.
+        mode: u32,
+    },
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Run(cmd) => write!(f, "$ {cmd}"),
+            Self::Upload { path, data, mode } => {
+                write!(f, "write {path} ({} bytes, mode {mode:o})", data.len())
+            }
+        }
+    }
+}
+
+/// What an action does, as data. Most actions are a fixed list of steps on one target;
+/// [`ActionKind::JoinWorker`] needs a token that only exists while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActionKind {
+    /// Fixed steps.
+    Steps(Vec<Step>),
+    /// Create a join token on `master`, write the worker's JoinConfiguration, `kubeadm join`.
+    JoinWorker {
+        /// The master VM.
+        master: String,
+        /// The worker joining.
+        worker: Box<Vm>,
+    },
+}
+
+/// One concrete action of a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Action {
+    /// Where it runs.
+    pub target: Target,
+    /// One line saying what it does, e.g. `define network k8s-net (new)`.
+    pub summary: String,
+    /// How.
+    pub kind: ActionKind,
+}
+
+impl Action {
+    /// An action of fixed steps.
+    pub fn steps(target: Target, summary: impl Into<String>, steps: Vec<Step>) -> Self {
+        Self {
+            target,
+            summary: summary.into(),
+            kind: ActionKind::Steps(steps),
+        }
+    }
+
+    /// An action of one command.
+    pub fn run(target: Target, summary: impl Into<String>, cmd: Cmd) -> Self {
+        Self::steps(target, summary, vec![Step::Run(cmd)])
+    }
+}
+
+/// The phases, numbered like the playbooks they replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PhaseId {
+    /// 1: host packages, the cloud image, the NAT network.
+    Host,
+    /// 2: overlay disks, cloud-init seeds, domains.
+    Vms,
+    /// 3: containerd, kubeadm/kubelet/kubectl, Helm, kernel settings on every VM.
+    K8sCommon,
+    /// 4: `kubeadm init` and Cilium on the master.
+    K8sMaster,
+    /// 5: workers joined and labelled.
+    K8sWorkers,
+    /// 6: turnd instances (a later issue).
+    Turnd,
+    /// 7: public IPs forwarded to the workers (a later issue).
+    HostNetworking,
+    /// 8: kubectl and the kubeconfig on the host.
+    HostKubectl,
+    /// 9: Prometheus, Alertmanager, Grafana (a later issue).
+    Monitoring,
+}
+
+impl PhaseId {
+    /// Every phase in order.
+    pub const ALL: [Self; 9] = [
+        Self::Host,
+        Self::Vms,
+        Self::K8sCommon,
+        Self::K8sMaster,
+        Self::K8sWorkers,
+        Self::Turnd,
+        Self::HostNetworking,
+        Self::HostKubectl,
+        Self::Monitoring,
+    ];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Host => "host",
+            Self::Vms => "vms",
+            Self::K8sCommon => "k8s-common",
+            Self::K8sMaster => "k8s-master",
+            Self::K8sWorkers => "k8s-workers",
+            Self::Turnd => "turnd",
+            Self::HostNetworking => "host-networking",
+            Self::HostKubectl => "host-kubectl",
+            Self::Monitoring => "monitoring",
+        }
+    }
+
+    /// 1-based number.
+    pub fn number(self) -> usize {
+        Self::ALL
+            .iter()
+            .position(|p| *p == self)
+            .map_or(0, |i| i + 1)
+    }
+
+    /// Whether this version implements the phase.
+    pub fn implemented(self) -> bool {
+        !matches!(self, Self::Turnd | Self::HostNetworking | Self::Monitoring)
+    }
+}
+
+impl fmt::Display for PhaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:02}-{}", self.number(), self.name())
+    }
+}
+
+impl std::str::FromStr for PhaseId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bare = s
+            .split_once('-')
+            .filter(|(n, _)| n.chars().all(|c| c.is_ascii_digit()))
+            .map_or(s, |(_, rest)| rest);
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|p| p.name() == bare || s.parse::<usize>().ok() == Some(p.number()))
+            .ok_or_else(|| {
+                format!(
+                    "unknown phase `{s}`; phases are {}",
+                    Self::ALL
+                        .iter()
+                        .map(|p| p.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+    }
+}
+
+/// A phase's plan: what it would do, in order, plus notes for things it will not do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The phase.
+    pub phase: PhaseId,
+    /// Actions in order.
+    pub actions: Vec<Action>,
+    /// Observations that need a human (e.g. drift that cannot be repaired safely).
+    pub notes: Vec<String>,
+}
+
+impl Plan {
+    /// An empty plan for `phase`.
+    pub fn new(phase: PhaseId) -> Self {
+        Self {
+            phase,
+            actions: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+
+    /// The plan as text; with `verbose`, every step too. File contents are never printed.
+    pub fn render(&self, verbose: bool) -> String {
+        let mut out = format!("phase {}: ", self.phase);
+        if self.actions.is_empty() {
+            out.push_str("up to date\n");
+        } else {
+            out.push_str(&format!("{} action(s)\n", self.actions.len()));
+        }
+        for (i, a) in self.actions.iter().enumerate() {
+            out.push_str(&format!("  {:>2}. [{}] {}\n", i + 1, a.target, a.summary));
+            if verbose {
+                match &a.kind {
+                    ActionKind::Steps(steps) => {
+                        for s in steps {
+                            out.push_str(&format!("        {s}\n"));
+                        }
+                    }
+                    ActionKind::JoinWorker { master, .. } => out.push_str(&format!(
+                        "        [{master}] $ kubeadm token create --print-join-command --ttl 15m\n        write {} \n        $ kubeadm join --config {}\n",
+                        k8s::paths::KUBEADM_JOIN,
+                        k8s::paths::KUBEADM_JOIN
+                    )),
+                }
+            }
+        }
+        for n in &self.notes {
+            out.push_str(&format!("  note: {n}\n"));
+        }
+        out
+    }
+}
+
+/// The transports of one run.
+pub struct Transports {
+    /// The libvirt host.
+    pub host: Box<dyn Transport>,
+    /// The VMs, by name (already running as root, e.g. through [`crate::exec::Sudo`]).
+    pub vms: BTreeMap<String, Box<dyn Transport>>,
+}
+
+impl fmt::Debug for Transports {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transports")
+            .field("host", &self.host.target())
+            .field("vms", &self.vms.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// There is no transport for a target.
+#[derive(Debug, thiserror::Error)]
+#[error("no transport for {0}")]
+pub struct NoTransport(pub Target);
+
+impl Transports {
+    /// The transport for `target`.
+    pub fn get(&self, target: &Target) -> Result<&dyn Transport, NoTransport> {
+        match target {
+            Target::Host => Ok(self.host.as_ref()),
+            Target::Vm(name) => self
+                .vms
+                .get(name)
+                .map(AsRef::as_ref)
+                .ok_or_else(|| NoTransport(target.clone())),
+        }
+    }
+}
+
+/// Why applying a plan stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A step failed.
+    #[error("phase {phase}, action {index} `{action}` on {target}: {source}")]
+    Step {
+        /// The phase.
+        phase: PhaseId,
+        /// 1-based action number.
+        index: usize,
+        /// The action's summary.
+        action: String,
+        /// Where.
+        target: Target,
+        /// The failing command and its stderr.
+        source: Box<ExecError>,
+    },
+    /// An action's target has no transport.
+    #[error("phase {phase}: {source}")]
+    Transport {
+        /// The phase.
+        phase: PhaseId,
+        /// What is missing.
+        source: NoTransport,
+    },
+    /// A join token could not be read.
+    #[error("phase {phase}, action {index} `{action}`: {source}")]
+    Join {
+        /// The phase.
+        phase: PhaseId,
+        /// 1-based action number.
+        index: usize,
+        /// The action's summary.
+        action: String,
+        /// The parse failure.
+        source: k8s::JoinParseError,
+    },
+    /// The journal could not be written.
+    #[error("cannot write the journal {path}: {source}")]
+    Journal {
+        /// The journal file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Appends one JSON line per finished or failed action, so a re-run (and a human) can see
+/// what was done. `None` keeps the record in memory only.
+#[derive(Debug, Default)]
+pub struct Journal {
+    path: Option<PathBuf>,
+    /// Every record written in this run.
+    pub records: Vec<serde_json::Value>,
+}
+
+impl Journal {
+    /// A journal appending to `path`.
+    pub fn at(path: PathBuf) -> Self {
+        Self {
+            path: Some(path),
+            records: Vec::new(),
+        }
+    }
+
+    /// A journal kept in memory.
+    pub fn in_memory() -> Self {
+        Self::default()
+    }
+
+    fn record(&mut self, value: serde_json::Value) -> Result<(), ApplyError> {
+        if let Some(path) = &self.path {
+            let io = |source| ApplyError::Journal {
+                path: path.clone(),
+                source,
+            };
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(io)?;
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(io)?;
+            writeln!(f, "{value}").map_err(io)?;
+        }
+        self.records.push(value);
+        Ok(())
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn run_steps(t: &dyn Transport, steps: &[Step]) -> Result<(), ExecError> {
+    for step in steps {
+        match step {
+            Step::Run(cmd) => {
+                t.run_ok(cmd)?;
+            }
+            Step::Upload { path, data, mode } => t.upload(data, path, *mode)?,
+        }
+    }
+    Ok(())
+}
+
+/// Applies `plan` action by action, recording each in `journal`. Stops at the first failure.
+pub fn apply(
+    plan: &Plan,
+    transports: &Transports,
+    journal: &mut Journal,
+) -> Result<(), ApplyError> {
+    for (i, action) in plan.actions.iter().enumerate() {
+        let index = i + 1;
+        tracing::info!(
+            "phase {} [{}/{}] [{}] {}",
+            plan.phase,
+            index,
+            plan.actions.len(),
+            action.target,
+            action.summary
+        );
+        let t = transports
+            .get(&action.target)
+            .map_err(|source| ApplyError::Transport {
+                phase: plan.phase,
+                source,
+            })?;
+        let result = match &action.kind {
+            ActionKind::Steps(steps) => run_steps(t, steps).map_err(|source| ApplyError::Step {
+                phase: plan.phase,
+                index,
+                action: action.summary.clone(),
+                target: action.target.clone(),
+                source: Box::new(source),
+            }),
+            ActionKind::JoinWorker { master, worker } => {
+                join_worker(plan.phase, index, action, master, worker, t, transports)
+            }
+        };
+        let status = if result.is_ok() { "done" } else { "failed" };
+        journal.record(serde_json::json!({
+            "time": now_unix(),
+            "phase": plan.phase.name(),
+            "index": index,
+            "target": action.target.to_string(),
+            "action": action.summary,
+            "status": status,
+            "error": result.as_ref().err().map(ToString::to_string),
+        }))?;
+        result?;
+    }
+    Ok(())
+}
+
+fn join_worker(
+    phase: PhaseId,
+    index: usize,
+    action: &Action,
+    master: &str,
+    vm: &Vm,
+    worker: &dyn Transport,
+    transports: &Transports,
+) -> Result<(), ApplyError> {
+    let master_target = Target::Vm(master.to_owned());
+    let step_err = |target: Target| {
+        move |source| ApplyError::Step {
+            phase,
+            index,
+            action: action.summary.clone(),
+            target,
+            source: Box::new(source),
+        }
+    };
+    let m = transports
+        .get(&master_target)
+        .map_err(|source| ApplyError::Transport { phase, source })?;
+    let out = m
+        .run_ok(&Cmd::new("kubeadm").args([
+            "token",
+            "create",
+            "--print-join-command",
+            "--ttl",
+            "15m",
+        ]))
+        .map_err(step_err(master_target.clone()))?;
+    let join = JoinCommand::parse(&out.stdout).map_err(|source| ApplyError::Join {
+        phase,
+        index,
+        action: action.summary.clone(),
+        source,
+    })?;
+    let config = k8s::kubeadm_join(vm, &join);
+    run_steps(
+        worker,
+        &[
+            Step::Upload {
+                path: k8s::paths::KUBEADM_JOIN.into(),
+                data: config.into_bytes(),
+                mode: 0o600,
+            },
+            Step::Run(Cmd::new("kubeadm").args(["join", "--config", k8s::paths::KUBEADM_JOIN])),
+        ],
+    )
+    .map_err(step_err(action.target.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_parse_by_name_number_and_prefixed_name() {
+        assert_eq!("vms".parse::<PhaseId>(), Ok(PhaseId::Vms));
+        assert_eq!("5".parse::<PhaseId>(), Ok(PhaseId::K8sWorkers));
+        assert_eq!(
+            "08-host-kubectl".parse::<PhaseId>(),
+            Ok(PhaseId::HostKubectl)
+        );
+        assert_eq!(PhaseId::Monitoring.to_string(), "09-monitoring");
+        let err = "sni-proxy".parse::<PhaseId>().expect_err("gone");
+        assert!(
+            err.starts_with("unknown phase `sni-proxy`; phases are host, vms,"),
+            "{err}"
+        );
+    }
+}
