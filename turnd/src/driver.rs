@@ -34,7 +34,11 @@ use turn_proto::server::{
 
 use crate::config::Settings;
 use crate::net::ports::PortPools;
+use crate::net::stream::{self, ConnectionCaps, ConnectionSlot, StreamLimits, WriteQueue};
+use crate::net::tls::{self, Tls};
 use crate::net::udp::{self, Buffers};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use turn_proto::codec::{frame_len, FrameLen};
 
 /// Datagrams read per system call.
 const BATCH: usize = 32;
@@ -49,16 +53,81 @@ struct Shared {
     quota: SharedQuota,
     ports: PortPools,
     settings: Settings,
+    tls: Option<Arc<Tls>>,
+    caps: Arc<ConnectionCaps>,
+    limits: StreamLimits,
 }
 
 /// A running server: its bound listener addresses and the means to stop it.
 pub struct Running {
     /// The UDP listener addresses actually bound (port 0 resolved).
     pub udp: Vec<SocketAddr>,
+    /// The TCP listener addresses (plain TCP, and TLS too when a certificate is configured).
+    pub tcp: Vec<SocketAddr>,
+    /// The TLS listener addresses (plain TCP is accepted on them too).
+    pub tls: Vec<SocketAddr>,
+    /// The certificate in service, when TLS is configured.
+    pub certificate: Option<Arc<Tls>>,
     shutdown: watch::Sender<bool>,
     threads: Vec<JoinHandle<()>>,
     failed: Arc<Mutex<Option<usize>>>,
     failure: Arc<tokio::sync::Notify>,
+    reloader: Option<Reloader>,
+}
+
+/// The thread that reloads the certificate on file changes and SIGHUP.
+struct Reloader {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Reloader {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn start_reloader(tls: Arc<Tls>) -> anyhow::Result<Reloader> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    let thread = std::thread::Builder::new()
+        .name("turnd-tls-reload".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match tls::spawn_reloader(tls) {
+                    Ok(watcher) => {
+                        let _ = ready_tx.send(Ok(()));
+                        let _ = stopped.await;
+                        drop(watcher);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            });
+        })?;
+    ready_rx
+        .recv()
+        .context("certificate reloader did not start")??;
+    Ok(Reloader {
+        stop: Some(stop),
+        thread: Some(thread),
+    })
 }
 
 impl std::fmt::Debug for Running {
@@ -73,6 +142,7 @@ impl Running {
     /// Stops every worker and waits for them.
     pub fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        drop(self.reloader);
         for t in self.threads {
             let _ = t.join();
         }
@@ -127,8 +197,7 @@ fn unix_now() -> u64 {
 pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let mut nonce_secret = [0u8; 32];
     rand::Rng::fill(&mut rand::thread_rng(), &mut nonce_secret[..]);
-    let mut config = settings.server_config(nonce_secret);
-    config.rfc5766_channel_numbers = std::env::var_os("TURND_TMP_COMPAT").is_some();
+    let config = settings.server_config(nonce_secret);
     let quota = SharedQuota(Arc::new(Mutex::new(settings.quotas.ledger())));
     let workers = settings.workers.get();
     let buffers = Buffers {
@@ -152,19 +221,56 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         }
         bound.push(actual);
     }
-    info!(udp = ?bound, workers, "listening");
+    let certificate = match &settings.tls {
+        Some(files) if !settings.listeners.tls.is_empty() || !settings.listeners.tcp.is_empty() => {
+            Some(Arc::new(Tls::load(&files.cert, &files.key)?))
+        }
+        _ => None,
+    };
+    let mut per_worker_tcp: Vec<Vec<std::net::TcpListener>> =
+        (0..workers).map(|_| Vec::new()).collect();
+    let mut bound_tcp = Vec::new();
+    let mut bound_tls = Vec::new();
+    let tls_addrs: &[SocketAddr] = if certificate.is_some() {
+        &settings.listeners.tls
+    } else {
+        &[]
+    };
+    let stream_addrs = settings.listeners.tcp.iter().map(|a| (*a, false));
+    for (addr, is_tls) in stream_addrs.chain(tls_addrs.iter().map(|a| (*a, true))) {
+        let first =
+            stream::bind_listener(addr).with_context(|| format!("binding TCP listener {addr}"))?;
+        let actual = first.local_addr()?;
+        per_worker_tcp[0].push(first);
+        for listeners in per_worker_tcp.iter_mut().skip(1) {
+            listeners.push(
+                stream::bind_listener(actual)
+                    .with_context(|| format!("binding TCP listener {actual}"))?,
+            );
+        }
+        if is_tls {
+            bound_tls.push(actual);
+        } else {
+            bound_tcp.push(actual);
+        }
+    }
+    info!(udp = ?bound, tcp = ?bound_tcp, tls = ?bound_tls, workers, "listening");
+    let reloader = certificate.clone().map(start_reloader).transpose()?;
 
     let shared = Arc::new(Shared {
         config,
         quota,
         ports: PortPools::new(settings.relay.ports.clone()),
+        tls: certificate.clone(),
+        caps: Arc::new(ConnectionCaps::default()),
+        limits: settings.streams,
         settings,
     });
     let (tx, rx) = watch::channel(false);
     let failed = Arc::new(Mutex::new(None));
     let failure = Arc::new(tokio::sync::Notify::new());
     let mut threads = Vec::new();
-    for (index, sockets) in per_worker.into_iter().enumerate() {
+    for (index, (sockets, tcp)) in per_worker.into_iter().zip(per_worker_tcp).enumerate() {
         let shared = shared.clone();
         let rx = rx.clone();
         let watch = DeathWatch {
@@ -176,7 +282,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
             .name(format!("turnd-worker-{index}"))
             .spawn(move || {
                 let _watch = watch;
-                if let Err(e) = run_worker(index, &shared, sockets, rx) {
+                if let Err(e) = run_worker(index, &shared, sockets, tcp, rx) {
                     error!(worker = index, error = %e, "worker failed");
                     panic!("worker {index} failed: {e}");
                 }
@@ -186,6 +292,10 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     }
     Ok(Running {
         udp: bound,
+        tcp: bound_tcp,
+        tls: bound_tls,
+        certificate,
+        reloader,
         shutdown: tx,
         threads,
         failed,
@@ -267,6 +377,7 @@ struct Worker {
     reserved: RefCell<HashMap<SocketAddr, std::net::UdpSocket>>,
     bufs: RefCell<RecvBufs>,
     shared: Arc<Shared>,
+    streams: RefCell<HashMap<FiveTuple, Rc<WriteQueue>>>,
     rng: Cell<u64>,
     send_errors: Cell<u64>,
 }
@@ -275,6 +386,7 @@ fn run_worker(
     index: usize,
     shared: &Arc<Shared>,
     sockets: Vec<std::net::UdpSocket>,
+    tcp: Vec<std::net::TcpListener>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -311,11 +423,16 @@ fn run_worker(
             reserved: RefCell::new(HashMap::new()),
             bufs: RefCell::new(RecvBufs::new()),
             shared: shared.clone(),
+            streams: RefCell::new(HashMap::new()),
             rng: Cell::new(seed | 1),
             send_errors: Cell::new(0),
         });
         for i in 0..worker.listeners.len() {
             tokio::task::spawn_local(listener_loop(worker.clone(), i));
+        }
+        for l in tcp {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tokio::task::spawn_local(accept_loop(worker.clone(), l));
         }
         tokio::task::spawn_local(timer_loop(worker.clone()));
         debug!(worker = index, "worker running");
@@ -404,6 +521,155 @@ async fn relay_loop(w: Rc<Worker>, io: Rc<RelayIo>, local: SocketAddr) {
     }
 }
 
+async fn accept_loop(w: Rc<Worker>, listener: tokio::net::TcpListener) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(slot) = w.shared.caps.try_acquire(peer.ip(), &w.shared.limits) else {
+            debug!(client = %peer, "connection cap reached: closing");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let Ok(local) = tcp.local_addr() else {
+            continue;
+        };
+        tokio::task::spawn_local(connection(w.clone(), tcp, peer, local, slot));
+    }
+}
+
+/// One TCP connection: sniffs the first byte (0x16 is a TLS ClientHello, so TLS and plain
+/// TCP share a port), then serves TURN frames over it.
+async fn connection(
+    w: Rc<Worker>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    slot: ConnectionSlot,
+) {
+    let limits = w.shared.limits;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limits.handshake_timeout, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        _ => return,
+    }
+    let mut ft = FiveTuple {
+        client: peer,
+        server: local,
+        transport: Transport::Tcp,
+    };
+    if first[0] == stream::TLS_HANDSHAKE {
+        let Some(tls) = w.shared.tls.clone() else {
+            debug!(client = %peer, "TLS ClientHello but no certificate configured");
+            return;
+        };
+        match tokio::time::timeout(limits.handshake_timeout, tls.acceptor().accept(tcp)).await {
+            Ok(Ok(s)) => {
+                ft.transport = Transport::Tls;
+                serve_stream(w, s, ft).await;
+            }
+            Ok(Err(e)) => debug!(client = %peer, error = %e, "TLS handshake failed"),
+            Err(_) => debug!(client = %peer, "TLS handshake timed out"),
+        }
+    } else {
+        serve_stream(w, tcp, ft).await;
+    }
+    drop(slot);
+}
+
+async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + 'static>(
+    w: Rc<Worker>,
+    stream: S,
+    ft: FiveTuple,
+) {
+    let limits = w.shared.limits;
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let queue = Rc::new(WriteQueue::default());
+    w.streams.borrow_mut().insert(ft, queue.clone());
+    let wq = queue.clone();
+    let writer = tokio::task::spawn_local(async move {
+        let mut chunk = Vec::new();
+        loop {
+            wq.wait().await;
+            wq.take_into(&mut chunk);
+            if chunk.is_empty() {
+                if wq.is_closed() {
+                    break;
+                }
+                continue;
+            }
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        wq.close();
+        let _ = wr.shutdown().await;
+    });
+    // Holds at most one partial frame plus one read: a frame is at most 20 + 65535 bytes.
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    loop {
+        if queue.is_closed() {
+            break;
+        }
+        buf.reserve(4096);
+        let idle = !w.core.borrow().has_allocation(&ft);
+        let read = if idle {
+            match tokio::time::timeout(limits.idle_timeout, rd.read_buf(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    debug!(client = %ft.client, "idle connection without allocation: closing");
+                    break;
+                }
+            }
+        } else {
+            rd.read_buf(&mut buf).await
+        };
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let now = Instant::now();
+        let mut consumed = 0;
+        let mut garbage = false;
+        {
+            let mut core = w.core.borrow_mut();
+            loop {
+                match frame_len(&buf[consumed..]) {
+                    Ok(FrameLen::Complete(n)) => {
+                        core.handle_client_datagram(now, ft, &buf[consumed..consumed + n]);
+                        consumed += n;
+                    }
+                    Ok(FrameLen::NeedMore(_)) => break,
+                    Err(_) => {
+                        garbage = true;
+                        break;
+                    }
+                }
+            }
+        }
+        buf.drain(..consumed);
+        w.flush();
+        if garbage {
+            debug!(client = %ft.client, "not STUN or ChannelData: closing");
+            break;
+        }
+    }
+    w.streams.borrow_mut().remove(&ft);
+    w.core
+        .borrow_mut()
+        .handle_connection_closed(Instant::now(), ft);
+    w.flush();
+    queue.close();
+    // Let the writer send what is queued (the last error response, say), briefly.
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+}
+
 async fn timer_loop(w: Rc<Worker>) {
     loop {
         let now = Instant::now();
@@ -447,6 +713,12 @@ impl Worker {
 
     fn send(&self, t: &Transmit<'_>) {
         let result = match t.destination {
+            Destination::Client(ft) if ft.transport.is_stream() => {
+                if let Some(q) = self.streams.borrow().get(&ft) {
+                    q.push(t.payload, self.shared.limits.write_buffer);
+                }
+                return;
+            }
             Destination::Client(ft) => {
                 let Some(l) = self.listeners.iter().find(|l| {
                     l.local.port() == ft.server.port()

@@ -134,6 +134,9 @@ pub struct Config {
     /// Socket buffer sizes.
     #[serde(default)]
     pub sockets: SocketsConfig,
+    /// TCP/TLS connection limits.
+    #[serde(default)]
+    pub streams: StreamsConfig,
     /// Process-wide settings.
     #[serde(default)]
     pub server: ServerConfig,
@@ -179,6 +182,31 @@ pub mod defaults {
     #[must_use]
     pub fn allocation() -> DurationValue {
         DurationValue::Seconds(600)
+    }
+    /// Time for the first byte and the TLS handshake of a connection.
+    #[must_use]
+    pub fn handshake_timeout() -> DurationValue {
+        DurationValue::Seconds(10)
+    }
+    /// Idle time allowed to a connection without an allocation.
+    #[must_use]
+    pub fn idle_timeout() -> DurationValue {
+        DurationValue::Seconds(60)
+    }
+    /// Connections per source IP.
+    #[must_use]
+    pub fn max_connections_per_ip() -> usize {
+        64
+    }
+    /// Connections in total.
+    #[must_use]
+    pub fn max_connections() -> usize {
+        10_000
+    }
+    /// Per-connection write queue.
+    #[must_use]
+    pub fn write_buffer_bytes() -> usize {
+        256 * 1024
     }
     /// Longest allocation lifetime granted.
     #[must_use]
@@ -420,6 +448,43 @@ pub struct ServerConfig {
     /// IO workers; 0 means one per CPU core.
     #[serde(default)]
     pub workers: usize,
+    /// Also accept channel numbers 0x5000–0x7FFF (RFC 5766; RFC 8656 reserved them). Needed
+    /// by coturn's `turnutils_uclient`; browsers and libwebrtc use 0x4000 upward.
+    #[serde(default)]
+    pub rfc5766_channel_numbers: bool,
+}
+
+/// `[streams]`: TCP and TLS connection hygiene.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamsConfig {
+    /// Time allowed for the first byte and the TLS handshake.
+    #[serde(default = "defaults::handshake_timeout")]
+    pub handshake_timeout: DurationValue,
+    /// A connection without an allocation is closed after this long without a frame.
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle_timeout: DurationValue,
+    /// Most connections from one IP address.
+    #[serde(default = "defaults::max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// Most connections in total.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Bytes queued toward one client before relayed data to it is dropped.
+    #[serde(default = "defaults::write_buffer_bytes")]
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: defaults::handshake_timeout(),
+            idle_timeout: defaults::idle_timeout(),
+            max_connections_per_ip: defaults::max_connections_per_ip(),
+            max_connections: defaults::max_connections(),
+            write_buffer_bytes: defaults::write_buffer_bytes(),
+        }
+    }
 }
 
 /// `[log]`.

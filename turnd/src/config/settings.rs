@@ -43,6 +43,10 @@ pub struct Settings {
     pub sockets: SocketBuffers,
     /// Number of IO workers (one per core unless configured).
     pub workers: NonZeroUsize,
+    /// Accept RFC 5766 channel numbers 0x5000–0x7FFF too.
+    pub rfc5766_channel_numbers: bool,
+    /// TCP/TLS connection limits.
+    pub streams: crate::net::stream::StreamLimits,
     /// Logging.
     pub log: Logging,
 }
@@ -320,6 +324,8 @@ impl Settings {
             relay_ipv6: families.contains(&false),
             policy: self.peers.policy(),
             max_permissions_per_allocation: self.quotas.permissions_per_allocation.get(),
+            rfc5766_channel_numbers: self.rfc5766_channel_numbers,
+            software: Some(concat!("turnd ", env!("CARGO_PKG_VERSION")).to_owned()),
             ..ServerConfig::default()
         }
     }
@@ -646,6 +652,29 @@ pub(super) fn validate(
     let workers = NonZeroUsize::new(config.server.workers)
         .unwrap_or_else(|| std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN));
 
+    // [streams]
+    let st = &config.streams;
+    let positive = |v: usize, key: &str| {
+        if v == 0 {
+            Err(err(
+                key,
+                Reason::OutOfRange {
+                    value: "0".into(),
+                    detail: "must be at least 1",
+                },
+            ))
+        } else {
+            Ok(v)
+        }
+    };
+    let streams = crate::net::stream::StreamLimits {
+        handshake_timeout: duration(&st.handshake_timeout, "streams.handshake_timeout", origin)?,
+        idle_timeout: duration(&st.idle_timeout, "streams.idle_timeout", origin)?,
+        max_per_ip: positive(st.max_connections_per_ip, "streams.max_connections_per_ip")?,
+        max_total: positive(st.max_connections, "streams.max_connections")?,
+        write_buffer: positive(st.write_buffer_bytes, "streams.write_buffer_bytes")?,
+    };
+
     // [log]
     if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&config.log.level) {
         return Err(err(
@@ -697,6 +726,8 @@ pub(super) fn validate(
         quotas,
         sockets,
         workers,
+        rfc5766_channel_numbers: config.server.rfc5766_channel_numbers,
+        streams,
         log: Logging {
             level: config.log.level.clone(),
             format: config.log.format,

@@ -607,6 +607,12 @@ impl Server {
         self.by_tuple.len()
     }
 
+    /// Whether `five_tuple` has an allocation (or one being created).
+    #[must_use]
+    pub fn has_allocation(&self, five_tuple: &FiveTuple) -> bool {
+        self.by_tuple.contains_key(five_tuple) || self.pending_tuples.contains_key(five_tuple)
+    }
+
     /// How many permissions and channel bindings exist, across allocations.
     #[must_use]
     pub fn permission_and_channel_count(&self) -> (usize, usize) {

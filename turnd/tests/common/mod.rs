@@ -1,0 +1,226 @@
+//! A small TURN client over any byte stream or UDP, built on turn-proto's codec, plus a UDP
+//! echo peer: enough to drive turnd in tests without trusting turnd's own server code.
+
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::missing_panics_doc
+)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use turn_proto::auth::long_term_key_md5;
+use turn_proto::codec::*;
+
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Settings for an in-process turnd on loopback.
+pub fn settings(extra: &str) -> turnd::config::Settings {
+    let text = format!(
+        "[listen]\nudp = [\"127.0.0.1:0\"]\ntcp = [\"127.0.0.1:0\"]\n{extra}\n\
+         [auth]\nrealm = \"test\"\nsecrets = [\"s3cret\"]\n[[auth.users]]\nname = \"u\"\npassword = \"p\"\n\
+         [peers]\nallow = [\"127.0.0.0/8\"]\n[server]\nworkers = 2\n"
+    );
+    let env = turnd::config::MapEnv(Default::default());
+    turnd::config::Config::from_toml(&text)
+        .unwrap()
+        .validate(&env)
+        .unwrap()
+}
+
+/// A UDP echo peer on 127.0.0.1 that runs until dropped.
+pub struct EchoPeer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl EchoPeer {
+    pub fn start() -> Self {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], from);
+                }
+            }
+        });
+        Self { addr, stop }
+    }
+}
+
+impl Drop for EchoPeer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A TURN client over a byte stream (TCP or TLS), RFC 8656 §3.1 framing.
+pub struct StreamClient<S> {
+    pub io: S,
+    buf: Vec<u8>,
+    user: String,
+    pass: String,
+    realm: String,
+    nonce: Option<String>,
+    tid: u8,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> StreamClient<S> {
+    pub fn new(io: S, user: &str, pass: &str) -> Self {
+        Self {
+            io,
+            buf: Vec::new(),
+            user: user.into(),
+            pass: pass.into(),
+            realm: String::new(),
+            nonce: None,
+            tid: 0,
+        }
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.io.write_all(bytes).await.unwrap();
+        self.io.flush().await.unwrap();
+    }
+
+    /// The next frame (STUN message or padded ChannelData).
+    pub async fn read_frame(&mut self) -> Vec<u8> {
+        tokio::time::timeout(TIMEOUT, async {
+            loop {
+                if let Ok(FrameLen::Complete(n)) = frame_len(&self.buf) {
+                    return self.buf.drain(..n).collect();
+                }
+                let mut chunk = [0u8; 4096];
+                let n = self.io.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "connection closed while waiting for a frame");
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await
+        .expect("timed out waiting for a frame")
+    }
+
+    fn build(
+        &mut self,
+        method: Method,
+        tid: TransactionId,
+        body: &dyn Fn(&mut MessageBuilder<'_>),
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut b = MessageBuilder::new(&mut out, MessageType::new(method, Class::Request), tid);
+        body(&mut b);
+        if let Some(nonce) = &self.nonce {
+            b.add(&Username(&self.user))
+                .add(&Realm(&self.realm))
+                .add(&Nonce(nonce));
+            b.add_message_integrity(&long_term_key_md5(&self.user, &self.realm, &self.pass));
+        }
+        b.finish();
+        out
+    }
+
+    /// A request, answering the 401/438 challenge once.
+    pub async fn request(
+        &mut self,
+        method: Method,
+        body: &dyn Fn(&mut MessageBuilder<'_>),
+    ) -> Vec<u8> {
+        self.tid = self.tid.wrapping_add(1);
+        let tid = TransactionId([self.tid; 12]);
+        for _ in 0..2 {
+            let req = self.build(method, tid, body);
+            self.send_raw(&req).await;
+            let reply = self.read_frame().await;
+            let m = Message::decode(&reply).unwrap();
+            let code = m.get::<ErrorCodeAttr<'_>>().unwrap().map(|e| e.code.0);
+            if matches!(code, Some(401 | 438)) && self.nonce.is_none() || code == Some(438) {
+                self.realm = m.get::<Realm<'_>>().unwrap().unwrap().0.to_owned();
+                self.nonce = Some(m.get::<Nonce<'_>>().unwrap().unwrap().0.to_owned());
+                continue;
+            }
+            return reply;
+        }
+        panic!("authentication failed");
+    }
+
+    /// Allocate; returns the XOR-RELAYED-ADDRESS.
+    pub async fn allocate(&mut self) -> SocketAddr {
+        let r = self
+            .request(Method::ALLOCATE, &|b| {
+                b.add(&RequestedTransport::UDP);
+            })
+            .await;
+        relayed_address(&r)
+    }
+
+    pub async fn bind_channel(&mut self, channel: u16, peer: SocketAddr) {
+        let r = self
+            .request(Method::CHANNEL_BIND, &|b| {
+                b.add(&ChannelNumber::new(channel).unwrap())
+                    .add(&XorPeerAddress(peer));
+            })
+            .await;
+        assert_success(&r);
+    }
+
+    pub async fn permit(&mut self, peer: SocketAddr) {
+        let r = self
+            .request(Method::CREATE_PERMISSION, &|b| {
+                b.add(&XorPeerAddress(peer));
+            })
+            .await;
+        assert_success(&r);
+    }
+
+    /// Sends `data` on `channel` and returns what comes back on the channel.
+    pub async fn channel_echo(&mut self, channel: u16, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        ChannelData {
+            channel: ChannelNumber::new(channel).unwrap(),
+            data,
+        }
+        .encode(true, &mut out);
+        self.send_raw(&out).await;
+        let frame = self.read_frame().await;
+        assert_eq!(
+            frame.len() % 4,
+            0,
+            "ChannelData over a stream is padded (RFC 8656 §12.5)"
+        );
+        let cd = ChannelData::decode(&frame).unwrap();
+        assert_eq!(cd.channel.get(), channel);
+        cd.data.to_vec()
+    }
+}
+
+pub fn relayed_address(reply: &[u8]) -> SocketAddr {
+    let m = Message::decode(reply).unwrap();
+    assert_success(reply);
+    m.get::<XorRelayedAddress>()
+        .unwrap()
+        .expect("XOR-RELAYED-ADDRESS")
+        .0
+}
+
+pub fn assert_success(reply: &[u8]) {
+    let m = Message::decode(reply).unwrap();
+    assert_eq!(
+        m.typ().class,
+        Class::Success,
+        "error response: {:?}",
+        m.get::<ErrorCodeAttr<'_>>()
+            .unwrap()
+            .map(|e| (e.code.0, e.reason.to_owned()))
+    );
+}
