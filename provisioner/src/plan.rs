@@ -239,7 +239,7 @@ impl Plan {
                         }
                     }
                     ActionKind::JoinWorker { master, .. } => out.push_str(&format!(
-                        "        [{master}] $ kubeadm token create --print-join-command --ttl 15m\n        write {} \n        $ kubeadm join --config {}\n",
+                        "        [{master}] $ kubeadm token create --print-join-command --ttl 15m\n        write {}\n        $ kubeadm join --config {}\n",
                         k8s::paths::KUBEADM_JOIN,
                         k8s::paths::KUBEADM_JOIN
                     )),

@@ -225,6 +225,18 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
 }
 
+impl<T: Transport + ?Sized> Transport for std::sync::Arc<T> {
+    fn target(&self) -> &str {
+        (**self).target()
+    }
+    fn run(&self, cmd: &Cmd) -> Result<Output, ExecError> {
+        (**self).run(cmd)
+    }
+    fn upload(&self, data: &[u8], path: &str, mode: u32) -> Result<(), ExecError> {
+        (**self).upload(data, path, mode)
+    }
+}
+
 /// Logs a finished command at debug level (shown with `-v`).
 pub(crate) fn log_output(target: &str, cmd: &Cmd, out: &Output) {
     tracing::debug!(target: "provisioner::exec", "[{target}] $ {cmd} -> {}", out.status);
