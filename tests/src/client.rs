@@ -13,9 +13,9 @@ use anyhow::{bail, Context as _};
 use tokio::net::UdpSocket;
 use turn_proto::auth::long_term_key_md5;
 use turn_proto::codec::{
-    AddressFamily, ChannelData, ChannelNumber, Class, Data, ErrorCodeAttr, Lifetime, Message, MessageBuilder,
-    MessageType, Method, Nonce, Realm, RequestedAddressFamily, RequestedTransport, TransactionId, Username,
-    XorMappedAddress, XorPeerAddress, XorRelayedAddress,
+    AddressFamily, ChannelData, ChannelNumber, Class, Data, ErrorCodeAttr, Lifetime, Message,
+    MessageBuilder, MessageType, Method, Nonce, Realm, RequestedAddressFamily, RequestedTransport,
+    TransactionId, Username, XorMappedAddress, XorPeerAddress, XorRelayedAddress,
 };
 
 use crate::IO_TIMEOUT;
@@ -46,19 +46,31 @@ impl Response {
     /// The ERROR-CODE number, if any.
     #[must_use]
     pub fn error_code(&self) -> Option<u16> {
-        self.msg().get::<ErrorCodeAttr<'_>>().ok().flatten().map(|e| e.code.0)
+        self.msg()
+            .get::<ErrorCodeAttr<'_>>()
+            .ok()
+            .flatten()
+            .map(|e| e.code.0)
     }
 
     /// XOR-RELAYED-ADDRESS.
     #[must_use]
     pub fn relayed(&self) -> Option<SocketAddr> {
-        self.msg().get::<XorRelayedAddress>().ok().flatten().map(|a| a.0)
+        self.msg()
+            .get::<XorRelayedAddress>()
+            .ok()
+            .flatten()
+            .map(|a| a.0)
     }
 
     /// XOR-MAPPED-ADDRESS.
     #[must_use]
     pub fn mapped(&self) -> Option<SocketAddr> {
-        self.msg().get::<XorMappedAddress>().ok().flatten().map(|a| a.0)
+        self.msg()
+            .get::<XorMappedAddress>()
+            .ok()
+            .flatten()
+            .map(|a| a.0)
     }
 
     /// LIFETIME in seconds.
@@ -216,7 +228,8 @@ impl MiniClient {
         loop {
             let tid = new_tid();
             let mut out = Vec::new();
-            let mut b = MessageBuilder::new(&mut out, MessageType::new(method, Class::Request), tid);
+            let mut b =
+                MessageBuilder::new(&mut out, MessageType::new(method, Class::Request), tid);
             add(&mut b);
             if let (Some(key), Some(realm), Some(nonce)) = (&self.key, &self.realm, &self.nonce) {
                 b.add(&Username(&self.username));
@@ -258,7 +271,8 @@ impl MiniClient {
             rto *= 2;
             loop {
                 let wait = resend.min(deadline);
-                let Ok(r) = tokio::time::timeout_at(wait.into(), self.sock.recv_from(&mut buf)).await
+                let Ok(r) =
+                    tokio::time::timeout_at(wait.into(), self.sock.recv_from(&mut buf)).await
                 else {
                     break;
                 };
@@ -354,7 +368,11 @@ impl MiniClient {
     ///
     /// # Errors
     /// No response, or `channel` is outside 0x4000–0x7FFF.
-    pub async fn channel_bind(&mut self, channel: u16, peer: SocketAddr) -> anyhow::Result<Response> {
+    pub async fn channel_bind(
+        &mut self,
+        channel: u16,
+        peer: SocketAddr,
+    ) -> anyhow::Result<Response> {
         let ch = ChannelNumber::new(channel)?;
         self.request(Method::CHANNEL_BIND, |b| {
             b.add(&ch);
@@ -409,7 +427,8 @@ impl MiniClient {
         let deadline = Instant::now() + timeout;
         let mut buf = vec![0u8; 65_536];
         loop {
-            let Ok(r) = tokio::time::timeout_at(deadline.into(), self.sock.recv_from(&mut buf)).await
+            let Ok(r) =
+                tokio::time::timeout_at(deadline.into(), self.sock.recv_from(&mut buf)).await
             else {
                 return Ok(None);
             };
@@ -437,7 +456,8 @@ impl MiniClient {
         let deadline = Instant::now() + timeout;
         let mut buf = vec![0u8; 65_536];
         loop {
-            let Ok(r) = tokio::time::timeout_at(deadline.into(), self.sock.recv_from(&mut buf)).await
+            let Ok(r) =
+                tokio::time::timeout_at(deadline.into(), self.sock.recv_from(&mut buf)).await
             else {
                 return Ok(None);
             };

@@ -150,7 +150,13 @@ impl TestServer {
             .args(["--min-port", &opts.relay_ports.start().to_string()])
             .args(["--max-port", &opts.relay_ports.end().to_string()])
             .args(["--realm", REALM])
-            .args(["--allow-loopback-peers", "--no-tcp", "--no-tls", "--no-dtls", "--no-cli"])
+            .args([
+                "--allow-loopback-peers",
+                "--no-tcp",
+                "--no-tls",
+                "--no-dtls",
+                "--no-cli",
+            ])
             .args(["--no-tcp-relay", "--simple-log"])
             .arg("--log-file")
             .arg(&log)
@@ -215,7 +221,12 @@ impl TestServer {
                 }
             }
         }
-        bail!("{:?} server at {} never answered:\n{}", self.kind, self.addr, self.log())
+        bail!(
+            "{:?} server at {} never answered:\n{}",
+            self.kind,
+            self.addr,
+            self.log()
+        )
     }
 
     /// A credential for `user`: the static user's, or a fresh REST-API one.
@@ -263,7 +274,10 @@ pub fn turnd_toml(opts: &Options, extra: &str) -> String {
     let _ = writeln!(t, "[auth]\nrealm = \"{REALM}\"");
     match &opts.auth {
         Auth::Static { user, password } => {
-            let _ = writeln!(t, "users = [{{ name = \"{user}\", password = \"{password}\" }}]");
+            let _ = writeln!(
+                t,
+                "users = [{{ name = \"{user}\", password = \"{password}\" }}]"
+            );
         }
         Auth::Secret(s) => {
             let _ = writeln!(t, "secrets = [\"{s}\"]");
@@ -286,5 +300,7 @@ pub fn turnd_toml(opts: &Options, extra: &str) -> String {
 /// # Errors
 /// Nothing could be bound.
 pub fn free_udp_port() -> anyhow::Result<u16> {
-    Ok(std::net::UdpSocket::bind((LOCALHOST, 0))?.local_addr()?.port())
+    Ok(std::net::UdpSocket::bind((LOCALHOST, 0))?
+        .local_addr()?
+        .port())
 }

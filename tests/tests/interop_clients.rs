@@ -209,15 +209,23 @@ async fn send_and_data_indications_then_a_channel_relay_to_a_peer() {
     };
     let peer = EchoPeer::start(LOCALHOST).unwrap();
     let (user, password) = server.credential("alice");
-    let mut c = MiniClient::new(server.addr, &user, &password).await.unwrap();
+    let mut c = MiniClient::new(server.addr, &user, &password)
+        .await
+        .unwrap();
     let alloc = c.allocate().await.unwrap().success().unwrap();
     let relayed = alloc.relayed().expect("XOR-RELAYED-ADDRESS");
     assert_eq!(alloc.mapped(), Some(c.local_addr().unwrap()));
     assert_eq!(relayed.ip(), LOCALHOST);
 
     // Without a permission, a Send indication is dropped.
-    c.send_indication(peer.addr, b"no permission yet").await.unwrap();
-    c.create_permission(peer.addr).await.unwrap().success().unwrap();
+    c.send_indication(peer.addr, b"no permission yet")
+        .await
+        .unwrap();
+    c.create_permission(peer.addr)
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(peer.received(), 0, "sent without a permission");
 
@@ -235,11 +243,18 @@ async fn send_and_data_indications_then_a_channel_relay_to_a_peer() {
         );
     }
     assert_eq!(peer.received(), 20);
-    assert_eq!(peer.sources().into_iter().collect::<Vec<_>>(), vec![relayed]);
+    assert_eq!(
+        peer.sources().into_iter().collect::<Vec<_>>(),
+        vec![relayed]
+    );
 
     // Once a channel is bound, the peer's datagrams come back as ChannelData, and Send
     // indications still work alongside it.
-    c.channel_bind(0x4001, peer.addr).await.unwrap().success().unwrap();
+    c.channel_bind(0x4001, peer.addr)
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
     for i in 0..20 {
         let msg = format!("channel data {i}");
         c.send_channel(0x4001, msg.as_bytes()).await.unwrap();

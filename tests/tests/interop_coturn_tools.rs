@@ -39,7 +39,10 @@ fn parse_summary(out: &str) -> Option<Summary> {
         .lines()
         .rev()
         .find(|l| l.contains("start_mclient: tot_send_msgs="))?;
-    let lost = out.lines().rev().find(|l| l.contains("Total lost packets "))?;
+    let lost = out
+        .lines()
+        .rev()
+        .find(|l| l.contains("Total lost packets "))?;
     Some(Summary {
         sent: field(totals, "tot_send_msgs=")?,
         received: field(totals, "tot_recv_msgs=")?,
@@ -92,7 +95,12 @@ fn uclient_relays_without_loss(auth: Auth, first_port: u16, extra: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let all = format!("{stdout}{stderr}");
     let tail: Vec<&str> = all.lines().rev().take(12).collect();
-    assert!(out.status.success(), "uclient failed: {}\n{tail:#?}\n{}", out.status, server.log());
+    assert!(
+        out.status.success(),
+        "uclient failed: {}\n{tail:#?}\n{}",
+        out.status,
+        server.log()
+    );
     let summary = parse_summary(&all)
         .unwrap_or_else(|| panic!("no summary in uclient output:\n{tail:#?}\n{}", server.log()));
     let expected = CLIENTS * MESSAGES;
