@@ -1219,6 +1219,9 @@ impl Server {
                     };
                     return self.reject(ft, msg, reason, Some(signer), |_| {});
                 }
+                if let Ok(Some(token)) = msg.get::<ReservationToken>() {
+                    self.reservations.remove(&token.0);
+                }
                 let id = RelayRequestId(self.next_request);
                 self.next_request += 1;
                 let lifetime = self.lifetime(msg.get::<Lifetime>().ok().flatten());
@@ -1307,7 +1310,8 @@ impl Server {
             return reject(Reject::AddressFamilyNotSupported);
         }
         let port = match (token, even) {
-            (Some(t), _) => match self.reservations.remove(&t.0) {
+            // The token is consumed only once the quota admits the allocation.
+            (Some(t), _) => match self.reservations.get(&t.0) {
                 Some(r) => PortRequest::Reserved(r.local),
                 None => return reject(Reject::InvalidReservationToken),
             },
@@ -1353,7 +1357,8 @@ impl Server {
             Ok(r) => r,
             Err(e) => {
                 self.quota.release(&p.username);
-                if let Some(local) = bound.reserved_next {
+                let additional = bound.additional.and_then(Result::ok).map(|r| r.local);
+                for local in [bound.reserved_next, additional].into_iter().flatten() {
                     self.events.push_back(Event::RelayReleased(local));
                 }
                 let reason = match e {
