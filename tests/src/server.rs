@@ -127,6 +127,7 @@ impl TestServer {
         let settings = Config::from_toml(toml)?.validate(&MapEnv::default())?;
         let running = turnd::driver::start(settings)?;
         let addr = *running.udp.first().context("no UDP listener")?;
+        eprintln!("server under test: turnd at {addr}");
         Ok(Self {
             addr,
             kind: Kind::Turnd,
@@ -186,6 +187,7 @@ impl TestServer {
             dir,
         };
         server.wait_ready()?;
+        eprintln!("server under test: coturn turnserver at {}", server.addr);
         Ok(Some(server))
     }
 

@@ -234,16 +234,25 @@ async fn relay_port_exhaustion_gives_508_and_a_freed_port_is_reused_at_once() {
     for _ in 0..3 {
         assert_eq!(c3.allocate().await.unwrap().error_code(), Some(508));
     }
-    c1.refresh(0).await.unwrap().success().unwrap();
-    let p3 = c3
-        .allocate()
-        .await
-        .unwrap()
-        .success()
-        .unwrap()
-        .relayed()
-        .unwrap();
-    assert_eq!(p3, p1, "the freed port is handed out again");
+    // Free a port and take it again at once, a few times over: each Allocate right after
+    // the Refresh(0) response must get the freed port (not 508).
+    let (mut holder, mut waiting) = (c1, c3);
+    for round in 0..10 {
+        holder.refresh(0).await.unwrap().success().unwrap();
+        let r = waiting.allocate().await.unwrap();
+        assert_eq!(
+            r.error_code(),
+            None,
+            "round {round}: Allocate right after the port {p1} was freed"
+        );
+        assert_eq!(
+            r.relayed(),
+            Some(p1),
+            "round {round}: the freed port is handed out again"
+        );
+        std::mem::swap(&mut holder, &mut waiting);
+    }
+    let mut c3 = holder;
     // The new allocation on the reused port relays.
     let peer = EchoPeer::start(LOCALHOST).unwrap();
     c3.create_permission(peer.addr)
