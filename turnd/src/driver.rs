@@ -16,7 +16,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -487,12 +487,21 @@ async fn listener_loop(w: Rc<Worker>, i: usize) {
     }
 }
 
-async fn relay_loop(w: Rc<Worker>, io: Rc<RelayIo>, local: SocketAddr) {
+/// Reads one relay socket. The task holds only a weak reference: the worker's relay map owns
+/// the socket, so releasing a relay closes its port at once (the port is reusable by the very
+/// next Allocate), and the task, aborted at the same time, finds the socket gone.
+async fn relay_loop(w: Rc<Worker>, io: Weak<RelayIo>, local: SocketAddr) {
     loop {
-        if io.sock.readable().await.is_err() {
+        let ready = std::future::poll_fn(|cx| match io.upgrade() {
+            Some(io) => io.sock.poll_recv_ready(cx).map(|r| r.is_ok()),
+            None => std::task::Poll::Ready(false),
+        })
+        .await;
+        if !ready {
             return;
         }
         for _ in 0..BATCHES_PER_WAKE {
+            let Some(io) = io.upgrade() else { return };
             let mut bufs = w.bufs.borrow_mut();
             let n = match io
                 .sock
@@ -503,9 +512,10 @@ async fn relay_loop(w: Rc<Worker>, io: Rc<RelayIo>, local: SocketAddr) {
                 Err(e) => {
                     // ICMP errors surface here as ECONNREFUSED and the like: keep reading.
                     debug!(error = %e, relay = %local, "recv error on relay");
-                    break;
+                    continue;
                 }
             };
+            drop(io);
             let now = Instant::now();
             {
                 let mut core = w.core.borrow_mut();
@@ -695,18 +705,25 @@ impl Worker {
     }
 
     /// Sends everything the core has queued and acts on its events, until both are empty.
+    /// Acts on the core's events, then sends what it queued, until both are empty. Events go
+    /// first so a released relay port is free before the response that released it leaves.
     fn flush(self: &Rc<Self>) {
         loop {
-            let event = {
-                let mut core = self.core.borrow_mut();
-                while let Some(t) = core.poll_transmit() {
-                    self.send(&t);
+            loop {
+                let event = self.core.borrow_mut().poll_event();
+                match event {
+                    Some(e) => self.handle_event(e),
+                    None => break,
                 }
-                core.poll_event()
-            };
-            match event {
-                Some(e) => self.handle_event(e),
-                None => return,
+            }
+            let mut core = self.core.borrow_mut();
+            let mut sent = false;
+            while let Some(t) = core.poll_transmit() {
+                self.send(&t);
+                sent = true;
+            }
+            if !sent {
+                return;
             }
         }
     }
@@ -945,7 +962,7 @@ impl Worker {
             }
         };
         drop(sock);
-        let task = tokio::task::spawn_local(relay_loop(self.clone(), io.clone(), local));
+        let task = tokio::task::spawn_local(relay_loop(self.clone(), Rc::downgrade(&io), local));
         self.relays
             .borrow_mut()
             .insert(local, RelayEntry { io, task });

@@ -405,7 +405,7 @@ pub struct QuotasConfig {
     /// Allocations one username may hold at once (486 beyond).
     #[serde(default)]
     pub allocations_per_user: u32,
-    /// Allocations the server holds at once (486 beyond).
+    /// Allocations the server holds at once (508 Insufficient Capacity beyond).
     #[serde(default)]
     pub total_allocations: u32,
     /// Permissions one allocation may hold (508 beyond).

@@ -246,7 +246,7 @@ impl PeerPolicy {
 pub struct Quotas {
     /// Allocations per username (486 beyond).
     pub allocations_per_user: Option<NonZeroU32>,
-    /// Allocations in total (486 beyond).
+    /// Allocations in total (508 beyond).
     pub total_allocations: Option<NonZeroU32>,
     /// Permissions per allocation (508 beyond).
     pub permissions_per_allocation: NonZeroUsize,
