@@ -877,6 +877,7 @@ impl Server {
         else {
             return self.drop_packet(DropReason::BadIndication);
         };
+        let peer = policy::canonical_addr(peer);
         let Some(&idx) = self.by_tuple.get(&ft) else {
             return self.drop_packet(DropReason::NoAllocation);
         };
@@ -1682,7 +1683,7 @@ impl Server {
             }
         };
         let peer = match msg.get::<XorPeerAddress>() {
-            Ok(Some(XorPeerAddress(p))) => p,
+            Ok(Some(XorPeerAddress(p))) => policy::canonical_addr(p),
             Ok(None) => {
                 return self.reject(ft, msg, Reject::MissingAttribute, Some(signer), |_| {})
             }

@@ -89,6 +89,14 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// [`canonical_ip`] for a transport address: `[::ffff:192.0.2.1]:5000` becomes
+/// `192.0.2.1:5000`, so the relay sends from its IPv4 socket to an IPv4 destination and a
+/// channel bound to either spelling matches datagrams from the peer.
+#[must_use]
+pub fn canonical_addr(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(canonical_ip(addr.ip()), addr.port())
+}
+
 impl PeerPolicy {
     /// A policy with the operator's lists on top of [`DEFAULT_DENIED`].
     #[must_use]

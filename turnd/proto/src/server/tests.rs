@@ -1295,3 +1295,57 @@ fn allocation_state_is_under_1_kib() {
     let total = alloc + perms + chans + index;
     assert!(total < 1024, "per-allocation state is {total} bytes");
 }
+
+#[test]
+fn ipv4_mapped_peer_is_relayed_as_ipv4_and_matches_its_channel() {
+    let mut h = Harness::new();
+    let (mut c, local) = allocated(&mut h, "192.0.2.7:40000");
+    assert!(is_success(&c.bind_channel(
+        &mut h,
+        0x4005,
+        addr("[::ffff:192.0.2.44]:9000")
+    )));
+    let mut cd = Vec::new();
+    ChannelData {
+        channel: ChannelNumber::new(0x4005).unwrap(),
+        data: b"m",
+    }
+    .encode(false, &mut cd);
+    h.client_sends(c.ft, &cd);
+    assert_eq!(
+        h.take_sent(),
+        vec![(
+            Destination::Peer {
+                relay: local,
+                peer: addr(PEER)
+            },
+            b"m".to_vec(),
+            false
+        )]
+    );
+    h.peer_sends(local, addr(PEER), b"r");
+    assert_eq!(h.take_sent()[0].1, vec![0x40, 0x05, 0x00, 0x01, b'r']);
+}
+
+#[test]
+fn rfc5766_channel_numbers_are_accepted_only_when_configured() {
+    let mut h = Harness::with(
+        ServerConfig {
+            rfc5766_channel_numbers: true,
+            ..config()
+        },
+        Box::new(LocalQuota::default()),
+    );
+    let (mut c, local) = allocated(&mut h, "192.0.2.7:40000");
+    assert!(is_success(&c.bind_channel(&mut h, 0x5b4b, addr(PEER))));
+    h.client_sends(c.ft, &[0x5b, 0x4b, 0x00, 0x02, b'h', b'i']);
+    assert_eq!(
+        h.take_sent()[0].0,
+        Destination::Peer {
+            relay: local,
+            peer: addr(PEER)
+        }
+    );
+    h.peer_sends(local, addr(PEER), b"yo");
+    assert_eq!(h.take_sent()[0].1, vec![0x5b, 0x4b, 0x00, 0x02, b'y', b'o']);
+}
