@@ -17,6 +17,7 @@
 //! lines and configs are golden-tested instead.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod exec;
 pub mod inventory;
 pub mod phases;

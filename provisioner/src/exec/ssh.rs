@@ -41,24 +41,35 @@ impl SshOptions {
         }
     }
 
+    /// The `ssh` options for an interactive session: no ControlMaster, and not in batch mode
+    /// so that ssh may ask about an unknown host key.
+    pub fn command_args(&self) -> Vec<String> {
+        self.args(false)
+    }
+
     fn destination(&self) -> String {
         format!("{}@{}", self.user, self.host)
     }
 
     /// The `ssh` arguments before the destination (no ControlMaster options).
     fn base_args(&self) -> Vec<String> {
-        let mut a = vec![
-            "-p".to_owned(),
-            self.port.to_string(),
-            "-o".to_owned(),
-            "BatchMode=yes".to_owned(),
+        self.args(true)
+    }
+
+    fn args(&self, batch: bool) -> Vec<String> {
+        let mut a = vec!["-p".to_owned(), self.port.to_string()];
+        if batch {
+            a.push("-o".to_owned());
+            a.push("BatchMode=yes".to_owned());
+        }
+        a.extend([
             "-o".to_owned(),
             format!("StrictHostKeyChecking={}", self.strict_host_key_checking),
             "-o".to_owned(),
             "ConnectTimeout=15".to_owned(),
             "-o".to_owned(),
             "LogLevel=ERROR".to_owned(),
-        ];
+        ]);
         if let Some(id) = &self.identity {
             a.push("-o".to_owned());
             a.push("IdentitiesOnly=yes".to_owned());

@@ -144,6 +144,9 @@ pub struct Ssh {
     pub private_key: PathBuf,
     /// Public keys authorised in each VM.
     pub authorized_keys: Vec<String>,
+    /// Known-hosts file for the host and the VMs (default: ssh's own).
+    #[serde(default)]
+    pub known_hosts: Option<PathBuf>,
 }
 
 fn default_ssh_port() -> u16 {

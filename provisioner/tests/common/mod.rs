@@ -1,6 +1,8 @@
 //! Helpers shared by the provisioner's integration tests.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod sshd;
+
 use std::path::Path;
 
 /// Whether `tool` is on PATH. When it is missing: with `TURND_REQUIRE_TOOLS=1` (CI) the test

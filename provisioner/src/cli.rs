@@ -1,0 +1,498 @@
+//! The command line: parsing (clap) and the commands. Errors here are `anyhow`; the library
+//! below uses typed errors.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::exec::{shell_quote, Cmd, SshOptions, SshTransport, Sudo, Transport};
+use crate::inventory::{Cluster, Inventory};
+use crate::phases::{self, Context, Settings};
+use crate::plan::{apply, Journal, PhaseId, Plan, Transports};
+use crate::secrets::{ProcessEnv, Secrets};
+
+/// Plans and builds the cluster that hosts turnd: the libvirt host, the VMs, Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "provisioner", version, about, long_about = None)]
+pub struct Cli {
+    /// The inventory.
+    #[arg(
+        short,
+        long,
+        global = true,
+        default_value = "cluster.toml",
+        value_name = "FILE"
+    )]
+    pub inventory: PathBuf,
+    /// The secrets file (default: `.env` next to the inventory).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub env_file: Option<PathBuf>,
+    /// Show plans and commands without changing anything.
+    #[arg(long, global = true)]
+    pub dry_run: bool,
+    /// Show every command run and its output.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check the inventory, the secrets, local tools and that the host is reachable.
+    Preflight,
+    /// Gather facts and print what `apply` would do.
+    Plan {
+        /// Phases (names or numbers); all implemented phases when none are given.
+        #[arg(value_parser = parse_phase)]
+        phases: Vec<PhaseId>,
+    },
+    /// Plan and apply phases in order.
+    Apply {
+        /// Phases (names or numbers).
+        #[arg(value_parser = parse_phase, conflicts_with = "all")]
+        phases: Vec<PhaseId>,
+        /// Every implemented phase, in order.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Succeed only when every implemented phase has nothing to do and every node is Ready.
+    Verify,
+    /// One line per phase: up to date, or how many actions are pending.
+    Status,
+    /// Remove the VMs, their disks and the network (or only reset Kubernetes).
+    Teardown {
+        /// Keep the VMs; run `kubeadm reset` on them instead.
+        #[arg(long)]
+        keep_vms: bool,
+    },
+    /// Write every generated file under DIR, for review or GitOps.
+    Render {
+        /// Output directory.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Open a shell on a VM (through the host), or run a command there.
+    Ssh {
+        /// The VM.
+        vm: String,
+        /// A command to run instead of a shell.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Run kubectl on the host.
+    Kubectl {
+        /// kubectl's arguments (after `--`).
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
+    /// Forward a local port to a cluster service through the host.
+    Tunnel {
+        /// The service.
+        service: TunnelService,
+    },
+}
+
+/// Services `tunnel` can reach.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TunnelService {
+    /// Grafana in the monitoring namespace.
+    Grafana,
+}
+
+fn parse_phase(s: &str) -> Result<PhaseId, String> {
+    s.parse()
+}
+
+/// A problem with what the user gave us: exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Runs the parsed command line.
+pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let c = load(cli)?;
+    match &cli.command {
+        Command::Render { out } => render(&c, out),
+        Command::Preflight => preflight(cli, &c),
+        Command::Plan { phases } => {
+            let t = transports(&c)?;
+            let list = if phases.is_empty() {
+                implemented()
+            } else {
+                phases.clone()
+            };
+            for p in list {
+                print!("{}", plan_one(&c, &t, p)?.render(cli.verbose));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Apply { phases, all } => {
+            let t = transports(&c)?;
+            if phases.is_empty() && !*all {
+                return Err(UsageError(
+                    "name the phases to apply (e.g. `apply host vms`) or pass --all".into(),
+                )
+                .into());
+            }
+            let list = if *all {
+                for p in PhaseId::ALL.iter().filter(|p| !p.implemented()) {
+                    eprintln!("skipping phase {p}: not implemented in this version");
+                }
+                implemented()
+            } else {
+                phases.clone()
+            };
+            let mut journal = Journal::at(journal_path(cli));
+            for p in list {
+                let plan = plan_one(&c, &t, p)?;
+                print!("{}", plan.render(cli.verbose));
+                if !cli.dry_run && !plan.is_empty() {
+                    apply(&plan, &t, &mut journal)?;
+                    println!("phase {p}: applied {} action(s)", plan.actions.len());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status | Command::Verify => status(cli, &c),
+        Command::Teardown { keep_vms } => {
+            let t = transports(&c)?;
+            let ctx = Context {
+                cluster: &c,
+                transports: &t,
+                settings: &Settings::default(),
+            };
+            let plan = phases::plan_teardown(&ctx, *keep_vms)?;
+            print!("{}", plan.render(cli.verbose));
+            if !cli.dry_run && !plan.is_empty() {
+                apply(&plan, &t, &mut Journal::at(journal_path(cli)))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ssh { vm, command } => {
+            let vm = c.vm(vm).ok_or_else(|| {
+                UsageError(format!(
+                    "no VM named `{vm}` in {}; VMs are {}",
+                    cli.inventory.display(),
+                    c.vms
+                        .iter()
+                        .map(|v| v.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+            let opts = vm_ssh(&c, vm.ip.to_string());
+            let mut args = ssh_args(&opts);
+            args.push(format!("{}@{}", opts.user, opts.host));
+            if !command.is_empty() {
+                args.push("--".into());
+                args.push(
+                    command
+                        .iter()
+                        .map(|w| shell_quote(w))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                );
+            }
+            exec_interactive(cli, "ssh", &args)
+        }
+        Command::Kubectl { args } => {
+            let opts = host_ssh(&c);
+            let mut ssh = ssh_args(&opts);
+            ssh.push(format!("{}@{}", opts.user, opts.host));
+            ssh.push("--".into());
+            ssh.push(Cmd::new("kubectl").args(args.iter().cloned()).shell_line());
+            exec_interactive(cli, "ssh", &ssh)
+        }
+        Command::Tunnel {
+            service: TunnelService::Grafana,
+        } => {
+            let port = c.monitoring.grafana_local_port;
+            let opts = host_ssh(&c);
+            let mut ssh = ssh_args(&opts);
+            ssh.extend(["-L".into(), format!("127.0.0.1:{port}:127.0.0.1:{port}")]);
+            ssh.push(format!("{}@{}", opts.user, opts.host));
+            ssh.push("--".into());
+            ssh.push(
+                Cmd::new("kubectl")
+                    .args([
+                        "--namespace",
+                        &c.monitoring.namespace,
+                        "port-forward",
+                        "service/grafana",
+                        &format!("{port}:80"),
+                    ])
+                    .shell_line(),
+            );
+            eprintln!("Grafana on http://127.0.0.1:{port}/ (Ctrl-C to stop)");
+            exec_interactive(cli, "ssh", &ssh)
+        }
+    }
+}
+
+fn implemented() -> Vec<PhaseId> {
+    PhaseId::ALL
+        .iter()
+        .copied()
+        .filter(|p| p.implemented())
+        .collect()
+}
+
+fn load(cli: &Cli) -> anyhow::Result<Cluster> {
+    Inventory::load(&cli.inventory).map_err(|e| UsageError(e.to_string()).into())
+}
+
+fn journal_path(cli: &Cli) -> PathBuf {
+    cli.inventory
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(".provisioner/journal.jsonl")
+}
+
+fn expand_home(p: &Path) -> PathBuf {
+    match (p.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => p.to_owned(),
+    }
+}
+
+/// SSH options for the host.
+pub fn host_ssh(c: &Cluster) -> SshOptions {
+    let mut o = SshOptions::new(&c.ssh.host_user, &c.host.ssh_address, c.ssh.host_port);
+    o.identity = Some(expand_home(&c.ssh.private_key));
+    o.known_hosts = c.ssh.known_hosts.as_deref().map(expand_home);
+    o
+}
+
+/// SSH options for a VM at `ip`, jumping through the host.
+pub fn vm_ssh(c: &Cluster, ip: String) -> SshOptions {
+    let mut o = SshOptions::new(&c.ssh.vm_user, &ip, 22);
+    o.identity = Some(expand_home(&c.ssh.private_key));
+    o.known_hosts = c.ssh.known_hosts.as_deref().map(expand_home);
+    o.jump = Some(Box::new(host_ssh(c)));
+    o
+}
+
+fn ssh_args(o: &SshOptions) -> Vec<String> {
+    o.command_args()
+}
+
+fn transports(c: &Cluster) -> anyhow::Result<Transports> {
+    let host: Box<dyn Transport> = Box::new(SshTransport::new("host", host_ssh(c))?);
+    let mut vms: BTreeMap<String, Box<dyn Transport>> = BTreeMap::new();
+    for vm in &c.vms {
+        let t = SshTransport::new(vm.name.as_str(), vm_ssh(c, vm.ip.to_string()))?;
+        vms.insert(vm.name.to_string(), Box::new(Sudo::new(t)));
+    }
+    // The host user may not be root: run host commands through sudo unless it is.
+    let host = if c.ssh.host_user == "root" {
+        host
+    } else {
+        Box::new(Sudo::new(host)) as Box<dyn Transport>
+    };
+    Ok(Transports { host, vms })
+}
+
+fn plan_one(c: &Cluster, t: &Transports, p: PhaseId) -> anyhow::Result<Plan> {
+    if !p.implemented() {
+        return Err(UsageError(format!("phase {p} is not implemented in this version")).into());
+    }
+    let settings = Settings::default();
+    let ctx = Context {
+        cluster: c,
+        transports: t,
+        settings: &settings,
+    };
+    Ok(phases::plan(p, &ctx)?)
+}
+
+fn status(cli: &Cli, c: &Cluster) -> anyhow::Result<ExitCode> {
+    let t = transports(c)?;
+    let mut ok = true;
+    for p in implemented() {
+        match plan_one(c, &t, p) {
+            Ok(plan) if plan.is_empty() => println!("{p}: up to date"),
+            Ok(plan) => {
+                ok = false;
+                println!("{p}: {} action(s) pending", plan.actions.len());
+                if cli.verbose {
+                    print!("{}", plan.render(true));
+                }
+            }
+            Err(e) => {
+                ok = false;
+                println!("{p}: cannot tell: {e:#}");
+            }
+        }
+    }
+    if matches!(cli.command, Command::Verify) {
+        let settings = Settings::default();
+        let ctx = Context {
+            cluster: c,
+            transports: &t,
+            settings: &settings,
+        };
+        match phases::k8s::gather_workers(&ctx) {
+            Ok(f) => {
+                for vm in &c.vms {
+                    let ready = f
+                        .nodes
+                        .iter()
+                        .any(|n| n.name == vm.name.as_str() && n.ready);
+                    println!(
+                        "node {}: {}",
+                        vm.name,
+                        if ready { "Ready" } else { "not Ready" }
+                    );
+                    ok &= ready;
+                }
+            }
+            Err(e) => {
+                ok = false;
+                println!("nodes: cannot tell: {e}");
+            }
+        }
+        return Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn preflight(cli: &Cli, c: &Cluster) -> anyhow::Result<ExitCode> {
+    let mut ok = true;
+    let mut check = |name: &str, result: Result<String, String>| match result {
+        Ok(detail) => println!(
+            "ok    {name}{}",
+            if detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {detail}")
+            }
+        ),
+        Err(why) => {
+            ok = false;
+            println!("FAIL  {name}: {why}");
+        }
+    };
+    check("inventory", Ok(cli.inventory.display().to_string()));
+    let dotenv = cli.env_file.clone().unwrap_or_else(|| {
+        cli.inventory
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(".env")
+    });
+    check(
+        "secrets",
+        Secrets::load(&ProcessEnv, &dotenv)
+            .map(|_| String::new())
+            .map_err(|e| e.to_string()),
+    );
+    let key = expand_home(&c.ssh.private_key);
+    check(
+        "ssh key",
+        if key.is_file() {
+            Ok(key.display().to_string())
+        } else {
+            Err(format!("{} does not exist", key.display()))
+        },
+    );
+    let local = crate::exec::LocalTransport::new();
+    check(
+        "local ssh client",
+        local
+            .run(&Cmd::new("ssh").arg("-V"))
+            .map(|o| o.stderr.trim().to_owned())
+            .map_err(|e| e.to_string()),
+    );
+    if cli.dry_run {
+        println!("skip  host checks (--dry-run)");
+    } else {
+        let host = SshTransport::new("host", host_ssh(c))?;
+        match host.run_ok(&Cmd::new("true")) {
+            Ok(_) => {
+                check(
+                    "host reachable",
+                    Ok(format!("{}@{}", c.ssh.host_user, c.host.ssh_address)),
+                );
+                let kvm = host
+                    .run(&Cmd::new("test").args(["-c", "/dev/kvm"]))
+                    .map(|o| o.success());
+                check(
+                    "host has /dev/kvm",
+                    if matches!(kvm, Ok(true)) {
+                        Ok(String::new())
+                    } else {
+                        Err("no /dev/kvm".into())
+                    },
+                );
+                let need: u64 = c.vms.iter().map(|v| u64::from(v.disk_gib)).sum();
+                let df = host
+                    .run_ok(&Cmd::new("df").args(["--output=avail", "-BG", &c.host.image_dir]))
+                    .map_err(|e| e.to_string())
+                    .and_then(|o| {
+                        o.stdout
+                            .lines()
+                            .nth(1)
+                            .and_then(|l| l.trim().trim_end_matches('G').parse::<u64>().ok())
+                            .ok_or_else(|| format!("cannot read df output {:?}", o.stdout))
+                    });
+                check(
+                    "host disk space",
+                    df.and_then(|avail| {
+                        if avail >= need {
+                            Ok(format!("{avail}G free, VMs may grow to {need}G"))
+                        } else {
+                            Err(format!(
+                                "{avail}G free in {} but the VMs may grow to {need}G",
+                                c.host.image_dir
+                            ))
+                        }
+                    }),
+                );
+            }
+            Err(e) => check("host reachable", Err(e.to_string())),
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn render(c: &Cluster, out: &Path) -> anyhow::Result<ExitCode> {
+    for f in crate::render::all(c) {
+        let path = out.join(&f.path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(&path, &f.contents)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn exec_interactive(cli: &Cli, program: &str, args: &[String]) -> anyhow::Result<ExitCode> {
+    let line = Cmd::new(program).args(args.iter().cloned()).shell_line();
+    if cli.dry_run {
+        println!("{line}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    tracing::debug!("$ {line}");
+    let status = std::process::Command::new(program)
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot start {program}"))?;
+    Ok(ExitCode::from(
+        u8::try_from(status.code().unwrap_or(1)).unwrap_or(1),
+    ))
+}

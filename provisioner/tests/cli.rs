@@ -1,0 +1,242 @@
+//! The `provisioner` binary: argument errors exit 2 with a clear message, `render` writes
+//! every generated file, `--dry-run` prints commands, and `plan host` gathers through a real
+//! sshd on loopback (libvirt's test driver on the "host" side).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::sshd::Sshd;
+use provisioner::inventory::Inventory;
+
+const EXAMPLE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../deploy/cluster.example.toml"
+);
+
+fn provisioner(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_provisioner"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn help_lists_every_command() {
+    let out = provisioner(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for cmd in [
+        "preflight",
+        "plan",
+        "apply",
+        "verify",
+        "status",
+        "teardown",
+        "render",
+        "ssh",
+        "kubectl",
+        "tunnel",
+        "--dry-run",
+        "--verbose",
+    ] {
+        assert!(help.contains(cmd), "{cmd} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn bad_arguments_exit_2_with_the_reason() {
+    let out = provisioner(&["-i", EXAMPLE, "plan", "sni-proxy"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("unknown phase `sni-proxy`; phases are host, vms, k8s-common"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = provisioner(&["-i", EXAMPLE, "apply"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "error: name the phases to apply (e.g. `apply host vms`) or pass --all\n"
+    );
+
+    let out = provisioner(&["-i", EXAMPLE, "--dry-run", "ssh", "k8s-worker9"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        format!("error: no VM named `k8s-worker9` in {EXAMPLE}; VMs are k8s-master, k8s-worker1, k8s-worker2\n")
+    );
+
+    let out = provisioner(&["-i", EXAMPLE, "tunnel", "prometheus"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_bad_inventory_exits_2_naming_file_line_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("cluster.toml");
+    let example = std::fs::read_to_string(EXAMPLE).expect("example");
+    let bad = example.replacen("ip = \"10.10.10.12\"", "ip = \"10.10.10.10\"", 1);
+    let worker2 = bad.find("name = \"k8s-worker2\"").expect("worker2");
+    let line = bad[..worker2 + bad[worker2..].find("ip =").expect("ip")]
+        .matches('\n')
+        .count()
+        + 1;
+    std::fs::write(&path, bad).expect("write");
+    let out = provisioner(&["-i", path.to_str().expect("utf8"), "render", "--out", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "error: {}:{line}: `vms[2].ip`: 10.10.10.10 is already used by vms[0]\n",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn render_writes_every_generated_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_dir = dir.path().join("out");
+    let out = provisioner(&[
+        "-i",
+        EXAMPLE,
+        "render",
+        "--out",
+        out_dir.to_str().expect("utf8"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let cluster = Inventory::load(Path::new(EXAMPLE)).expect("valid");
+    let files = provisioner::render::all(&cluster);
+    assert_eq!(text(&out.stdout).lines().count(), files.len());
+    for f in files {
+        assert_eq!(
+            std::fs::read_to_string(out_dir.join(&f.path)).expect("written"),
+            f.contents,
+            "{}",
+            f.path
+        );
+    }
+}
+
+#[test]
+fn dry_run_prints_the_ssh_command_through_the_host() {
+    let out = provisioner(&[
+        "-i",
+        EXAMPLE,
+        "--dry-run",
+        "ssh",
+        "k8s-worker1",
+        "--",
+        "uname",
+        "-a",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let line = text(&out.stdout);
+    assert!(
+        line.starts_with("ssh -p 22 -o StrictHostKeyChecking=accept-new"),
+        "{line}"
+    );
+    assert!(
+        line.contains("ProxyCommand=ssh -p 22 -o BatchMode=yes"),
+        "{line}"
+    );
+    assert!(line.contains("-W %h:%p root@94.130.141.98"), "{line}");
+    assert!(
+        line.trim_end()
+            .ends_with("ubuntu@10.10.10.11 -- 'uname -a'"),
+        "{line}"
+    );
+
+    let out = provisioner(&[
+        "-i",
+        EXAMPLE,
+        "--dry-run",
+        "kubectl",
+        "--",
+        "get",
+        "nodes",
+        "-o",
+        "wide",
+    ]);
+    assert!(
+        text(&out.stdout)
+            .trim_end()
+            .ends_with("root@94.130.141.98 -- 'kubectl get nodes -o wide'"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+fn loopback_inventory(sshd: &Sshd, dir: &Path) -> PathBuf {
+    let example = std::fs::read_to_string(EXAMPLE).expect("example");
+    let text = example
+        .replace(
+            "ssh_address = \"94.130.141.98\"",
+            "ssh_address = \"127.0.0.1\"",
+        )
+        .replace(
+            "host_user = \"root\"",
+            &format!("host_user = \"{}\"", sshd.user),
+        )
+        .replace("host_port = 22", &format!("host_port = {}", sshd.port))
+        .replace(
+            "private_key = \"~/.ssh/id_ed25519\"",
+            &format!(
+                "private_key = \"{}\"\nknown_hosts = \"{}\"",
+                sshd.client_key().display(),
+                sshd.known_hosts().display()
+            ),
+        )
+        .replace(
+            "libvirt_uri = \"qemu:///system\"",
+            "libvirt_uri = \"test:///default\"",
+        )
+        .replace(
+            "image_dir = \"/var/lib/libvirt/images\"",
+            &format!("image_dir = \"{}\"", dir.display()),
+        );
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+#[test]
+fn plan_host_gathers_over_real_ssh() {
+    let Some(sshd) = Sshd::start() else { return };
+    if !common::have_tool("virsh", "libvirt-clients") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inv = loopback_inventory(&sshd, dir.path());
+    let out = provisioner(&["-i", inv.to_str().expect("utf8"), "-v", "plan", "host"]);
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}\n{}", sshd.log());
+    assert!(stdout.starts_with("phase 01-host: "), "{stdout}");
+    assert!(
+        stdout.contains(
+            "[host] download cloud image ubuntu-22.04-server-cloudimg-amd64.img (missing)"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[host] define network k8s-net (new)"),
+        "{stdout}"
+    );
+    // -v shows every command run on the host and its exit status.
+    assert!(
+        stderr.contains("[host] $ virsh -c test:///default net-list --all --name -> 0"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("provisioner").exists(),
+        "plan changed nothing"
+    );
+}
