@@ -502,6 +502,89 @@ fn join_worker(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exec::{Output, RecordingTransport};
+
+    #[test]
+    fn apply_stops_at_the_failure_and_journals_what_was_done() {
+        let host = RecordingTransport::new("host");
+        host.respond(
+            "virsh -c qemu:///system net-start",
+            Output::failed(1, "error: network is already in use\n"),
+        );
+        let transports = Transports {
+            host: Box::new(host),
+            vms: BTreeMap::new(),
+        };
+        let mut plan = Plan::new(PhaseId::Host);
+        for (summary, args) in [
+            ("define network k8s-net (new)", ["net-define", "/x.xml"]),
+            ("start network k8s-net", ["net-start", "k8s-net"]),
+            ("autostart network k8s-net", ["net-autostart", "k8s-net"]),
+        ] {
+            plan.actions.push(Action::run(
+                Target::Host,
+                summary,
+                Cmd::new("virsh").args(["-c", "qemu:///system"]).args(args),
+            ));
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state/journal.jsonl");
+        let mut journal = Journal::at(path.clone());
+        let err = apply(&plan, &transports, &mut journal).expect_err("net-start fails");
+        assert_eq!(
+            err.to_string(),
+            "phase 01-host, action 2 `start network k8s-net` on host: on host: \
+             `virsh -c qemu:///system net-start k8s-net` exited with status 1: error: network is already in use"
+        );
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+            .expect("journal written")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        assert_eq!(lines.len(), 2, "the third action never ran");
+        assert_eq!(
+            (lines[0]["status"].as_str(), lines[0]["index"].as_u64()),
+            (Some("done"), Some(1))
+        );
+        assert_eq!(lines[1]["status"], "failed");
+        assert_eq!(lines[1]["action"], "start network k8s-net");
+        assert!(lines[1]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("network is already in use")));
+    }
+
+    #[test]
+    fn render_lists_actions_and_with_verbose_their_steps_but_never_file_contents() {
+        let mut plan = Plan::new(PhaseId::K8sCommon);
+        plan.actions.push(Action::steps(
+            Target::Vm("k8s-master".into()),
+            "write /etc/x (missing)",
+            vec![
+                Step::Upload {
+                    path: "/etc/x".into(),
+                    data: b"secret-ish".to_vec(),
+                    mode: 0o600,
+                },
+                Step::Run(Cmd::new("sysctl").arg("--system")),
+            ],
+        ));
+        plan.notes.push("something to look at".into());
+        assert_eq!(
+            plan.render(false),
+            "phase 03-k8s-common: 1 action(s)\n   1. [k8s-master] write /etc/x (missing)\n  note: something to look at\n"
+        );
+        let verbose = plan.render(true);
+        assert!(
+            verbose
+                .contains("        write /etc/x (10 bytes, mode 600)\n        $ sysctl --system\n"),
+            "{verbose}"
+        );
+        assert!(!verbose.contains("secret-ish"));
+        assert_eq!(
+            Plan::new(PhaseId::Vms).render(false),
+            "phase 02-vms: up to date\n"
+        );
+    }
 
     #[test]
     fn phases_parse_by_name_number_and_prefixed_name() {

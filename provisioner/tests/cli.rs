@@ -240,3 +240,39 @@ fn plan_host_gathers_over_real_ssh() {
         "plan changed nothing"
     );
 }
+
+#[test]
+fn preflight_names_the_missing_secret_and_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env_file = dir.path().join(".env");
+    std::fs::write(&env_file, "CF_Token=t\nCF_Zone_ID=z\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_provisioner"))
+        .args([
+            "-i",
+            EXAMPLE,
+            "--dry-run",
+            "preflight",
+            "--env-file",
+            env_file.to_str().expect("utf8"),
+        ])
+        .env_remove("CF_Token")
+        .env_remove("CF_Zone_ID")
+        .env_remove("TURND_AUTH_SECRET")
+        .env_remove("COTURN_AUTH_SECRET")
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(&format!("ok    inventory: {EXAMPLE}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "FAIL  secrets: missing secret TURND_AUTH_SECRET: set it in the environment or in {} (the old name COTURN_AUTH_SECRET is accepted too)",
+            env_file.display()
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("skip  host checks (--dry-run)"), "{stdout}");
+}
