@@ -199,3 +199,14 @@ fn load_names_the_file() {
     let err = Inventory::load(&dir.path().join("absent.toml")).expect_err("absent");
     assert!(err.to_string().contains("cannot read inventory"), "{err}");
 }
+
+#[test]
+fn bad_label_names_the_vm_and_the_label() {
+    let text = example().replacen(
+        "\"turnd.io/relay\" = \"true\"",
+        "\"turnd.io/relay\" = \"yes please\"",
+        1,
+    );
+    assert!(error_of(&text)
+        .ends_with("`vms[1].labels`: label `turnd.io/relay` has an invalid value `yes please`"));
+}

@@ -161,7 +161,8 @@ impl SshTransport {
             source,
         })?;
         let mut c = self.ssh("yes");
-        c.args(["-o", "ControlPersist=yes", "-f", "-N"])
+        // Bounded, so a master outlives a killed provisioner by ten minutes at most.
+        c.args(["-o", "ControlPersist=10m", "-f", "-N"])
             .arg(self.opts.destination())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -465,6 +465,11 @@ impl Inventory {
                     format!("{} is already used by vms[{first}]", vm.mac),
                 );
             }
+            for (k, v) in &vm.labels {
+                if let Err(reason) = check_label(k, v) {
+                    return fail(format!("vms[{i}].labels"), reason);
+                }
+            }
             for (field, value, min) in [
                 ("vcpus", vm.vcpus, 1),
                 ("memory_gib", vm.memory_gib, 1),
@@ -594,6 +599,44 @@ impl Inventory {
     }
 }
 
+/// Kubernetes label rules: an optional DNS-subdomain prefix and `/`, a name of at most 63
+/// alphanumerics, `-`, `_` or `.` starting and ending alphanumeric; a value of the same form
+/// or empty.
+fn check_label(key: &str, value: &str) -> Result<(), String> {
+    let segment_ok = |s: &str| {
+        s.len() <= 63
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && s.chars().last().is_some_and(|c| c.is_ascii_alphanumeric())
+    };
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix {
+        let ok = !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|l| {
+                !l.is_empty()
+                    && l.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            });
+        if !ok {
+            return Err(format!("label key `{key}` has an invalid prefix `{p}`"));
+        }
+    }
+    if !segment_ok(name) {
+        return Err(format!("label key `{key}` is not a valid label name"));
+    }
+    if !value.is_empty() && !segment_ok(value) {
+        return Err(format!("label `{key}` has an invalid value `{value}`"));
+    }
+    Ok(())
+}
+
 fn first_duplicate<T: PartialEq>(items: impl Iterator<Item = T>) -> Option<usize> {
     let items: Vec<T> = items.collect();
     (0..items.len()).find(|&i| items[..i].contains(&items[i]))
@@ -652,6 +695,15 @@ fn line_of_key(text: &str, path: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_rules_follow_kubernetes() {
+        assert!(check_label("turnd.io/relay", "true").is_ok());
+        assert!(check_label("node-role.kubernetes.io/worker", "").is_ok());
+        assert!(check_label("Bad_Prefix/x", "y").is_err());
+        assert!(check_label("x", "has space").is_err());
+        assert!(check_label("-x", "y").is_err());
+    }
 
     #[test]
     fn line_of_counts_from_one() {
