@@ -79,3 +79,23 @@ fn kubeadm_init_skips_kube_proxy_and_cilium_replaces_it() {
     assert!(values.contains("kubeProxyReplacement: true"));
     assert!(values.contains("k8sServiceHost: 10.10.10.10"));
 }
+
+#[test]
+fn software_emulation_with_direct_kernel_boot_reads_back() {
+    let c = example();
+    let mut spec = libvirt::DomainSpec::from_vm(&c, c.master());
+    spec.virt_type = libvirt::VirtType::Qemu;
+    spec.direct_kernel = Some(libvirt::DirectKernel {
+        kernel: "/img/vmlinuz".into(),
+        initrd: "/img/initrd.img".into(),
+        cmdline: "root=/dev/vda rw console=ttyS0".into(),
+    });
+    let xml = spec.to_xml();
+    assert!(xml.starts_with("<domain type='qemu'>"), "{xml}");
+    assert!(
+        !xml.contains("host-passthrough"),
+        "TCG cannot pass the host CPU through"
+    );
+    assert!(xml.contains("<kernel>/img/vmlinuz</kernel>") && !xml.contains("<boot dev='hd'/>"));
+    assert_eq!(libvirt::DomainSpec::from_xml(&xml).expect("reads"), spec);
+}

@@ -103,6 +103,9 @@ pub struct Host {
     /// Where cloud images, overlays and seed ISOs are stored on the host.
     #[serde(default = "default_image_dir")]
     pub image_dir: String,
+    /// `kvm` (default) or `qemu` (software emulation, for hosts without /dev/kvm).
+    #[serde(default)]
+    pub virt_type: crate::render::libvirt::VirtType,
 }
 
 fn default_libvirt_uri() -> String {

@@ -137,9 +137,45 @@ pub fn seed_path(image_dir: &str, vm: &str) -> String {
     format!("{image_dir}/{vm}-seed.iso")
 }
 
+/// How the guest is virtualised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VirtType {
+    /// Hardware virtualisation (needs /dev/kvm); the CPU is passed through.
+    #[default]
+    Kvm,
+    /// Software emulation (TCG), for hosts without KVM; QEMU's default CPU model.
+    Qemu,
+}
+
+impl VirtType {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Qemu => "qemu",
+        }
+    }
+}
+
+/// Boot a kernel directly instead of the disk's boot loader (used for test guests built with
+/// debootstrap, whose root file system has no boot loader).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectKernel {
+    /// Kernel image on the host.
+    pub kernel: String,
+    /// Initial ramdisk on the host.
+    pub initrd: String,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
 /// One VM's domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainSpec {
+    /// Hardware or software virtualisation.
+    pub virt_type: VirtType,
+    /// Direct kernel boot, if any.
+    pub direct_kernel: Option<DirectKernel>,
     /// Domain name.
     pub name: String,
     /// Memory in MiB.
@@ -160,6 +196,8 @@ impl DomainSpec {
     /// The domain the inventory asks for `vm`.
     pub fn from_vm(c: &Cluster, vm: &Vm) -> Self {
         Self {
+            virt_type: c.host.virt_type,
+            direct_kernel: None,
             name: vm.name.to_string(),
             memory_mib: u64::from(vm.memory_gib) * 1024,
             vcpus: vm.vcpus,
@@ -177,8 +215,23 @@ impl DomainSpec {
 
     /// The libvirt XML carrying `uuid`: redefining an existing domain must keep its UUID.
     pub fn to_xml_with_uuid(&self, uuid: Option<&str>) -> String {
+        let mut os = Element::new("os").child(
+            Element::new("type")
+                .attr("arch", "x86_64")
+                .attr("machine", "q35")
+                .text("hvm"),
+        );
+        os = match &self.direct_kernel {
+            Some(k) => os
+                .child(Element::new("kernel").text(&k.kernel))
+                .child(Element::new("initrd").text(&k.initrd))
+                .child(Element::new("cmdline").text(&k.cmdline)),
+            None => os.child(Element::new("boot").attr("dev", "hd")),
+        };
+        let cpu = (self.virt_type == VirtType::Kvm)
+            .then(|| Element::new("cpu").attr("mode", "host-passthrough"));
         Element::new("domain")
-            .attr("type", "kvm")
+            .attr("type", self.virt_type.as_str())
             .child(Element::new("name").text(&self.name))
             .children(uuid.map(|u| Element::new("uuid").text(u)))
             .child(
@@ -187,22 +240,13 @@ impl DomainSpec {
                     .text(self.memory_mib),
             )
             .child(Element::new("vcpu").text(self.vcpus))
-            .child(
-                Element::new("os")
-                    .child(
-                        Element::new("type")
-                            .attr("arch", "x86_64")
-                            .attr("machine", "q35")
-                            .text("hvm"),
-                    )
-                    .child(Element::new("boot").attr("dev", "hd")),
-            )
+            .child(os)
             .child(
                 Element::new("features")
                     .child(Element::new("acpi"))
                     .child(Element::new("apic")),
             )
-            .child(Element::new("cpu").attr("mode", "host-passthrough"))
+            .children(cpu)
             .child(
                 Element::new("devices")
                     .child(
@@ -287,7 +331,27 @@ impl DomainSpec {
                 .ok_or_else(|| XmlError::Field(format!("no {device} with a file source")))
         };
         let iface = child(devices, "interface")?;
+        let virt_type = match root.attribute("type") {
+            Some("kvm") => VirtType::Kvm,
+            Some("qemu") => VirtType::Qemu,
+            other => {
+                return Err(XmlError::Field(format!(
+                    "domain type {other:?} is not handled"
+                )))
+            }
+        };
+        let os = child(root, "os")?;
+        let direct_kernel = match os.children().find(|n| n.has_tag_name("kernel")) {
+            Some(k) => Some(DirectKernel {
+                kernel: text(k)?,
+                initrd: child(os, "initrd").and_then(text).unwrap_or_default(),
+                cmdline: child(os, "cmdline").and_then(text).unwrap_or_default(),
+            }),
+            None => None,
+        };
         Ok(Self {
+            virt_type,
+            direct_kernel,
             name: text(child(root, "name")?)?,
             memory_mib,
             vcpus: text(child(root, "vcpu")?)?
