@@ -391,6 +391,17 @@ fn decode_code(typ: AttrType, v: &[u8]) -> Result<ErrorCode, DecodeError> {
     Ok(ErrorCode(class * 100 + number))
 }
 
+/// The shared layout of ERROR-CODE and ADDRESS-ERROR-CODE: 2 bytes (reserved, or family and
+/// reserved), class, number, then a UTF-8 reason phrase of at most 763 bytes.
+fn decode_code_and_reason(typ: AttrType, v: &[u8]) -> Result<(ErrorCode, &str), DecodeError> {
+    if v.len() < 4 || v.len() > 4 + 763 {
+        return Err(bad(typ, "length outside 4..=767"));
+    }
+    let code = decode_code(typ, v)?;
+    let reason = std::str::from_utf8(&v[4..]).map_err(|_| bad(typ, "reason not UTF-8"))?;
+    Ok((code, reason))
+}
+
 fn encode_code(code: ErrorCode, out: &mut Vec<u8>) {
     #[allow(clippy::cast_possible_truncation)]
     {
@@ -411,12 +422,7 @@ pub struct ErrorCodeAttr<'a> {
 impl<'a> Attribute<'a> for ErrorCodeAttr<'a> {
     const TYPE: AttrType = AttrType::ERROR_CODE;
     fn decode(value: &'a [u8], _: &TransactionId) -> Result<Self, DecodeError> {
-        if value.len() < 4 || value.len() > 4 + 763 {
-            return Err(bad(Self::TYPE, "length outside 4..=767"));
-        }
-        let code = decode_code(Self::TYPE, value)?;
-        let reason =
-            std::str::from_utf8(&value[4..]).map_err(|_| bad(Self::TYPE, "reason not UTF-8"))?;
+        let (code, reason) = decode_code_and_reason(Self::TYPE, value)?;
         Ok(Self { code, reason })
     }
     fn encode_value(&self, _: &TransactionId, out: &mut Vec<u8>) {
@@ -490,12 +496,7 @@ pub struct AddressErrorCode<'a> {
 impl<'a> Attribute<'a> for AddressErrorCode<'a> {
     const TYPE: AttrType = AttrType::ADDRESS_ERROR_CODE;
     fn decode(value: &'a [u8], _: &TransactionId) -> Result<Self, DecodeError> {
-        if value.len() < 4 || value.len() > 4 + 763 {
-            return Err(bad(Self::TYPE, "length outside 4..=767"));
-        }
-        let code = decode_code(Self::TYPE, value)?;
-        let reason =
-            std::str::from_utf8(&value[4..]).map_err(|_| bad(Self::TYPE, "reason not UTF-8"))?;
+        let (code, reason) = decode_code_and_reason(Self::TYPE, value)?;
         Ok(Self {
             family: AddressFamily(value[0]),
             code,

@@ -959,11 +959,16 @@ impl Server {
                     Ok(a) => a,
                     Err(r) => return self.reject(ft, msg, r, None, |_| {}),
                 };
-                match typ.method {
-                    Method::ALLOCATE => self.handle_allocate(ft, msg, auth),
+                if typ.method == Method::ALLOCATE {
+                    return self.handle_allocate(ft, msg, auth);
+                }
+                let result = match typ.method {
                     Method::REFRESH => self.handle_refresh(now, ft, msg, &auth),
                     Method::CREATE_PERMISSION => self.handle_create_permission(now, ft, msg, &auth),
                     _ => self.handle_channel_bind(now, ft, msg, &auth),
+                };
+                if let Err(reason) = result {
+                    self.reject(ft, msg, reason, Some(auth.signer), |_| {});
                 }
             }
             _ => self.reject(ft, msg, Reject::UnknownMethod, None, |_| {}),
@@ -1510,66 +1515,57 @@ impl Server {
         ft: FiveTuple,
         msg: &Message<'_>,
         auth: &Authenticated,
-    ) {
-        let signer = auth.signer;
-        let idx = match self.allocation_for(ft, auth) {
-            Ok(i) => i,
-            Err(r) => return self.reject(ft, msg, r, Some(signer), |_| {}),
-        };
-        let requested = match msg.get::<Lifetime>() {
-            Ok(l) => l,
-            Err(_) => {
-                return self.reject(ft, msg, Reject::MalformedAttribute, Some(signer), |_| {})
-            }
-        };
+    ) -> Result<(), Reject> {
+        let idx = self.allocation_for(ft, auth)?;
+        let requested = msg
+            .get::<Lifetime>()
+            .map_err(|_| Reject::MalformedAttribute)?;
         if let Ok(Some(RequestedAddressFamily(f))) = msg.get::<RequestedAddressFamily>() {
-            let has = self
-                .slab
-                .get(idx as usize)
-                .and_then(Option::as_ref)
-                .is_some_and(|a| match f {
-                    AddressFamily::IPV4 => a.relayed[0].is_some(),
-                    AddressFamily::IPV6 => a.relayed[1].is_some(),
-                    _ => false,
-                });
+            let relayed = self.relayed_of(idx)?;
+            let has = match f {
+                AddressFamily::IPV4 => relayed[0].is_some(),
+                AddressFamily::IPV6 => relayed[1].is_some(),
+                _ => false,
+            };
             if !has {
-                return self.reject(
-                    ft,
-                    msg,
-                    Reject::PeerAddressFamilyMismatch,
-                    Some(signer),
-                    |_| {},
-                );
+                return Err(Reject::PeerAddressFamilyMismatch);
             }
         }
         let tid = msg.transaction_id();
         if requested == Some(Lifetime(0)) {
             self.remove_allocation(idx, EndReason::Deleted, now);
-            let range = self.success(ft, Method::REFRESH, tid, signer, |b| {
+            let range = self.success(ft, Method::REFRESH, tid, auth.signer, |b| {
                 b.add(&Lifetime(0));
             });
             self.cache_transaction(now, ft, tid, range);
-            return;
+            return Ok(());
         }
         let lifetime = self.lifetime(requested);
         if let Some(Some(a)) = self.slab.get_mut(idx as usize) {
             a.expires = now + lifetime;
         }
         self.schedule(idx, now + lifetime);
-        self.success(ft, Method::REFRESH, tid, signer, |b| {
+        self.success(ft, Method::REFRESH, tid, auth.signer, |b| {
             b.add(&Lifetime(secs(lifetime)));
         });
+        Ok(())
     }
 
-    // -----------------------------------------------------------------------------------------
-    // CreatePermission (RFC 8656 §9.2)
+    /// The relayed addresses of allocation `idx`.
+    fn relayed_of(&self, idx: u32) -> Result<[Option<RelayedAddress>; 2], Reject> {
+        match self.slab.get(idx as usize) {
+            Some(Some(a)) => Ok(a.relayed),
+            _ => Err(Reject::NoAllocation),
+        }
+    }
 
+    /// A peer must have a relayed address of its family and pass the policy (RFC 8656 §9.1).
     fn check_peer(
         &self,
-        a_relayed: &[Option<RelayedAddress>; 2],
+        relayed: &[Option<RelayedAddress>; 2],
         peer: SocketAddr,
     ) -> Result<(), Reject> {
-        if a_relayed[family_index(peer.ip())].is_none() {
+        if relayed[family_index(peer.ip())].is_none() {
             return Err(Reject::PeerAddressFamilyMismatch);
         }
         match self.config.policy.check(peer.ip()) {
@@ -1578,69 +1574,43 @@ impl Server {
         }
     }
 
+    // -----------------------------------------------------------------------------------------
+    // CreatePermission (RFC 8656 §9.2)
+
     fn handle_create_permission(
         &mut self,
         now: Instant,
         ft: FiveTuple,
         msg: &Message<'_>,
         auth: &Authenticated,
-    ) {
-        let signer = auth.signer;
-        let idx = match self.allocation_for(ft, auth) {
-            Ok(i) => i,
-            Err(r) => return self.reject(ft, msg, r, Some(signer), |_| {}),
-        };
-        let relayed = match self.slab.get(idx as usize) {
-            Some(Some(a)) => a.relayed,
-            _ => return self.reject(ft, msg, Reject::NoAllocation, Some(signer), |_| {}),
-        };
+    ) -> Result<(), Reject> {
+        let idx = self.allocation_for(ft, auth)?;
+        let relayed = self.relayed_of(idx)?;
         let mut peers = [None::<IpAddr>; 16];
         let mut n = 0;
         for p in msg.get_all::<XorPeerAddress>() {
-            let Ok(XorPeerAddress(peer)) = p else {
-                return self.reject(ft, msg, Reject::MalformedAttribute, Some(signer), |_| {});
-            };
-            if let Err(r) = self.check_peer(&relayed, peer) {
-                return self.reject(ft, msg, r, Some(signer), |_| {});
-            }
-            if n == peers.len() {
-                return self.reject(
-                    ft,
-                    msg,
-                    Reject::PermissionQuotaReached,
-                    Some(signer),
-                    |_| {},
-                );
-            }
-            peers[n] = Some(peer.ip());
+            let XorPeerAddress(peer) = p.map_err(|_| Reject::MalformedAttribute)?;
+            self.check_peer(&relayed, peer)?;
+            let slot = peers.get_mut(n).ok_or(Reject::PermissionQuotaReached)?;
+            *slot = Some(policy::canonical_ip(peer.ip()));
             n += 1;
         }
         if n == 0 {
-            return self.reject(ft, msg, Reject::MissingAttribute, Some(signer), |_| {});
+            return Err(Reject::MissingAttribute);
         }
         let expires = now + self.config.permission_lifetime;
         let max = self.config.max_permissions_per_allocation;
         let Some(Some(a)) = self.slab.get_mut(idx as usize) else {
-            return;
+            return Err(Reject::NoAllocation);
         };
         // All or nothing (RFC 8656 §9.2): check room first.
         let new = peers[..n]
             .iter()
             .flatten()
-            .filter(|ip| {
-                !a.permissions
-                    .iter()
-                    .any(|p| p.ip == policy::canonical_ip(**ip))
-            })
+            .filter(|ip| !a.permissions.iter().any(|p| p.ip == **ip))
             .count();
         if a.permissions.len() + new > max {
-            return self.reject(
-                ft,
-                msg,
-                Reject::PermissionQuotaReached,
-                Some(signer),
-                |_| {},
-            );
+            return Err(Reject::PermissionQuotaReached);
         }
         for ip in peers[..n].iter().flatten() {
             a.install_permission(*ip, expires, max);
@@ -1650,9 +1620,10 @@ impl Server {
             ft,
             Method::CREATE_PERMISSION,
             msg.transaction_id(),
-            signer,
+            auth.signer,
             |_| {},
         );
+        Ok(())
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1664,45 +1635,25 @@ impl Server {
         ft: FiveTuple,
         msg: &Message<'_>,
         auth: &Authenticated,
-    ) {
-        let signer = auth.signer;
-        let idx = match self.allocation_for(ft, auth) {
-            Ok(i) => i,
-            Err(r) => return self.reject(ft, msg, r, Some(signer), |_| {}),
-        };
+    ) -> Result<(), Reject> {
+        let idx = self.allocation_for(ft, auth)?;
         let number = match msg.get::<ChannelNumber>() {
             Ok(Some(n)) if n.is_rfc8656() || self.config.rfc5766_channel_numbers => n,
-            Ok(Some(_)) => {
-                return self.reject(ft, msg, Reject::InvalidChannelNumber, Some(signer), |_| {});
-            }
-            Ok(None) => {
-                return self.reject(ft, msg, Reject::MissingAttribute, Some(signer), |_| {})
-            }
-            Err(_) => {
-                return self.reject(ft, msg, Reject::InvalidChannelNumber, Some(signer), |_| {})
-            }
+            Ok(Some(_)) | Err(_) => return Err(Reject::InvalidChannelNumber),
+            Ok(None) => return Err(Reject::MissingAttribute),
         };
         let peer = match msg.get::<XorPeerAddress>() {
             Ok(Some(XorPeerAddress(p))) => policy::canonical_addr(p),
-            Ok(None) => {
-                return self.reject(ft, msg, Reject::MissingAttribute, Some(signer), |_| {})
-            }
-            Err(_) => {
-                return self.reject(ft, msg, Reject::MalformedAttribute, Some(signer), |_| {})
-            }
+            Ok(None) => return Err(Reject::MissingAttribute),
+            Err(_) => return Err(Reject::MalformedAttribute),
         };
-        let relayed = match self.slab.get(idx as usize) {
-            Some(Some(a)) => a.relayed,
-            _ => return self.reject(ft, msg, Reject::NoAllocation, Some(signer), |_| {}),
-        };
-        if let Err(r) = self.check_peer(&relayed, peer) {
-            return self.reject(ft, msg, r, Some(signer), |_| {});
-        }
+        let relayed = self.relayed_of(idx)?;
+        self.check_peer(&relayed, peer)?;
         let max = self.config.max_permissions_per_allocation;
         let ch_expires = now + self.config.channel_lifetime;
         let perm_expires = now + self.config.permission_lifetime;
         let Some(Some(a)) = self.slab.get_mut(idx as usize) else {
-            return;
+            return Err(Reject::NoAllocation);
         };
         // Conflicts include bindings in their post-expiry cooldown (RFC 8656 §12).
         let cooling = |c: &ChannelBinding| c.expires + CHANNEL_COOLDOWN > now;
@@ -1715,13 +1666,7 @@ impl Server {
             (Some(i), Some(j)) if i == j => a.channels[i].expires = ch_expires,
             (None, None) => {
                 if !a.has_permission(peer.ip(), now) && a.permissions.len() >= max {
-                    return self.reject(
-                        ft,
-                        msg,
-                        Reject::PermissionQuotaReached,
-                        Some(signer),
-                        |_| {},
-                    );
+                    return Err(Reject::PermissionQuotaReached);
                 }
                 a.channels.push(ChannelBinding {
                     number,
@@ -1729,7 +1674,7 @@ impl Server {
                     expires: ch_expires,
                 });
             }
-            _ => return self.reject(ft, msg, Reject::ChannelConflict, Some(signer), |_| {}),
+            _ => return Err(Reject::ChannelConflict),
         }
         a.install_permission(peer.ip(), perm_expires, max);
         self.schedule(idx, perm_expires.min(ch_expires));
@@ -1737,9 +1682,10 @@ impl Server {
             ft,
             Method::CHANNEL_BIND,
             msg.transaction_id(),
-            signer,
+            auth.signer,
             |_| {},
         );
+        Ok(())
     }
 }
 
