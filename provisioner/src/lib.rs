@@ -20,6 +20,7 @@
 pub mod cli;
 pub mod exec;
 pub mod inventory;
+pub mod k8s;
 pub mod phases;
 pub mod plan;
 pub mod render;
