@@ -478,6 +478,10 @@ fn render(c: &Cluster, out: &Path) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("writing {}", path.display()))?;
         println!("{}", path.display());
     }
+    let review = crate::k8s::Inputs::for_review();
+    for path in crate::k8s::render_manifests(c, &review, &out.join("k8s"))? {
+        println!("{}", path.display());
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -114,7 +114,18 @@ fn render_writes_every_generated_file() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let cluster = Inventory::load(Path::new(EXAMPLE)).expect("valid");
     let files = provisioner::render::all(&cluster);
-    assert_eq!(text(&out.stdout).lines().count(), files.len());
+    let k8s = provisioner::k8s::Manifests::build(&cluster, &provisioner::k8s::Inputs::for_review())
+        .and_then(|m| m.rendered(&provisioner::k8s::Inputs::for_review()))
+        .expect("k8s objects render");
+    assert_eq!(text(&out.stdout).lines().count(), files.len() + k8s.len());
+    for f in k8s {
+        assert_eq!(
+            std::fs::read_to_string(out_dir.join("k8s").join(&f.path)).expect("written"),
+            f.contents,
+            "k8s/{}",
+            f.path
+        );
+    }
     for f in files {
         assert_eq!(
             std::fs::read_to_string(out_dir.join(&f.path)).expect("written"),
