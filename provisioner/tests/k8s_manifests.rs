@@ -181,3 +181,25 @@ fn the_validator_would_catch_a_wrong_field() {
     assert!(!ok, "{out}");
     assert!(out.contains("hostNetwrk"), "{out}");
 }
+
+#[test]
+fn each_rendered_file_reads_back_as_exactly_its_typed_object() {
+    let inputs = Inputs::for_review();
+    let m = k8s::Manifests::build(&example(), &inputs).expect("builds");
+    let files = m.rendered(&inputs).expect("renders");
+    let objects = m.objects();
+    assert_eq!(files.len(), objects.len());
+    for (f, o) in files.iter().zip(&objects) {
+        let from_yaml: serde_json::Value =
+            serde_norway::from_str(&f.contents).expect("rendered YAML parses");
+        let typed = match o {
+            k8s::Object::Namespace(x) => serde_json::to_value(x),
+            k8s::Object::ConfigMap(x) => serde_json::to_value(x),
+            k8s::Object::Secret(x) => serde_json::to_value(x),
+            k8s::Object::Deployment(x) => serde_json::to_value(x),
+            k8s::Object::PodDisruptionBudget(x) => serde_json::to_value(x),
+        }
+        .expect("serialises");
+        assert_eq!(from_yaml, typed, "{}", f.path);
+    }
+}
