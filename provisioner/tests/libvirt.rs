@@ -50,6 +50,7 @@ impl World {
             // Packages this test machine has, so the host plan has nothing to install.
             settings: Settings {
                 host_packages: vec!["libvirt-clients".into(), "cloud-image-utils".into()],
+                ..Settings::default()
             },
         }
     }

@@ -25,6 +25,8 @@ pub struct SshOptions {
     pub strict_host_key_checking: String,
     /// Connect through this host first.
     pub jump: Option<Box<SshOptions>>,
+    /// A raw `ProxyCommand` (e.g. to enter a network namespace); wins over `jump`.
+    pub proxy_command: Option<String>,
 }
 
 impl SshOptions {
@@ -38,6 +40,7 @@ impl SshOptions {
             known_hosts: None,
             strict_host_key_checking: "accept-new".to_owned(),
             jump: None,
+            proxy_command: None,
         }
     }
 
@@ -80,7 +83,10 @@ impl SshOptions {
             a.push("-o".to_owned());
             a.push(format!("UserKnownHostsFile={}", kh.display()));
         }
-        if let Some(jump) = &self.jump {
+        if let Some(proxy) = &self.proxy_command {
+            a.push("-o".to_owned());
+            a.push(format!("ProxyCommand={proxy}"));
+        } else if let Some(jump) = &self.jump {
             let mut proxy = vec!["ssh".to_owned()];
             proxy.extend(jump.base_args());
             proxy.push("-W".to_owned());

@@ -16,6 +16,8 @@ use crate::plan::{PhaseId, Plan, Transports};
 pub struct Settings {
     /// Debian packages the host needs.
     pub host_packages: Vec<String>,
+    /// Boot the VMs' kernel directly (test guests without a boot loader); `None` in production.
+    pub direct_kernel: Option<crate::render::libvirt::DirectKernel>,
 }
 
 impl Default for Settings {
@@ -32,6 +34,7 @@ impl Default for Settings {
             ]
             .map(str::to_owned)
             .to_vec(),
+            direct_kernel: None,
         }
     }
 }
@@ -98,7 +101,7 @@ pub fn plan(phase: PhaseId, ctx: &Context<'_>) -> Result<Plan, PhaseError> {
         }
         PhaseId::Vms => {
             let facts = vms::gather(ctx)?;
-            Ok(vms::plan(ctx.cluster, &facts))
+            Ok(vms::plan(ctx.cluster, ctx.settings, &facts))
         }
         PhaseId::K8sCommon => {
             let facts = k8s::gather_common(ctx)?;

@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use super::host::{image_path, state_dir, NetworkFacts};
 use super::virsh::Virsh;
-use super::{Context, PhaseError};
+use super::{Context, PhaseError, Settings};
 use crate::exec::Cmd;
 use crate::inventory::{Cluster, Vm};
 use crate::plan::{Action, PhaseId, Plan, Step, Target};
@@ -70,7 +70,9 @@ pub fn gather(ctx: &Context<'_>) -> Result<VmsFacts, PhaseError> {
         let name = vm.name.as_str();
         let mut f = VmFacts::default();
         let overlay = overlay_path(&c.host.image_dir, name);
-        let info_cmd = Cmd::new("qemu-img").args(["info", "--output=json", &overlay]);
+        // --force-share: a running QEMU holds the write lock on the overlay.
+        let info_cmd =
+            Cmd::new("qemu-img").args(["info", "--force-share", "--output=json", &overlay]);
         let info = host.run(&info_cmd).map_err(gather)?;
         if info.success() {
             f.overlay =
@@ -156,8 +158,15 @@ fn define_domain(c: &Cluster, spec: &DomainSpec, uuid: Option<&str>) -> Vec<Step
     ]
 }
 
+/// The domain wanted for `vm`.
+pub fn domain_spec(c: &Cluster, settings: &Settings, vm: &Vm) -> DomainSpec {
+    let mut spec = DomainSpec::from_vm(c, vm);
+    spec.direct_kernel.clone_from(&settings.direct_kernel);
+    spec
+}
+
 /// Plans `vms` from what was observed.
-pub fn plan(c: &Cluster, facts: &VmsFacts) -> Plan {
+pub fn plan(c: &Cluster, settings: &Settings, facts: &VmsFacts) -> Plan {
     let mut p = Plan::new(PhaseId::Vms);
     let uri = &c.host.libvirt_uri;
     let none = VmFacts::default();
@@ -223,7 +232,7 @@ pub fn plan(c: &Cluster, facts: &VmsFacts) -> Plan {
                 seed_steps(c, vm),
             ));
         }
-        let want = DomainSpec::from_vm(c, vm);
+        let want = domain_spec(c, settings, vm);
         let drift = f.domain.as_ref().is_some_and(|d| *d != want);
         match &f.domain {
             None => p.actions.push(Action::steps(
