@@ -337,4 +337,20 @@ async fn a_refusal_names_the_object_and_an_absent_server_is_unreachable() {
     let absent = k8s::client_for_url(&format!("http://127.0.0.1:{port}")).expect("client");
     let err = k8s::plan(&absent, &m).await.expect_err("no server");
     assert!(matches!(err, K8sError::Unreachable { .. }), "{err}");
+    // The phase's plan then falls back to the offline plan: every object, unverified.
+    let (offline, asked) = k8s::plan_or_offline(&absent, &m)
+        .await
+        .expect("offline plan");
+    assert!(!asked);
+    assert_eq!(offline.len(), m.objects().len());
+    assert!(offline.iter().all(|c| c.kind == ChangeKind::Unverified));
+    // A server that answers is asked, and its refusal is not papered over.
+    let err = k8s::plan_or_offline(&client, &m)
+        .await
+        .expect_err("refused in the dry run");
+    assert!(
+        matches!(&err, K8sError::Refused { verb: "dry-run apply", object, .. }
+            if object == "Deployment/turnd-k8s-worker1"),
+        "{err}"
+    );
 }

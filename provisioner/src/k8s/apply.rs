@@ -57,6 +57,8 @@ pub enum ChangeKind {
     Update,
     /// Applying leaves it as it is.
     Unchanged,
+    /// No API server answered: not checked (applying sends it; the server decides).
+    Unverified,
 }
 
 /// A client for the API server at `url` (e.g. `https://10.10.10.10:6443`, or a loopback
@@ -256,6 +258,33 @@ pub async fn plan(client: &Client, manifests: &Manifests) -> Result<Vec<Change>,
         });
     }
     Ok(out)
+}
+
+/// [`plan`] when an API server answers; otherwise the offline plan, every object
+/// [`ChangeKind::Unverified`]. The flag says whether the server was asked.
+///
+/// # Errors
+/// [`K8sError::Refused`]: the server answered and refused an object.
+pub async fn plan_or_offline(
+    client: &Client,
+    manifests: &Manifests,
+) -> Result<(Vec<Change>, bool), K8sError> {
+    match plan(client, manifests).await {
+        Ok(changes) => Ok((changes, true)),
+        Err(K8sError::Unreachable { source }) => {
+            tracing::info!("Kubernetes API unreachable ({source}): planning offline");
+            let changes = manifests
+                .objects()
+                .iter()
+                .map(|o| Change {
+                    object: o.id(),
+                    kind: ChangeKind::Unverified,
+                })
+                .collect();
+            Ok((changes, false))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

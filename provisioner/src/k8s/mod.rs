@@ -36,8 +36,8 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use serde::Serialize;
 
 pub use apply::{
-    apply, block_on, client_for_url, client_from_kubeconfig, plan, Change, ChangeKind, Mode,
-    FIELD_MANAGER,
+    apply, block_on, client_for_url, client_from_kubeconfig, plan, plan_or_offline, Change,
+    ChangeKind, Mode, FIELD_MANAGER,
 };
 
 use crate::inventory::Cluster;
