@@ -17,7 +17,9 @@
 //! lines and configs are golden-tested instead.
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod cli;
+pub mod dns;
 pub mod exec;
 pub mod inventory;
 pub mod k8s;
