@@ -190,12 +190,14 @@ async fn webrtc_rs_client_relays_through_a_channel_with_a_rest_credential() {
     assert!(get(&counts.create_permission_successes) >= 1, "{counts:?}");
     assert!(get(&counts.channel_bind_requests) >= 1, "{counts:?}");
     assert!(get(&counts.channel_bind_successes) >= 1, "{counts:?}");
+    // The webrtc-rs client uses Send indications until its ChannelBind completes; how many
+    // that is depends on scheduling (3 were seen on a loaded 2-core machine).
     assert!(
-        get(&counts.channel_data_sent) >= u64::from(total) - 2,
+        get(&counts.channel_data_sent) >= u64::from(total) - 10,
         "most datagrams must go out as ChannelData: {counts:?}"
     );
     assert!(
-        get(&counts.channel_data_received) >= u64::from(total) - 2,
+        get(&counts.channel_data_received) >= u64::from(total) - 10,
         "most echoes must come back as ChannelData: {counts:?}"
     );
     relay.close().await.unwrap();
