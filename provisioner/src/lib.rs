@@ -21,6 +21,7 @@ pub mod acme;
 pub mod cli;
 pub mod dns;
 pub mod exec;
+pub mod hostnet;
 pub mod inventory;
 pub mod k8s;
 pub mod phases;
