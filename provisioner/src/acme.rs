@@ -179,6 +179,38 @@ pub enum AcmeError {
     /// The issued chain is not usable.
     #[error("issued certificate unusable: {0}")]
     BadIssued(String),
+    /// The Kubernetes API refused or could not be reached.
+    #[error("Kubernetes, while {step} Secret {namespace}/{name}: {source}")]
+    Kubernetes {
+        /// What we were doing.
+        step: &'static str,
+        /// Namespace.
+        namespace: &'static str,
+        /// Secret name.
+        name: &'static str,
+        /// kube-rs's error.
+        source: Box<kube::Error>,
+    },
+    /// The async runtime could not start.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    /// A setting from the environment is malformed.
+    #[error("{name}: {reason}")]
+    BadSetting {
+        /// The variable.
+        name: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The kubeconfig could not be used.
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(String),
+    /// `deploy` needs the Kubernetes API and none was given.
+    #[error("no Kubernetes API configured for `cert deploy`: pass --kubeconfig or set KUBECONFIG")]
+    NoKubernetes,
+    /// No stored certificate to deploy.
+    #[error("nothing to deploy: {0} does not exist (run `provisioner cert issue`)")]
+    NothingToDeploy(PathBuf),
     /// Every attempt failed; the old certificate (if any) is untouched.
     #[error("{}", render_failure(.attempts, .kept.as_deref()))]
     GaveUp {
@@ -777,6 +809,8 @@ After=network-online.target
 [Service]
 Type=oneshot
 WorkingDirectory={wd}
+# CF_Token, CF_Zone_ID and KUBECONFIG (for `cert deploy`).
+EnvironmentFile=-{wd}/.env
 ExecStart={exe} --inventory {inv} cert renew
 ExecStartPost={exe} --inventory {inv} cert deploy
 UMask=0077
@@ -818,6 +852,9 @@ pub struct ServedCert {
 pub struct StatusReport {
     /// The stored certificate.
     pub stored: Option<CertInfo>,
+    /// The TLS Secret's certificate: `None` when not asked, `Ok(None)` when there is no
+    /// Secret.
+    pub secret: Option<Result<Option<CertInfo>, String>>,
     /// Per endpoint.
     pub served: Vec<ServedCert>,
 }
@@ -834,6 +871,15 @@ impl StatusReport {
             .collect()
     }
 
+    /// The Secret was read and holds something other than the stored certificate.
+    pub fn secret_differs(&self) -> bool {
+        match (&self.secret, &self.stored) {
+            (None, _) => false,
+            (Some(Ok(Some(c))), Some(st)) => c.serial != st.serial,
+            _ => true,
+        }
+    }
+
     /// Human-readable report.
     pub fn render(&self) -> String {
         let mut s = String::new();
@@ -848,6 +894,29 @@ impl StatusReport {
                 );
             }
             None => s.push_str("stored: none\n"),
+        }
+        let secret = format!("{}/{}", crate::k8s::NAMESPACE, crate::k8s::TLS_SECRET_NAME);
+        match &self.secret {
+            None => {}
+            Some(Ok(Some(c))) => {
+                let _ = writeln!(
+                    s,
+                    "secret {secret}: not after {} (serial {}){}",
+                    c.not_after_text,
+                    c.serial,
+                    if self.secret_differs() {
+                        "  DIFFERS from stored"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Some(Ok(None)) => {
+                let _ = writeln!(s, "secret {secret}: absent");
+            }
+            Some(Err(e)) => {
+                let _ = writeln!(s, "secret {secret}: cannot read: {e}");
+            }
         }
         for e in &self.served {
             match &e.cert {
@@ -896,7 +965,11 @@ pub async fn status(
             cert,
         });
     }
-    Ok(StatusReport { stored, served })
+    Ok(StatusReport {
+        stored,
+        secret: None,
+        served,
+    })
 }
 
 async fn served_cert(endpoint: &str, server_name: &str) -> Result<CertInfo, String> {
@@ -975,6 +1048,140 @@ impl rustls::client::danger::ServerCertVerifier for Recorder {
     }
 }
 
+/// What `deploy` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deployed {
+    /// `namespace/name` of the Secret.
+    pub secret: String,
+    /// The certificate now in it.
+    pub cert: CertInfo,
+    /// The Secret's resourceVersion as the server answered.
+    pub resource_version: Option<String>,
+    /// Only a server-side dry run.
+    pub dry_run: bool,
+}
+
+impl fmt::Display for Deployed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} Secret {}: certificate valid until {} (serial {}); turnd reloads it from the \
+             mounted Secret without a restart",
+            if self.dry_run {
+                "would apply"
+            } else {
+                "applied"
+            },
+            self.secret,
+            self.cert.not_after_text,
+            self.cert.serial
+        )
+    }
+}
+
+/// The TLS Secret ([`crate::k8s::TLS_SECRET_NAME`], type `kubernetes.io/tls`) with the stored
+/// chain and key.
+pub fn tls_secret(
+    store: &CertStore,
+) -> Result<(k8s_openapi::api::core::v1::Secret, CertInfo), AcmeError> {
+    use k8s_openapi::ByteString;
+    let read = |path: PathBuf| match std::fs::read(&path) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(AcmeError::NothingToDeploy(path)),
+        Err(source) => Err(AcmeError::Io { path, source }),
+    };
+    let chain = read(store.cert_path())?;
+    let key = read(store.key_path())?;
+    let cert = CertInfo::from_pem(&chain).map_err(|reason| AcmeError::BadStoredFile {
+        path: store.cert_path(),
+        reason,
+    })?;
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(crate::k8s::TLS_SECRET_NAME.to_owned()),
+            namespace: Some(crate::k8s::NAMESPACE.to_owned()),
+            labels: Some(
+                [("app.kubernetes.io/name".to_owned(), "turnd".to_owned())]
+                    .into_iter()
+                    .collect(),
+            ),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".to_owned()),
+        data: Some(
+            [
+                ("tls.crt".to_owned(), ByteString(chain)),
+                ("tls.key".to_owned(), ByteString(key)),
+            ]
+            .into_iter()
+            .collect(),
+        ),
+        ..Default::default()
+    };
+    Ok((secret, cert))
+}
+
+/// Puts the stored certificate into the TLS Secret by server-side apply (field manager
+/// [`crate::k8s::FIELD_MANAGER`]). Pods mount the Secret as a directory and turnd hot-reloads
+/// the files when the kubelet updates them: nothing is restarted or rolled out.
+pub async fn deploy(
+    client: &kube::Client,
+    store: &CertStore,
+    dry_run: bool,
+) -> Result<Deployed, AcmeError> {
+    use crate::k8s::{FIELD_MANAGER, NAMESPACE, TLS_SECRET_NAME};
+    let (secret, cert) = tls_secret(store)?;
+    let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client.clone(), NAMESPACE);
+    let mut params = kube::api::PatchParams::apply(FIELD_MANAGER).force();
+    if dry_run {
+        params = params.dry_run();
+    }
+    let answer = api
+        .patch(TLS_SECRET_NAME, &params, &kube::api::Patch::Apply(&secret))
+        .await
+        .map_err(|e| AcmeError::Kubernetes {
+            step: "applying",
+            namespace: NAMESPACE,
+            name: TLS_SECRET_NAME,
+            source: Box::new(e),
+        })?;
+    Ok(Deployed {
+        secret: format!("{NAMESPACE}/{TLS_SECRET_NAME}"),
+        cert,
+        resource_version: answer.metadata.resource_version,
+        dry_run,
+    })
+}
+
+/// The certificate in the TLS Secret, if the Secret exists.
+pub async fn secret_cert(client: &kube::Client) -> Result<Option<CertInfo>, AcmeError> {
+    use crate::k8s::{NAMESPACE, TLS_SECRET_NAME};
+    let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client.clone(), NAMESPACE);
+    let secret = api
+        .get_opt(TLS_SECRET_NAME)
+        .await
+        .map_err(|e| AcmeError::Kubernetes {
+            step: "reading",
+            namespace: NAMESPACE,
+            name: TLS_SECRET_NAME,
+            source: Box::new(e),
+        })?;
+    let Some(pem) = secret
+        .and_then(|s| s.data)
+        .and_then(|mut d| d.remove("tls.crt"))
+    else {
+        return Ok(None);
+    };
+    CertInfo::from_pem(&pem.0)
+        .map(Some)
+        .map_err(|reason| AcmeError::BadStoredFile {
+            path: PathBuf::from(format!("secret {NAMESPACE}/{TLS_SECRET_NAME} tls.crt")),
+            reason,
+        })
+}
+
 /// `provisioner cert ...` (to be nested under the top-level command enum).
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum CertCommand {
@@ -986,8 +1193,18 @@ pub enum CertCommand {
         #[arg(long)]
         force: bool,
     },
-    /// The stored certificate's dates, and what each endpoint serves.
+    /// Put the stored certificate into the Kubernetes TLS Secret (server-side apply).
+    Deploy {
+        /// kubeconfig of the cluster (default: `$KUBECONFIG`).
+        #[arg(long, value_name = "FILE")]
+        kubeconfig: Option<PathBuf>,
+    },
+    /// The stored certificate's dates, the Secret's, and what each endpoint serves.
     Status {
+        /// kubeconfig of the cluster, to read the Secret (default: `$KUBECONFIG`; the Secret
+        /// is skipped without one).
+        #[arg(long, value_name = "FILE")]
+        kubeconfig: Option<PathBuf>,
         /// `host:port` endpoints to handshake with (default: each turnd public IP on 5349
         /// and 443).
         #[arg(long = "endpoint")]
@@ -1027,8 +1244,10 @@ pub async fn run_command(
     cmd: &CertCommand,
     settings: &AcmeSettings,
     dns: &CloudflareClient,
+    kube: Option<&kube::Client>,
     turn_name: &str,
     default_endpoints: &[String],
+    dry_run: bool,
 ) -> Result<String, AcmeError> {
     match cmd {
         CertCommand::Issue => {
@@ -1044,16 +1263,107 @@ pub async fn run_command(
             let out = renew(settings, dns, SystemTime::now(), *force).await?;
             Ok(format!("{out}\n"))
         }
-        CertCommand::Status { endpoints } => {
+        CertCommand::Status { endpoints, .. } => {
             let eps = if endpoints.is_empty() {
                 default_endpoints
             } else {
                 endpoints.as_slice()
             };
-            let r = status(&settings.store, turn_name, eps, Duration::from_secs(10)).await?;
+            let mut r = status(&settings.store, turn_name, eps, Duration::from_secs(10)).await?;
+            if let Some(k) = kube {
+                r.secret = Some(secret_cert(k).await.map_err(|e| e.to_string()));
+            }
             Ok(r.render())
         }
+        CertCommand::Deploy { .. } => {
+            let k = kube.ok_or(AcmeError::NoKubernetes)?;
+            Ok(format!("{}\n", deploy(k, &settings.store, dry_run).await?))
+        }
     }
+}
+
+/// The certificate store used by the command line: `.provisioner/certs` next to the
+/// inventory (beside the journal).
+pub fn default_store_dir(inventory: &Path) -> PathBuf {
+    inventory
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(".provisioner/certs")
+}
+
+/// Overrides from the environment, for a private CA (tests, staging setups):
+/// `TURND_ACME_CA_ROOT` (PEM file trusted for the ACME server's HTTPS),
+/// `TURND_ACME_RESOLVERS` (comma-separated `ip:port` where TXT propagation is checked instead
+/// of the zone's name servers), `TURND_CERT_DIR` (the store).
+pub fn apply_env_overrides(
+    settings: &mut AcmeSettings,
+    env: &dyn crate::secrets::EnvSource,
+) -> Result<(), AcmeError> {
+    if let Some(root) = env.var("TURND_ACME_CA_ROOT").filter(|v| !v.is_empty()) {
+        settings.acme_root = Some(PathBuf::from(root));
+    }
+    if let Some(dir) = env.var("TURND_CERT_DIR").filter(|v| !v.is_empty()) {
+        settings.store = CertStore::new(Path::new(&dir));
+    }
+    if let Some(list) = env.var("TURND_ACME_RESOLVERS").filter(|v| !v.is_empty()) {
+        let mut servers = Vec::new();
+        for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            servers.push(item.parse().map_err(|_| AcmeError::BadSetting {
+                name: "TURND_ACME_RESOLVERS",
+                reason: format!("`{item}` is not an ip:port"),
+            })?);
+        }
+        settings.propagation = Propagation::Servers(servers);
+    }
+    Ok(())
+}
+
+/// `provisioner cert ...` for the synchronous command line: settings from the inventory, the
+/// Cloudflare token from the environment or `.env`, the Kubernetes client from
+/// `--kubeconfig`/`$KUBECONFIG` when the command needs it. Returns what to print.
+pub fn run_blocking(
+    cmd: &CertCommand,
+    inv: &crate::inventory::Inventory,
+    inventory_path: &Path,
+    env_file: Option<&Path>,
+    dry_run: bool,
+) -> Result<String, AcmeError> {
+    let mut settings = settings_from_inventory(inv, &default_store_dir(inventory_path));
+    apply_env_overrides(&mut settings, &crate::secrets::ProcessEnv)?;
+    let dns = dns::client_from_env(
+        &crate::secrets::ProcessEnv,
+        &dns::dotenv_path(inventory_path, env_file),
+    )?;
+    let kubeconfig = match cmd {
+        CertCommand::Deploy { kubeconfig } | CertCommand::Status { kubeconfig, .. } => kubeconfig
+            .clone()
+            .or_else(|| std::env::var_os("KUBECONFIG").map(PathBuf::from)),
+        _ => None,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(AcmeError::Runtime)?;
+    rt.block_on(async {
+        let kube = match kubeconfig {
+            Some(path) => Some(
+                crate::k8s::client_from_kubeconfig(&path)
+                    .await
+                    .map_err(|e| AcmeError::Kubeconfig(e.to_string()))?,
+            ),
+            None => None,
+        };
+        run_command(
+            cmd,
+            &settings,
+            &dns,
+            kube.as_ref(),
+            &inv.domain.turn,
+            &default_endpoints(inv),
+            dry_run,
+        )
+        .await
+    })
 }
 
 #[cfg(test)]

@@ -96,6 +96,18 @@ pub enum Command {
         /// The service.
         service: TunnelService,
     },
+    /// DNS records on Cloudflare (`CF_Token`, `CF_Zone_ID`).
+    Dns {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::dns::DnsCommand,
+    },
+    /// The TLS certificate: ACME DNS-01 issue, renew, deploy to Kubernetes, status.
+    Cert {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::acme::CertCommand,
+    },
 }
 
 /// Services `tunnel` can reach.
@@ -231,6 +243,18 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             );
             eprintln!("Grafana on http://127.0.0.1:{port}/ (Ctrl-C to stop)");
             exec_interactive(cli, "ssh", &ssh)
+        }
+        Command::Dns { command } => {
+            let env = cli.env_file.as_deref();
+            let out = crate::dns::run_blocking(command, &c, &cli.inventory, env, cli.dry_run)?;
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cert { command } => {
+            let env = cli.env_file.as_deref();
+            let out = crate::acme::run_blocking(command, &c, &cli.inventory, env, cli.dry_run)?;
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -82,6 +82,9 @@ pub enum DnsError {
     /// `CF_Token` or `CF_Zone_ID` is missing.
     #[error(transparent)]
     Secret(#[from] SecretError),
+    /// The async runtime could not start.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
     /// The HTTP client could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Client(reqwest::Error),
@@ -1014,6 +1017,44 @@ pub async fn run_command(
             Ok(out)
         }
     }
+}
+
+/// The `.env` file: `env_file` if given, else `.env` next to the inventory.
+pub fn dotenv_path(inventory: &Path, env_file: Option<&Path>) -> std::path::PathBuf {
+    env_file.map_or_else(
+        || inventory.parent().unwrap_or(Path::new(".")).join(".env"),
+        Path::to_owned,
+    )
+}
+
+/// A client from `CF_Token`/`CF_Zone_ID` (environment, then `.env`); `CF_API_BASE` overrides
+/// [`DEFAULT_API_BASE`].
+pub fn client_from_env(env: &dyn EnvSource, dotenv: &Path) -> Result<CloudflareClient, DnsError> {
+    let base = env
+        .var("CF_API_BASE")
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| DEFAULT_API_BASE.to_owned());
+    CloudflareClient::from_env(env, dotenv, &base)
+}
+
+/// `provisioner dns ...` for the synchronous command line: loads the token, runs the command
+/// on a current-thread runtime, returns what to print.
+pub fn run_blocking(
+    cmd: &DnsCommand,
+    inv: &Inventory,
+    inventory_path: &Path,
+    env_file: Option<&Path>,
+    dry_run: bool,
+) -> Result<String, DnsError> {
+    let client = client_from_env(
+        &crate::secrets::ProcessEnv,
+        &dotenv_path(inventory_path, env_file),
+    )?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(DnsError::Runtime)?;
+    rt.block_on(run_command(cmd, &client, inv, dry_run))
 }
 
 /// DNS wire format, just enough for one TXT question (RFC 1035 section 4).

@@ -1,0 +1,182 @@
+//! `provisioner dns ...` and `provisioner cert ...` through the binary: the fake Cloudflare
+//! (the one mock: Cloudflare cannot be reached from here) and a real pebble.
+
+#[path = "fixtures/acme_support/fake_cloudflare.rs"]
+mod fake_cloudflare;
+#[path = "fixtures/acme_support/pebble.rs"]
+mod pebble;
+
+use std::path::Path;
+use std::process::Output;
+
+use fake_cloudflare::FakeCloudflare;
+use pebble::Pebble;
+
+/// The example inventory with the zone set to `example.com` and pebble's directory.
+fn inventory(dir: &Path, directory: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/cluster.example.toml"
+    ))
+    .expect("example inventory")
+    .replace("example.net", "example.com")
+    .replace("https://acme-v02.api.letsencrypt.org/directory", directory);
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text).expect("write inventory");
+    std::fs::write(dir.join(".env"), "").expect("write .env");
+    path
+}
+
+async fn run(
+    inv: &Path,
+    cf: &FakeCloudflare,
+    extra_env: &[(&str, String)],
+    args: &[&str],
+) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_provisioner"));
+    cmd.arg("--inventory")
+        .arg(inv)
+        .args(args)
+        .env("CF_Token", fake_cloudflare::TOKEN)
+        .env("CF_Zone_ID", fake_cloudflare::ZONE_ID)
+        .env("CF_API_BASE", cf.base())
+        .env_remove("KUBECONFIG");
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(120), cmd.output())
+        .await
+        .expect("bounded")
+        .expect("run provisioner")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_and_cert_commands_through_the_binary() {
+    let p = Pebble::start(&[]);
+    let cf = FakeCloudflare::start(Some(p.chall_management.clone())).await;
+    let inv = inventory(p.dir.path(), &p.directory);
+
+    // dns sync: plan shown, applied; a second sync has nothing to do.
+    let o = run(
+        &inv,
+        &cf,
+        &[],
+        &["dns", "sync", "--record", "A @ 192.0.2.50"],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with("dns: 3 change(s)"), "{}", text(&o));
+    assert!(
+        out.contains("+ create A turn.example.com 94.130.141.98"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        out.contains("+ create A example.com 192.0.2.50"),
+        "{}",
+        text(&o)
+    );
+    assert!(out.contains("dns: applied 3 change(s)"), "{}", text(&o));
+    let o = run(
+        &inv,
+        &cf,
+        &[],
+        &["dns", "sync", "--record", "A @ 192.0.2.50"],
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "dns: up to date\n",
+        "{}",
+        text(&o)
+    );
+
+    // dns add twice (idempotent), list as JSON, delete.
+    let o = run(&inv, &cf, &[], &["dns", "add", "TXT", "@", "v=spf1 -all"]).await;
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("created TXT example.com"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&inv, &cf, &[], &["dns", "add", "TXT", "@", "v=spf1 -all"]).await;
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("unchanged:"),
+        "{}",
+        text(&o)
+    );
+    let o = run(
+        &inv,
+        &cf,
+        &[],
+        &["dns", "list", "--type", "TXT", "--output", "json"],
+    )
+    .await;
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let id = listed[0]["id"].as_str().expect("id").to_owned();
+    let o = run(&inv, &cf, &[], &["dns", "delete", &id]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        format!("deleted {id}\n")
+    );
+    // An API error: non-zero exit, Cloudflare's message on stderr.
+    let o = run(&inv, &cf, &[], &["dns", "delete", &id]).await;
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("code 81044: Record does not exist."),
+        "{}",
+        text(&o)
+    );
+
+    // cert issue / renew (not due) / status against pebble.
+    let env = [
+        ("TURND_ACME_CA_ROOT", p.https_root.display().to_string()),
+        ("TURND_ACME_RESOLVERS", p.dns.to_string()),
+    ];
+    let o = run(&inv, &cf, &env, &["cert", "issue"]).await;
+    assert!(o.status.success(), "{}\n{}", text(&o), p.logs());
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .starts_with("issued: certificate for example.com, *.example.com"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&inv, &cf, &env, &["cert", "renew"]).await;
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("not due:"),
+        "{}",
+        text(&o)
+    );
+    let o = run(
+        &inv,
+        &cf,
+        &env,
+        &["cert", "status", "--endpoint", "127.0.0.1:9"],
+    )
+    .await;
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with("stored: not after"), "{}", text(&o));
+    assert!(
+        out.contains("127.0.0.1:9: handshake failed"),
+        "{}",
+        text(&o)
+    );
+    // deploy without a cluster says what is missing.
+    let o = run(&inv, &cf, &env, &["cert", "deploy"]).await;
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("pass --kubeconfig or set KUBECONFIG"),
+        "{}",
+        text(&o)
+    );
+    assert!(p.dir.path().join(".provisioner/certs/tls.crt").exists());
+}
