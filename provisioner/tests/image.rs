@@ -38,6 +38,12 @@ fn find(tool: &str) -> Option<PathBuf> {
 
 fn run(cmd: &mut Command, timeout: Duration) -> Output {
     let desc = format!("{cmd:?}");
+    try_run(cmd, timeout).unwrap_or_else(|| panic!("{desc} did not finish within {timeout:?}"))
+}
+
+/// Runs a command to completion; `None` (and the command killed) after `timeout`.
+fn try_run(cmd: &mut Command, timeout: Duration) -> Option<Output> {
+    let desc = format!("{cmd:?}");
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -64,15 +70,15 @@ fn run(cmd: &mut Command, timeout: Duration) -> Output {
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{desc} did not finish within {timeout:?}");
+            return None;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    Output {
+    Some(Output {
         status,
         stdout: t_out.join().unwrap_or_default(),
         stderr: t_err.join().unwrap_or_default(),
-    }
+    })
 }
 
 fn text(o: &Output) -> String {
@@ -299,6 +305,12 @@ fn image_builds_from_the_dockerfile_and_answers_a_stun_binding() {
          [auth]\nsecrets = [\"image-test-secret\"]\n",
     )
     .expect("write config");
+    // Readable by the image's non-root user, like a ConfigMap volume (mode 0644).
+    std::fs::set_permissions(
+        config.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .expect("chmod config");
     let name = format!("turnd-image-test-{}", std::process::id());
     sandbox.containers.push(name.clone());
     let mount = format!(
@@ -331,17 +343,33 @@ fn image_builds_from_the_dockerfile_and_answers_a_stun_binding() {
 
     // A STUN binding from the same namespace: XOR-MAPPED-ADDRESS is our own address.
     let stunclient = find("turnutils_stunclient").expect("checked");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // turnd logs `listening` once its sockets are bound.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = text(&sandbox.podman(&["logs", &name], Duration::from_secs(20)));
+        if logs.contains("listening") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the container did not start listening:\n{logs}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
     let answer = loop {
-        let o = run(
+        // stunclient retransmits for a long time when nothing answers: bound each try.
+        let out = try_run(
             Command::new("ip")
                 .args(["netns", "exec", &ns])
                 .arg(&stunclient)
                 .args(["-L", "127.0.0.1", "127.0.0.1"]),
-            Duration::from_secs(10),
-        );
-        let out = text(&o);
-        if o.status.success() && out.contains("UDP reflexive addr: ") {
+            Duration::from_secs(5),
+        )
+        .filter(|o| o.status.success())
+        .map(|o| text(&o))
+        .unwrap_or_default();
+        if out.contains("UDP reflexive addr: ") {
             break out;
         }
         if Instant::now() >= deadline {
