@@ -401,48 +401,67 @@ pub async fn account(settings: &AcmeSettings) -> Result<(Account, bool), AcmeErr
         None => Account::builder().map_err(acme("building the HTTP client")),
     };
     let path = settings.store.account_path();
+    let url = settings.directory.url();
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let creds: AccountCredentials =
+            let stored: StoredAccount =
                 serde_json::from_slice(&bytes).map_err(|e| AcmeError::BadStoredFile {
                     path: path.clone(),
                     reason: e.to_string(),
                 })?;
-            let account = builder()?
-                .from_credentials(creds)
-                .await
-                .map_err(acme("restoring the account"))?;
-            Ok((account, false))
+            if stored.directory == url {
+                let account = builder()?
+                    .from_credentials(stored.credentials)
+                    .await
+                    .map_err(acme("restoring the account"))?;
+                return Ok((account, false));
+            }
+            tracing::warn!(
+                "{}: account is for {}, not {url}: creating one for {url}",
+                path.display(),
+                stored.directory
+            );
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let contact: Vec<String> = settings
-                .email
-                .iter()
-                .map(|e| format!("mailto:{e}"))
-                .collect();
-            let contact: Vec<&str> = contact.iter().map(String::as_str).collect();
-            let (account, creds) = builder()?
-                .create(
-                    &NewAccount {
-                        contact: &contact,
-                        terms_of_service_agreed: true,
-                        only_return_existing: false,
-                    },
-                    settings.directory.url().to_owned(),
-                    None,
-                )
-                .await
-                .map_err(acme("creating the account"))?;
-            settings.store.ensure_dir()?;
-            let json = serde_json::to_vec_pretty(&creds).map_err(|e| AcmeError::BadStoredFile {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            CertStore::write_atomic(&path, &json)?;
-            Ok((account, true))
-        }
-        Err(source) => Err(AcmeError::Io { path, source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(AcmeError::Io { path, source }),
     }
+    let contact: Vec<String> = settings
+        .email
+        .iter()
+        .map(|e| format!("mailto:{e}"))
+        .collect();
+    let contact: Vec<&str> = contact.iter().map(String::as_str).collect();
+    let (account, credentials) = builder()?
+        .create(
+            &NewAccount {
+                contact: &contact,
+                terms_of_service_agreed: true,
+                only_return_existing: false,
+            },
+            url.to_owned(),
+            None,
+        )
+        .await
+        .map_err(acme("creating the account"))?;
+    settings.store.ensure_dir()?;
+    let json = serde_json::to_vec_pretty(&StoredAccount {
+        directory: url.to_owned(),
+        credentials,
+    })
+    .map_err(|e| AcmeError::BadStoredFile {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    CertStore::write_atomic(&path, &json)?;
+    Ok((account, true))
+}
+
+/// `account.json`: the credentials and the directory they belong to (switching between
+/// staging and production makes a new account instead of reusing the other CA's).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredAccount {
+    directory: String,
+    credentials: AccountCredentials,
 }
 
 /// A TXT record we created for a challenge.
@@ -518,12 +537,15 @@ pub async fn issue_once(
     let mut created: Vec<ChallengeRecord> = Vec::new();
     let result = async {
         for (name, value) in &wanted {
+            // `add`: a value left by an interrupted run is reused (and deleted below).
             let rec = dns
-                .create(&NewRecord {
+                .add(&NewRecord {
                     ttl: 60,
                     ..NewRecord::new("TXT", name, value)
                 })
-                .await?;
+                .await?
+                .record()
+                .clone();
             created.push(ChallengeRecord {
                 id: rec.id,
                 name: name.clone(),

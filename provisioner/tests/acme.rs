@@ -157,6 +157,22 @@ async fn issues_apex_and_wildcard_verifies_chain_skips_until_due_and_renews_when
     let chain2 = std::fs::read(store.join("tls.crt")).expect("chain");
     assert_ne!(chain2, chain);
     verify_chain(&chain2, &root, ZONE);
+
+    // An account stored for another directory (staging vs production) is not reused.
+    let account_path = store.join("account.json");
+    let mut stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&account_path).expect("account")).expect("json");
+    assert_eq!(stored["directory"], p.directory.as_str());
+    stored["directory"] = "https://acme-staging.invalid/directory".into();
+    std::fs::write(&account_path, stored.to_string()).expect("write");
+    let out = acme::renew(&s, &dns, SystemTime::now(), true)
+        .await
+        .unwrap_or_else(|e| panic!("renew with a new account: {e}\n{}", p.logs()));
+    let RenewOutcome::Renewed { issued, .. } = &out else {
+        panic!("expected a renewal: {out}");
+    };
+    assert!(issued.account_created, "a new account for this directory");
+    assert_eq!(mode(&account_path), 0o600);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
