@@ -13,13 +13,16 @@
 #
 # Privileged ports: turnd listens on 443/tcp (TURN over TLS through firewalls). The pod gets
 # NET_BIND_SERVICE from its securityContext (capabilities: drop ALL, add NET_BIND_SERVICE;
-# allowPrivilegeEscalation: false). A non-root process only gets an added capability in its
-# effective set if the executable carries it as a file capability, so the builder stage marks
-# /turnd with `setcap cap_net_bind_service=+ep` (BuildKit and buildah keep the
-# security.capability xattr on COPY). `scratch` has no setcap, so this must happen in the
-# builder; for runtime-prebuilt, run the same setcap on the host binary before building.
-# Without the file capability, either listen on ports >= 1024 only or set the node sysctl
-# net.ipv4.ip_unprivileged_port_start=443 (hostNetwork pods share the node's namespace).
+# allowPrivilegeEscalation: false). containerd/CRI gives no ambient capabilities, so for a
+# non-root process the added capability only becomes effective if the executable carries it
+# as a file capability: the builder stage runs `setcap cap_net_bind_service=+ep /turnd`
+# (`scratch` has no setcap, so it must happen there). Checked here with podman/buildah: COPY
+# keeps the security.capability xattr (getcap on the mounted image shows it). For
+# runtime-prebuilt, run the same setcap on the host binary before `podman build`. (podman
+# itself puts --cap-add capabilities in the ambient set for non-root users, so under podman
+# 443 binds with or without the file capability.) Without either, listen on ports >= 1024 or
+# set the node sysctl net.ipv4.ip_unprivileged_port_start=443 (hostNetwork pods share the
+# node's network namespace).
 #
 # No HEALTHCHECK on purpose: Kubernetes liveness/readiness probes watch the pod.
 
