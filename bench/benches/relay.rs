@@ -7,13 +7,13 @@
 //! `BENCH_CLIENT_THREADS` (2), `BENCH_ECHO_THREADS` (1), `BENCH_WORKERS` (turnd workers, 2),
 //! `BENCH_IDLE_ALLOCS` (1000), `BENCH_REPEAT` (runs of each scenario, best kept, 1),
 //! `BENCH_NO_COTURN=1` (skip coturn), `BENCH_NO_TURND=1`
-//! (skip turnd), `BENCH_TURNSERVER` (path of coturn's binary).
+//! (skip turnd), `BENCH_NO_BARE=1` (skip the bare forwarder baseline), `BENCH_TURNSERVER` (path of coturn's binary).
 
 use std::time::Duration;
 
 use turnd_bench::load::{EchoPeer, LoadConfig, Mode};
 use turnd_bench::server::Server;
-use turnd_bench::{idle_memory, run_scenario, MemoryResult, ScenarioResult};
+use turnd_bench::{idle_memory, run_bare_scenario, run_scenario, MemoryResult, ScenarioResult};
 
 fn env<T: std::str::FromStr>(key: &str, default: T) -> T {
     std::env::var(key)
@@ -49,6 +49,22 @@ fn mode_name(m: Mode) -> String {
     }
 }
 
+fn log(r: &ScenarioResult) {
+    eprintln!(
+        "  {} {}: {:.0} relayed pkt/s, {:.2} us CPU/pkt, sent {} echoed {} ({} in window), \
+         RTT p50 {} ms p99 {} ms",
+        r.server,
+        mode_name(r.mode),
+        r.relayed_pps(),
+        r.cpu_us_per_packet(),
+        r.stats.sent,
+        r.stats.received,
+        r.stats.received_in_window,
+        ms(r.stats.rtt_quantile(0.5)),
+        ms(r.stats.rtt_quantile(0.99)),
+    );
+}
+
 /// Runs every scenario against `server`, then the idle-memory figure.
 fn measure(server: &Server, k: &Knobs) -> anyhow::Result<(Vec<ScenarioResult>, MemoryResult)> {
     let echo = EchoPeer::start(k.echo_threads)?;
@@ -67,19 +83,7 @@ fn measure(server: &Server, k: &Knobs) -> anyhow::Result<(Vec<ScenarioResult>, M
                     threads: k.client_threads,
                 },
             )?;
-            eprintln!(
-                "  {} {}: {:.0} relayed pkt/s, {:.2} us CPU/pkt, sent {} echoed {} ({} in window), \
-                 RTT p50 {} ms p99 {} ms",
-                r.server,
-                mode_name(mode),
-                r.relayed_pps(),
-                r.cpu_us_per_packet(),
-                r.stats.sent,
-                r.stats.received,
-                r.stats.received_in_window,
-                ms(r.stats.rtt_quantile(0.5)),
-                ms(r.stats.rtt_quantile(0.99)),
-            );
+            log(&r);
             // Best = cheapest CPU per packet: noise from neighbours only ever adds cost.
             if best
                 .as_ref()
@@ -126,6 +130,35 @@ fn main() -> anyhow::Result<()> {
     let mut all = Vec::new();
     let mut mems = Vec::new();
 
+    if std::env::var_os("BENCH_NO_BARE").is_none() {
+        eprintln!("bare forwarder ({} workers)...", k.workers);
+        let echo = EchoPeer::start(k.echo_threads)?;
+        for mode in modes(&k) {
+            let mut best: Option<ScenarioResult> = None;
+            for _ in 0..k.repeat.max(1) {
+                let r = run_bare_scenario(
+                    k.workers,
+                    echo.addr,
+                    k.allocs,
+                    LoadConfig {
+                        mode,
+                        duration: Duration::from_secs_f64(k.secs),
+                        payload: k.payload,
+                        threads: k.client_threads,
+                    },
+                )?;
+                log(&r);
+                if best
+                    .as_ref()
+                    .is_none_or(|b| r.cpu_us_per_packet() < b.cpu_us_per_packet())
+                {
+                    best = Some(r);
+                }
+            }
+            all.extend(best);
+        }
+        echo.stop();
+    }
     if std::env::var_os("BENCH_NO_TURND").is_none() {
         eprintln!("turnd ({} workers)...", k.workers);
         let turnd = Server::turnd(k.workers, 40000, 44999)?;
@@ -191,6 +224,28 @@ fn main() -> anyhow::Result<()> {
             .find(|r| r.server == name && r.mode == mode)
             .cloned()
     };
+    if all.iter().any(|r| r.server == "bare fwd") {
+        println!("\n| mode | turnd/bare CPU per pkt | coturn/bare CPU per pkt |");
+        println!("|---|---:|---:|");
+        for mode in modes(&k) {
+            if let Some(b) = find("bare fwd", mode) {
+                let ratio = |name: &str| {
+                    find(name, mode).map_or("–".to_owned(), |r| {
+                        format!(
+                            "{:.2}×",
+                            r.cpu_us_per_packet() / b.cpu_us_per_packet().max(1e-9)
+                        )
+                    })
+                };
+                println!(
+                    "| {} | {} | {} |",
+                    mode_name(mode),
+                    ratio("turnd"),
+                    ratio("coturn")
+                );
+            }
+        }
+    }
     let has_coturn = all.iter().any(|r| r.server == "coturn");
     if has_coturn {
         println!("\n| mode | turnd/coturn relayed pkt/s | turnd/coturn pkt per CPU-s | turnd/coturn CPU per pkt |");

@@ -190,6 +190,24 @@ impl Allocation {
         peer: SocketAddr,
         channel: u16,
     ) -> anyhow::Result<Self> {
+        // A fresh ephemeral port can be one a just-released allocation still holds on the
+        // server (437 Allocation Mismatch, seen with coturn): try again from another port.
+        let mut last = None;
+        for _ in 0..4 {
+            match Self::open_once(server, creds, peer, channel) {
+                Ok(a) => return Ok(a),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("allocation failed")))
+    }
+
+    fn open_once(
+        server: SocketAddr,
+        creds: &Credentials,
+        peer: SocketAddr,
+        channel: u16,
+    ) -> anyhow::Result<Self> {
         let socket = UdpSocket::bind("127.0.0.1:0").context("binding a client socket")?;
         socket.connect(server)?;
         socket.set_read_timeout(Some(RTO))?;

@@ -11,6 +11,7 @@
 //! are bounded by the machine; the cost figures (server CPU per packet, RSS per allocation)
 //! are the ones to compare.
 
+pub mod bare;
 pub mod client;
 pub mod load;
 pub mod server;
@@ -134,6 +135,49 @@ pub fn run_scenario(
         stats,
         server_cpu: end_cpu.get() - start_cpu.get(),
         server_threads: server.cpu.threads(),
+    })
+}
+
+/// Runs one load scenario through the bare forwarder ([`bare::BareForwarder`]) with
+/// `workers` workers: the same packets, no protocol. Flow `i` uses channel 0x4000 + i.
+///
+/// # Errors
+/// Set-up failed.
+pub fn run_bare_scenario(
+    workers: usize,
+    peer: std::net::SocketAddr,
+    allocations: usize,
+    config: LoadConfig,
+) -> anyhow::Result<ScenarioResult> {
+    let fwd = bare::BareForwarder::start(workers, peer)?;
+    let mut flows = Vec::with_capacity(allocations);
+    for i in 0..allocations {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        socket.connect(fwd.addr)?;
+        let n = u16::try_from(i).ok().and_then(|i| i.checked_add(CHANNEL));
+        let channel = n
+            .and_then(|n| turn_proto::codec::ChannelNumber::new(n).ok())
+            .context("too many flows for the bare forwarder")?;
+        flows.push(Flow { socket, channel });
+    }
+    let cpu = server::CpuSource::Threads("bare-fwd-".to_owned());
+    let start_cpu = std::cell::Cell::new(0.0);
+    let end_cpu = std::cell::Cell::new(0.0);
+    let stats = load::run(
+        flows,
+        config,
+        || start_cpu.set(cpu.cpu_seconds()),
+        || end_cpu.set(cpu.cpu_seconds()),
+    )?;
+    let threads = cpu.threads();
+    fwd.stop();
+    Ok(ScenarioResult {
+        server: "bare fwd",
+        mode: config.mode,
+        allocations,
+        stats,
+        server_cpu: end_cpu.get() - start_cpu.get(),
+        server_threads: threads,
     })
 }
 

@@ -17,7 +17,7 @@ use turn_proto::codec::{ChannelData, ChannelNumber};
 pub const DRAIN: Duration = Duration::from_millis(300);
 /// In a saturated run, an allocation that hears nothing for this long re-primes its window
 /// (its packets are presumed lost; they still count if they arrive later).
-const STALL: Duration = Duration::from_millis(50);
+const STALL: Duration = Duration::from_secs(1);
 /// Bytes of the stamp: sequence number and send time.
 const STAMP: usize = 16;
 /// Socket buffers the bench asks for (the kernel caps them at `net.core.*mem_max`).
