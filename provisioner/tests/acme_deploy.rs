@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -181,5 +182,100 @@ async fn deploy_applies_the_tls_secret_server_side_and_status_reads_it_back() {
     r.secret = Some(acme::secret_cert(&client).await.map_err(|e| e.to_string()));
     assert!(r.secret_differs());
     assert!(r.render().contains("DIFFERS from stored"), "{}", r.render());
+    task.abort();
+}
+
+/// What the kubelet does with a Secret volume: `tls.crt -> ..data/tls.crt`, `..data ->
+/// ..<version>`, and an update swaps `..data` atomically.
+fn kubelet_write(dir: &Path, version: &str, secret: &Value) {
+    let v = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&v).expect("mkdir");
+    for f in ["tls.crt", "tls.key"] {
+        let b: k8s_openapi::ByteString =
+            serde_json::from_value(secret["data"][f].clone()).expect("base64");
+        std::fs::write(v.join(f), b.0).expect("write");
+    }
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp).expect("symlink");
+    std::fs::rename(&tmp, dir.join("..data")).expect("swap");
+    for f in ["tls.crt", "tls.key"] {
+        if std::fs::symlink_metadata(dir.join(f)).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{f}"), dir.join(f)).expect("symlink");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_turnd_serves_the_deployed_certificate_without_restarting() {
+    let (url, st, task) = fake_api().await;
+    let client = provisioner::k8s::client_for_url(&url).expect("client");
+    let store_dir = tempfile::tempdir().expect("tempdir");
+    let store = CertStore::new(store_dir.path());
+    let mounted = tempfile::tempdir().expect("tempdir");
+    let secret_path = "/api/v1/namespaces/turnd/secrets/turnd-tls";
+
+    // First certificate: deployed, mounted, turnd started on it.
+    store_cert(&store, 1);
+    acme::deploy(&client, &store, false)
+        .await
+        .expect("deploy 1");
+    let secret = st.lock().expect("lock").stored[secret_path].clone();
+    kubelet_write(mounted.path(), "v1", &secret);
+    let text = format!(
+        "[listen]\nudp = [\"127.0.0.1:0\"]\ntcp = [\"127.0.0.1:0\"]\ntls = [\"127.0.0.1:0\"]\n\
+         [tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+         [auth]\nrealm = \"test\"\nsecrets = [\"s3cret\"]\n[server]\nworkers = 1\n",
+        mounted.path().join("tls.crt").display(),
+        mounted.path().join("tls.key").display()
+    );
+    let settings = turnd::config::Config::from_toml(&text)
+        .expect("turnd config")
+        .validate(&turnd::config::MapEnv(Default::default()))
+        .expect("valid");
+    let running = turnd::driver::start(settings).expect("turnd starts");
+    let endpoint = running.tls[0].to_string();
+    let served = |store: &CertStore| {
+        let store = store.clone();
+        let endpoint = endpoint.clone();
+        async move {
+            acme::status(&store, "localhost", &[endpoint], Duration::from_secs(5))
+                .await
+                .expect("status")
+        }
+    };
+    let r = served(&store).await;
+    assert!(r.differing().is_empty(), "{}", r.render());
+
+    // Renewal stored a new certificate: turnd still serves the old one until deploy.
+    store_cert(&store, 2);
+    let r = served(&store).await;
+    assert_eq!(r.differing().len(), 1, "{}", r.render());
+
+    // Deploy; the kubelet updates the mounted Secret; the same turnd serves the new one.
+    acme::deploy(&client, &store, false)
+        .await
+        .expect("deploy 2");
+    let secret = st.lock().expect("lock").stored[secret_path].clone();
+    kubelet_write(mounted.path(), "v2", &secret);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = served(&store).await;
+        if r.differing().is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "turnd never served the deployed certificate: {}",
+            r.render()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        running.tls[0].to_string(),
+        endpoint,
+        "same listener, no restart"
+    );
+    running.shutdown();
     task.abort();
 }
