@@ -129,3 +129,29 @@ fn a_fresh_host_reports_every_rule_and_jump_missing() {
         "{drift}"
     );
 }
+
+/// The check above is not vacuous: `systemd-analyze verify` exits 0 on errors, but it does
+/// write them to stderr, which is what the test looks at.
+#[test]
+fn systemd_analyze_reports_a_broken_unit_on_stderr() {
+    if !have("/usr/bin/systemd-analyze", "systemd") {
+        return;
+    }
+    let h = HostNet::from_cluster(&example()).expect("renders");
+    let broken = h
+        .systemd_unit()
+        .replace("RemainAfterExit=yes", "RemainAfterExit=maybe");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let unit = dir.path().join(UNIT_NAME);
+    std::fs::write(&unit, broken).expect("write unit");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("runs systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("RemainAfterExit") || stderr.contains("maybe"),
+        "{stderr}"
+    );
+}
