@@ -277,4 +277,24 @@ mod tests {
             r.server_threads
         );
     }
+
+    #[test]
+    fn bare_forwarder_echoes_every_packet() {
+        let echo = EchoPeer::start(1).expect("echo peer");
+        let r = run_bare_scenario(
+            1,
+            echo.addr,
+            4,
+            LoadConfig {
+                mode: Mode::Saturated { window: 2 },
+                duration: Duration::from_millis(300),
+                payload: 100,
+                threads: 1,
+            },
+        )
+        .expect("scenario runs");
+        echo.stop();
+        assert!(r.stats.received_in_window > 100, "{}", r.stats.received);
+        assert_eq!(r.stats.lost(), 0);
+    }
 }

@@ -200,6 +200,23 @@ fn stamp(packet: &mut [u8], channel: ChannelNumber, seq: u64, epoch: Instant, pa
     packet[12..20].copy_from_slice(&t.to_be_bytes());
 }
 
+/// Stamps and sends one packet (waiting for the socket to be writable, which on loopback
+/// UDP is at once).
+async fn send_one(
+    sock: &tokio::net::UdpSocket,
+    out: &mut [u8],
+    channel: ChannelNumber,
+    seq: &mut u64,
+    shared: &Shared,
+    stats: &mut LoadStats,
+) {
+    stamp(out, channel, *seq, shared.epoch, shared.config.payload);
+    *seq += 1;
+    if sock.send(out).await.is_ok() {
+        stats.sent += 1;
+    }
+}
+
 /// Per-allocation task: receives echoes, records their RTT, and in a saturated run sends the
 /// next packet for each one received.
 async fn flow_task(
@@ -217,15 +234,8 @@ async fn flow_task(
     let mut out = vec![0u8; ChannelData::HEADER_LEN + cfg.payload];
     let mut buf = vec![0u8; 2048];
     let mut seq = seq_base;
-    let send = |seq: &mut u64, out: &mut Vec<u8>, stats: &mut LoadStats| {
-        stamp(out, channel, *seq, shared.epoch, cfg.payload);
-        *seq += 1;
-        if sock.try_send(out).is_ok() {
-            stats.sent += 1;
-        }
-    };
     for _ in 0..window {
-        send(&mut seq, &mut out, &mut stats);
+        send_one(&sock, &mut out, channel, &mut seq, &shared, &mut stats).await;
     }
     let hard_stop = shared.deadline + DRAIN;
     loop {
@@ -256,7 +266,7 @@ async fn flow_task(
                     stats.received_in_window += 1;
                     stats.rtt_ns.push(u32::try_from(rtt).unwrap_or(u32::MAX));
                     if window > 0 {
-                        send(&mut seq, &mut out, &mut stats);
+                        send_one(&sock, &mut out, channel, &mut seq, &shared, &mut stats).await;
                     }
                 }
             }
@@ -265,7 +275,7 @@ async fn flow_task(
                 // Silence for STALL with packets out: presume them lost and re-prime.
                 if window > 0 && Instant::now() < shared.deadline {
                     for _ in 0..window {
-                        send(&mut seq, &mut out, &mut stats);
+                        send_one(&sock, &mut out, channel, &mut seq, &shared, &mut stats).await;
                     }
                 }
             }
@@ -297,11 +307,7 @@ async fn pacer_task(
             let (sock, channel) = &socks[next % socks.len()];
             next += 1;
             count += 1;
-            stamp(&mut out, *channel, seq, shared.epoch, cfg.payload);
-            seq += 1;
-            if sock.try_send(&out).is_ok() {
-                stats.sent += 1;
-            }
+            send_one(sock, &mut out, *channel, &mut seq, &shared, &mut stats).await;
         }
     }
     stats
