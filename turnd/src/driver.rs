@@ -603,6 +603,7 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     let queue = Rc::new(WriteQueue::default());
     w.streams.borrow_mut().insert(ft, queue.clone());
     let wq = queue.clone();
+    let per_frame_records = ft.transport == Transport::Tls;
     let writer = tokio::task::spawn_local(async move {
         let mut chunk = Vec::new();
         loop {
@@ -614,7 +615,10 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 }
                 continue;
             }
-            if wr.write_all(&chunk).await.is_err() {
+            if write_frames(&mut wr, &chunk, per_frame_records)
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -678,6 +682,27 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     queue.close();
     // Let the writer send what is queued (the last error response, say), briefly.
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+}
+
+/// Writes queued frames. Over TLS each frame goes in its own record: some clients (coturn's
+/// `turnutils_uclient`) read one message per TLS record and drop the rest of a record that
+/// carries several. Then flushes, since TLS keeps records in the session until flushed.
+async fn write_frames<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    chunk: &[u8],
+    per_frame_records: bool,
+) -> io::Result<()> {
+    if per_frame_records {
+        let mut rest = chunk;
+        while let Ok(FrameLen::Complete(n)) = frame_len(rest) {
+            wr.write_all(&rest[..n]).await?;
+            rest = &rest[n..];
+        }
+        wr.write_all(rest).await?;
+    } else {
+        wr.write_all(chunk).await?;
+    }
+    wr.flush().await
 }
 
 async fn timer_loop(w: Rc<Worker>) {
