@@ -1349,3 +1349,27 @@ fn rfc5766_channel_numbers_are_accepted_only_when_configured() {
     h.peer_sends(local, addr(PEER), b"yo");
     assert_eq!(h.take_sent()[0].1, vec![0x5b, 0x4b, 0x00, 0x02, b'y', b'o']);
 }
+
+#[test]
+fn rfc8489_6_3_transaction_cache_replays_for_40_seconds_then_forgets() {
+    let mut h = Harness::new();
+    let mut c = Client::new(udp("192.0.2.7:40000"), alice());
+    let _ = c.refresh(&mut h, None); // learn a nonce (437: no allocation yet)
+    let tid = c.tid();
+    let req = c.build(Method::ALLOCATE, tid, &|b| {
+        b.add(&RequestedTransport::UDP);
+    });
+    h.client_sends(c.ft, &req);
+    let first = h.last_reply();
+    assert!(is_success(&first));
+    h.advance(Duration::from_secs(39));
+    h.client_sends(c.ft, &req);
+    assert_eq!(h.last_reply(), first, "replayed within the cache lifetime");
+    h.advance(Duration::from_secs(2));
+    h.client_sends(c.ft, &req);
+    assert_eq!(
+        error_code(&h.last_reply()),
+        Some(437),
+        "forgotten after 40 s"
+    );
+}
