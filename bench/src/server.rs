@@ -122,7 +122,7 @@ pub struct Server {
     pub addr: SocketAddr,
     /// Where its CPU time is read.
     pub cpu: CpuSource,
-    kind: Kind,
+    kind: Option<Kind>,
 }
 
 impl std::fmt::Debug for Server {
@@ -187,7 +187,7 @@ impl Server {
             name: "turnd",
             addr,
             cpu: CpuSource::Threads("turnd-worker-".to_owned()),
-            kind: Kind::Turnd(running),
+            kind: Some(Kind::Turnd(running)),
         })
     }
 
@@ -271,7 +271,7 @@ impl Server {
             name: "coturn",
             addr,
             cpu: CpuSource::Process(pid),
-            kind: Kind::Coturn { child, _dir: dir },
+            kind: Some(Kind::Coturn { child, _dir: dir }),
         }))
     }
 
@@ -279,19 +279,31 @@ impl Server {
     #[must_use]
     pub fn pid(&self) -> Option<u32> {
         match &self.kind {
-            Kind::Turnd(_) => None,
-            Kind::Coturn { child, .. } => Some(child.id()),
+            Some(Kind::Coturn { child, .. }) => Some(child.id()),
+            _ => None,
         }
     }
 
     /// Stops the server.
-    pub fn stop(self) {
-        match self.kind {
-            Kind::Turnd(running) => running.shutdown(),
-            Kind::Coturn { mut child, .. } => {
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        match self.kind.take() {
+            Some(Kind::Turnd(running)) => running.shutdown(),
+            Some(Kind::Coturn { mut child, .. }) => {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+            None => {}
         }
+    }
+}
+
+/// A bench that fails half-way must not leave a `turnserver` behind.
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.halt();
     }
 }
