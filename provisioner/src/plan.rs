@@ -18,6 +18,8 @@ pub enum Target {
     Host,
     /// One VM (as root).
     Vm(String),
+    /// The Kubernetes API server (reached from where the provisioner runs).
+    KubeApi,
 }
 
 impl fmt::Display for Target {
@@ -25,6 +27,7 @@ impl fmt::Display for Target {
         match self {
             Self::Host => f.write_str("host"),
             Self::Vm(name) => f.write_str(name),
+            Self::KubeApi => f.write_str("kubernetes-api"),
         }
     }
 }
@@ -69,6 +72,8 @@ pub enum ActionKind {
         /// The worker joining.
         worker: Box<Vm>,
     },
+    /// Server-side apply of turnd's Kubernetes objects (phase `turnd`).
+    KubeApply(Box<crate::phases::turnd::KubeApply>),
 }
 
 /// One concrete action of a plan.
@@ -111,9 +116,9 @@ pub enum PhaseId {
     K8sMaster,
     /// 5: workers joined and labelled.
     K8sWorkers,
-    /// 6: turnd instances (a later issue).
+    /// 6: turnd's Kubernetes objects, server-side applied.
     Turnd,
-    /// 7: public IPs forwarded to the workers (a later issue).
+    /// 7: public IPs forwarded to the workers (iptables rules and their systemd unit).
     HostNetworking,
     /// 8: kubectl and the kubeconfig on the host.
     HostKubectl,
@@ -160,7 +165,7 @@ impl PhaseId {
 
     /// Whether this version implements the phase.
     pub fn implemented(self) -> bool {
-        !matches!(self, Self::Turnd | Self::HostNetworking | Self::Monitoring)
+        !matches!(self, Self::Monitoring)
     }
 }
 
@@ -243,6 +248,16 @@ impl Plan {
                         k8s::paths::KUBEADM_JOIN,
                         k8s::paths::KUBEADM_JOIN
                     )),
+                    ActionKind::KubeApply(a) => {
+                        out.push_str(&format!(
+                            "        server-side apply (field manager {}, force) via {}:\n",
+                            crate::k8s::FIELD_MANAGER,
+                            a.api
+                        ));
+                        for o in a.manifests.objects() {
+                            out.push_str(&format!("          {}\n", o.id()));
+                        }
+                    }
                 }
             }
         }
@@ -285,6 +300,7 @@ impl Transports {
                 .get(name)
                 .map(AsRef::as_ref)
                 .ok_or_else(|| NoTransport(target.clone())),
+            Target::KubeApi => Err(NoTransport(target.clone())),
         }
     }
 }
@@ -325,6 +341,18 @@ pub enum ApplyError {
         action: String,
         /// The parse failure.
         source: k8s::JoinParseError,
+    },
+    /// The Kubernetes API refused or could not be reached.
+    #[error("phase {phase}, action {index} `{action}`: {source}")]
+    Kube {
+        /// The phase.
+        phase: PhaseId,
+        /// 1-based action number.
+        index: usize,
+        /// The action's summary.
+        action: String,
+        /// What failed.
+        source: crate::k8s::K8sError,
     },
     /// The journal could not be written.
     #[error("cannot write the journal {path}: {source}")]
@@ -414,23 +442,39 @@ pub fn apply(
             action.target,
             action.summary
         );
-        let t = transports
-            .get(&action.target)
-            .map_err(|source| ApplyError::Transport {
-                phase: plan.phase,
-                source,
-            })?;
+        let transport = || {
+            transports
+                .get(&action.target)
+                .map_err(|source| ApplyError::Transport {
+                    phase: plan.phase,
+                    source,
+                })
+        };
         let result = match &action.kind {
-            ActionKind::Steps(steps) => run_steps(t, steps).map_err(|source| ApplyError::Step {
+            ActionKind::Steps(steps) => {
+                run_steps(transport()?, steps).map_err(|source| ApplyError::Step {
+                    phase: plan.phase,
+                    index,
+                    action: action.summary.clone(),
+                    target: action.target.clone(),
+                    source: Box::new(source),
+                })
+            }
+            ActionKind::JoinWorker { master, worker } => join_worker(
+                plan.phase,
+                index,
+                action,
+                master,
+                worker,
+                transport()?,
+                transports,
+            ),
+            ActionKind::KubeApply(a) => a.run().map_err(|source| ApplyError::Kube {
                 phase: plan.phase,
                 index,
                 action: action.summary.clone(),
-                target: action.target.clone(),
-                source: Box::new(source),
+                source,
             }),
-            ActionKind::JoinWorker { master, worker } => {
-                join_worker(plan.phase, index, action, master, worker, t, transports)
-            }
         };
         let status = if result.is_ok() { "done" } else { "failed" };
         journal.record(serde_json::json!({

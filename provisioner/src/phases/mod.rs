@@ -3,7 +3,9 @@
 
 pub mod facts;
 pub mod host;
+pub mod hostnet;
 pub mod k8s;
+pub mod turnd;
 pub mod virsh;
 pub mod vms;
 
@@ -18,6 +20,11 @@ pub struct Settings {
     pub host_packages: Vec<String>,
     /// Boot the VMs' kernel directly (test guests without a boot loader); `None` in production.
     pub direct_kernel: Option<crate::render::libvirt::DirectKernel>,
+    /// The Kubernetes API for the `turnd` phase; `None`: `$KUBECONFIG`.
+    pub kube_api: Option<turnd::KubeApi>,
+    /// turnd's REST-API auth secret (from [`crate::secrets::Secrets`]); `None`:
+    /// `TURND_AUTH_SECRET` or `COTURN_AUTH_SECRET` from the process environment.
+    pub auth_secret: Option<crate::k8s::Sensitive>,
 }
 
 impl Default for Settings {
@@ -35,6 +42,8 @@ impl Default for Settings {
             .map(str::to_owned)
             .to_vec(),
             direct_kernel: None,
+            kube_api: None,
+            auth_secret: None,
         }
     }
 }
@@ -82,6 +91,34 @@ pub enum PhaseError {
     /// The phase belongs to a later version.
     #[error("phase {0} is not implemented in this version")]
     NotImplemented(PhaseId),
+    /// The `[[turnd]]` instances cannot be forwarded by the host.
+    #[error("phase {phase}: {source}")]
+    HostNet {
+        /// The phase.
+        phase: PhaseId,
+        /// What is wrong.
+        source: crate::hostnet::HostNetError,
+    },
+    /// turnd's Kubernetes objects could not be built, or the API server refused a dry run.
+    #[error("phase {phase}: {source}")]
+    K8s {
+        /// The phase.
+        phase: PhaseId,
+        /// What went wrong.
+        source: crate::k8s::K8sError,
+    },
+    /// No Kubernetes API is configured.
+    #[error("phase {phase}: no Kubernetes API configured: set KUBECONFIG to a kubeconfig of the cluster (see `host-kubectl`)")]
+    NoKubeApi {
+        /// The phase.
+        phase: PhaseId,
+    },
+    /// The auth secret is missing.
+    #[error("phase {phase}: missing secret TURND_AUTH_SECRET (the old name COTURN_AUTH_SECRET is accepted too)")]
+    NoAuthSecret {
+        /// The phase.
+        phase: PhaseId,
+    },
     /// A VM has no transport.
     #[error("phase {phase}: {source}")]
     Transport {
@@ -119,10 +156,23 @@ pub fn plan(phase: PhaseId, ctx: &Context<'_>) -> Result<Plan, PhaseError> {
             let facts = k8s::gather_host_kubectl(ctx)?;
             Ok(k8s::plan_host_kubectl(ctx.cluster, &facts))
         }
-        PhaseId::Turnd | PhaseId::HostNetworking | PhaseId::Monitoring => {
-            Err(PhaseError::NotImplemented(phase))
+        PhaseId::Turnd => {
+            let (apply, facts) = turnd::gather(ctx, &crate::secrets::ProcessEnv)?;
+            Ok(turnd::plan(apply, &facts))
         }
+        PhaseId::HostNetworking => {
+            let want = hostnet::desired(ctx)?;
+            let facts = hostnet::gather(ctx, &want)?;
+            Ok(hostnet::plan(&want, &facts))
+        }
+        PhaseId::Monitoring => Err(PhaseError::NotImplemented(phase)),
     }
+}
+
+/// Gathers and plans the host-networking teardown (run it before [`plan_teardown`]: the
+/// forwards point at the VMs).
+pub fn plan_teardown_hostnet(ctx: &Context<'_>) -> Result<Plan, PhaseError> {
+    Ok(hostnet::plan_teardown(&hostnet::gather_teardown(ctx)?))
 }
 
 /// Gathers and plans the teardown: with `keep_vms`, `kubeadm reset` on every VM that has

@@ -1,6 +1,7 @@
 //! Helpers shared by the provisioner's integration tests.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod fake_api;
 pub mod sshd;
 
 use std::path::Path;
