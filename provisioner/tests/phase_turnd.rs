@@ -1,0 +1,241 @@
+//! Phase `turnd` (gather → plan → apply) against the FAKE Kubernetes API server of
+//! `tests/common/fake_api.rs` (no real API server can run here: no kube-apiserver, etcd or kind
+//! is installable on these machines). The fake stores what a server-side apply stores and
+//! answers dry runs without storing, so the phase's plan is the server's own diff: an empty
+//! cluster plans one apply of every object, applying it stores them with our field manager,
+//! and the second plan is empty; a changed inventory plans an update of exactly what changed;
+//! an absent server plans offline and applying then fails naming the action. The auth secret
+//! comes from the settings (the secrets), never the inventory, and never reaches a plan's text.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use common::fake_api::{fake_api_server, take, Shared};
+use provisioner::exec::RecordingTransport;
+use provisioner::inventory::{Cluster, Inventory};
+use provisioner::k8s::{Inputs, Manifests, Sensitive, FIELD_MANAGER};
+use provisioner::phases::turnd::{self, KubeApi};
+use provisioner::phases::{self, Context, PhaseError, Settings};
+use provisioner::plan::{apply, ApplyError, Journal, PhaseId, Plan, Transports};
+use serde_json::json;
+
+const SECRET: &str = "s3cret-from-the-environment";
+
+fn example() -> Cluster {
+    Inventory::load(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/cluster.example.toml"
+    )))
+    .expect("example is valid")
+}
+
+/// The fake API server on its own runtime: the phase is synchronous and runs its own.
+struct Api {
+    _rt: tokio::runtime::Runtime,
+    addr: SocketAddr,
+    state: Shared,
+}
+
+fn api() -> Api {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (addr, state) = rt.block_on(fake_api_server());
+    Api {
+        _rt: rt,
+        addr,
+        state,
+    }
+}
+
+fn settings(api: KubeApi) -> Settings {
+    Settings {
+        kube_api: Some(api),
+        auth_secret: Some(Sensitive::new(SECRET)),
+        ..Settings::default()
+    }
+}
+
+fn transports() -> Transports {
+    Transports {
+        host: Box::new(RecordingTransport::new("host")),
+        vms: BTreeMap::new(),
+    }
+}
+
+fn plan(c: &Cluster, s: &Settings) -> Result<Plan, PhaseError> {
+    let t = transports();
+    let ctx = Context {
+        cluster: c,
+        transports: &t,
+        settings: s,
+    };
+    phases::plan(PhaseId::Turnd, &ctx)
+}
+
+#[test]
+fn empty_cluster_plans_one_apply_which_stores_every_object_and_the_second_plan_is_empty() {
+    let api = api();
+    let c = example();
+    let s = settings(KubeApi::Url(format!("http://{}", api.addr)));
+    let p = plan(&c, &s).expect("plans");
+    insta::assert_snapshot!(
+        "turnd-plan",
+        p.render(true).replace(&api.addr.to_string(), "FAKE")
+    );
+    assert!(!format!("{p:?}{}", p.render(true)).contains(SECRET));
+    let seen = take(&api.state);
+    assert!(
+        seen.iter()
+            .all(|r| r.method == "GET" || r.query.get("dryRun").map(String::as_str) == Some("All")),
+        "planning stores nothing: {seen:#?}"
+    );
+    assert!(api.state.lock().expect("lock").stored.is_empty());
+
+    apply(&p, &transports(), &mut Journal::in_memory()).expect("applies");
+    let seen = take(&api.state);
+    let want = Manifests::build(&c, &Inputs::for_apply(Sensitive::new(SECRET))).expect("builds");
+    assert_eq!(seen.len(), want.objects().len(), "one PATCH per object");
+    for r in &seen {
+        assert_eq!(r.method, "PATCH");
+        assert_eq!(
+            r.query.get("fieldManager").map(String::as_str),
+            Some(FIELD_MANAGER)
+        );
+        assert_eq!(r.query.get("force").map(String::as_str), Some("true"));
+        assert!(!r.query.contains_key("dryRun"), "a real apply");
+    }
+    // The auth secret is the one from the settings; the TLS Secret is left to `cert deploy`.
+    let stored = api.state.lock().expect("lock").stored.clone();
+    assert_eq!(
+        stored["/api/v1/namespaces/turnd/secrets/turnd-auth"],
+        json!(want.auth_secret)
+    );
+    assert!(!stored.contains_key("/api/v1/namespaces/turnd/secrets/turnd-tls"));
+    assert_eq!(stored.len(), 6, "{:?}", stored.keys());
+
+    let again = plan(&c, &s).expect("plans");
+    assert!(again.is_empty(), "{}", again.render(true));
+}
+
+#[test]
+fn a_changed_inventory_plans_an_update_of_what_changed() {
+    let api = api();
+    let c = example();
+    let s = settings(KubeApi::Url(format!("http://{}", api.addr)));
+    apply(
+        &plan(&c, &s).expect("plans"),
+        &transports(),
+        &mut Journal::in_memory(),
+    )
+    .expect("applies");
+    let mut inv = (*c).clone();
+    inv.turnd[1].relay_port_min = 49200;
+    let changed = inv.validate("").expect("valid");
+    let p = plan(&changed, &s).expect("plans");
+    let summaries: Vec<&str> = p.actions.iter().map(|a| a.summary.as_str()).collect();
+    assert_eq!(
+        summaries,
+        ["server-side apply ConfigMap/turnd-config (update), Deployment/turnd-k8s-worker2 (update)"]
+    );
+    // A new auth secret is an update of the Secret alone.
+    let rotated = Settings {
+        auth_secret: Some(Sensitive::new("rotated")),
+        ..s.clone()
+    };
+    let p = plan(&c, &rotated).expect("plans");
+    let summaries: Vec<&str> = p.actions.iter().map(|a| a.summary.as_str()).collect();
+    assert_eq!(summaries, ["server-side apply Secret/turnd-auth (update)"]);
+}
+
+#[test]
+fn the_kubeconfig_path_reaches_the_api_server() {
+    let api = api();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\ncurrent-context: fake\nusers:\n- name: nobody\n  user: {{}}\n",
+            api.addr
+        ),
+    )
+    .expect("write kubeconfig");
+    let c = example();
+    let s = settings(KubeApi::Kubeconfig(kubeconfig));
+    let p = plan(&c, &s).expect("plans");
+    assert_eq!(p.actions.len(), 1, "{}", p.render(true));
+    assert!(p.notes.is_empty(), "the server answered: {:?}", p.notes);
+    apply(&p, &transports(), &mut Journal::in_memory()).expect("applies");
+    assert!(plan(&c, &s).expect("plans").is_empty());
+}
+
+#[test]
+fn an_absent_server_plans_offline_and_applying_fails_naming_the_action() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let c = example();
+    let s = settings(KubeApi::Url(format!("http://127.0.0.1:{port}")));
+    let p = plan(&c, &s).expect("plans offline");
+    assert_eq!(p.actions.len(), 1);
+    assert!(
+        p.actions[0]
+            .summary
+            .contains("Namespace/turnd (unverified)"),
+        "{}",
+        p.actions[0].summary
+    );
+    assert_eq!(p.notes.len(), 1);
+    assert!(p.notes[0].contains("did not answer"), "{:?}", p.notes);
+    let err = apply(&p, &transports(), &mut Journal::in_memory()).expect_err("no server");
+    assert!(matches!(err, ApplyError::Kube { index: 1, .. }), "{err}");
+    assert!(
+        err.to_string().starts_with(
+            "phase 06-turnd, action 1 `server-side apply Namespace/turnd (unverified)"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_api_and_the_secret_come_from_settings_or_the_environment_never_the_inventory() {
+    let env = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    let none = Settings::default();
+    let err = turnd::inputs(&none, &env(&[("TURND_AUTH_SECRET", "x")])).expect_err("no api");
+    assert_eq!(
+        err.to_string(),
+        "phase 06-turnd: no Kubernetes API configured: set KUBECONFIG to a kubeconfig of the cluster (see `host-kubectl`)"
+    );
+    let err = turnd::inputs(&none, &env(&[("KUBECONFIG", "/k")])).expect_err("no secret");
+    assert_eq!(
+        err.to_string(),
+        "phase 06-turnd: missing secret TURND_AUTH_SECRET (the old name COTURN_AUTH_SECRET is accepted too)"
+    );
+    let (api, secret) = turnd::inputs(
+        &none,
+        &env(&[("KUBECONFIG", "/k"), ("COTURN_AUTH_SECRET", "old")]),
+    )
+    .expect("from the environment");
+    assert_eq!(api, KubeApi::Kubeconfig("/k".into()));
+    assert_eq!(secret.expose(), "old");
+    // Settings (filled by the command line from the secrets) win over the environment.
+    let (api, secret) = turnd::inputs(
+        &settings(KubeApi::Url("http://x".into())),
+        &env(&[("KUBECONFIG", "/k"), ("TURND_AUTH_SECRET", "env")]),
+    )
+    .expect("from settings");
+    assert_eq!(api, KubeApi::Url("http://x".into()));
+    assert_eq!(secret.expose(), SECRET);
+}
