@@ -257,6 +257,12 @@ impl Plan {
                         for o in a.manifests.objects() {
                             out.push_str(&format!("          {}\n", o.id()));
                         }
+                        if let Some(t) = a.rollout_timeout {
+                            out.push_str(&format!(
+                                "        then wait up to {}s for each Deployment's rollout\n",
+                                t.as_secs()
+                            ));
+                        }
                     }
                 }
             }
@@ -342,7 +348,7 @@ pub enum ApplyError {
         /// The parse failure.
         source: k8s::JoinParseError,
     },
-    /// The Kubernetes API refused or could not be reached.
+    /// The Kubernetes API refused or could not be reached, or a rollout did not finish.
     #[error("phase {phase}, action {index} `{action}`: {source}")]
     Kube {
         /// The phase.
@@ -352,7 +358,7 @@ pub enum ApplyError {
         /// The action's summary.
         action: String,
         /// What failed.
-        source: crate::k8s::K8sError,
+        source: crate::phases::turnd::KubeApplyError,
     },
     /// The journal could not be written.
     #[error("cannot write the journal {path}: {source}")]

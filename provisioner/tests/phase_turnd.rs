@@ -12,6 +12,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use common::fake_api::{fake_api_server, take, Shared};
 use provisioner::exec::RecordingTransport;
@@ -153,6 +154,91 @@ fn a_changed_inventory_plans_an_update_of_what_changed() {
     assert_eq!(summaries, ["server-side apply Secret/turnd-auth (update)"]);
 }
 
+const DEPLOYMENTS: [&str; 2] = [
+    "/apis/apps/v1/namespaces/turnd/deployments/turnd-k8s-worker1",
+    "/apis/apps/v1/namespaces/turnd/deployments/turnd-k8s-worker2",
+];
+
+/// Plays the Deployment controller and the kubelet: once both Deployments are stored, gives
+/// them a finished rollout's status (after `delay`).
+fn roll_out_after(state: Shared, delay: Duration) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            {
+                let mut st = state.lock().expect("lock");
+                if start.elapsed() >= delay
+                    && DEPLOYMENTS.iter().all(|d| st.stored.contains_key(*d))
+                {
+                    for d in DEPLOYMENTS {
+                        let obj = st.stored.get_mut(d).expect("stored");
+                        obj["status"] = json!({
+                            "observedGeneration": 1, "replicas": 1,
+                            "updatedReplicas": 1, "availableReplicas": 1,
+                        });
+                    }
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+}
+
+#[test]
+fn with_the_tls_secret_present_apply_waits_for_both_rollouts() {
+    let api = api();
+    let c = example();
+    api.state.lock().expect("lock").stored.insert(
+        "/api/v1/namespaces/turnd/secrets/turnd-tls".into(),
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "turnd-tls", "namespace": "turnd"},
+               "type": "kubernetes.io/tls"}),
+    );
+    let s = settings(KubeApi::Url(format!("http://{}", api.addr)));
+    let p = plan(&c, &s).expect("plans");
+    assert!(p.notes.is_empty(), "{:?}", p.notes);
+    assert!(
+        p.actions[0]
+            .summary
+            .ends_with(", then wait up to 300s for the rollout"),
+        "{}",
+        p.actions[0].summary
+    );
+    let controller = roll_out_after(api.state.clone(), Duration::from_millis(1500));
+    let start = std::time::Instant::now();
+    apply(&p, &transports(), &mut Journal::in_memory()).expect("applies and rolls out");
+    assert!(
+        start.elapsed() >= Duration::from_millis(1500),
+        "returned before the rollout finished"
+    );
+    controller.join().expect("controller");
+    let gets = take(&api.state)
+        .iter()
+        .filter(|r| r.method == "GET" && DEPLOYMENTS.contains(&r.path.as_str()))
+        .count();
+    assert!(gets >= 3, "polled the Deployments: {gets} GETs");
+    assert!(plan(&c, &s).expect("plans").is_empty());
+
+    // A rollout that never finishes fails the action after the timeout, naming the Deployment.
+    let mut inv = (*c).clone();
+    inv.turnd[0].relay_port_min = 49200;
+    let changed = inv.validate("").expect("valid");
+    let short = Settings {
+        rollout_timeout: Some(Duration::from_secs(1)),
+        ..s
+    };
+    let p = plan(&changed, &short).expect("plans");
+    let err = apply(&p, &transports(), &mut Journal::in_memory()).expect_err("times out");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(
+            "Deployment/turnd-k8s-worker1 did not finish its rollout within 1s: no status yet"
+        ),
+        "{msg}"
+    );
+}
+
 #[test]
 fn the_kubeconfig_path_reaches_the_api_server() {
     let api = api();
@@ -170,7 +256,11 @@ fn the_kubeconfig_path_reaches_the_api_server() {
     let s = settings(KubeApi::Kubeconfig(kubeconfig));
     let p = plan(&c, &s).expect("plans");
     assert_eq!(p.actions.len(), 1, "{}", p.render(true));
-    assert!(p.notes.is_empty(), "the server answered: {:?}", p.notes);
+    assert!(
+        p.notes.iter().all(|n| !n.contains("did not answer")),
+        "the server answered: {:?}",
+        p.notes
+    );
     apply(&p, &transports(), &mut Journal::in_memory()).expect("applies");
     assert!(plan(&c, &s).expect("plans").is_empty());
 }

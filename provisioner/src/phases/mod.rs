@@ -25,6 +25,8 @@ pub struct Settings {
     /// turnd's REST-API auth secret (from [`crate::secrets::Secrets`]); `None`:
     /// `TURND_AUTH_SECRET` or `COTURN_AUTH_SECRET` from the process environment.
     pub auth_secret: Option<crate::k8s::Sensitive>,
+    /// How long the `turnd` phase waits for its Deployments' rollout; `None`: it does not wait.
+    pub rollout_timeout: Option<std::time::Duration>,
 }
 
 impl Default for Settings {
@@ -44,6 +46,7 @@ impl Default for Settings {
             direct_kernel: None,
             kube_api: None,
             auth_secret: None,
+            rollout_timeout: Some(turnd::ROLLOUT_TIMEOUT),
         }
     }
 }
@@ -158,7 +161,7 @@ pub fn plan(phase: PhaseId, ctx: &Context<'_>) -> Result<Plan, PhaseError> {
         }
         PhaseId::Turnd => {
             let (apply, facts) = turnd::gather(ctx, &crate::secrets::ProcessEnv)?;
-            Ok(turnd::plan(apply, &facts))
+            Ok(turnd::plan(apply, &facts, ctx.settings.rollout_timeout))
         }
         PhaseId::HostNetworking => {
             let want = hostnet::desired(ctx)?;

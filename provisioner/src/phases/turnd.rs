@@ -20,15 +20,24 @@
 //! provisioner on the host. This is the same kubeconfig `cert deploy --kubeconfig` uses, so
 //! one tunnel serves both; the provisioner opens no tunnel by itself.
 //!
-//! What it leaves out: waiting for the Deployments' rollout. The objects are applied and the
-//! phase returns; `kubectl -n turnd rollout status deployment/turnd-<vm>` (through
-//! `provisioner kubectl`) waits. A rollout cannot finish before `cert deploy` has created the
-//! TLS Secret the pods mount.
+//! After applying, the action waits for each Deployment's rollout ([`Settings::rollout_timeout`],
+//! polling like `kubectl rollout status`: the controller has seen the new generation, and every
+//! replica is updated and available). A rollout cannot finish before `cert deploy` has created
+//! the TLS Secret the pods mount, so when gather finds no Secret `turnd-tls` the plan applies
+//! without waiting and says so in a note.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
 
 use super::{Context, PhaseError, Settings};
-use crate::k8s::{self, Change, ChangeKind, Inputs, K8sError, Manifests, Mode, Sensitive};
+use crate::k8s::{
+    self, Change, ChangeKind, Inputs, K8sError, Manifests, Mode, Sensitive, NAMESPACE,
+    TLS_SECRET_NAME,
+};
 use crate::plan::{Action, ActionKind, PhaseId, Plan, Target};
 use crate::secrets::EnvSource;
 
@@ -63,29 +72,120 @@ impl KubeApi {
     }
 }
 
-/// The action's payload: apply these objects there.
+/// How long the phase waits for a rollout by default.
+pub const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often a rollout is polled.
+pub const ROLLOUT_POLL: Duration = Duration::from_secs(1);
+
+/// Why applying the objects failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KubeApplyError {
+    /// The API server refused, or could not be reached.
+    #[error(transparent)]
+    K8s(#[from] K8sError),
+    /// A Deployment did not finish rolling out in time.
+    #[error("Deployment/{deployment} did not finish its rollout within {waited:?}: {state} (see `provisioner kubectl -- -n {NAMESPACE} describe deployment/{deployment}`)")]
+    Rollout {
+        /// The Deployment.
+        deployment: String,
+        /// How long we waited.
+        waited: Duration,
+        /// Its last observed state.
+        state: String,
+    },
+}
+
+/// The action's payload: apply these objects there, then maybe wait for the rollout.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KubeApply {
     /// The API server.
     pub api: KubeApi,
     /// The objects, with the real auth secret (their `Debug` shows names only).
     pub manifests: Manifests,
+    /// Wait this long for every Deployment's rollout; `None`: do not wait.
+    pub rollout_timeout: Option<Duration>,
 }
 
 // The objects hold no floating-point fields: equality is total.
 impl Eq for KubeApply {}
 
 impl KubeApply {
-    /// Applies every object with server-side apply (blocking).
+    /// Applies every object with server-side apply, then waits for the rollouts (blocking).
     ///
     /// # Errors
-    /// [`K8sError`] for the first object that failed, or a client that cannot be built.
-    pub fn run(&self) -> Result<(), K8sError> {
+    /// [`KubeApplyError::K8s`] for the first object that failed or a client that cannot be
+    /// built; [`KubeApplyError::Rollout`] for a rollout that did not finish in time.
+    pub fn run(&self) -> Result<(), KubeApplyError> {
         k8s::block_on(async {
             let client = self.api.client().await?;
-            k8s::apply(&client, &self.manifests, Mode::Apply).await
+            k8s::apply(&client, &self.manifests, Mode::Apply).await?;
+            if let Some(timeout) = self.rollout_timeout {
+                let api = Api::<Deployment>::namespaced(client, NAMESPACE);
+                for d in &self.manifests.deployments {
+                    let name = d.metadata.name.as_deref().unwrap_or_default();
+                    wait_rollout(&api, name, timeout).await?;
+                }
+            }
+            Ok(())
         })?
-        .map(|_| ())
+    }
+}
+
+/// Whether a Deployment's rollout is complete, as `kubectl rollout status` decides; otherwise
+/// what is still missing.
+pub fn rollout_state(d: &Deployment) -> Result<(), String> {
+    let generation = d.metadata.generation.unwrap_or(0);
+    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let Some(st) = d.status.as_ref() else {
+        return Err("no status yet".to_owned());
+    };
+    if st.observed_generation.unwrap_or(0) < generation {
+        return Err("the controller has not seen the new spec yet".to_owned());
+    }
+    let updated = st.updated_replicas.unwrap_or(0);
+    let total = st.replicas.unwrap_or(0);
+    let available = st.available_replicas.unwrap_or(0);
+    if updated < want {
+        return Err(format!("{updated} of {want} replicas updated"));
+    }
+    if total > updated {
+        return Err(format!(
+            "{} old replica(s) pending termination",
+            total - updated
+        ));
+    }
+    if available < updated {
+        return Err(format!(
+            "{available} of {updated} updated replicas available"
+        ));
+    }
+    Ok(())
+}
+
+async fn wait_rollout(
+    api: &Api<Deployment>,
+    name: &str,
+    timeout: Duration,
+) -> Result<(), KubeApplyError> {
+    let start = Instant::now();
+    loop {
+        let state = match api.get_opt(name).await {
+            Ok(Some(d)) => rollout_state(&d),
+            Ok(None) => Err("not found".to_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        match state {
+            Ok(()) => return Ok(()),
+            Err(state) if start.elapsed() >= timeout => {
+                return Err(KubeApplyError::Rollout {
+                    deployment: name.to_owned(),
+                    waited: timeout,
+                    state,
+                })
+            }
+            Err(_) => tokio::time::sleep(ROLLOUT_POLL).await,
+        }
     }
 }
 
@@ -96,6 +196,8 @@ pub struct TurndFacts {
     pub changes: Vec<Change>,
     /// Whether an API server answered (else every change is [`ChangeKind::Unverified`]).
     pub asked: bool,
+    /// Whether the TLS Secret the pods mount exists (`None`: the server was not asked).
+    pub tls_secret: Option<bool>,
 }
 
 fn env_auth_secret(env: &dyn EnvSource) -> Option<Sensitive> {
@@ -144,13 +246,40 @@ pub fn gather(
     let k8s_err = |source| PhaseError::K8s { phase, source };
     let (api, secret) = inputs(ctx.settings, env)?;
     let manifests = Manifests::build(ctx.cluster, &Inputs::for_apply(secret)).map_err(k8s_err)?;
-    let (changes, asked) = k8s::block_on(async {
+    let (changes, asked, tls_secret) = k8s::block_on(async {
         let client = api.client().await?;
-        k8s::plan_or_offline(&client, &manifests).await
+        let (changes, asked) = k8s::plan_or_offline(&client, &manifests).await?;
+        let tls = if asked {
+            let secrets = Api::<Secret>::namespaced(client, NAMESPACE);
+            let found = secrets
+                .get_opt(TLS_SECRET_NAME)
+                .await
+                .map_err(|e| K8sError::Refused {
+                    verb: "get",
+                    object: format!("Secret/{TLS_SECRET_NAME}"),
+                    source: Box::new(e),
+                })?;
+            Some(found.is_some())
+        } else {
+            None
+        };
+        Ok::<_, K8sError>((changes, asked, tls))
     })
     .map_err(k8s_err)?
     .map_err(k8s_err)?;
-    Ok((KubeApply { api, manifests }, TurndFacts { changes, asked }))
+    let apply = KubeApply {
+        api,
+        manifests,
+        rollout_timeout: None,
+    };
+    Ok((
+        apply,
+        TurndFacts {
+            changes,
+            asked,
+            tls_secret,
+        },
+    ))
 }
 
 fn kind_word(k: ChangeKind) -> &'static str {
@@ -162,8 +291,9 @@ fn kind_word(k: ChangeKind) -> &'static str {
     }
 }
 
-/// Plans `turnd`: one server-side apply of every object when any would change.
-pub fn plan(apply: KubeApply, facts: &TurndFacts) -> Plan {
+/// Plans `turnd`: one server-side apply of every object when any would change, waiting up to
+/// `rollout_timeout` for the rollouts unless the TLS Secret is known to be missing.
+pub fn plan(mut apply: KubeApply, facts: &TurndFacts, rollout_timeout: Option<Duration>) -> Plan {
     let mut p = Plan::new(PhaseId::Turnd);
     let pending: Vec<String> = facts
         .changes
@@ -180,10 +310,82 @@ pub fn plan(apply: KubeApply, facts: &TurndFacts) -> Plan {
             apply.api
         ));
     }
+    apply.rollout_timeout = rollout_timeout;
+    if facts.tls_secret == Some(false) {
+        apply.rollout_timeout = None;
+        p.notes.push(format!(
+            "Secret {NAMESPACE}/{TLS_SECRET_NAME} does not exist: the pods cannot start until `provisioner cert deploy`; not waiting for the rollout"
+        ));
+    }
+    let wait = match apply.rollout_timeout {
+        Some(t) => format!(", then wait up to {}s for the rollout", t.as_secs()),
+        None => String::new(),
+    };
     p.actions.push(Action {
         target: Target::KubeApi,
-        summary: format!("server-side apply {}", pending.join(", ")),
+        summary: format!("server-side apply {}{wait}", pending.join(", ")),
         kind: ActionKind::KubeApply(Box::new(apply)),
     });
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+
+    fn deployment(generation: i64, status: Option<DeploymentStatus>) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta {
+                generation: Some(generation),
+                ..ObjectMeta::default()
+            },
+            spec: Some(DeploymentSpec {
+                replicas: Some(1),
+                ..DeploymentSpec::default()
+            }),
+            status,
+        }
+    }
+
+    fn status(observed: i64, replicas: i32, updated: i32, available: i32) -> DeploymentStatus {
+        DeploymentStatus {
+            observed_generation: Some(observed),
+            replicas: Some(replicas),
+            updated_replicas: Some(updated),
+            available_replicas: Some(available),
+            ..DeploymentStatus::default()
+        }
+    }
+
+    #[test]
+    fn rollout_is_complete_only_like_kubectl_rollout_status_says() {
+        assert_eq!(
+            rollout_state(&deployment(2, None)),
+            Err("no status yet".into())
+        );
+        assert_eq!(
+            rollout_state(&deployment(2, Some(status(1, 1, 1, 1)))),
+            Err("the controller has not seen the new spec yet".into())
+        );
+        assert_eq!(
+            rollout_state(&deployment(2, Some(status(2, 1, 0, 1)))),
+            Err("0 of 1 replicas updated".into())
+        );
+        // Recreate: the old pod still terminating.
+        assert_eq!(
+            rollout_state(&deployment(2, Some(status(2, 2, 1, 0)))),
+            Err("1 old replica(s) pending termination".into())
+        );
+        assert_eq!(
+            rollout_state(&deployment(2, Some(status(2, 1, 1, 0)))),
+            Err("0 of 1 updated replicas available".into())
+        );
+        assert_eq!(
+            rollout_state(&deployment(2, Some(status(2, 1, 1, 1)))),
+            Ok(())
+        );
+    }
 }
