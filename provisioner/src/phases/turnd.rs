@@ -254,10 +254,15 @@ pub fn gather(
             let found = secrets
                 .get_opt(TLS_SECRET_NAME)
                 .await
-                .map_err(|e| K8sError::Refused {
-                    verb: "get",
-                    object: format!("Secret/{TLS_SECRET_NAME}"),
-                    source: Box::new(e),
+                .map_err(|e| match e {
+                    kube::Error::Api(_) => K8sError::Refused {
+                        verb: "get",
+                        object: format!("Secret/{TLS_SECRET_NAME}"),
+                        source: Box::new(e),
+                    },
+                    other => K8sError::Unreachable {
+                        source: Box::new(other),
+                    },
                 })?;
             Some(found.is_some())
         } else {
