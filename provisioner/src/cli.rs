@@ -140,7 +140,10 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 phases.clone()
             };
             for p in list {
-                print!("{}", plan_one(&c, &t, p)?.render(cli.verbose));
+                print!(
+                    "{}",
+                    plan_one(&c, &t, &phase_settings(cli), p)?.render(cli.verbose)
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -162,7 +165,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             };
             let mut journal = Journal::at(journal_path(cli));
             for p in list {
-                let plan = plan_one(&c, &t, p)?;
+                let plan = plan_one(&c, &t, &phase_settings(cli), p)?;
                 print!("{}", plan.render(cli.verbose));
                 if !cli.dry_run && !plan.is_empty() {
                     apply(&plan, &t, &mut journal)?;
@@ -179,10 +182,16 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 transports: &t,
                 settings: &Settings::default(),
             };
-            let plan = phases::plan_teardown(&ctx, *keep_vms)?;
-            print!("{}", plan.render(cli.verbose));
-            if !cli.dry_run && !plan.is_empty() {
-                apply(&plan, &t, &mut Journal::at(journal_path(cli)))?;
+            // Host networking first (its ExecStop removes exactly our rules), then the VMs.
+            let plans = [
+                phases::plan_teardown_hostnet(&ctx)?,
+                phases::plan_teardown(&ctx, *keep_vms)?,
+            ];
+            for plan in &plans {
+                print!("{}", plan.render(cli.verbose));
+                if !cli.dry_run && !plan.is_empty() {
+                    apply(plan, &t, &mut Journal::at(journal_path(cli)))?;
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -322,15 +331,34 @@ fn transports(c: &Cluster) -> anyhow::Result<Transports> {
     Ok(Transports { host, vms })
 }
 
-fn plan_one(c: &Cluster, t: &Transports, p: PhaseId) -> anyhow::Result<Plan> {
+/// Phase settings for this invocation: turnd's auth secret from the environment or `.env`
+/// (when the secrets load; phases that need it say so otherwise), the Kubernetes API from
+/// `$KUBECONFIG`, and a 5-minute rollout wait.
+fn phase_settings(cli: &Cli) -> Settings {
+    let dotenv = cli.env_file.clone().unwrap_or_else(|| {
+        cli.inventory
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(".env")
+    });
+    let auth_secret = Secrets::load(&ProcessEnv, &dotenv)
+        .ok()
+        .map(|s| crate::k8s::Sensitive::from(&s.turnd_auth_secret));
+    Settings {
+        auth_secret,
+        rollout_timeout: Some(std::time::Duration::from_secs(300)),
+        ..Settings::default()
+    }
+}
+
+fn plan_one(c: &Cluster, t: &Transports, settings: &Settings, p: PhaseId) -> anyhow::Result<Plan> {
     if !p.implemented() {
         return Err(UsageError(format!("phase {p} is not implemented in this version")).into());
     }
-    let settings = Settings::default();
     let ctx = Context {
         cluster: c,
         transports: t,
-        settings: &settings,
+        settings,
     };
     Ok(phases::plan(p, &ctx)?)
 }
@@ -339,7 +367,7 @@ fn status(cli: &Cli, c: &Cluster) -> anyhow::Result<ExitCode> {
     let t = transports(c)?;
     let mut ok = true;
     for p in implemented() {
-        match plan_one(c, &t, p) {
+        match plan_one(c, &t, &phase_settings(cli), p) {
             Ok(plan) if plan.is_empty() => println!("{p}: up to date"),
             Ok(plan) => {
                 ok = false;

@@ -11,10 +11,13 @@
 //!   kubeadm, Cilium values, sysctl/modules).
 //! - [`plan`]: typed actions, plans, and the applier that records progress.
 //! - [`phases`]: each phase as gather (observe) → plan (pure) → apply.
+//! - [`k8s`]: turnd's Kubernetes objects (typed k8s-openapi), rendered and server-side applied.
+//! - [`hostnet`]: the host's iptables chains, systemd unit and drift check.
+//! - [`dns`] and [`acme`]: Cloudflare DNS records and the ACME DNS-01 certificate.
 //!
-//! What it leaves out: the `turnd`, `host-networking` and `monitoring` phases are registered
-//! but not implemented in this version; Kubernetes tools cannot run in tests, so their command
-//! lines and configs are golden-tested instead.
+//! What it leaves out: the `monitoring` phase is registered but not implemented in this
+//! version; Kubernetes tools cannot run in tests, so their command lines and configs are
+//! golden-tested, and the Kubernetes API is a fake server in tests.
 #![forbid(unsafe_code)]
 
 pub mod acme;
