@@ -357,23 +357,28 @@ fn inventory() -> provisioner::inventory::Cluster {
         .expect("test inventory is valid")
 }
 
-/// turnd's configuration for one worker, from the same inventory data the rules come from.
-fn turnd_config(h: &HostNet, i: usize) -> String {
-    let f = &h.forwards[i];
-    let w = f.worker_ip;
-    format!(
-        "[listen]\nudp = [\"{w}:3478\"]\ntcp = [\"{w}:3478\"]\ntls = []\n\
-         [auth]\nrealm = \"e2e\"\nsecrets = [\"{SECRET}\"]\n\
-         [relay]\naddresses = [\"{w}\"]\nmin_port = {}\nmax_port = {}\n\
-         external_ips = [\"{}/{w}\"]\n\
-         [peers]\n# TEST-NET is refused by default; the echo peer lives there.\n\
-         allow = [\"198.51.100.0/24\"]\n\
-         [server]\nworkers = 1\nrfc5766_channel_numbers = true\n\
-         [log]\nlevel = \"info\"\nformat = \"text\"\n",
-        f.relay_ports.start(),
-        f.relay_ports.end(),
-        f.public_ip,
-    )
+/// turnd's configuration for one worker: the provisioner's generated `turnd.toml` (what the
+/// ConfigMap carries: binds the worker, advertises its public IP, UDP/TCP 3478 and TLS 5349/443),
+/// changed only where this test must: the TLS directory points at a test certificate, logs are
+/// text (the test reads them), TEST-NET peers are allowed (refused by default; the echo peer
+/// lives there), one worker thread, and RFC 5766 channel numbers for `turnutils_uclient`.
+fn turnd_config(cluster: &provisioner::inventory::Cluster, i: usize, tls_dir: &Path) -> String {
+    let generated = provisioner::k8s::turnd_toml(cluster, i).expect("generated turnd.toml");
+    assert!(
+        generated.contains(provisioner::k8s::mounts::TLS_DIR)
+            && generated.contains("format = \"json\""),
+        "the generated config changed shape:\n{generated}"
+    );
+    let mut cfg = generated
+        .replace(
+            provisioner::k8s::mounts::TLS_DIR,
+            &tls_dir.display().to_string(),
+        )
+        .replace("format = \"json\"", "format = \"text\"");
+    cfg.push_str(
+        "\n[peers]\nallow = [\"198.51.100.0/24\"]\n\n[server]\nworkers = 1\nrfc5766_channel_numbers = true\n",
+    );
+    cfg
 }
 
 const ECHO_PEER: &str = r#"
@@ -524,12 +529,21 @@ fn turn_relays_through_generated_host_dnat_to_two_workers_over_udp_and_tcp() {
     // Servers: turnd in each worker, the echo peer on the public side.
     let turnd_path = turnd.to_string_lossy().into_owned();
     let mut servers = Vec::new();
+    let tls_dir = dir.path().join("tls");
+    std::fs::create_dir_all(&tls_dir).expect("mkdir tls");
+    let cert = rcgen::generate_simple_self_signed(vec![cluster.domain.turn.clone()]).expect("cert");
+    std::fs::write(tls_dir.join("tls.crt"), cert.cert.pem()).expect("write cert");
+    std::fs::write(tls_dir.join("tls.key"), cert.key_pair.serialize_pem()).expect("write key");
+    let secret_env = format!("TURND_AUTH_SECRET={SECRET}");
     for (i, role) in ["w1", "w2"].iter().enumerate() {
-        let cfg = write(&format!("turnd-{role}.toml"), &turnd_config(&hostnet, i));
+        let cfg = write(
+            &format!("turnd-{role}.toml"),
+            &turnd_config(&cluster, i, &tls_dir),
+        );
         servers.push(Proc::spawn(
             &topo.ns(role),
             &format!("turnd in {role}"),
-            &[&turnd_path, "--config", &cfg],
+            &["env", &secret_env, &turnd_path, "--config", &cfg],
         ));
     }
     let mut peer = Proc::spawn(
