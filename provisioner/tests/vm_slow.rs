@@ -289,6 +289,8 @@ fn a_real_vm_boots_from_our_xml_and_seed_and_answers_k8s_common_checks() {
             initrd: guest.join("initrd.img").display().to_string(),
             cmdline: "root=/dev/vda rw console=ttyS0".into(),
         }),
+        // No systemd in the test namespace: no certificate renewal timer.
+        renew_timer: false,
         ..Settings::default()
     };
     let ctx = Context {

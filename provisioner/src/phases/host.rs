@@ -1,4 +1,8 @@
-//! Phase 1, `host`: packages on the host, the verified cloud image, the NAT network.
+//! Phase 1, `host`: packages on the host, the verified cloud image, the NAT network, and the
+//! daily certificate renewal (a systemd timer running `provisioner cert renew` then
+//! `cert deploy` on the host; the operator puts the `provisioner` binary at
+//! [`PROVISIONER_ON_HOST`], and the inventory and the secrets (`.env`, mode 0600) in
+//! [`RENEW_DIR`]).
 
 use std::collections::BTreeMap;
 
@@ -21,6 +25,60 @@ pub struct NetworkFacts {
     pub uuid: Option<String>,
 }
 
+/// Where the renewal service finds the inventory and its `.env` on the host.
+pub const RENEW_DIR: &str = "/etc/turnd-provisioner";
+/// Where the renewal service expects the provisioner binary on the host.
+pub const PROVISIONER_ON_HOST: &str = "/usr/local/bin/provisioner";
+const UNIT_DIR: &str = "/etc/systemd/system";
+
+/// The renewal timer's files as observed: path → SHA-256, and whether the timer is enabled.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RenewFacts {
+    /// SHA-256 of each file that exists.
+    pub files: BTreeMap<String, String>,
+    /// `systemctl is-enabled` said `enabled`.
+    pub enabled: bool,
+}
+
+/// The renewal timer's two unit files, rendered.
+#[must_use]
+pub fn renew_files() -> Vec<(String, Vec<u8>)> {
+    let dir = std::path::Path::new(RENEW_DIR);
+    let units = crate::acme::render_renew_units(
+        std::path::Path::new(PROVISIONER_ON_HOST),
+        dir,
+        &dir.join("cluster.toml"),
+    );
+    vec![
+        (
+            format!("{UNIT_DIR}/{}", crate::acme::RENEW_SERVICE),
+            units.service.into_bytes(),
+        ),
+        (
+            format!("{UNIT_DIR}/{}", crate::acme::RENEW_TIMER),
+            units.timer.into_bytes(),
+        ),
+    ]
+}
+
+fn gather_renew(t: &dyn crate::exec::Transport) -> Result<RenewFacts, PhaseError> {
+    let gather = |source| PhaseError::Gather {
+        phase: PhaseId::Host,
+        source,
+    };
+    let want = renew_files();
+    let paths: Vec<&str> = want.iter().map(|(p, _)| p.as_str()).collect();
+    let files = file_hashes(t, &paths).map_err(gather)?;
+    // No systemd (or no such unit) reads as "not enabled".
+    let enabled = match t.run(&Cmd::new("systemctl").args(["is-enabled", crate::acme::RENEW_TIMER]))
+    {
+        Ok(o) => o.stdout.trim() == "enabled",
+        Err(crate::exec::ExecError::Spawn { .. }) => false,
+        Err(e) => return Err(gather(e)),
+    };
+    Ok(RenewFacts { files, enabled })
+}
+
 /// What `host` observed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HostFacts {
@@ -30,6 +88,8 @@ pub struct HostFacts {
     pub image_sha256: Option<String>,
     /// The network, if defined.
     pub network: Option<NetworkFacts>,
+    /// The certificate renewal timer (`None` when [`Settings::renew_timer`] is off).
+    pub renew: Option<RenewFacts>,
 }
 
 /// Where the provisioner keeps its own files on the host.
@@ -77,10 +137,16 @@ pub fn gather(ctx: &Context<'_>) -> Result<HostFacts, PhaseError> {
     let packages = installed_packages(host, &ctx.settings.host_packages).map_err(gather)?;
     let image = image_path(c);
     let image_sha256 = file_hashes(host, &[&image]).map_err(gather)?.remove(&image);
+    let renew = if ctx.settings.renew_timer {
+        Some(gather_renew(host)?)
+    } else {
+        None
+    };
     Ok(HostFacts {
         packages,
         image_sha256,
         network: gather_network(ctx)?,
+        renew,
     })
 }
 
@@ -151,6 +217,9 @@ pub fn plan(c: &Cluster, settings: &Settings, facts: &HostFacts) -> Plan {
             ],
         ));
     }
+    if let Some(renew) = &facts.renew {
+        plan_renew(renew, &mut p);
+    }
     let want = NetworkSpec::from_cluster(c);
     let uri = &c.host.libvirt_uri;
     let name = &want.name;
@@ -207,4 +276,89 @@ pub fn plan(c: &Cluster, settings: &Settings, facts: &HostFacts) -> Plan {
         }
     }
     p
+}
+
+/// Installs (or repairs) the daily certificate renewal timer.
+fn plan_renew(renew: &RenewFacts, p: &mut Plan) {
+    let files = renew_files();
+    let stale: Vec<&(String, Vec<u8>)> = files
+        .iter()
+        .filter(|(path, data)| renew.files.get(path) != Some(&super::facts::sha256(data)))
+        .collect();
+    let enable =
+        Step::Run(Cmd::new("systemctl").args(["enable", "--now", crate::acme::RENEW_TIMER]));
+    if !stale.is_empty() {
+        let mut steps = vec![Step::Run(Cmd::new("mkdir").args(["-p", RENEW_DIR]))];
+        steps.extend(stale.iter().map(|(path, data)| Step::Upload {
+            path: path.clone(),
+            data: data.clone(),
+            mode: 0o644,
+        }));
+        steps.push(Step::Run(Cmd::new("systemctl").arg("daemon-reload")));
+        steps.push(enable);
+        p.actions.push(Action::steps(
+            Target::Host,
+            format!(
+                "install the certificate renewal timer ({})",
+                crate::acme::RENEW_TIMER
+            ),
+            steps,
+        ));
+    } else if !renew.enabled {
+        p.actions.push(Action::steps(
+            Target::Host,
+            format!("enable {}", crate::acme::RENEW_TIMER),
+            vec![enable],
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn renew_plan(files: BTreeMap<String, String>, enabled: bool) -> Plan {
+        let mut p = Plan::new(PhaseId::Host);
+        plan_renew(&RenewFacts { files, enabled }, &mut p);
+        p
+    }
+
+    #[test]
+    fn renewal_timer_is_installed_then_left_alone_and_re_enabled_when_off() {
+        let fresh = renew_plan(BTreeMap::new(), false);
+        assert_eq!(fresh.actions.len(), 1);
+        let text = fresh.render(true);
+        assert!(
+            text.contains("/etc/systemd/system/turnd-cert-renew.service"),
+            "{text}"
+        );
+        assert!(
+            text.contains("/etc/systemd/system/turnd-cert-renew.timer"),
+            "{text}"
+        );
+        assert!(
+            text.contains("systemctl enable --now turnd-cert-renew.timer"),
+            "{text}"
+        );
+
+        let installed: BTreeMap<String, String> = renew_files()
+            .into_iter()
+            .map(|(path, data)| (path, crate::phases::facts::sha256(&data)))
+            .collect();
+        assert!(
+            renew_plan(installed.clone(), true).actions.is_empty(),
+            "converged"
+        );
+
+        let off = renew_plan(installed.clone(), false);
+        assert_eq!(off.actions.len(), 1);
+        assert!(!off.render(true).contains("write "), "only re-enabled");
+
+        let mut edited = installed;
+        if let Some(h) = edited.values_mut().next() {
+            *h = "0".repeat(64);
+        }
+        let repaired = renew_plan(edited, true).render(true);
+        assert!(repaired.contains("daemon-reload"), "{repaired}");
+    }
 }

@@ -27,6 +27,9 @@ pub struct Settings {
     pub auth_secret: Option<crate::k8s::Sensitive>,
     /// How long the `turnd` phase waits for its Deployments' rollout; `None`: it does not wait.
     pub rollout_timeout: Option<std::time::Duration>,
+    /// Whether `host` installs the certificate renewal timer (systemd). Off only where the
+    /// host has no systemd (libvirt's test driver, the slow-tier namespace).
+    pub renew_timer: bool,
 }
 
 impl Default for Settings {
@@ -47,6 +50,7 @@ impl Default for Settings {
             kube_api: None,
             auth_secret: None,
             rollout_timeout: Some(turnd::ROLLOUT_TIMEOUT),
+            renew_timer: true,
         }
     }
 }
