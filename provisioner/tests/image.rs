@@ -13,10 +13,13 @@
 //! Ignored by default: building the static binary from nothing takes minutes here.
 //! CI runs it with `cargo test -p provisioner --test image -- --ignored`.
 
-use std::io::Read;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use common::run::{run, text, try_run};
 
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
@@ -34,59 +37,6 @@ fn find(tool: &str) -> Option<PathBuf> {
         .iter()
         .map(|d| Path::new(d).join(tool))
         .find(|p| p.is_file())
-}
-
-fn run(cmd: &mut Command, timeout: Duration) -> Output {
-    let desc = format!("{cmd:?}");
-    try_run(cmd, timeout).unwrap_or_else(|| panic!("{desc} did not finish within {timeout:?}"))
-}
-
-/// Runs a command to completion; `None` (and the command killed) after `timeout`.
-fn try_run(cmd: &mut Command, timeout: Duration) -> Option<Output> {
-    let desc = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
-    let mut out = child.stdout.take().expect("piped");
-    let mut err = child.stderr.take().expect("piped");
-    let t_out = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Some(Output {
-        status,
-        stdout: t_out.join().unwrap_or_default(),
-        stderr: t_err.join().unwrap_or_default(),
-    })
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn workspace() -> PathBuf {
