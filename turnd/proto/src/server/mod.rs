@@ -467,6 +467,13 @@ pub enum Event {
     },
 }
 
+/// Where a client's datagram goes: the peer bound to a channel, or an explicit address.
+#[derive(Clone, Copy, Debug)]
+enum PeerTarget {
+    Channel(ChannelNumber),
+    Address(SocketAddr),
+}
+
 /// How to sign a response to an authenticated request.
 #[derive(Clone, Copy, Debug)]
 struct Signer {
@@ -838,37 +845,7 @@ impl Server {
         let Ok(cd) = ChannelData::decode(data) else {
             return self.drop_packet(DropReason::Malformed);
         };
-        let Some(&idx) = self.by_tuple.get(&ft) else {
-            return self.drop_packet(DropReason::NoAllocation);
-        };
-        let Some(Some(a)) = self.slab.get_mut(idx as usize) else {
-            return self.drop_packet(DropReason::NoAllocation);
-        };
-        let Some(&ChannelBinding { peer, .. }) = a.channel_by_number(cd.channel, now) else {
-            return self.drop_packet(DropReason::NoChannel);
-        };
-        if !a.has_permission(peer.ip(), now) {
-            return self.drop_packet(DropReason::NoPermission);
-        }
-        let Some(relay) = a.relayed_for(peer.ip()) else {
-            return self.drop_packet(DropReason::PeerFamily);
-        };
-        let n = cd.data.len() as u64;
-        a.stats.packets_to_peer += 1;
-        a.stats.bytes_to_peer += n;
-        let df = a.dont_fragment;
-        self.stats.packets_to_peer += 1;
-        self.stats.bytes_to_peer += n;
-        let start = self.out.len();
-        self.out.extend_from_slice(cd.data);
-        self.queue(
-            Destination::Peer {
-                relay: relay.local,
-                peer,
-            },
-            start,
-            df,
-        );
+        self.relay_to_peer(now, ft, PeerTarget::Channel(cd.channel), cd.data, false);
     }
 
     fn handle_send_indication(&mut self, now: Instant, ft: FiveTuple, msg: &Message<'_>) {
@@ -877,12 +854,34 @@ impl Server {
         else {
             return self.drop_packet(DropReason::BadIndication);
         };
-        let peer = policy::canonical_addr(peer);
+        let peer = PeerTarget::Address(policy::canonical_addr(peer));
+        let dont_fragment = msg.raw(AttrType::DONT_FRAGMENT).is_some();
+        self.relay_to_peer(now, ft, peer, data, dont_fragment);
+    }
+
+    /// The client → peer relay path shared by ChannelData (RFC 8656 §12.5) and Send
+    /// indications (§10.2): find the allocation and the peer, require a relayed address of the
+    /// peer's family and a permission, count, and queue the payload for the relay socket.
+    fn relay_to_peer(
+        &mut self,
+        now: Instant,
+        ft: FiveTuple,
+        target: PeerTarget,
+        data: &[u8],
+        dont_fragment: bool,
+    ) {
         let Some(&idx) = self.by_tuple.get(&ft) else {
             return self.drop_packet(DropReason::NoAllocation);
         };
         let Some(Some(a)) = self.slab.get_mut(idx as usize) else {
             return self.drop_packet(DropReason::NoAllocation);
+        };
+        let peer = match target {
+            PeerTarget::Address(peer) => peer,
+            PeerTarget::Channel(n) => match a.channel_by_number(n, now) {
+                Some(c) => c.peer,
+                None => return self.drop_packet(DropReason::NoChannel),
+            },
         };
         let Some(relay) = a.relayed_for(peer.ip()) else {
             return self.drop_packet(DropReason::PeerFamily);
@@ -890,22 +889,19 @@ impl Server {
         if !a.has_permission(peer.ip(), now) {
             return self.drop_packet(DropReason::NoPermission);
         }
-        let df = a.dont_fragment || msg.raw(AttrType::DONT_FRAGMENT).is_some();
         let n = data.len() as u64;
         a.stats.packets_to_peer += 1;
         a.stats.bytes_to_peer += n;
+        let dont_fragment = dont_fragment || a.dont_fragment;
         self.stats.packets_to_peer += 1;
         self.stats.bytes_to_peer += n;
         let start = self.out.len();
         self.out.extend_from_slice(data);
-        self.queue(
-            Destination::Peer {
-                relay: relay.local,
-                peer,
-            },
-            start,
-            df,
-        );
+        let destination = Destination::Peer {
+            relay: relay.local,
+            peer,
+        };
+        self.queue(destination, start, dont_fragment);
     }
 
     // -----------------------------------------------------------------------------------------
