@@ -295,22 +295,27 @@ text_attr!(
     /// ALTERNATE-DOMAIN (RFC 8489 §14.16).
     AlternateDomain, AttrType::ALTERNATE_DOMAIN, max = 255);
 
-/// USERHASH (RFC 8489 §14.4): SHA-256 of `username ":" realm`.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct UserHash<'a>(pub &'a [u8; 32]);
+macro_rules! fixed_bytes_attr {
+    ($(#[$m:meta])* $name:ident, $ty:expr, $len:literal, $what:literal) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+        pub struct $name<'a>(pub &'a [u8; $len]);
 
-impl<'a> Attribute<'a> for UserHash<'a> {
-    const TYPE: AttrType = AttrType::USERHASH;
-    fn decode(value: &'a [u8], _: &TransactionId) -> Result<Self, DecodeError> {
-        value
-            .try_into()
-            .map(Self)
-            .map_err(|_| bad(Self::TYPE, "length is not 32"))
-    }
-    fn encode_value(&self, _: &TransactionId, out: &mut Vec<u8>) {
-        out.extend_from_slice(self.0);
-    }
+        impl<'a> Attribute<'a> for $name<'a> {
+            const TYPE: AttrType = $ty;
+            fn decode(value: &'a [u8], _: &TransactionId) -> Result<Self, DecodeError> {
+                value.try_into().map(Self).map_err(|_| bad(Self::TYPE, $what))
+            }
+            fn encode_value(&self, _: &TransactionId, out: &mut Vec<u8>) {
+                out.extend_from_slice(self.0);
+            }
+        }
+    };
 }
+
+fixed_bytes_attr!(
+    /// USERHASH (RFC 8489 §14.4): SHA-256 of `username ":" realm`.
+    UserHash, AttrType::USERHASH, 32, "length is not 32");
 
 /// DATA (RFC 8656 §18.4).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -326,23 +331,10 @@ impl<'a> Attribute<'a> for Data<'a> {
     }
 }
 
-/// MESSAGE-INTEGRITY value (RFC 8489 §14.5). Written by
-/// [`super::MessageBuilder::add_message_integrity`]; decodable for inspection.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct MessageIntegrity<'a>(pub &'a [u8; 20]);
-
-impl<'a> Attribute<'a> for MessageIntegrity<'a> {
-    const TYPE: AttrType = AttrType::MESSAGE_INTEGRITY;
-    fn decode(value: &'a [u8], _: &TransactionId) -> Result<Self, DecodeError> {
-        value
-            .try_into()
-            .map(Self)
-            .map_err(|_| bad(Self::TYPE, "length is not 20"))
-    }
-    fn encode_value(&self, _: &TransactionId, out: &mut Vec<u8>) {
-        out.extend_from_slice(self.0);
-    }
-}
+fixed_bytes_attr!(
+    /// MESSAGE-INTEGRITY value (RFC 8489 §14.5). Written by
+    /// [`super::MessageBuilder::add_message_integrity`]; decodable for inspection.
+    MessageIntegrity, AttrType::MESSAGE_INTEGRITY, 20, "length is not 20");
 
 /// MESSAGE-INTEGRITY-SHA256 value (RFC 8489 §14.6): 16 to 32 bytes, a multiple of 4.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
