@@ -7,6 +7,7 @@
 //! IPs and MACs, relay ranges, sizes that fit the host). Every error names the file, the line
 //! and the key.
 
+mod monitoring;
 mod types;
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use monitoring::{Email, EmailRoute, Monitoring, DEFAULT_CHART_VERSION};
 pub use types::{HostName, Ipv4Cidr, MacAddr, Version};
 
 /// Why an inventory could not be used.
@@ -265,20 +267,6 @@ pub struct Acme {
     pub dns_provider: String,
 }
 
-/// Monitoring settings.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Monitoring {
-    /// Whether the monitoring phase installs anything.
-    pub enabled: bool,
-    /// Kubernetes namespace.
-    pub namespace: String,
-    /// Prometheus retention, e.g. `15d`.
-    pub retention: String,
-    /// Local port for `tunnel grafana`.
-    pub grafana_local_port: u16,
-}
-
 /// A validated inventory: only [`Inventory::validate`] makes one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cluster {
@@ -431,6 +419,7 @@ impl Inventory {
             );
         }
 
+        self.monitoring.check()?;
         if self.vms.is_empty() {
             return fail("vms".into(), "at least one VM is needed".into());
         }
