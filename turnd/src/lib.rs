@@ -3,5 +3,6 @@
 pub mod cli;
 pub mod config;
 pub mod driver;
+pub mod metrics;
 pub mod net;
 pub mod run;
