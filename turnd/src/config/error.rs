@@ -126,6 +126,17 @@ pub enum Reason {
     /// A secret (or secret file) is empty.
     #[error("{0} is empty")]
     EmptySecret(String),
+    /// The admin token is too short to resist guessing.
+    #[error(
+        "{what} holds a token of {len} bytes; the admin token needs at least {}",
+        super::MIN_ADMIN_TOKEN_BYTES
+    )]
+    ShortToken {
+        /// Where the token came from (file or variable).
+        what: String,
+        /// Its length in bytes.
+        len: usize,
+    },
     /// A static user's key is not `0x` followed by 32 hex digits.
     #[error("`{0}` is not a 16-byte key: expected 0x followed by 32 hex digits, as `turnadmin -k` prints")]
     BadKey(String),

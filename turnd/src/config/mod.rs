@@ -12,6 +12,7 @@
 
 pub mod coturn;
 mod error;
+mod reload;
 mod settings;
 mod source;
 
@@ -22,9 +23,11 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use error::{ConfigError, Location, Reason};
+pub use reload::{reload_plan, ReloadPlan};
 pub use settings::{
-    Auth, ExternalIp, Lifetimes, Listeners, LogFormat, Logging, PeerPolicy, Quotas, Relay, Secret,
-    Settings, SocketBuffers, StaticUser, TlsFiles,
+    AdminSettings, Auth, DrainSettings, ExternalIp, IoBackend, Lifetimes, Listeners, LogFormat,
+    Logging, PeerPolicy, Quotas, Relay, Secret, ServiceMode, Settings, SocketBuffers, StaticUser,
+    TlsFiles, MIN_ADMIN_TOKEN_BYTES,
 };
 use source::Origin;
 
@@ -32,6 +35,9 @@ use source::Origin;
 pub const ENV_AUTH_SECRET: &str = "TURND_AUTH_SECRET";
 /// Environment variable naming a file of REST-API secrets (one per line).
 pub const ENV_AUTH_SECRET_FILE: &str = "TURND_AUTH_SECRET_FILE";
+/// Environment variable holding the admin API's bearer token. `[admin] token_file`, when
+/// set, wins over it.
+pub const ENV_ADMIN_TOKEN: &str = "TURND_ADMIN_TOKEN";
 
 /// Read access to environment variables. The server uses [`ProcessEnv`]; tests pass a
 /// [`MapEnv`] so they never call `std::env::set_var`.
@@ -143,6 +149,12 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The admin HTTP listener: metrics, health, admin API.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Graceful shutdown.
+    #[serde(default)]
+    pub drain: DrainConfig,
     #[serde(skip)]
     origin: Origin,
 }
@@ -237,6 +249,16 @@ pub mod defaults {
     #[must_use]
     pub fn log_level() -> String {
         "info".to_owned()
+    }
+    /// The admin listener: loopback, coturn's Prometheus port.
+    #[must_use]
+    pub fn admin_listen() -> String {
+        "127.0.0.1:9641".to_owned()
+    }
+    /// How long a drain waits for the last allocation before exiting.
+    #[must_use]
+    pub fn drain_timeout() -> DurationValue {
+        DurationValue::Seconds(120)
     }
 }
 
@@ -411,6 +433,9 @@ pub struct QuotasConfig {
     /// Permissions one allocation may hold (508 beyond).
     #[serde(default = "defaults::permissions_per_allocation")]
     pub permissions_per_allocation: usize,
+    /// 401 challenges answered per source address per second; 0 = no limit.
+    #[serde(default)]
+    pub challenges_per_source_per_second: u32,
 }
 
 impl Default for QuotasConfig {
@@ -419,6 +444,7 @@ impl Default for QuotasConfig {
             allocations_per_user: 0,
             total_allocations: 0,
             permissions_per_allocation: defaults::permissions_per_allocation(),
+            challenges_per_source_per_second: 0,
         }
     }
 }
@@ -452,6 +478,16 @@ pub struct ServerConfig {
     /// by coturn's `turnutils_uclient`; browsers and libwebrtc use 0x4000 upward.
     #[serde(default)]
     pub rfc5766_channel_numbers: bool,
+    /// The IO backend: `auto` (io_uring when the kernel allows it, else epoll), `io_uring`
+    /// or `epoll`.
+    #[serde(default)]
+    pub io: IoBackend,
+    /// Answer STUN Binding only; every TURN request gets 400 (coturn's `stun-only`).
+    #[serde(default)]
+    pub stun_only: bool,
+    /// Serve TURN only; Binding requests are not answered (coturn's `no-stun`).
+    #[serde(default)]
+    pub no_stun: bool,
 }
 
 /// `[streams]`: TCP and TLS connection hygiene.
@@ -509,6 +545,51 @@ impl Default for LogConfig {
     }
 }
 
+/// `[admin]`: one HTTP listener per process for `/metrics`, `/live`, `/ready` and the
+/// token-protected admin API.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `IP:port`; `""` turns the admin listener off.
+    #[serde(default = "defaults::admin_listen")]
+    pub listen: String,
+    /// A file whose trimmed content is the bearer token of the admin endpoints. Wins over
+    /// `TURND_ADMIN_TOKEN`. Without a token the admin endpoints are off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: defaults::admin_listen(),
+            token_file: None,
+        }
+    }
+}
+
+/// `[drain]`: what SIGTERM (or `POST /drain`) does.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainConfig {
+    /// The longest a drain waits for the last allocation to end.
+    #[serde(default = "defaults::drain_timeout")]
+    pub timeout: DurationValue,
+    /// Siblings named in 300 ALTERNATE-SERVER answers while draining, `"IP:port"`:
+    /// at most one IPv4 and one IPv6.
+    #[serde(default)]
+    pub alternate_servers: Vec<String>,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            timeout: defaults::drain_timeout(),
+            alternate_servers: Vec::new(),
+        }
+    }
+}
+
 impl Config {
     /// Parses TOML text. Errors name `<string>` as the file; [`Config::load`] names the path.
     ///
@@ -536,7 +617,9 @@ impl Config {
                 Reason::Read(e),
             )
         })?;
-        Self::parse_named(&text, &name)
+        let mut config = Self::parse_named(&text, &name)?;
+        config.origin.path = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Parses `text`, naming it `name` in errors.
@@ -547,6 +630,7 @@ impl Config {
         let origin = Origin {
             name: name.to_owned(),
             text: Some(Arc::from(text)),
+            path: None,
         };
         match toml::from_str::<Self>(text) {
             Ok(mut config) => {
@@ -708,6 +792,8 @@ mod tests {
             "sockets",
             "server",
             "log",
+            "admin",
+            "drain",
         ] {
             assert!(
                 text.contains(&format!("[{section}]")),
@@ -745,12 +831,15 @@ mod tests {
             let optional: &[&str] = match section.as_str() {
                 "listen" => &["tls"],
                 "tls" => &["cert", "key"],
+                "admin" => &["token_file"],
                 _ => &[],
             };
             for key in names.chain(optional.iter().copied()) {
                 let table_array = format!("[[{section}.{key}]]");
+                // A key without a default may be shown commented out (`# key = ...`).
                 if !text.lines().any(|l| {
                     let l = l.trim_start();
+                    let l = l.strip_prefix("# ").unwrap_or(l);
                     l.starts_with(&format!("{key} =")) || l.starts_with(&table_array)
                 }) {
                     missing.push(format!("{section}.{key}"));

@@ -17,7 +17,7 @@ use turn_proto::server::{policy, LocalQuota, ServerConfig};
 
 use super::error::{ConfigError, Reason};
 use super::source::Origin;
-use super::{Config, DurationValue, Env, ENV_AUTH_SECRET, ENV_AUTH_SECRET_FILE};
+use super::{Config, DurationValue, Env, ENV_ADMIN_TOKEN, ENV_AUTH_SECRET, ENV_AUTH_SECRET_FILE};
 
 /// Everything the server needs, checked. Built by [`Config::validate`] or
 /// [`Settings::embedded_default`].
@@ -25,6 +25,9 @@ use super::{Config, DurationValue, Env, ENV_AUTH_SECRET, ENV_AUTH_SECRET_FILE};
 pub struct Settings {
     /// The file the settings came from, or `<embedded default>`.
     pub source: String,
+    /// The file the settings were loaded from; `None` for the embedded default (and for
+    /// settings built from text).
+    pub config_path: Option<PathBuf>,
     /// Listening sockets.
     pub listeners: Listeners,
     /// Certificate and key for TLS listeners; `None` means TLS is off.
@@ -49,6 +52,104 @@ pub struct Settings {
     pub streams: crate::net::stream::StreamLimits,
     /// Logging.
     pub log: Logging,
+    /// The IO backend asked for.
+    pub io: IoBackend,
+    /// Which services are answered: STUN and TURN, STUN only, or TURN only.
+    pub mode: ServiceMode,
+    /// The admin HTTP listener; `None` when `[admin] listen = ""`.
+    pub admin: Option<AdminSettings>,
+    /// Graceful shutdown.
+    pub drain: DrainSettings,
+    /// Where these settings came from, for [`Settings::reload`].
+    origin: Origin,
+}
+
+/// `[server] io`: which readiness mechanism the workers use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoBackend {
+    /// io_uring when the kernel (and the container's seccomp profile) allows it, else epoll.
+    #[default]
+    Auto,
+    /// io_uring only; start-up fails without it.
+    IoUring,
+    /// epoll only.
+    Epoll,
+}
+
+impl IoBackend {
+    /// The name as written in the configuration file (`auto`, `io_uring`, `epoll`).
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::IoUring => "io_uring",
+            Self::Epoll => "epoll",
+        }
+    }
+}
+
+impl fmt::Display for IoBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which requests the server answers (`[server] stun_only`, `no_stun`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum ServiceMode {
+    /// STUN Binding and TURN (the default).
+    #[default]
+    StunAndTurn,
+    /// STUN Binding only; TURN requests are refused (coturn's `stun-only`).
+    StunOnly,
+    /// TURN only; Binding requests are not answered (coturn's `no-stun`).
+    TurnOnly,
+}
+
+impl ServiceMode {
+    /// A short name for logs and reload lines.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::StunAndTurn => "stun+turn",
+            Self::StunOnly => "stun only",
+            Self::TurnOnly => "turn only",
+        }
+    }
+}
+
+/// The admin HTTP listener (`[admin]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    /// Where `/metrics`, `/live`, `/ready` and the admin API listen.
+    pub listen: SocketAddr,
+    /// The bearer token of the admin endpoints (`[admin] token_file`, else
+    /// `TURND_ADMIN_TOKEN`); `None` turns the admin endpoints off (metrics and health stay).
+    pub token: Option<Secret>,
+}
+
+/// Graceful shutdown (`[drain]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainSettings {
+    /// The longest a drain waits for the last allocation to end.
+    pub timeout: Duration,
+    /// The IPv4 sibling named in 300 ALTERNATE-SERVER while draining.
+    pub alternate_ipv4: Option<SocketAddr>,
+    /// The IPv6 sibling named in 300 ALTERNATE-SERVER while draining.
+    pub alternate_ipv6: Option<SocketAddr>,
+}
+
+impl DrainSettings {
+    /// The alternate server for a client of `family_v4` (true: IPv4).
+    #[must_use]
+    pub fn alternate_for(&self, ipv4: bool) -> Option<SocketAddr> {
+        if ipv4 {
+            self.alternate_ipv4
+        } else {
+            self.alternate_ipv6
+        }
+    }
 }
 
 /// Listening socket addresses.
@@ -250,6 +351,8 @@ pub struct Quotas {
     pub total_allocations: Option<NonZeroU32>,
     /// Permissions per allocation (508 beyond).
     pub permissions_per_allocation: NonZeroUsize,
+    /// 401 challenges answered per source address per second; `None`: no limit.
+    pub challenges_per_source_per_second: Option<NonZeroU32>,
 }
 
 /// Socket buffer sizes in bytes; `None` keeps the OS default.
@@ -294,6 +397,30 @@ impl Settings {
     /// `TURND_AUTH_SECRET_FILE` names a file that cannot be read or is empty.
     pub fn embedded_default(env: &dyn Env) -> Result<Self, ConfigError> {
         validate(&Config::default(), &Origin::default(), env, true)
+    }
+
+    /// Reads and validates the same source again: the file these settings were loaded from
+    /// (re-reading it, its secret files, token file and the environment), the same text, or
+    /// the embedded default. A secret turnd generated for this run is kept, so a reload does
+    /// not invalidate the credentials it printed. Compare with [`reload_plan`](super::reload_plan)
+    /// to see what changed and what needs a restart.
+    ///
+    /// # Errors
+    /// The new configuration does not read or validate; the caller keeps `self`.
+    pub fn reload(&self, env: &dyn Env) -> Result<Self, ConfigError> {
+        if let Some(path) = &self.origin.path {
+            return Config::load(path)?.validate(env);
+        }
+        match &self.origin.text {
+            Some(text) => Config::parse_named(text, &self.origin.name)?.validate(env),
+            None => {
+                let mut new = Self::embedded_default(env)?;
+                if new.auth.generated_secret && self.auth.generated_secret {
+                    new.auth.secrets.clone_from(&self.auth.secrets);
+                }
+                Ok(new)
+            }
+        }
     }
 
     /// The protocol core's configuration: credentials, lifetimes, peer policy and the
@@ -616,6 +743,7 @@ pub(super) fn validate(
                 )
             },
         )?,
+        challenges_per_source_per_second: NonZeroU32::new(q.challenges_per_source_per_second),
     };
 
     // [sockets]
@@ -651,6 +779,25 @@ pub(super) fn validate(
     }
     let workers = NonZeroUsize::new(config.server.workers)
         .unwrap_or_else(|| std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN));
+    let mode = match (config.server.stun_only, config.server.no_stun) {
+        (false, false) => ServiceMode::StunAndTurn,
+        (true, false) => ServiceMode::StunOnly,
+        (false, true) => ServiceMode::TurnOnly,
+        (true, true) => {
+            return Err(err(
+                "server.no_stun",
+                Reason::Conflict(
+                    "server.stun_only and server.no_stun together would answer nothing",
+                ),
+            ))
+        }
+    };
+
+    // [admin]
+    let admin = admin(config, origin, env)?;
+
+    // [drain]
+    let drain = drain(config, origin)?;
 
     // [streams]
     let st = &config.streams;
@@ -708,6 +855,7 @@ pub(super) fn validate(
 
     Ok(Settings {
         source: origin.name.clone(),
+        config_path: origin.path.clone(),
         listeners: Listeners { udp, tcp, tls },
         tls: tls_files,
         auth: Auth {
@@ -732,7 +880,114 @@ pub(super) fn validate(
             level: config.log.level.clone(),
             format: config.log.format,
         },
+        io: config.server.io,
+        mode,
+        admin,
+        drain,
+        origin: origin.clone(),
     })
+}
+
+/// The smallest admin token accepted, in bytes.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
+
+fn admin(
+    config: &Config,
+    origin: &Origin,
+    env: &dyn Env,
+) -> Result<Option<AdminSettings>, ConfigError> {
+    let a = &config.admin;
+    if a.listen.trim().is_empty() {
+        return Ok(None);
+    }
+    let listen: SocketAddr = a.listen.trim().parse().map_err(|_| {
+        origin.error_at(
+            "admin.listen",
+            Reason::BadAddress {
+                value: a.listen.clone(),
+                what: "socket address (IP:port, [IPv6]:port), or \"\" to turn it off",
+            },
+        )
+    })?;
+    let token = match &a.token_file {
+        Some(file) => Some(
+            read_token(file, &format!("token file {file}"))
+                .map_err(|r| origin.error_at("admin.token_file", r))?,
+        ),
+        None => match env.var(ENV_ADMIN_TOKEN) {
+            Some(t) => Some(
+                token(&t, ENV_ADMIN_TOKEN).map_err(|r| env_error(origin, ENV_ADMIN_TOKEN, r))?,
+            ),
+            None => None,
+        },
+    };
+    Ok(Some(AdminSettings { listen, token }))
+}
+
+fn read_token(path: &str, what: &str) -> Result<Secret, Reason> {
+    let text = std::fs::read_to_string(path).map_err(|source| Reason::SecretFile {
+        path: PathBuf::from(path),
+        source,
+    })?;
+    token(&text, what)
+}
+
+fn token(text: &str, what: &str) -> Result<Secret, Reason> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Err(Reason::EmptySecret(what.to_owned()));
+    }
+    if t.len() < MIN_ADMIN_TOKEN_BYTES {
+        return Err(Reason::ShortToken {
+            what: what.to_owned(),
+            len: t.len(),
+        });
+    }
+    Ok(Secret::new(t))
+}
+
+fn drain(config: &Config, origin: &Origin) -> Result<DrainSettings, ConfigError> {
+    let d = &config.drain;
+    let timeout = duration(&d.timeout, "drain.timeout", origin)?;
+    let mut out = DrainSettings {
+        timeout,
+        alternate_ipv4: None,
+        alternate_ipv6: None,
+    };
+    for (i, a) in d.alternate_servers.iter().enumerate() {
+        let at = format!("drain.alternate_servers[{i}]");
+        let addr: SocketAddr = a.trim().parse().map_err(|_| {
+            origin.error_at(
+                &at,
+                Reason::BadAddress {
+                    value: a.clone(),
+                    what: "socket address (IP:port, [IPv6]:port)",
+                },
+            )
+        })?;
+        if addr.ip().is_unspecified() || addr.ip().is_multicast() || addr.port() == 0 {
+            return Err(origin.error_at(
+                &at,
+                Reason::Unusable {
+                    value: a.clone(),
+                    detail: "an alternate server is a unicast address and a port clients can reach",
+                },
+            ));
+        }
+        let slot = if addr.is_ipv4() {
+            &mut out.alternate_ipv4
+        } else {
+            &mut out.alternate_ipv6
+        };
+        if slot.is_some() {
+            return Err(origin.error_at(
+                &at,
+                Reason::Conflict("at most one IPv4 and one IPv6 alternate server"),
+            ));
+        }
+        *slot = Some(addr);
+    }
+    Ok(out)
 }
 
 fn env_error(origin: &Origin, var: &str, reason: Reason) -> ConfigError {
@@ -1217,6 +1472,191 @@ mod tests {
             dual.relay_ipv4 && dual.relay_ipv6,
             "default listeners are dual-stack"
         );
+    }
+
+    #[test]
+    fn new_sections_have_their_defaults() {
+        let s = check(WITH_SECRET).expect("valid");
+        assert_eq!(s.io, IoBackend::Auto);
+        assert_eq!(s.mode, ServiceMode::StunAndTurn);
+        let admin = s.admin.expect("admin on by default");
+        assert_eq!(admin.listen, "127.0.0.1:9641".parse().expect("addr"));
+        assert_eq!(admin.token, None);
+        assert_eq!(
+            s.drain,
+            DrainSettings {
+                timeout: Duration::from_secs(120),
+                alternate_ipv4: None,
+                alternate_ipv6: None
+            }
+        );
+        assert_eq!(s.quotas.challenges_per_source_per_second, None);
+        assert_eq!(s.config_path, None);
+    }
+
+    #[test]
+    fn io_backend_names_round_trip() {
+        for (text, io) in [
+            ("auto", IoBackend::Auto),
+            ("io_uring", IoBackend::IoUring),
+            ("epoll", IoBackend::Epoll),
+        ] {
+            let s = check(&format!("{WITH_SECRET}[server]\nio = \"{text}\"\n")).expect("valid");
+            assert_eq!(s.io, io);
+            assert_eq!(io.as_str(), text);
+        }
+        let e = check(&format!("{WITH_SECRET}[server]\nio = \"kqueue\"\n")).expect_err("bad");
+        assert_eq!(
+            (e.location.line, e.location.key.as_deref()),
+            (Some(4), Some("server.io"))
+        );
+    }
+
+    #[test]
+    fn stun_only_and_no_stun_exclude_each_other() {
+        let s = check(&format!("{WITH_SECRET}[server]\nstun_only = true\n")).expect("valid");
+        assert_eq!(s.mode, ServiceMode::StunOnly);
+        let s = check(&format!("{WITH_SECRET}[server]\nno_stun = true\n")).expect("valid");
+        assert_eq!(s.mode, ServiceMode::TurnOnly);
+        let e = check(&format!(
+            "{WITH_SECRET}[server]\nstun_only = true\nno_stun = true\n"
+        ))
+        .expect_err("both");
+        assert_eq!(
+            (e.location.line, e.location.key.as_deref()),
+            (Some(5), Some("server.no_stun"))
+        );
+    }
+
+    #[test]
+    fn admin_listen_can_be_turned_off_or_moved() {
+        let s = check(&format!("{WITH_SECRET}[admin]\nlisten = \"\"\n")).expect("valid");
+        assert_eq!(s.admin, None);
+        let s = check(&format!("{WITH_SECRET}[admin]\nlisten = \"[::]:9000\"\n")).expect("valid");
+        assert_eq!(
+            s.admin.expect("on").listen,
+            "[::]:9000".parse().expect("addr")
+        );
+        let e = check(&format!("{WITH_SECRET}[admin]\nlisten = \"9641\"\n")).expect_err("bad");
+        assert_eq!(
+            (e.location.line, e.location.key.as_deref()),
+            (Some(4), Some("admin.listen"))
+        );
+    }
+
+    #[test]
+    fn admin_token_from_file_wins_over_env_and_must_be_long() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("token");
+        std::fs::write(&f, "  file-token-0123456789\n").expect("write");
+        let env: MapEnv = [(ENV_ADMIN_TOKEN, "env-token-0123456789")]
+            .into_iter()
+            .collect();
+        let text = format!("{WITH_SECRET}[admin]\ntoken_file = \"{}\"\n", f.display());
+        let s = Config::parse_named(&text, "t.toml")
+            .expect("parses")
+            .validate(&env)
+            .expect("valid");
+        let token = s.admin.expect("on").token.expect("token");
+        assert_eq!(
+            token.expose(),
+            "file-token-0123456789",
+            "file wins, trimmed"
+        );
+        let s = check(WITH_SECRET).expect("valid");
+        assert_eq!(s.admin.expect("on").token, None);
+        let s = Config::parse_named(WITH_SECRET, "t.toml")
+            .expect("parses")
+            .validate(&env)
+            .expect("valid");
+        assert_eq!(
+            s.admin.expect("on").token.expect("token").expose(),
+            "env-token-0123456789"
+        );
+        assert!(!format!("{env:?}").is_empty());
+
+        std::fs::write(&f, "short\n").expect("write");
+        let e = check(&text).expect_err("short");
+        assert_eq!(
+            (e.location.line, e.location.key.as_deref()),
+            (Some(4), Some("admin.token_file"))
+        );
+        assert!(e.to_string().contains("at least 16"), "{e}");
+        assert!(!e.to_string().contains("short\n"), "{e}");
+        let short: MapEnv = [(ENV_ADMIN_TOKEN, "abc")].into_iter().collect();
+        let e = Config::parse_named(WITH_SECRET, "t.toml")
+            .expect("parses")
+            .validate(&short)
+            .expect_err("short");
+        assert_eq!(e.location.key.as_deref(), Some(ENV_ADMIN_TOKEN));
+        let e = check(&format!(
+            "{WITH_SECRET}[admin]\ntoken_file = \"/nonexistent/token\"\n"
+        ))
+        .expect_err("missing");
+        assert!(e.to_string().contains("/nonexistent/token"), "{e}");
+    }
+
+    #[test]
+    fn drain_takes_one_alternate_per_family() {
+        let s = check(&format!(
+            "{WITH_SECRET}[drain]\ntimeout = \"30s\"\n             alternate_servers = [\"192.0.2.10:3478\", \"[2001:db8::10]:3478\"]\n"
+        ))
+        .expect("valid");
+        assert_eq!(s.drain.timeout, Duration::from_secs(30));
+        assert_eq!(
+            s.drain.alternate_for(true),
+            Some("192.0.2.10:3478".parse().expect("addr"))
+        );
+        assert_eq!(
+            s.drain.alternate_for(false),
+            Some("[2001:db8::10]:3478".parse().expect("addr"))
+        );
+        let e = check(&format!(
+            "{WITH_SECRET}[drain]\nalternate_servers = [\n  \"192.0.2.10:3478\",\n  \"192.0.2.11:3478\",\n]\n"
+        ))
+        .expect_err("two IPv4");
+        assert_eq!(
+            (e.location.line, e.location.key.as_deref()),
+            (Some(6), Some("drain.alternate_servers[1]"))
+        );
+        let e = check(&format!(
+            "{WITH_SECRET}[drain]\nalternate_servers = [\"turn2:3478\"]\n"
+        ))
+        .expect_err("a name");
+        assert_eq!(
+            e.location.key.as_deref(),
+            Some("drain.alternate_servers[0]")
+        );
+    }
+
+    #[test]
+    fn reload_rereads_the_file_it_came_from() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("turnd.toml");
+        std::fs::write(&path, WITH_SECRET).expect("write");
+        let s = Config::load(&path)
+            .expect("loads")
+            .validate(&env())
+            .expect("valid");
+        assert_eq!(s.config_path.as_deref(), Some(path.as_path()));
+        std::fs::write(&path, "[auth]\nsecrets = [\"s3cret\", \"next\"]\n").expect("write");
+        let again = s.reload(&env()).expect("reloads");
+        assert_eq!(again.auth.secrets.len(), 2);
+        assert_eq!(again.config_path, s.config_path);
+        std::fs::write(&path, "[relay]\nmin_port = 0\n").expect("write");
+        let e = s.reload(&env()).expect_err("broken file refused");
+        assert!(e.to_string().contains("relay.min_port"), "{e}");
+    }
+
+    #[test]
+    fn reload_of_the_embedded_default_keeps_the_generated_secret() {
+        let s = Settings::embedded_default(&env()).expect("default");
+        let again = s.reload(&env()).expect("reloads");
+        assert_eq!(again.auth.secrets, s.auth.secrets);
+        assert!(again.auth.generated_secret);
+        let from_env: MapEnv = [(ENV_AUTH_SECRET, "k8s")].into_iter().collect();
+        let rotated = s.reload(&from_env).expect("reloads");
+        assert_eq!(rotated.auth.secrets, vec![Secret::new("k8s")]);
     }
 
     #[test]

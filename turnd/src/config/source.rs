@@ -3,19 +3,34 @@
 //! Serde gives spans only for parse errors; `validate()` finds the line of a key by
 //! re-reading the document with `toml_edit`, which keeps the span of every key and value.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use toml_edit::{ImDocument, Item, Table};
 
 use super::error::{ConfigError, Location, Reason};
 
-/// Where a [`Config`](super::Config) came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a [`Config`](super::Config) came from. Its `Debug` leaves out the text, which
+/// may hold secrets.
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) struct Origin {
     /// File name or label used in error messages.
     pub(crate) name: String,
     /// The TOML text, when there is one.
     pub(crate) text: Option<Arc<str>>,
+    /// The file it was read from ([`Config::load`](super::Config::load)); `None` for text
+    /// and the embedded default.
+    pub(crate) path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Origin")
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .field("text_bytes", &self.text.as_ref().map(|t| t.len()))
+            .finish()
+    }
 }
 
 impl Default for Origin {
@@ -23,6 +38,7 @@ impl Default for Origin {
         Self {
             name: "<embedded default>".to_owned(),
             text: None,
+            path: None,
         }
     }
 }
@@ -268,6 +284,7 @@ mod tests {
         let origin = Origin {
             name: "f.toml".into(),
             text: Some(text.into()),
+            path: None,
         };
         let line = |k: &str| origin.error_at(k, Reason::NoCredentials).location.line;
         assert_eq!(line("relay.min_port"), Some(2));
@@ -287,6 +304,7 @@ mod tests {
         let origin = Origin {
             name: "f.toml".into(),
             text: Some(text.into()),
+            path: None,
         };
         let off = text.find("\"b\"").expect("in text");
         assert_eq!(origin.key_at(off).as_deref(), Some("peers.deny[1]"));
