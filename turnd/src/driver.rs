@@ -28,8 +28,8 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 use turn_proto::codec::AddressFamily;
 use turn_proto::server::{
-    Destination, Event, FiveTuple, PortRequest, RelayBound, RelayError, RelayRequest,
-    RelayedAddress, Server, ServerConfig, SharedQuota, Transmit, Transport,
+    Destination, Event, FiveTuple, PortRequest, RelayBound, RelayError, RelayHandle, RelayRequest,
+    RelayedAddress, Route, Server, ServerConfig, SharedQuota, Transmit, Transport,
 };
 
 use crate::config::Settings;
@@ -374,6 +374,8 @@ struct Worker {
     core: RefCell<Server>,
     listeners: Vec<Listener>,
     relays: RefCell<HashMap<SocketAddr, RelayEntry>>,
+    /// Relay socket local addresses by `RelayHandle` (a slab; `None` is free).
+    handles: RefCell<Vec<Option<SocketAddr>>>,
     reserved: RefCell<HashMap<SocketAddr, std::net::UdpSocket>>,
     bufs: RefCell<RecvBufs>,
     shared: Arc<Shared>,
@@ -420,6 +422,7 @@ fn run_worker(
             core: RefCell::new(core),
             listeners,
             relays: RefCell::new(HashMap::new()),
+            handles: RefCell::new(Vec::new()),
             reserved: RefCell::new(HashMap::new()),
             bufs: RefCell::new(RecvBufs::new()),
             shared: shared.clone(),
@@ -477,7 +480,8 @@ async fn listener_loop(w: Rc<Worker>, i: usize) {
                         server,
                         transport: Transport::Udp,
                     };
-                    core.handle_client_datagram(now, ft, data);
+                    let route = Route(u32::try_from(i).unwrap_or(u32::MAX));
+                    core.handle_client_datagram(now, ft, route, data);
                 }
             }
             drop(bufs);
@@ -490,7 +494,7 @@ async fn listener_loop(w: Rc<Worker>, i: usize) {
 /// Reads one relay socket. The task holds only a weak reference: the worker's relay map owns
 /// the socket, so releasing a relay closes its port at once (the port is reusable by the very
 /// next Allocate), and the task, aborted at the same time, finds the socket gone.
-async fn relay_loop(w: Rc<Worker>, io: Weak<RelayIo>, local: SocketAddr) {
+async fn relay_loop(w: Rc<Worker>, io: Weak<RelayIo>, local: SocketAddr, handle: RelayHandle) {
     loop {
         let ready = std::future::poll_fn(|cx| match io.upgrade() {
             Some(io) => io.sock.poll_recv_ready(cx).map(|r| r.is_ok()),
@@ -521,7 +525,7 @@ async fn relay_loop(w: Rc<Worker>, io: Weak<RelayIo>, local: SocketAddr) {
                 let mut core = w.core.borrow_mut();
                 for k in 0..n {
                     let (meta, data) = bufs.datagram(k);
-                    core.handle_peer_datagram(now, local, meta.addr, data);
+                    core.handle_peer_datagram(now, handle, meta.addr, data);
                 }
             }
             drop(bufs);
@@ -656,7 +660,12 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             loop {
                 match frame_len(&buf[consumed..]) {
                     Ok(FrameLen::Complete(n)) => {
-                        core.handle_client_datagram(now, ft, &buf[consumed..consumed + n]);
+                        core.handle_client_datagram(
+                            now,
+                            ft,
+                            Route::default(),
+                            &buf[consumed..consumed + n],
+                        );
                         consumed += n;
                     }
                     Ok(FrameLen::NeedMore(_)) => break,
@@ -779,7 +788,19 @@ impl Worker {
                 };
                 l.state.try_send(UdpSockRef::from(&l.sock), &tx)
             }
-            Destination::Peer { relay, peer } => {
+            Destination::Peer {
+                relay: handle,
+                peer,
+            } => {
+                let Some(relay) = self
+                    .handles
+                    .borrow()
+                    .get(handle.0 as usize)
+                    .copied()
+                    .flatten()
+                else {
+                    return;
+                };
                 let relays = self.relays.borrow();
                 let Some(r) = relays.get(&relay) else { return };
                 let tx = quinn_udp::Transmit {
@@ -815,21 +836,32 @@ impl Worker {
                     .borrow_mut()
                     .handle_relay_bound(Instant::now(), req.id, bound);
             }
-            Event::RelayReleased(local) => {
+            Event::RelayReleased(relayed) => {
+                let local = relayed.local;
                 if let Some(r) = self.relays.borrow_mut().remove(&local) {
                     r.task.abort();
+                }
+                if let Some(slot) = self.handles.borrow_mut().get_mut(relayed.handle.0 as usize) {
+                    *slot = None;
                 }
                 self.reserved.borrow_mut().remove(&local);
                 self.shared.ports.release(local.ip(), local.port());
             }
+            Event::ReservedPortReleased(local) => {
+                self.reserved.borrow_mut().remove(&local);
+                self.shared.ports.release(local.ip(), local.port());
+            }
             Event::AllocationCreated {
+                id,
                 five_tuple,
                 username,
                 relayed,
                 lifetime,
+                ..
             } => {
                 info!(
                     worker = self.index,
+                    id = %id,
                     user = %username,
                     client = %five_tuple.client,
                     server = %five_tuple.server,
@@ -840,15 +872,18 @@ impl Worker {
                 );
             }
             Event::AllocationEnded {
+                id,
                 five_tuple,
                 username,
                 relayed,
                 duration,
                 stats,
                 reason,
+                ..
             } => {
                 info!(
                     worker = self.index,
+                    id = %id,
                     user = %username,
                     client = %five_tuple.client,
                     server = %five_tuple.server,
@@ -859,16 +894,20 @@ impl Worker {
                     bytes_from_peer = stats.bytes_from_peer,
                     packets_to_peer = stats.packets_to_peer,
                     packets_from_peer = stats.packets_from_peer,
-                    reason = ?reason,
+                    reason = reason.as_str(),
                     "allocation ended"
                 );
             }
             Event::Rejected {
+                client,
+                username,
                 transport,
                 method,
                 reason,
             } => {
                 debug!(
+                    client = %client,
+                    user = ?username,
                     transport = transport.as_str(),
                     method = method.name(),
                     reason = reason.as_str(),
@@ -987,12 +1026,26 @@ impl Worker {
             }
         };
         drop(sock);
-        let task = tokio::task::spawn_local(relay_loop(self.clone(), Rc::downgrade(&io), local));
+        let handle = {
+            let mut handles = self.handles.borrow_mut();
+            let i = handles.iter().position(Option::is_none).unwrap_or_else(|| {
+                handles.push(None);
+                handles.len() - 1
+            });
+            handles[i] = Some(local);
+            RelayHandle(u32::try_from(i).unwrap_or(u32::MAX))
+        };
+        let task =
+            tokio::task::spawn_local(relay_loop(self.clone(), Rc::downgrade(&io), local, handle));
         self.relays
             .borrow_mut()
             .insert(local, RelayEntry { io, task });
         let advertised = SocketAddr::new(s.relay.advertised(local.ip()), local.port());
-        Ok(RelayedAddress { local, advertised })
+        Ok(RelayedAddress {
+            handle,
+            local,
+            advertised,
+        })
     }
 }
 

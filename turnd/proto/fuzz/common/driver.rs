@@ -7,8 +7,10 @@
 //! the `server` fuzz target (operations parsed from the fuzzer's bytes by [`parse_ops`]).
 //!
 //! While it runs it checks what any IO layer relies on: every datagram to a client decodes,
-//! every datagram to a peer leaves from a relay socket the IO layer holds, a relay socket is
-//! never released twice or before it was bound. [`Driver::finish`] then checks that the server
+//! every datagram to a peer leaves from a relay socket the IO layer holds (by handle), every
+//! answer to a client carries the route its request came by, a relay socket or a reserved
+//! port is never released twice or before it was bound, and the server's gauges (allocations,
+//! permissions, channels) agree with a scan of its state. [`Driver::finish`] then checks that the server
 //! still answers a Binding request on every 5-tuple, and that once every lifetime has run out
 //! no allocation, relay socket, quota slot, permission or channel is left behind.
 
@@ -29,8 +31,8 @@ use turn_proto::codec::{
 };
 use turn_proto::server::policy::PeerPolicy;
 use turn_proto::server::{
-    Destination, Event, FiveTuple, LocalQuota, PortRequest, RelayBound, RelayError, RelayRequest,
-    RelayedAddress, Server, ServerConfig, SharedQuota, Transport,
+    Destination, Event, FiveTuple, LocalQuota, PortRequest, RelayBound, RelayError, RelayHandle,
+    RelayRequest, RelayedAddress, Route, Server, ServerConfig, SharedQuota, Transport,
 };
 
 pub(crate) const REALM: &str = "example.org";
@@ -255,12 +257,15 @@ pub(crate) struct Driver {
     next_port: u16,
     /// Relay sockets (and reserved ports) the fake IO layer holds.
     pub(crate) bound: BTreeSet<SocketAddr>,
+    /// Relay sockets by handle (the fake IO layer's slab; reserved ports have none).
+    relays: Vec<Option<SocketAddr>>,
     tokens: Vec<[u8; 8]>,
     nonces: [Option<String>; 4],
     relay_mode: u8,
     deferred: Vec<RelayRequest>,
     pub(crate) created: usize,
     pub(crate) ended: usize,
+    ids: BTreeSet<turn_proto::server::AllocationId>,
     pub(crate) successes: usize,
     pub(crate) sent: Vec<(Destination, Vec<u8>)>,
 }
@@ -301,12 +306,14 @@ impl Driver {
             quota,
             next_port: 49152,
             bound: BTreeSet::new(),
+            relays: Vec::new(),
             tokens: Vec::new(),
             nonces: [None, None, None, None],
             relay_mode: 0,
             deferred: Vec::new(),
             created: 0,
             ended: 0,
+            ids: BTreeSet::new(),
             successes: 0,
             sent: Vec::new(),
         }
@@ -391,13 +398,16 @@ impl Driver {
             Op::Raw { tuple, bytes } => self.client_sends(pick(*tuple), bytes),
             Op::Peer { relay, peer, data } => {
                 let peer = peers[usize::from(*peer) % peers.len()];
-                let relay = if relay & 0x80 == 0 && !self.bound.is_empty() {
-                    let i = usize::from(*relay) % self.bound.len();
-                    self.bound.iter().nth(i).copied()
+                // A handle of a live relay socket, or any (released, never bound) one.
+                let live: Vec<u32> = (0..self.relays.len())
+                    .filter(|&i| self.relays[i].is_some())
+                    .filter_map(|i| u32::try_from(i).ok())
+                    .collect();
+                let relay = if relay & 0x80 == 0 && !live.is_empty() {
+                    RelayHandle(live[usize::from(*relay) % live.len()])
                 } else {
-                    None
-                }
-                .unwrap_or_else(|| sa(v4(10, 0, 0, 5), 1));
+                    RelayHandle(u32::from(*relay & 0x7f))
+                };
                 self.server
                     .handle_peer_datagram(self.now, relay, peer, data);
                 self.pump();
@@ -574,8 +584,19 @@ impl Driver {
     }
 
     pub(crate) fn client_sends(&mut self, ft: FiveTuple, bytes: &[u8]) {
-        self.server.handle_client_datagram(self.now, ft, bytes);
+        self.server
+            .handle_client_datagram(self.now, ft, Self::route_of(ft), bytes);
         self.pump();
+    }
+
+    /// The route a 5-tuple's datagrams come by: its index among [`tuples`] (plus one, so it
+    /// differs from `Route::default()`).
+    fn route_of(ft: FiveTuple) -> Route {
+        let i = tuples()
+            .iter()
+            .position(|x| *x == ft)
+            .unwrap_or(usize::MAX - 1);
+        Route(u32::try_from(i + 1).unwrap_or(u32::MAX))
     }
 
     /// Steps the clock like a real driver: wakes at every deadline on the way.
@@ -626,12 +647,27 @@ impl Driver {
         }
     }
 
-    fn relayed(local: SocketAddr) -> RelayedAddress {
+    /// Gives the relay socket at `local` a handle (the lowest free one, as a dense slab
+    /// would).
+    fn relayed(&mut self, local: SocketAddr) -> RelayedAddress {
         let advertised = match local.ip() {
             IpAddr::V4(_) => sa(v4(203, 0, 113, 5), local.port()),
             IpAddr::V6(_) => local,
         };
-        RelayedAddress { local, advertised }
+        let i = match self.relays.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.relays.push(None);
+                self.relays.len() - 1
+            }
+        };
+        self.relays[i] = Some(local);
+        let handle = RelayHandle(u32::try_from(i).unwrap_or(u32::MAX));
+        RelayedAddress {
+            handle,
+            local,
+            advertised,
+        }
     }
 
     fn bind(
@@ -646,7 +682,7 @@ impl Driver {
                     self.bound.contains(&local),
                     "the server asked to bind reserved {local}, which it never had reserved"
                 );
-                return Ok(Self::relayed(local));
+                return Ok(self.relayed(local));
             }
             PortRequest::Even { reserve_next } => sa(
                 ip,
@@ -660,7 +696,7 @@ impl Driver {
             ),
         };
         assert!(self.bound.insert(local), "port {local} handed out twice");
-        Ok(Self::relayed(local))
+        Ok(self.relayed(local))
     }
 
     fn answer(&mut self, req: RelayRequest) {
@@ -721,6 +757,11 @@ impl Driver {
             while let Some(t) = self.server.poll_transmit() {
                 let payload = t.payload.to_vec();
                 let destination = t.destination;
+                let expected = match destination {
+                    Destination::Client(ft) => Self::route_of(ft),
+                    Destination::Peer { .. } => Route::default(),
+                };
+                assert_eq!(t.route, expected, "route of a transmit to {destination:?}");
                 self.observe(destination, &payload);
                 self.sent.push((destination, payload));
             }
@@ -735,20 +776,73 @@ impl Driver {
                         self.answer(req);
                     }
                 }
-                Event::RelayReleased(local) => {
+                Event::RelayReleased(r) => {
+                    let slot = self.relays.get_mut(r.handle.0 as usize);
                     assert!(
-                        self.bound.remove(&local),
-                        "RelayReleased({local}) for a socket that is not bound"
+                        slot.as_deref() == Some(&Some(r.local)),
+                        "RelayReleased({r:?}) for a handle that is not this socket's"
+                    );
+                    if let Some(slot) = slot {
+                        *slot = None;
+                    }
+                    assert!(
+                        self.bound.remove(&r.local),
+                        "RelayReleased({r:?}) for a socket that is not bound"
                     );
                 }
-                Event::AllocationCreated { .. } => self.created += 1,
-                Event::AllocationEnded { .. } => self.ended += 1,
+                Event::ReservedPortReleased(local) => {
+                    assert!(
+                        !self.relays.contains(&Some(local)),
+                        "ReservedPortReleased({local}) for a relay socket in use"
+                    );
+                    assert!(
+                        self.bound.remove(&local),
+                        "ReservedPortReleased({local}) for a port that is not held"
+                    );
+                }
+                Event::AllocationCreated {
+                    id,
+                    route,
+                    five_tuple,
+                    ..
+                } => {
+                    assert_eq!(route, Self::route_of(five_tuple));
+                    assert!(self.ids.insert(id), "allocation id {id:?} handed out twice");
+                    self.created += 1;
+                }
+                Event::AllocationEnded {
+                    route, five_tuple, ..
+                } => {
+                    assert_eq!(route, Self::route_of(five_tuple));
+                    self.ended += 1;
+                }
                 Event::Rejected { .. } => {}
             }
         }
+        self.check_gauges();
         if self.sent.len() > 64 {
             self.sent.clear();
         }
+    }
+
+    /// The server's O(1) gauges agree with a scan of its state.
+    fn check_gauges(&self) {
+        let stats = self.server.stats();
+        assert_eq!(
+            stats.allocations_active,
+            self.server.allocation_count() as u64,
+            "allocations_active gauge"
+        );
+        let (permissions, channels) = self.server.permission_and_channel_count();
+        assert_eq!(
+            stats.permissions_active, permissions as u64,
+            "permissions_active gauge"
+        );
+        assert!(
+            stats.channels_active <= channels as u64,
+            "channels_active gauge {} above the {channels} bindings held",
+            stats.channels_active
+        );
     }
 
     /// Checks one outgoing datagram and learns nonces and reservation tokens from replies.
@@ -756,8 +850,8 @@ impl Driver {
         match destination {
             Destination::Peer { relay, .. } => {
                 assert!(
-                    self.bound.contains(&relay),
-                    "datagram to a peer from {relay}, which is not a bound relay socket"
+                    matches!(self.relays.get(relay.0 as usize), Some(Some(_))),
+                    "datagram to a peer from {relay:?}, which is not a bound relay socket"
                 );
             }
             Destination::Client(ft) => {
@@ -844,6 +938,16 @@ impl Driver {
             "AllocationCreated without AllocationEnded"
         );
         assert_eq!(self.server.permission_and_channel_count(), (0, 0));
+        let stats = self.server.stats();
+        assert_eq!(
+            (
+                stats.allocations_active,
+                stats.permissions_active,
+                stats.channels_active
+            ),
+            (0, 0, 0),
+            "gauges not back to zero"
+        );
         assert!(
             self.bound.is_empty(),
             "relay sockets never released: {:?}",

@@ -7,16 +7,29 @@ use std::time::{Duration, Instant};
 
 use crate::codec::ChannelNumber;
 use crate::server::policy::canonical_ip;
-use crate::server::FiveTuple;
+use crate::server::{AllocationId, FiveTuple, Route};
 
 /// After a channel binding expires its number and peer stay reserved this long
 /// (RFC 8656 §12: no rebinding to a different peer or number for 5 minutes).
 pub(crate) const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
 
+/// The IO layer's name for one relay socket: its index in the IO layer's (dense) table of
+/// relay sockets. The core indexes a `Vec` by it to find the allocation of a datagram from a
+/// peer, and hands it back in [`Destination::Peer`](crate::server::Destination::Peer).
+///
+/// The IO layer chooses it when it binds the socket and may reuse it once the core has
+/// released the socket ([`Event::RelayReleased`](crate::server::Event::RelayReleased)).
+/// Keep handles dense (small): the core's table is as long as the largest handle.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub struct RelayHandle(pub u32);
+
 /// A relayed transport address: the address the socket is bound to and the one advertised in
-/// XOR-RELAYED-ADDRESS (different behind NAT/DNAT, like coturn's `external-ip`).
+/// XOR-RELAYED-ADDRESS (different behind NAT/DNAT, like coturn's `external-ip`), plus the IO
+/// layer's handle of the socket.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct RelayedAddress {
+    /// The IO layer's handle of the relay socket.
+    pub handle: RelayHandle,
     /// Where the IO layer bound the relay socket.
     pub local: SocketAddr,
     /// What clients and peers see (the public address).
@@ -36,6 +49,9 @@ pub(crate) struct ChannelBinding {
     pub(crate) number: ChannelNumber,
     pub(crate) peer: SocketAddr,
     pub(crate) expires: Instant,
+    /// Counted in `Stats::channels_active`: bound and not yet swept as expired (it may still
+    /// sit in its cooldown afterwards).
+    pub(crate) active: bool,
 }
 
 /// Traffic counters of one allocation.
@@ -54,6 +70,8 @@ pub struct AllocationStats {
 /// One allocation (RFC 8656 §2.2).
 #[derive(Debug)]
 pub(crate) struct Allocation {
+    pub(crate) id: AllocationId,
+    pub(crate) route: Route,
     pub(crate) five_tuple: FiveTuple,
     pub(crate) username: Box<str>,
     /// Index 0: the IPv4 relayed address; index 1: IPv6.
@@ -86,23 +104,29 @@ impl Allocation {
             .any(|p| p.ip == peer && p.expires > now)
     }
 
-    /// Installs or refreshes a permission; false when `max` would be exceeded.
-    pub(crate) fn install_permission(
-        &mut self,
-        peer: IpAddr,
-        expires: Instant,
-        max: usize,
-    ) -> bool {
+    /// Whether a permission entry for `peer` exists (live, or expired and not yet swept:
+    /// installing it again refreshes it rather than adding one).
+    pub(crate) fn holds_permission(&self, peer: IpAddr) -> bool {
+        let peer = canonical_ip(peer);
+        self.permissions.iter().any(|p| p.ip == peer)
+    }
+
+    /// Installs or refreshes a permission. The caller has checked the permission cap
+    /// (`ServerConfig::max_permissions_per_allocation`, the one place it is enforced).
+    /// Returns whether a new permission was added.
+    pub(crate) fn install_permission(&mut self, peer: IpAddr, expires: Instant) -> bool {
         let peer = canonical_ip(peer);
         if let Some(p) = self.permissions.iter_mut().find(|p| p.ip == peer) {
             p.expires = p.expires.max(expires);
-            return true;
-        }
-        if self.permissions.len() >= max {
             return false;
         }
         self.permissions.push(Permission { ip: peer, expires });
         true
+    }
+
+    /// Channel bindings counted as active.
+    pub(crate) fn active_channels(&self) -> usize {
+        self.channels.iter().filter(|c| c.active).count()
     }
 
     pub(crate) fn channel_by_number(
@@ -132,14 +156,29 @@ impl Allocation {
             t = t.min(p.expires);
         }
         for c in &self.channels {
-            t = t.min(c.expires + CHANNEL_COOLDOWN);
+            let at = if c.active {
+                c.expires
+            } else {
+                c.expires + CHANNEL_COOLDOWN
+            };
+            t = t.min(at);
         }
         t
     }
 
-    /// Drops expired permissions and channel bindings whose cooldown is over.
-    pub(crate) fn sweep(&mut self, now: Instant) {
+    /// Drops expired permissions and channel bindings whose cooldown is over, and marks
+    /// expired bindings inactive. Returns (permissions removed, bindings made inactive).
+    pub(crate) fn sweep(&mut self, now: Instant) -> (usize, usize) {
+        let before = self.permissions.len();
         self.permissions.retain(|p| p.expires > now);
+        let mut deactivated = 0;
+        for c in &mut self.channels {
+            if c.active && c.expires <= now {
+                c.active = false;
+                deactivated += 1;
+            }
+        }
         self.channels.retain(|c| c.expires + CHANNEL_COOLDOWN > now);
+        (before - self.permissions.len(), deactivated)
     }
 }

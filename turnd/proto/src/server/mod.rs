@@ -23,7 +23,9 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-pub use allocation::{AllocationStats, RelayedAddress};
+use rustc_hash::FxHashMap;
+
+pub use allocation::{AllocationStats, RelayHandle, RelayedAddress};
 pub use quota::{LocalQuota, QuotaExceeded, QuotaLedger, SharedQuota};
 
 use crate::auth::{CredentialError, Credentials, LongTermKey, NonceCheck, NonceIssuer};
@@ -44,6 +46,15 @@ pub enum Transport {
 }
 
 impl Transport {
+    /// Every transport, in [`Transport::index`] order.
+    pub const ALL: [Self; 3] = [Self::Udp, Self::Tcp, Self::Tls];
+
+    /// The position in [`Transport::ALL`], for arrays of counters.
+    #[must_use]
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// A stable label for logs and metrics.
     #[must_use]
     pub fn as_str(self) -> &'static str {
@@ -184,11 +195,62 @@ pub enum Reject {
     NoRelayPort,
     /// 508: the allocation has as many permissions as it may.
     PermissionQuotaReached,
-    /// 508: the RESERVATION-TOKEN is unknown or expired.
+    /// 508: the RESERVATION-TOKEN is unknown, expired, or was reserved by another user.
     InvalidReservationToken,
+    /// 300: the server is draining; ALTERNATE-SERVER names another one (RFC 8489 §10).
+    TryAlternate,
+    /// 403: the server is draining and has no alternate server for the client's family.
+    Draining,
+    /// 400: the message carries more attributes than the server reads.
+    TooManyAttributes,
+    /// 400: the service mode refuses this method (STUN-only: every TURN method; no-STUN:
+    /// unauthenticated Binding).
+    MethodNotServed,
+    /// 400: XOR-PEER-ADDRESS with port 0 in a ChannelBind (RFC 8656 §12.2).
+    InvalidPeerPort,
 }
 
 impl Reject {
+    /// Every reason, in [`Reject::index`] order.
+    pub const ALL: [Self; 30] = [
+        Self::MissingAttribute,
+        Self::MalformedAttribute,
+        Self::UnknownMethod,
+        Self::BadPasswordAlgorithm,
+        Self::ConflictingAttributes,
+        Self::InvalidChannelNumber,
+        Self::ChannelConflict,
+        Self::Unauthenticated,
+        Self::BadIntegrity,
+        Self::UnknownUser,
+        Self::ExpiredCredentials,
+        Self::ForbiddenPeer,
+        Self::UnknownAttribute,
+        Self::AllocationExists,
+        Self::NoAllocation,
+        Self::StaleNonce,
+        Self::AddressFamilyNotSupported,
+        Self::WrongCredentials,
+        Self::UnsupportedTransport,
+        Self::PeerAddressFamilyMismatch,
+        Self::UserQuotaReached,
+        Self::TotalQuotaReached,
+        Self::NoRelayPort,
+        Self::PermissionQuotaReached,
+        Self::InvalidReservationToken,
+        Self::TryAlternate,
+        Self::Draining,
+        Self::TooManyAttributes,
+        Self::MethodNotServed,
+        Self::InvalidPeerPort,
+    ];
+
+    /// The position in [`Reject::ALL`], for arrays of counters.
+    #[must_use]
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The STUN error code sent.
     #[must_use]
     pub fn code(self) -> ErrorCode {
@@ -200,11 +262,15 @@ impl Reject {
             | BadPasswordAlgorithm
             | ConflictingAttributes
             | InvalidChannelNumber
-            | ChannelConflict => ErrorCode::BAD_REQUEST,
+            | ChannelConflict
+            | TooManyAttributes
+            | MethodNotServed
+            | InvalidPeerPort => ErrorCode::BAD_REQUEST,
+            TryAlternate => ErrorCode::TRY_ALTERNATE,
             Unauthenticated | BadIntegrity | UnknownUser | ExpiredCredentials => {
                 ErrorCode::UNAUTHENTICATED
             }
-            ForbiddenPeer => ErrorCode::FORBIDDEN,
+            ForbiddenPeer | Draining => ErrorCode::FORBIDDEN,
             UnknownAttribute => ErrorCode::UNKNOWN_ATTRIBUTE,
             AllocationExists | NoAllocation => ErrorCode::ALLOCATION_MISMATCH,
             StaleNonce => ErrorCode::STALE_NONCE,
@@ -216,6 +282,20 @@ impl Reject {
             TotalQuotaReached | NoRelayPort | PermissionQuotaReached | InvalidReservationToken => {
                 ErrorCode::INSUFFICIENT_CAPACITY
             }
+        }
+    }
+
+    /// The reason phrase sent even to an unauthenticated client, for reasons a client (or
+    /// its operator) cannot work out from the code alone. Others send the code's standard
+    /// phrase when authenticated and none otherwise.
+    #[must_use]
+    pub fn explained(self) -> Option<&'static str> {
+        match self {
+            Self::Draining => Some("server is draining"),
+            Self::TooManyAttributes => Some("too many attributes"),
+            Self::MethodNotServed => Some("method not served by this server"),
+            Self::InvalidPeerPort => Some("peer port 0"),
+            _ => None,
         }
     }
 
@@ -249,6 +329,11 @@ impl Reject {
             NoRelayPort => "no_relay_port",
             PermissionQuotaReached => "permission_quota_reached",
             InvalidReservationToken => "invalid_reservation_token",
+            TryAlternate => "try_alternate",
+            Draining => "draining",
+            TooManyAttributes => "too_many_attributes",
+            MethodNotServed => "method_not_served",
+            InvalidPeerPort => "invalid_peer_port",
         }
     }
 }
@@ -273,11 +358,14 @@ pub enum DropReason {
     PeerFamily,
     /// A retransmitted Allocate while its relay is still being bound.
     Pending,
+    /// A request that would be answered with a 401 challenge, over the per-source limit
+    /// (`ServerConfig::challenges_per_source_per_second`).
+    ChallengeRateLimited,
 }
 
 impl DropReason {
     /// Every reason, in `Stats::drops` order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Malformed,
         Self::Unexpected,
         Self::NoAllocation,
@@ -286,6 +374,7 @@ impl DropReason {
         Self::BadIndication,
         Self::PeerFamily,
         Self::Pending,
+        Self::ChallengeRateLimited,
     ];
 
     /// A stable snake_case label.
@@ -300,27 +389,98 @@ impl DropReason {
             Self::BadIndication => "bad_indication",
             Self::PeerFamily => "peer_family",
             Self::Pending => "pending",
+            Self::ChallengeRateLimited => "challenge_rate_limited",
         }
     }
 
-    fn index(self) -> usize {
-        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    /// The position in [`DropReason::ALL`] (and `Stats::drops`).
+    #[must_use]
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 
-/// Counters the IO layer exports as metrics.
+/// The request methods the server answers, for counting requests by method.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum RequestKind {
+    /// Binding (RFC 8489 §3).
+    Binding,
+    /// Allocate (RFC 8656 §7).
+    Allocate,
+    /// Refresh (RFC 8656 §8).
+    Refresh,
+    /// CreatePermission (RFC 8656 §10).
+    CreatePermission,
+    /// ChannelBind (RFC 8656 §12).
+    ChannelBind,
+}
+
+impl RequestKind {
+    /// Every kind, in [`RequestKind::index`] order.
+    pub const ALL: [Self; 5] = [
+        Self::Binding,
+        Self::Allocate,
+        Self::Refresh,
+        Self::CreatePermission,
+        Self::ChannelBind,
+    ];
+
+    /// The position in [`RequestKind::ALL`] (and `Stats::requests`).
+    #[must_use]
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// A stable snake_case label.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Binding => "binding",
+            Self::Allocate => "allocate",
+            Self::Refresh => "refresh",
+            Self::CreatePermission => "create_permission",
+            Self::ChannelBind => "channel_bind",
+        }
+    }
+
+    /// The kind of a request method, if the server serves it.
+    #[must_use]
+    pub fn of(method: Method) -> Option<Self> {
+        match method {
+            Method::BINDING => Some(Self::Binding),
+            Method::ALLOCATE => Some(Self::Allocate),
+            Method::REFRESH => Some(Self::Refresh),
+            Method::CREATE_PERMISSION => Some(Self::CreatePermission),
+            Method::CHANNEL_BIND => Some(Self::ChannelBind),
+            _ => None,
+        }
+    }
+}
+
+/// Counters and gauges the IO layer exports as metrics. Every field is kept up to date as
+/// things happen (O(1) per event, never by scanning allocations).
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
 pub struct Stats {
     /// Dropped datagrams by [`DropReason`] (index as in `DropReason::ALL`).
-    pub drops: [u64; 8],
-    /// Datagrams relayed client → peer.
-    pub packets_to_peer: u64,
-    /// Payload bytes relayed client → peer.
-    pub bytes_to_peer: u64,
-    /// Datagrams relayed peer → client.
-    pub packets_from_peer: u64,
-    /// Payload bytes relayed peer → client.
-    pub bytes_from_peer: u64,
+    pub drops: [u64; 9],
+    /// Datagrams relayed client → peer, by the client's transport ([`Transport::index`]).
+    pub packets_to_peer: [u64; 3],
+    /// Payload bytes relayed client → peer, by transport.
+    pub bytes_to_peer: [u64; 3],
+    /// Datagrams relayed peer → client, by transport.
+    pub packets_from_peer: [u64; 3],
+    /// Payload bytes relayed peer → client, by transport.
+    pub bytes_from_peer: [u64; 3],
+    /// Requests answered, by [`RequestKind::index`]; `[0]` successes, `[1]` error responses.
+    /// Retransmissions answered from the transaction cache are not counted again.
+    pub requests: [[u64; 2]; 5],
+    /// Permissions currently installed (gauge).
+    pub permissions_active: u64,
+    /// Channel bindings currently bound, not counting those in their post-expiry cooldown
+    /// (gauge).
+    pub channels_active: u64,
+    /// Allocations currently held (gauge).
+    pub allocations_active: u64,
 }
 
 impl Stats {
@@ -331,15 +491,32 @@ impl Stats {
     }
 }
 
+/// Where the IO layer sends a client's answers: a listener index, a stream connection index,
+/// whatever it likes. Opaque to the core, which remembers the route of each request and of
+/// each allocation and hands it back in every [`Transmit`] to a client.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct Route(pub u32);
+
+/// Identifies an allocation across the shards of one process: the shard number
+/// ([`Server::set_shard`]) in the top 16 bits, a per-server counter below (never reused).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub struct AllocationId(pub u64);
+
+impl std::fmt::Display for AllocationId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
 /// Where a [`Transmit`] goes.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Destination {
     /// To a client, over the listener (or connection) of this 5-tuple.
     Client(FiveTuple),
-    /// To a peer, from the relay socket bound at `relay`.
+    /// To a peer, from the relay socket the IO layer knows as `relay`.
     Peer {
-        /// The local address of the relay socket.
-        relay: SocketAddr,
+        /// The relay socket's handle ([`RelayedAddress::handle`]).
+        relay: RelayHandle,
         /// The peer.
         peer: SocketAddr,
     },
@@ -354,6 +531,9 @@ pub struct Transmit<'a> {
     pub payload: &'a [u8],
     /// Send with the IP DF bit set (DONT-FRAGMENT, RFC 8656 §18.9).
     pub dont_fragment: bool,
+    /// For [`Destination::Client`]: the route of the request answered, or the allocation's
+    /// route for data from a peer. `Route::default()` for [`Destination::Peer`].
+    pub route: Route,
 }
 
 /// Identifies a [`RelayRequest`] until [`Server::handle_relay_bound`] answers it.
@@ -408,7 +588,8 @@ pub struct RelayBound {
     pub primary: Result<RelayedAddress, RelayError>,
     /// The IPv6 one, when `additional_ipv6` was asked.
     pub additional: Option<Result<RelayedAddress, RelayError>>,
-    /// The port held for a later RESERVATION-TOKEN (its local address).
+    /// The port held for a later RESERVATION-TOKEN (its local address). The core answers it
+    /// with exactly one [`Event::ReservedPortReleased`] unless an Allocate redeems it first.
     pub reserved_next: Option<SocketAddr>,
 }
 
@@ -421,6 +602,21 @@ pub enum EndReason {
     Deleted,
     /// Its TCP/TLS connection closed.
     ConnectionClosed,
+    /// Ended through the operations API ([`Server::end_allocation`]).
+    Admin,
+}
+
+impl EndReason {
+    /// A stable snake_case label.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::Deleted => "deleted",
+            Self::ConnectionClosed => "connection_closed",
+            Self::Admin => "admin",
+        }
+    }
 }
 
 /// Things the IO layer acts on or reports.
@@ -428,10 +624,17 @@ pub enum EndReason {
 pub enum Event {
     /// Bind relay socket(s), then call [`Server::handle_relay_bound`].
     RelayRequested(RelayRequest),
-    /// Close the relay socket bound at this local address; its port is free again.
-    RelayReleased(SocketAddr),
+    /// Close this relay socket; its handle and port are free again.
+    RelayReleased(RelayedAddress),
+    /// Close the port held at this local address for a RESERVATION-TOKEN (it was never
+    /// redeemed); the port is free again. Sent once per `RelayBound::reserved_next`.
+    ReservedPortReleased(SocketAddr),
     /// An allocation was created.
     AllocationCreated {
+        /// Its id.
+        id: AllocationId,
+        /// The route its answers take.
+        route: Route,
         /// Its 5-tuple.
         five_tuple: FiveTuple,
         /// The authenticated username.
@@ -443,6 +646,10 @@ pub enum Event {
     },
     /// An allocation ended; its relay sockets are released by separate events.
     AllocationEnded {
+        /// Its id.
+        id: AllocationId,
+        /// The route its answers took (a stream connection can be closed now).
+        route: Route,
         /// Its 5-tuple.
         five_tuple: FiveTuple,
         /// The username.
@@ -458,6 +665,11 @@ pub enum Event {
     },
     /// A request was answered with an error.
     Rejected {
+        /// The client's transport address.
+        client: SocketAddr,
+        /// The username: the authenticated one, or the one claimed when authentication failed
+        /// (not verified; escape it before logging). `None` when the request carried none.
+        username: Option<Box<str>>,
         /// The transport.
         transport: Transport,
         /// The request's method.
@@ -482,12 +694,21 @@ struct Signer {
     fingerprint: bool,
 }
 
+/// What an error response needs of the request it answers.
+#[derive(Clone, Copy, Debug)]
+struct ErrorTo {
+    method: Method,
+    tid: TransactionId,
+    fingerprint: bool,
+}
+
 struct Authenticated {
     username: String,
     signer: Signer,
 }
 
 struct Pending {
+    route: Route,
     tid: TransactionId,
     username: Box<str>,
     signer: Signer,
@@ -502,10 +723,14 @@ struct Reservation {
 
 struct QueuedTransmit {
     destination: Destination,
+    route: Route,
     start: usize,
     end: usize,
     dont_fragment: bool,
 }
+
+/// No allocation at this index of `Server::by_relay`.
+const NO_ALLOCATION: u32 = u32::MAX;
 
 /// The TURN server state machine. See the [module documentation](self).
 pub struct Server {
@@ -517,19 +742,25 @@ pub struct Server {
 
     slab: Vec<Option<Allocation>>,
     free: Vec<u32>,
-    by_tuple: HashMap<FiveTuple, u32>,
-    by_relay: HashMap<SocketAddr, u32>,
+    by_tuple: FxHashMap<FiveTuple, u32>,
+    /// Allocation slab index by [`RelayHandle`]; `NO_ALLOCATION` where none.
+    by_relay: Vec<u32>,
     pending: HashMap<RelayRequestId, (FiveTuple, Pending)>,
-    pending_tuples: HashMap<FiveTuple, RelayRequestId>,
+    pending_tuples: FxHashMap<FiveTuple, RelayRequestId>,
     next_request: u64,
     reservations: HashMap<[u8; 8], Reservation>,
     next_token: u64,
     tx_cache: HashMap<u64, (FiveTuple, TransactionId, Vec<u8>)>,
-    tx_cache_index: HashMap<(FiveTuple, TransactionId), u64>,
+    tx_cache_index: FxHashMap<(FiveTuple, TransactionId), u64>,
     next_tx: u64,
     deadlines: Deadlines,
     generations: Vec<u32>,
     last_now: Instant,
+    /// The route of the request being answered (set on entry by `handle_client_datagram`
+    /// and `handle_relay_bound`).
+    route: Route,
+    shard: u16,
+    next_allocation: u64,
 
     out: Vec<u8>,
     transmits: VecDeque<QueuedTransmit>,
@@ -576,24 +807,39 @@ impl Server {
             epoch_unix: unix_now,
             slab: Vec::new(),
             free: Vec::new(),
-            by_tuple: HashMap::new(),
-            by_relay: HashMap::new(),
+            by_tuple: FxHashMap::default(),
+            by_relay: Vec::new(),
             pending: HashMap::new(),
-            pending_tuples: HashMap::new(),
+            pending_tuples: FxHashMap::default(),
             next_request: 0,
             reservations: HashMap::new(),
             next_token: 0,
             tx_cache: HashMap::new(),
-            tx_cache_index: HashMap::new(),
+            tx_cache_index: FxHashMap::default(),
             next_tx: 0,
             deadlines: Deadlines::default(),
             generations: Vec::new(),
             last_now: now,
+            route: Route::default(),
+            shard: 0,
+            next_allocation: 0,
             out: Vec::with_capacity(64 * 1024),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
         }
+    }
+
+    /// Sets this server's shard number, which goes in the top 16 bits of every
+    /// [`AllocationId`] it hands out from now on (ids are then unique across the shards of a
+    /// process). Call it before serving.
+    pub fn set_shard(&mut self, shard: u16) {
+        self.shard = shard;
+    }
+
+    fn new_allocation_id(&mut self) -> AllocationId {
+        self.next_allocation += 1;
+        AllocationId((u64::from(self.shard) << 48) | (self.next_allocation & ((1u64 << 48) - 1)))
     }
 
     /// The configuration.
@@ -620,7 +866,8 @@ impl Server {
         self.by_tuple.contains_key(five_tuple) || self.pending_tuples.contains_key(five_tuple)
     }
 
-    /// How many permissions and channel bindings exist, across allocations.
+    /// How many permissions and channel bindings exist, across allocations (a scan: for
+    /// tests and audits; metrics read the gauges in [`Server::stats`]).
     #[must_use]
     pub fn permission_and_channel_count(&self) -> (usize, usize) {
         self.slab.iter().flatten().fold((0, 0), |(p, c), a| {
@@ -645,6 +892,7 @@ impl Server {
             destination: t.destination,
             payload: &self.out[t.start..t.end],
             dont_fragment: t.dont_fragment,
+            route: t.route,
         })
     }
 
@@ -663,14 +911,26 @@ impl Server {
         self.stats.drops[reason.index()] += 1;
     }
 
-    fn queue(&mut self, destination: Destination, start: usize, dont_fragment: bool) {
+    fn queue(&mut self, destination: Destination, route: Route, start: usize, dont_fragment: bool) {
         let end = self.out.len();
         self.transmits.push_back(QueuedTransmit {
             destination,
+            route,
             start,
             end,
             dont_fragment,
         });
+    }
+
+    /// Queues the answer to the request being handled (to its client, on its route).
+    fn queue_answer(&mut self, ft: FiveTuple, start: usize) {
+        self.queue(Destination::Client(ft), self.route, start, false);
+    }
+
+    fn count_request(&mut self, method: Method, ok: bool) {
+        if let Some(k) = RequestKind::of(method) {
+            self.stats.requests[k.index()][usize::from(!ok)] += 1;
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -684,7 +944,7 @@ impl Server {
                 TimerKey::Allocation(idx, gen) => self.check_allocation(idx, gen, at, now),
                 TimerKey::Reservation(token) => {
                     if let Some(r) = self.reservations.remove(&token) {
-                        self.events.push_back(Event::RelayReleased(r.local));
+                        self.events.push_back(Event::ReservedPortReleased(r.local));
                     }
                 }
                 TimerKey::Transaction(id) => {
@@ -707,10 +967,12 @@ impl Server {
             self.remove_allocation(idx, EndReason::Expired, now);
             return;
         }
-        a.sweep(now);
+        let (permissions, channels) = a.sweep(now);
         let next = a.next_deadline();
         a.scheduled = next;
         self.deadlines.push(next, TimerKey::Allocation(idx, gen));
+        self.stats.permissions_active -= permissions as u64;
+        self.stats.channels_active -= channels as u64;
     }
 
     /// Makes sure the allocation's timer fires no later than `at`.
@@ -732,11 +994,18 @@ impl Server {
         self.free.push(idx);
         self.by_tuple.remove(&a.five_tuple);
         for r in a.relayed.iter().flatten() {
-            self.by_relay.remove(&r.local);
-            self.events.push_back(Event::RelayReleased(r.local));
+            if let Some(slot) = self.by_relay.get_mut(r.handle.0 as usize) {
+                *slot = NO_ALLOCATION;
+            }
+            self.events.push_back(Event::RelayReleased(*r));
         }
         self.quota.release(&a.username);
+        self.stats.allocations_active -= 1;
+        self.stats.permissions_active -= a.permissions.len() as u64;
+        self.stats.channels_active -= a.active_channels() as u64;
         self.events.push_back(Event::AllocationEnded {
+            id: a.id,
+            route: a.route,
             five_tuple: a.five_tuple,
             username: a.username,
             relayed: a.relayed,
@@ -762,17 +1031,17 @@ impl Server {
     // -----------------------------------------------------------------------------------------
     // Relay path
 
-    /// A datagram arrived on the relay socket bound at `relay` from `peer`
-    /// (RFC 8656 §11.3, §12.6): relayed to the client as ChannelData when a channel is bound
-    /// to the peer, else as a Data indication; dropped without a permission.
+    /// A datagram arrived on the relay socket `relay` from `peer` (RFC 8656 §11.3, §12.7):
+    /// relayed to the client as ChannelData when a channel is bound to the peer, else as a
+    /// Data indication; dropped without a permission.
     pub fn handle_peer_datagram(
         &mut self,
         now: Instant,
-        relay: SocketAddr,
+        relay: RelayHandle,
         peer: SocketAddr,
         data: &[u8],
     ) {
-        let Some(&idx) = self.by_relay.get(&relay) else {
+        let Some(&idx) = self.by_relay.get(relay.0 as usize) else {
             return self.drop_packet(DropReason::NoAllocation);
         };
         let Some(Some(a)) = self.slab.get_mut(idx as usize) else {
@@ -785,10 +1054,12 @@ impl Server {
             return self.drop_packet(DropReason::Malformed);
         };
         let ft = a.five_tuple;
+        let route = a.route;
         a.stats.packets_from_peer += 1;
         a.stats.bytes_from_peer += u64::from(len);
-        self.stats.packets_from_peer += 1;
-        self.stats.bytes_from_peer += u64::from(len);
+        let t = ft.transport.index();
+        self.stats.packets_from_peer[t] += 1;
+        self.stats.bytes_from_peer[t] += u64::from(len);
         let start = self.out.len();
         if let Some(ch) = a.channel_by_peer(peer, now) {
             let mut hdr = [0u8; 4];
@@ -809,7 +1080,7 @@ impl Server {
             b.add(&XorPeerAddress(peer)).add(&Data(data));
             b.finish();
         }
-        self.queue(Destination::Client(ft), start, false);
+        self.queue(Destination::Client(ft), route, start, false);
     }
 
     fn fresh_tid(&mut self) -> TransactionId {
@@ -820,10 +1091,18 @@ impl Server {
         TransactionId(t)
     }
 
-    /// A datagram (or one stream frame) from a client. STUN requests are answered, Send
-    /// indications and ChannelData relayed, anything else dropped and counted.
-    pub fn handle_client_datagram(&mut self, now: Instant, five_tuple: FiveTuple, data: &[u8]) {
+    /// A datagram (or one stream frame) from a client, which arrived by `route` (the IO
+    /// layer's listener or connection; answers to it carry the same route). STUN requests are
+    /// answered, Send indications and ChannelData relayed, anything else dropped and counted.
+    pub fn handle_client_datagram(
+        &mut self,
+        now: Instant,
+        five_tuple: FiveTuple,
+        route: Route,
+        data: &[u8],
+    ) {
         self.last_now = now;
+        self.route = route;
         let Some(&first) = data.first() else {
             return self.drop_packet(DropReason::Malformed);
         };
@@ -893,15 +1172,16 @@ impl Server {
         a.stats.packets_to_peer += 1;
         a.stats.bytes_to_peer += n;
         let dont_fragment = dont_fragment || a.dont_fragment;
-        self.stats.packets_to_peer += 1;
-        self.stats.bytes_to_peer += n;
+        let t = ft.transport.index();
+        self.stats.packets_to_peer[t] += 1;
+        self.stats.bytes_to_peer[t] += n;
         let start = self.out.len();
         self.out.extend_from_slice(data);
         let destination = Destination::Peer {
-            relay: relay.local,
+            relay: relay.handle,
             peer,
         };
-        self.queue(destination, start, dont_fragment);
+        self.queue(destination, Route::default(), start, dont_fragment);
     }
 
     // -----------------------------------------------------------------------------------------
@@ -947,7 +1227,7 @@ impl Server {
                     }) {
                         let start = self.out.len();
                         self.out.extend_from_slice(bytes);
-                        self.queue(Destination::Client(ft), start, false);
+                        self.queue_answer(ft, start);
                         return;
                     }
                 }
@@ -964,7 +1244,7 @@ impl Server {
                     _ => self.handle_channel_bind(now, ft, msg, &auth),
                 };
                 if let Err(reason) = result {
-                    self.reject(ft, msg, reason, Some(auth.signer), |_| {});
+                    self.reject(ft, msg, reason, Some(&auth), |_| {});
                 }
             }
             _ => self.reject(ft, msg, Reject::UnknownMethod, None, |_| {}),
@@ -983,7 +1263,8 @@ impl Server {
             b.add_fingerprint();
         }
         b.finish();
-        self.queue(Destination::Client(ft), start, false);
+        self.queue_answer(ft, start);
+        self.count_request(Method::BINDING, true);
     }
 
     /// RFC 8489 §9.2.4: the long-term credential checks, in the RFC's order.
@@ -1094,18 +1375,49 @@ impl Server {
         }
     }
 
-    /// Sends an error response. Unauthenticated ones carry no reason phrase and no SOFTWARE;
-    /// 401 and 438 carry the challenge (REALM, NONCE, PASSWORD-ALGORITHMS).
+    /// Answers request `msg` with an error. `auth` is the authenticated requester, if any:
+    /// then the response is signed and carries SOFTWARE.
     fn reject(
         &mut self,
         ft: FiveTuple,
         msg: &Message<'_>,
         reason: Reject,
-        signer: Option<Signer>,
+        auth: Option<&Authenticated>,
         extra: impl FnOnce(&mut MessageBuilder<'_>),
     ) {
-        let method = msg.typ().method;
+        let request = ErrorTo {
+            method: msg.typ().method,
+            tid: msg.transaction_id(),
+            fingerprint: msg.has_fingerprint(),
+        };
+        let username: Option<Box<str>> = match auth {
+            Some(a) => Some(a.username.as_str().into()),
+            None => msg.get::<Username<'_>>().ok().flatten().map(|u| u.0.into()),
+        };
+        self.error_response(ft, request, reason, auth.map(|a| a.signer), username, extra);
+    }
+
+    /// The one builder of error responses (RFC 8489 §6.3.4). Every rejection goes through
+    /// here: it is counted, reported as [`Event::Rejected`], and answered on the request's
+    /// route.
+    ///
+    /// Unauthenticated answers carry no SOFTWARE and, to stay small, no reason phrase unless
+    /// the reason needs explaining ([`Reject::explained`]); 401 and 438 carry the challenge
+    /// (REALM, NONCE, PASSWORD-ALGORITHMS). Authenticated ones are signed like the request.
+    fn error_response(
+        &mut self,
+        ft: FiveTuple,
+        request: ErrorTo,
+        reason: Reject,
+        signer: Option<Signer>,
+        username: Option<Box<str>>,
+        extra: impl FnOnce(&mut MessageBuilder<'_>),
+    ) {
+        let method = request.method;
+        self.count_request(method, false);
         self.events.push_back(Event::Rejected {
+            client: ft.client,
+            username,
             transport: ft.transport,
             method,
             reason,
@@ -1119,12 +1431,12 @@ impl Server {
         let mut b = MessageBuilder::new(
             &mut self.out,
             MessageType::new(method, Class::Error),
-            msg.transaction_id(),
+            request.tid,
         );
-        let phrase = if signer.is_some() {
-            code.reason_phrase()
-        } else {
-            ""
+        let phrase = match reason.explained() {
+            Some(p) => p,
+            None if signer.is_some() => code.reason_phrase(),
+            None => "",
         };
         b.add(&ErrorCodeAttr {
             code,
@@ -1139,9 +1451,9 @@ impl Server {
         if let Some(s) = software {
             b.add(&Software(s));
         }
-        finish_signed(&mut b, signer, msg.has_fingerprint());
+        finish_signed(&mut b, signer, request.fingerprint);
         b.finish();
-        self.queue(Destination::Client(ft), start, false);
+        self.queue_answer(ft, start);
     }
 
     /// The UNIX time of the most recent `handle_*` call (nonces issued in error responses).
@@ -1167,7 +1479,8 @@ impl Server {
         }
         finish_signed(&mut b, Some(signer), signer.fingerprint);
         b.finish();
-        self.queue(Destination::Client(ft), start, false);
+        self.queue_answer(ft, start);
+        self.count_request(method, true);
         (start, self.out.len())
     }
 
@@ -1219,7 +1532,7 @@ impl Server {
                         QuotaExceeded::User => Reject::UserQuotaReached,
                         QuotaExceeded::Total => Reject::TotalQuotaReached,
                     };
-                    return self.reject(ft, msg, reason, Some(signer), |_| {});
+                    return self.reject(ft, msg, reason, Some(&auth), |_| {});
                 }
                 if let Ok(Some(token)) = msg.get::<ReservationToken>() {
                     self.reservations.remove(&token.0);
@@ -1232,6 +1545,7 @@ impl Server {
                     (
                         ft,
                         Pending {
+                            route: self.route,
                             tid: msg.transaction_id(),
                             username: auth.username.into_boxed_str(),
                             signer,
@@ -1252,7 +1566,7 @@ impl Server {
                 }));
             }
             Err(Ok(())) => self.drop_packet(DropReason::Pending),
-            Err(Err(r)) => self.reject(ft, msg, r, Some(signer), |_| {}),
+            Err(Err(r)) => self.reject(ft, msg, r, Some(&auth), |_| {}),
         }
     }
 
@@ -1342,32 +1656,38 @@ impl Server {
         self.last_now = now;
         let Some((ft, p)) = self.pending.remove(&id) else {
             // The client went away meanwhile: give the ports back.
-            for local in [
-                bound.primary.ok().map(|r| r.local),
-                bound.additional.and_then(|r| r.ok()).map(|r| r.local),
-                bound.reserved_next,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                self.events.push_back(Event::RelayReleased(local));
+            let relays = [bound.primary.ok(), bound.additional.and_then(Result::ok)];
+            for r in relays.into_iter().flatten() {
+                self.events.push_back(Event::RelayReleased(r));
+            }
+            if let Some(local) = bound.reserved_next {
+                self.events.push_back(Event::ReservedPortReleased(local));
             }
             return;
         };
         self.pending_tuples.remove(&ft);
+        self.route = p.route;
         let primary = match bound.primary {
             Ok(r) => r,
             Err(e) => {
                 self.quota.release(&p.username);
-                let additional = bound.additional.and_then(Result::ok).map(|r| r.local);
-                for local in [bound.reserved_next, additional].into_iter().flatten() {
-                    self.events.push_back(Event::RelayReleased(local));
+                if let Some(r) = bound.additional.and_then(Result::ok) {
+                    self.events.push_back(Event::RelayReleased(r));
+                }
+                if let Some(local) = bound.reserved_next {
+                    self.events.push_back(Event::ReservedPortReleased(local));
                 }
                 let reason = match e {
                     RelayError::NoPortAvailable => Reject::NoRelayPort,
                     RelayError::FamilyUnavailable => Reject::AddressFamilyNotSupported,
                 };
-                return self.reject_raw(ft, Method::ALLOCATE, p.tid, reason, p.signer);
+                let request = ErrorTo {
+                    method: Method::ALLOCATE,
+                    tid: p.tid,
+                    fingerprint: p.signer.fingerprint,
+                };
+                let signer = Some(p.signer);
+                return self.error_response(ft, request, reason, signer, Some(p.username), |_| {});
             }
         };
         let mut relayed = [None, None];
@@ -1400,7 +1720,7 @@ impl Server {
                 Some(ReservationToken(t))
             }
             (_, Some(local)) => {
-                self.events.push_back(Event::RelayReleased(local));
+                self.events.push_back(Event::ReservedPortReleased(local));
                 None
             }
             _ => None,
@@ -1413,7 +1733,10 @@ impl Server {
                 (u32::try_from(self.slab.len() - 1).unwrap_or(u32::MAX), 0)
             }
         };
+        let alloc_id = self.new_allocation_id();
         let alloc = Allocation {
+            id: alloc_id,
+            route: p.route,
             five_tuple: ft,
             username: p.username.clone(),
             relayed,
@@ -1431,8 +1754,13 @@ impl Server {
         }
         self.by_tuple.insert(ft, idx);
         for r in relayed.iter().flatten() {
-            self.by_relay.insert(r.local, idx);
+            let h = r.handle.0 as usize;
+            if self.by_relay.len() <= h {
+                self.by_relay.resize(h + 1, NO_ALLOCATION);
+            }
+            self.by_relay[h] = idx;
         }
+        self.stats.allocations_active += 1;
         self.deadlines
             .push(expires, TimerKey::Allocation(idx, generation));
         self.generations_bump(idx, generation);
@@ -1456,6 +1784,8 @@ impl Server {
         });
         self.cache_transaction(now, ft, p.tid, range);
         self.events.push_back(Event::AllocationCreated {
+            id: alloc_id,
+            route: p.route,
             five_tuple: ft,
             username: p.username,
             relayed,
@@ -1475,31 +1805,6 @@ impl Server {
             self.generations.resize(i + 1, 0);
         }
         self.generations[i] = generation;
-    }
-
-    fn reject_raw(
-        &mut self,
-        ft: FiveTuple,
-        method: Method,
-        tid: TransactionId,
-        reason: Reject,
-        signer: Signer,
-    ) {
-        self.events.push_back(Event::Rejected {
-            transport: ft.transport,
-            method,
-            reason,
-        });
-        let code = reason.code();
-        let start = self.out.len();
-        let mut b = MessageBuilder::new(&mut self.out, MessageType::new(method, Class::Error), tid);
-        b.add(&ErrorCodeAttr {
-            code,
-            reason: code.reason_phrase(),
-        });
-        finish_signed(&mut b, Some(signer), signer.fingerprint);
-        b.finish();
-        self.queue(Destination::Client(ft), start, false);
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1582,16 +1887,18 @@ impl Server {
     ) -> Result<(), Reject> {
         let idx = self.allocation_for(ft, auth)?;
         let relayed = self.relayed_of(idx)?;
-        let mut peers = [None::<IpAddr>; 16];
-        let mut n = 0;
+        // Every peer is checked before any permission is installed: all or nothing
+        // (RFC 8656 §10.2). The message's attribute cap bounds this list.
+        let mut peers: Vec<IpAddr> = Vec::new();
         for p in msg.get_all::<XorPeerAddress>() {
             let XorPeerAddress(peer) = p.map_err(|_| Reject::MalformedAttribute)?;
             self.check_peer(&relayed, peer)?;
-            let slot = peers.get_mut(n).ok_or(Reject::PermissionQuotaReached)?;
-            *slot = Some(policy::canonical_ip(peer.ip()));
-            n += 1;
+            let ip = policy::canonical_ip(peer.ip());
+            if !peers.contains(&ip) {
+                peers.push(ip);
+            }
         }
-        if n == 0 {
+        if peers.is_empty() {
             return Err(Reject::MissingAttribute);
         }
         let expires = now + self.config.permission_lifetime;
@@ -1599,18 +1906,13 @@ impl Server {
         let Some(Some(a)) = self.slab.get_mut(idx as usize) else {
             return Err(Reject::NoAllocation);
         };
-        // All or nothing (RFC 8656 §9.2): check room first.
-        let new = peers[..n]
-            .iter()
-            .flatten()
-            .filter(|ip| !a.permissions.iter().any(|p| p.ip == **ip))
-            .count();
-        if a.permissions.len() + new > max {
-            return Err(Reject::PermissionQuotaReached);
+        let new = peers.iter().filter(|ip| !a.holds_permission(**ip)).count();
+        permission_cap(a.permissions.len(), new, max)?;
+        let mut added = 0u64;
+        for ip in peers {
+            added += u64::from(a.install_permission(ip, expires));
         }
-        for ip in peers[..n].iter().flatten() {
-            a.install_permission(*ip, expires, max);
-        }
+        self.stats.permissions_active += added;
         self.schedule(idx, expires);
         self.success(
             ft,
@@ -1658,21 +1960,33 @@ impl Server {
             .iter()
             .position(|c| c.number == number && cooling(c));
         let by_peer = a.channels.iter().position(|c| c.peer == peer && cooling(c));
+        let new_permission = usize::from(!a.holds_permission(peer.ip()));
+        let mut activated = 0u64;
         match (by_number, by_peer) {
-            (Some(i), Some(j)) if i == j => a.channels[i].expires = ch_expires,
-            (None, None) => {
-                if !a.has_permission(peer.ip(), now) && a.permissions.len() >= max {
-                    return Err(Reject::PermissionQuotaReached);
+            (Some(i), Some(j)) if i == j => {
+                permission_cap(a.permissions.len(), new_permission, max)?;
+                let c = &mut a.channels[i];
+                c.expires = ch_expires;
+                if !c.active {
+                    c.active = true;
+                    activated = 1;
                 }
+            }
+            (None, None) => {
+                permission_cap(a.permissions.len(), new_permission, max)?;
                 a.channels.push(ChannelBinding {
                     number,
                     peer,
                     expires: ch_expires,
+                    active: true,
                 });
+                activated = 1;
             }
             _ => return Err(Reject::ChannelConflict),
         }
-        a.install_permission(peer.ip(), perm_expires, max);
+        let added = a.install_permission(peer.ip(), perm_expires);
+        self.stats.permissions_active += u64::from(added);
+        self.stats.channels_active += activated;
         self.schedule(idx, perm_expires.min(ch_expires));
         self.success(
             ft,
@@ -1681,6 +1995,16 @@ impl Server {
             auth.signer,
             |_| {},
         );
+        Ok(())
+    }
+}
+
+/// The permission cap (`ServerConfig::max_permissions_per_allocation`, RFC 8656 §9: 508
+/// beyond), checked in this one place: `held` permissions plus `new` ones must fit.
+fn permission_cap(held: usize, new: usize, max: usize) -> Result<(), Reject> {
+    if held + new > max {
+        Err(Reject::PermissionQuotaReached)
+    } else {
         Ok(())
     }
 }
