@@ -37,9 +37,11 @@ impl PortPools {
         usize::from(*self.range.end() - *self.range.start()) + 1
     }
 
-    /// Tries candidate ports for `ip` starting at a random offset, calling `bind` on each free
-    /// one until it succeeds; `step`/`parity` select even ports for EVEN-PORT. `bind` returns
-    /// `None` when the port is taken by someone else (it is then skipped).
+    /// Tries candidate ports for `ip` starting at offset `start`, calling `bind` on each free
+    /// one until it succeeds; `even` selects even ports and `pair` also takes port + 1
+    /// (EVEN-PORT). `bind` returns `None` when the port is taken by someone else (it is then
+    /// skipped). The pool's mutex is taken only to pick and to mark a port, never across
+    /// `bind`: a candidate is marked used first, and unmarked if the bind fails.
     pub fn acquire<T>(
         &self,
         ip: IpAddr,
@@ -50,38 +52,80 @@ impl PortPools {
     ) -> Option<(u16, T)> {
         let n = self.len();
         let base = *self.range.start();
-        let mut pools = match self.pools.lock() {
-            Ok(p) => p,
-            Err(p) => p.into_inner(),
-        };
-        let pool = pools.entry(ip).or_insert_with(|| Pool {
-            used: vec![false; n],
-            free: n,
-        });
-        if pool.free == 0 {
-            return None;
-        }
-        for k in 0..n {
-            let i = (start + k) % n;
-            let Ok(off) = u16::try_from(i) else { continue };
-            let port = base.saturating_add(off);
-            if pool.used[i] || (even && port % 2 != 0) {
-                continue;
-            }
-            if pair && (i + 1 >= n || pool.used[i + 1]) {
-                continue;
-            }
-            if let Some(t) = bind(port) {
-                pool.used[i] = true;
-                pool.free -= 1;
-                if pair {
-                    pool.used[i + 1] = true;
+        let from = start % n;
+        let mut scanned = 0;
+        while scanned < n {
+            let (i, port) = {
+                let mut pools = self.lock();
+                let pool = pools.entry(ip).or_insert_with(|| Pool {
+                    used: vec![false; n],
+                    free: n,
+                });
+                let mut found = None;
+                while scanned < n {
+                    let i = (from + scanned) % n;
+                    scanned += 1;
+                    let Ok(off) = u16::try_from(i) else { continue };
+                    let port = base.saturating_add(off);
+                    if pool.free == 0 {
+                        return None;
+                    }
+                    if pool.used[i] || (even && port % 2 != 0) {
+                        continue;
+                    }
+                    if pair && (i + 1 >= n || pool.used[i + 1]) {
+                        continue;
+                    }
+                    pool.used[i] = true;
                     pool.free -= 1;
+                    if pair {
+                        pool.used[i + 1] = true;
+                        pool.free -= 1;
+                    }
+                    found = Some((i, port));
+                    break;
                 }
+                found?
+            };
+            if let Some(t) = bind(port) {
                 return Some((port, t));
+            }
+            let mut pools = self.lock();
+            if let Some(pool) = pools.get_mut(&ip) {
+                pool.used[i] = false;
+                pool.free += 1;
+                if pair {
+                    pool.used[i + 1] = false;
+                    pool.free += 1;
+                }
             }
         }
         None
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Pool>> {
+        match self.pools.lock() {
+            Ok(p) => p,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Ports in use and ports in the range, for every relay IP seen so far (metrics).
+    #[must_use]
+    pub fn usage(&self) -> Vec<(IpAddr, usize, usize)> {
+        let pools = self.lock();
+        let mut v: Vec<_> = pools
+            .iter()
+            .map(|(ip, p)| (*ip, p.used.len() - p.free, p.used.len()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Free ports of `ip` (the whole range for an IP not used yet).
+    #[must_use]
+    pub fn free(&self, ip: IpAddr) -> usize {
+        self.lock().get(&ip).map_or(self.len(), |p| p.free)
     }
 
     /// Frees a port of `ip`; it can be handed out again at once.

@@ -219,3 +219,317 @@ mod tests {
         assert!(!q.push(&[1], 100));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// One connection, driven by the worker loop
+
+/// Bytes read from one connection per loop pass, so one busy connection cannot hold the
+/// worker: the rest waits for the next pass.
+pub const READ_BUDGET: usize = 64 * 1024;
+/// Frames handed to the core from one connection per loop pass.
+pub const FRAME_BUDGET: usize = 32;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the first byte (0x16 starts TLS; anything else is plain TCP).
+    Sniff,
+    /// TLS handshake running.
+    Handshake,
+    /// Carrying STUN and ChannelData frames.
+    Open,
+}
+
+/// What reading a connection produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// Drained (the socket would block).
+    Drained,
+    /// The budget ran out with more to read.
+    More,
+    /// The peer closed, or the connection failed.
+    Closed,
+}
+
+/// One TCP or TLS connection: the socket, rustls' state machine for TLS, the read buffer that
+/// holds at most one partial frame plus one read, and the bounded write buffer.
+pub struct Connection {
+    /// The socket.
+    pub sock: mio::net::TcpStream,
+    /// Client, server address, transport (Tcp until a ClientHello makes it Tls).
+    pub five_tuple: turn_proto::server::FiveTuple,
+    /// rustls, when the client spoke TLS.
+    pub tls: Option<Box<rustls::ServerConnection>>,
+    /// Where it is in its life.
+    pub phase: Phase,
+    /// Received bytes not yet handed to the core (plaintext).
+    pub rbuf: Vec<u8>,
+    /// Frames waiting to be written (plaintext), from `wpos`.
+    pub wbuf: Vec<u8>,
+    /// How much of `wbuf` was written.
+    pub wpos: usize,
+    /// When it was accepted.
+    pub accepted: std::time::Instant,
+    /// When the oldest incomplete frame in `rbuf` began (the frame timeout runs from here).
+    pub frame_started: Option<std::time::Instant>,
+    /// When the last complete frame arrived.
+    pub last_frame: std::time::Instant,
+    /// Close once everything queued is written (the allocation ended).
+    pub close_after_write: bool,
+    /// Counted in the "opened" metric (as `five_tuple.transport`).
+    pub counted: bool,
+    /// Waiting in the worker's write list.
+    pub write_listed: bool,
+    /// Waiting in the worker's read backlog.
+    pub read_listed: bool,
+    /// Its place under the connection caps.
+    pub slot: ConnectionSlot,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("five_tuple", &self.five_tuple)
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
+    }
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+impl Connection {
+    /// A freshly accepted connection.
+    #[must_use]
+    pub fn new(
+        sock: mio::net::TcpStream,
+        five_tuple: turn_proto::server::FiveTuple,
+        slot: ConnectionSlot,
+        now: std::time::Instant,
+    ) -> Self {
+        Self {
+            sock,
+            five_tuple,
+            tls: None,
+            phase: Phase::Sniff,
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+            wpos: 0,
+            accepted: now,
+            frame_started: None,
+            last_frame: now,
+            close_after_write: false,
+            counted: false,
+            write_listed: false,
+            read_listed: false,
+            slot,
+        }
+    }
+
+    /// Reads up to the budget into `rbuf` (decrypting TLS). A first byte of 0x16 turns the
+    /// connection into TLS with `tls_config` (refused when there is none).
+    pub fn read(&mut self, tls_config: Option<&Arc<rustls::ServerConfig>>) -> ReadOutcome {
+        let mut budget = READ_BUDGET;
+        let mut chunk = [0u8; 16 * 1024];
+        while budget > 0 {
+            if let Some(tls) = self.tls.as_mut() {
+                match tls.read_tls(&mut self.sock) {
+                    Ok(0) => return ReadOutcome::Closed,
+                    Ok(n) => budget = budget.saturating_sub(n),
+                    Err(e) if would_block(&e) => return ReadOutcome::Drained,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return ReadOutcome::Closed,
+                }
+                if tls.process_new_packets().is_err() {
+                    // Send the alert rustls queued, best effort.
+                    let _ = tls.write_tls(&mut self.sock);
+                    return ReadOutcome::Closed;
+                }
+                if self.drain_plaintext().is_err() {
+                    return ReadOutcome::Closed;
+                }
+                continue;
+            }
+            match io::Read::read(&mut self.sock, &mut chunk) {
+                Ok(0) => return ReadOutcome::Closed,
+                Ok(n) => {
+                    budget = budget.saturating_sub(n);
+                    if self.phase == Phase::Sniff && chunk[0] == TLS_HANDSHAKE {
+                        let Some(cfg) = tls_config else {
+                            return ReadOutcome::Closed;
+                        };
+                        let Ok(mut tls) = rustls::ServerConnection::new(cfg.clone()) else {
+                            return ReadOutcome::Closed;
+                        };
+                        let mut fed = &chunk[..n];
+                        while !fed.is_empty() {
+                            if tls.read_tls(&mut fed).is_err() {
+                                return ReadOutcome::Closed;
+                            }
+                        }
+                        self.phase = Phase::Handshake;
+                        self.five_tuple.transport = turn_proto::server::Transport::Tls;
+                        if tls.process_new_packets().is_err() {
+                            let _ = tls.write_tls(&mut self.sock);
+                            return ReadOutcome::Closed;
+                        }
+                        self.tls = Some(Box::new(tls));
+                        if self.drain_plaintext().is_err() {
+                            return ReadOutcome::Closed;
+                        }
+                        continue;
+                    }
+                    if self.phase == Phase::Sniff {
+                        self.phase = Phase::Open;
+                    }
+                    self.rbuf.extend_from_slice(&chunk[..n]);
+                }
+                Err(e) if would_block(&e) => return ReadOutcome::Drained,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return ReadOutcome::Closed,
+            }
+        }
+        ReadOutcome::More
+    }
+
+    fn drain_plaintext(&mut self) -> io::Result<()> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(());
+        };
+        if self.phase == Phase::Handshake && !tls.is_handshaking() {
+            self.phase = Phase::Open;
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match io::Read::read(&mut tls.reader(), &mut chunk) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => self.rbuf.extend_from_slice(&chunk[..n]),
+                Err(e) if would_block(&e) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Queues one frame unless the write buffer would pass `limit`; returns whether it was
+    /// queued. Dropping whole frames keeps the stream well-formed.
+    pub fn queue(&mut self, frame: &[u8], limit: usize) -> bool {
+        if self.wbuf.len() - self.wpos + frame.len() > limit {
+            return false;
+        }
+        if self.wpos > 0 && self.wpos == self.wbuf.len() {
+            self.wbuf.clear();
+            self.wpos = 0;
+        }
+        self.wbuf.extend_from_slice(frame);
+        true
+    }
+
+    /// Whether anything waits to be written (queued frames or TLS records).
+    #[must_use]
+    pub fn wants_write(&self) -> bool {
+        self.wpos < self.wbuf.len() || self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
+    /// Writes what it can. Over TLS each frame goes in its own record (some clients, coturn's
+    /// `turnutils_uclient`, read one message per record). Returns `Err` when the connection
+    /// failed.
+    ///
+    /// # Errors
+    /// The socket failed.
+    pub fn write(&mut self) -> io::Result<()> {
+        loop {
+            if let Some(tls) = self.tls.as_mut() {
+                while tls.wants_write() {
+                    match tls.write_tls(&mut self.sock) {
+                        Ok(_) => {}
+                        Err(e) if would_block(&e) => return Ok(()),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                if self.phase != Phase::Open || self.wpos >= self.wbuf.len() {
+                    return Ok(());
+                }
+                // Hand rustls up to 64 KiB of whole frames, one record each.
+                let mut fed = 0;
+                while self.wpos < self.wbuf.len() && fed < 64 * 1024 {
+                    let rest = &self.wbuf[self.wpos..];
+                    let n = match turn_proto::codec::frame_len(rest) {
+                        Ok(turn_proto::codec::FrameLen::Complete(n)) => n,
+                        _ => rest.len(),
+                    };
+                    io::Write::write_all(&mut tls.writer(), &rest[..n])?;
+                    self.wpos += n;
+                    fed += n;
+                }
+                continue;
+            }
+            if self.wpos >= self.wbuf.len() {
+                return Ok(());
+            }
+            match io::Write::write(&mut self.sock, &self.wbuf[self.wpos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.wpos += n,
+                Err(e) if would_block(&e) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            if self.wpos == self.wbuf.len() {
+                self.wbuf.clear();
+                self.wpos = 0;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Notes what is left in `rbuf` after frames were consumed: a partial frame starts (or
+    /// keeps running) the frame timeout.
+    pub fn after_frames(&mut self, consumed_any: bool, now: std::time::Instant) {
+        if consumed_any {
+            self.last_frame = now;
+        }
+        if self.rbuf.is_empty() {
+            self.frame_started = None;
+        } else if consumed_any || self.frame_started.is_none() {
+            self.frame_started = Some(now);
+        }
+    }
+
+    /// Why the connection must close at `now`, if it must: the handshake took too long, a
+    /// frame did not complete within `idle_timeout`, or (without an allocation) no frame came
+    /// for `idle_timeout`.
+    #[must_use]
+    pub fn expired(
+        &self,
+        now: std::time::Instant,
+        limits: &StreamLimits,
+        has_allocation: bool,
+    ) -> Option<Expiry> {
+        if self.phase != Phase::Open {
+            return (now.saturating_duration_since(self.accepted) >= limits.handshake_timeout)
+                .then_some(Expiry::Handshake);
+        }
+        if let Some(t) = self.frame_started {
+            if now.saturating_duration_since(t) >= limits.idle_timeout {
+                return Some(Expiry::Frame);
+            }
+        }
+        if !has_allocation && now.saturating_duration_since(self.last_frame) >= limits.idle_timeout
+        {
+            return Some(Expiry::Idle);
+        }
+        None
+    }
+}
+
+/// Why a connection timed out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// The first byte or the TLS handshake did not come in time.
+    Handshake,
+    /// A frame did not complete in time (a trickle).
+    Frame,
+    /// No frame for the idle timeout, and no allocation.
+    Idle,
+}

@@ -114,6 +114,7 @@ pub struct Tls {
     key: PathBuf,
     resolver: Arc<Resolver>,
     acceptor: tokio_rustls::TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
     not_after: AtomicI64,
     fingerprint: std::sync::atomic::AtomicU64,
 }
@@ -154,11 +155,13 @@ impl Tls {
             .with_cert_resolver(resolver.clone());
         config.alpn_protocols = vec![ALPN_STUN_TURN.to_vec()];
         info!(cert = %cert.display(), subject = %loaded.subject, not_after = loaded.not_after, "TLS certificate loaded");
+        let config = Arc::new(config);
         Ok(Self {
             cert: cert.to_owned(),
             key: key.to_owned(),
             resolver,
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            acceptor: tokio_rustls::TlsAcceptor::from(config.clone()),
+            config,
             not_after: AtomicI64::new(loaded.not_after),
             fingerprint: std::sync::atomic::AtomicU64::new(files_fingerprint(cert, key)),
         })
@@ -168,6 +171,12 @@ impl Tls {
     #[must_use]
     pub fn acceptor(&self) -> &tokio_rustls::TlsAcceptor {
         &self.acceptor
+    }
+
+    /// The rustls configuration new connections use (its resolver follows reloads).
+    #[must_use]
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.config.clone()
     }
 
     /// The not-after time (UNIX seconds) of the certificate in service.

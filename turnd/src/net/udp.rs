@@ -1,11 +1,12 @@
-//! UDP sockets with batched receive (quinn-udp: recvmmsg, IP_PKTINFO for the local address a
-//! datagram reached) and the socket options a relay needs.
+//! UDP sockets: batched receive (quinn-udp: recvmmsg, IP_PKTINFO for the local address a
+//! datagram reached), batched send (`sendmmsg`, one call per socket per loop pass, IP_PKTINFO
+//! for the source address) and the socket options a relay needs.
 
-#![allow(unsafe_code)] // setsockopt for IP_MTU_DISCOVER / UDP_GRO, which socket2 does not wrap.
+#![allow(unsafe_code)] // setsockopt (IP_MTU_DISCOVER, UDP_GRO) and sendmmsg, which socket2 does not wrap.
 
 use std::io;
-use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -99,4 +100,322 @@ pub fn set_dont_fragment(fd: &impl AsRawFd, is_ipv6: bool, on: bool) -> io::Resu
 /// The option could not be set.
 pub fn disable_gro(fd: &impl AsRawFd) -> io::Result<()> {
     setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batched sending
+
+/// Datagrams handed to one `sendmmsg` call at most.
+pub const SEND_BATCH: usize = 64;
+
+/// One queued datagram: which socket, where to, and where its bytes sit in the queue.
+#[derive(Debug, Clone, Copy)]
+pub struct OutDatagram {
+    /// The sending socket.
+    pub fd: RawFd,
+    /// The destination.
+    pub destination: SocketAddr,
+    /// The source IP to send from (IP_PKTINFO), for sockets bound to a wildcard address.
+    pub src_ip: Option<IpAddr>,
+    /// Send this one with DF although the socket normally sends without (DONT-FRAGMENT).
+    pub force_dont_fragment: bool,
+    start: usize,
+    end: usize,
+}
+
+/// The datagrams of one loop pass, sent together at its end: one `sendmmsg` per socket on
+/// the epoll backend, one submission for all on io_uring. Payloads are copied in (the core's
+/// buffer is reused by the next call) into one growing buffer that is kept between passes.
+#[derive(Debug, Default)]
+pub struct SendQueue {
+    data: Vec<u8>,
+    items: Vec<OutDatagram>,
+}
+
+impl SendQueue {
+    /// Queues `payload` for `fd` → `destination`.
+    pub fn push(
+        &mut self,
+        fd: RawFd,
+        destination: SocketAddr,
+        src_ip: Option<IpAddr>,
+        force_dont_fragment: bool,
+        payload: &[u8],
+    ) {
+        let start = self.data.len();
+        self.data.extend_from_slice(payload);
+        self.items.push(OutDatagram {
+            fd,
+            destination,
+            src_ip,
+            force_dont_fragment,
+            start,
+            end: self.data.len(),
+        });
+    }
+
+    /// Whether nothing is queued.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// How many datagrams are queued.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// The queued datagrams, grouped by socket (order within a socket kept), and their bytes.
+    pub fn grouped(&mut self) -> (&[OutDatagram], &[u8]) {
+        self.items.sort_by_key(|d| d.fd);
+        (&self.items, &self.data)
+    }
+
+    /// The bytes of one queued datagram.
+    #[must_use]
+    pub fn payload<'a>(data: &'a [u8], d: &OutDatagram) -> &'a [u8] {
+        &data[d.start..d.end]
+    }
+
+    /// Empties the queue, keeping its memory.
+    pub fn clear(&mut self) {
+        self.items.clear();
+        self.data.clear();
+    }
+}
+
+/// A socket address in the C layout, and its length.
+#[must_use]
+pub fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    let s = socket2::SockAddr::from(*addr);
+    // SAFETY: SockAddr holds a sockaddr_storage-sized, initialised address of `len` bytes.
+    let storage = unsafe { std::ptr::read(s.as_ptr().cast::<libc::sockaddr_storage>()) };
+    (storage, s.len())
+}
+
+/// Space for one IP_PKTINFO or IPV6_PKTINFO control message.
+pub const PKTINFO_SPACE: usize = 64;
+
+/// Writes the control message that picks the source address `src` into `buf`; returns its
+/// length (0 when none is needed).
+///
+/// # Safety
+/// `msg` must point at `buf` as its control buffer (`msg_control`), `buf.len() >= PKTINFO_SPACE`.
+pub unsafe fn write_pktinfo(msg: &mut libc::msghdr, buf: &mut [u8], src: Option<IpAddr>) -> usize {
+    let Some(src) = src else { return 0 };
+    msg.msg_control = buf.as_mut_ptr().cast();
+    msg.msg_controllen = buf.len() as _;
+    let cmsg = libc::CMSG_FIRSTHDR(msg);
+    if cmsg.is_null() {
+        return 0;
+    }
+    let len = match src {
+        IpAddr::V4(ip) => {
+            let info = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(ip.octets()),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            (*cmsg).cmsg_level = libc::IPPROTO_IP;
+            (*cmsg).cmsg_type = libc::IP_PKTINFO;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+            libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as usize
+        }
+        IpAddr::V6(ip) => {
+            let info = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: ip.octets(),
+                },
+                ipi6_ifindex: 0,
+            };
+            (*cmsg).cmsg_level = libc::IPPROTO_IPV6;
+            (*cmsg).cmsg_type = libc::IPV6_PKTINFO;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+            libc::CMSG_SPACE(size_of::<libc::in6_pktinfo>() as u32) as usize
+        }
+    };
+    msg.msg_controllen = len as _;
+    len
+}
+
+/// What a flush did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Flushed {
+    /// Datagrams the kernel took.
+    pub sent: u64,
+    /// Datagrams dropped (full socket buffer, unreachable, …): UDP loses them as a network would.
+    pub failed: u64,
+    /// System calls made.
+    pub syscalls: u64,
+}
+
+/// Sends `items` (all on one socket `fd`) with as few `sendmmsg` calls as possible.
+pub fn sendmmsg_all(fd: RawFd, items: &[OutDatagram], data: &[u8], out: &mut Flushed) {
+    let mut rest = items;
+    while !rest.is_empty() {
+        // A datagram that must carry DF on a socket that normally does not goes alone, with
+        // the option toggled around it.
+        if rest[0].force_dont_fragment {
+            let d = rest[0];
+            let sock = BorrowedSocket(fd);
+            let v6 = d.destination.is_ipv6();
+            let _ = set_dont_fragment(&sock, v6, true);
+            send_chunk(fd, &rest[..1], data, out);
+            let _ = set_dont_fragment(&sock, v6, false);
+            rest = &rest[1..];
+            continue;
+        }
+        let n = rest
+            .iter()
+            .take(SEND_BATCH)
+            .take_while(|d| !d.force_dont_fragment)
+            .count();
+        send_chunk(fd, &rest[..n], data, out);
+        rest = &rest[n..];
+    }
+}
+
+struct BorrowedSocket(RawFd);
+impl AsRawFd for BorrowedSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+fn send_chunk(fd: RawFd, chunk: &[OutDatagram], data: &[u8], out: &mut Flushed) {
+    let n = chunk.len().min(SEND_BATCH);
+    let mut names: [(libc::sockaddr_storage, libc::socklen_t); SEND_BATCH] =
+        // SAFETY: all-zero is a valid sockaddr_storage.
+        unsafe { std::mem::zeroed() };
+    let mut iovs: [libc::iovec; SEND_BATCH] =
+        // SAFETY: all-zero iovecs are valid (null, 0).
+        unsafe { std::mem::zeroed() };
+    let mut ctrl = [[0u8; PKTINFO_SPACE]; SEND_BATCH];
+    // SAFETY: all-zero mmsghdrs are valid.
+    let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
+    for (i, d) in chunk.iter().take(n).enumerate() {
+        names[i] = sockaddr(&d.destination);
+        let payload = SendQueue::payload(data, d);
+        iovs[i] = libc::iovec {
+            iov_base: payload.as_ptr().cast_mut().cast(),
+            iov_len: payload.len(),
+        };
+        let msg = &mut hdrs[i].msg_hdr;
+        msg.msg_name = std::ptr::addr_of_mut!(names[i].0).cast();
+        msg.msg_namelen = names[i].1;
+        msg.msg_iov = std::ptr::addr_of_mut!(iovs[i]);
+        msg.msg_iovlen = 1;
+        // SAFETY: the control buffer is ctrl[i], PKTINFO_SPACE bytes, owned for the call.
+        let len = unsafe { write_pktinfo(msg, &mut ctrl[i], d.src_ip) };
+        if len == 0 {
+            msg.msg_control = std::ptr::null_mut();
+            msg.msg_controllen = 0;
+        }
+    }
+    let mut done = 0;
+    while done < n {
+        out.syscalls += 1;
+        // SAFETY: hdrs[done..n] point at names, iovs and ctrl, all alive for the call; the
+        // payload slices borrow `data`, alive too.
+        let rc = unsafe {
+            libc::sendmmsg(
+                fd,
+                hdrs.as_mut_ptr().add(done),
+                (n - done) as libc::c_uint,
+                0,
+            )
+        };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            // The first datagram failed (full buffer, EHOSTUNREACH, EMSGSIZE …): drop it
+            // and go on with the rest.
+            out.failed += 1;
+            done += 1;
+            continue;
+        }
+        let sent = usize::try_from(rc).unwrap_or(0);
+        out.sent += sent as u64;
+        done += sent.max(1);
+        if sent == 0 {
+            out.failed += 1;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batched receiving
+
+/// Datagrams read per `recvmmsg`.
+pub const RECV_BATCH: usize = 32;
+/// Largest datagram accepted (UDP's maximum payload).
+pub const DATAGRAM: usize = 65_536;
+
+/// One received datagram.
+#[derive(Debug, Clone, Copy)]
+pub struct Datagram<'a> {
+    /// The sender.
+    pub from: SocketAddr,
+    /// The local IP it reached (IP_PKTINFO), when the socket reports it.
+    pub dst_ip: Option<IpAddr>,
+    /// Its bytes.
+    pub data: &'a [u8],
+}
+
+/// The receive buffers of one worker (reused by every socket) and quinn-udp's recvmmsg.
+pub struct RecvBatch {
+    data: Vec<u8>,
+    meta: [quinn_udp::RecvMeta; RECV_BATCH],
+}
+
+impl std::fmt::Debug for RecvBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBatch").finish_non_exhaustive()
+    }
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        Self {
+            data: vec![0; RECV_BATCH * DATAGRAM],
+            meta: [quinn_udp::RecvMeta::default(); RECV_BATCH],
+        }
+    }
+}
+
+impl RecvBatch {
+    /// Reads one batch from `sock`; returns how many datagrams arrived (`Ok(0)` never: an
+    /// empty socket is `WouldBlock`).
+    ///
+    /// # Errors
+    /// `WouldBlock` when nothing is queued; others from the socket (ICMP errors surface here).
+    pub fn recv(
+        &mut self,
+        state: &quinn_udp::UdpSocketState,
+        sock: &std::net::UdpSocket,
+    ) -> io::Result<usize> {
+        let mut chunks = self.data.chunks_mut(DATAGRAM);
+        let mut slices: [io::IoSliceMut<'_>; RECV_BATCH] =
+            std::array::from_fn(|_| io::IoSliceMut::new(chunks.next().unwrap_or(&mut [])));
+        state.recv(quinn_udp::UdpSockRef::from(sock), &mut slices, &mut self.meta)
+    }
+
+    /// The `i`-th datagram of the last batch.
+    #[must_use]
+    pub fn datagram(&self, i: usize) -> Datagram<'_> {
+        let m = &self.meta[i];
+        let start = i * DATAGRAM;
+        Datagram {
+            from: m.addr,
+            dst_ip: m.dst_ip,
+            data: &self.data[start..start + m.len.min(DATAGRAM)],
+        }
+    }
 }
