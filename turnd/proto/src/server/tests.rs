@@ -1410,3 +1410,375 @@ fn rfc8489_6_3_transaction_cache_replays_for_40_seconds_then_forgets() {
         "forgotten after 40 s"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Handles, routes, ids, counters
+
+#[test]
+fn answers_take_the_route_of_their_request_and_peer_data_the_allocations_route() {
+    let mut h = Harness::new();
+    let ft = udp("192.0.2.7:40000");
+    let mut c = Client::new(ft, alice());
+    // The whole Allocate exchange (challenge, then success) comes by route 7.
+    let tid = c.tid();
+    for _ in 0..2 {
+        let req = c.build(Method::ALLOCATE, tid, &|b| {
+            b.add(&RequestedTransport::UDP);
+        });
+        h.client_sends_by(ft, Route(7), &req);
+        let reply = h.last_reply();
+        c.nonce_changed(&Message::decode(&reply).unwrap());
+    }
+    assert_eq!(h.routes, vec![Route(7), Route(7)]);
+    let local = h.bound[0];
+    // A later request by another route is answered on that route.
+    h.routes.clear();
+    let tid = c.tid();
+    let req = c.build(Method::CREATE_PERMISSION, tid, &|b| {
+        b.add(&XorPeerAddress(addr(PEER)));
+    });
+    h.client_sends_by(ft, Route(3), &req);
+    assert!(is_success(&h.last_reply()));
+    assert_eq!(h.routes, vec![Route(3)]);
+    // Data from the peer goes by the allocation's route; data to the peer has none.
+    h.routes.clear();
+    h.peer_sends(local, addr(PEER), b"x");
+    h.take_sent();
+    let mut send = Vec::new();
+    let mut b = MessageBuilder::new(
+        &mut send,
+        MessageType::new(Method::SEND, Class::Indication),
+        TransactionId([1; 12]),
+    );
+    b.add(&XorPeerAddress(addr(PEER))).add(&Data(b"y"));
+    b.finish();
+    h.client_sends_by(ft, Route(3), &send);
+    assert_eq!(h.routes, vec![Route(7), Route::default()]);
+    let created = h.events.iter().find_map(|e| match e {
+        Event::AllocationCreated { route, .. } => Some(*route),
+        _ => None,
+    });
+    assert_eq!(created, Some(Route(7)));
+}
+
+#[test]
+fn transaction_cache_replay_goes_by_the_retransmissions_route() {
+    let mut h = Harness::new();
+    let ft = udp("192.0.2.7:40000");
+    let mut c = Client::new(ft, alice());
+    let _ = c.refresh(&mut h, None); // learn a nonce
+    let tid = c.tid();
+    let req = c.build(Method::ALLOCATE, tid, &|b| {
+        b.add(&RequestedTransport::UDP);
+    });
+    h.client_sends_by(ft, Route(1), &req);
+    let first = h.last_reply();
+    h.routes.clear();
+    h.client_sends_by(ft, Route(2), &req);
+    assert_eq!(h.last_reply(), first);
+    assert_eq!(h.routes, vec![Route(2)]);
+}
+
+#[test]
+fn allocation_ids_carry_the_shard_and_are_never_reused() {
+    let mut h = Harness::new();
+    h.server.set_shard(3);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (mut c, _) = allocated(&mut h, &format!("192.0.2.7:{}", 40000 + i));
+        assert!(is_success(&c.refresh(&mut h, Some(0))));
+    }
+    for e in &h.events {
+        if let Event::AllocationCreated { id, .. } = e {
+            assert_eq!(id.0 >> 48, 3);
+            assert!(!ids.contains(id));
+            ids.push(*id);
+        }
+    }
+    assert_eq!(ids.len(), 3);
+}
+
+#[test]
+fn stats_count_relayed_traffic_by_transport_requests_by_method_and_gauges() {
+    let mut h = Harness::new();
+    let mut ft = udp("192.0.2.7:40000");
+    ft.transport = Transport::Tls;
+    let mut c = Client::new(ft, alice());
+    assert!(is_success(&c.allocate(&mut h)));
+    let local = h.bound[0];
+    assert!(is_success(&c.bind_channel(&mut h, 0x4001, addr(PEER))));
+    assert!(is_success(&c.permit(&mut h, addr("192.0.2.45:1"))));
+    h.peer_sends(local, addr(PEER), b"abc");
+    let s = *h.server.stats();
+    assert_eq!(s.packets_from_peer, [0, 0, 1]);
+    assert_eq!(s.bytes_from_peer, [0, 0, 3]);
+    // Allocate: one 401 challenge, one success.
+    assert_eq!(s.requests[RequestKind::Allocate.index()], [1, 1]);
+    assert_eq!(s.requests[RequestKind::ChannelBind.index()], [1, 0]);
+    assert_eq!(s.requests[RequestKind::CreatePermission.index()], [1, 0]);
+    assert_eq!(
+        (
+            s.allocations_active,
+            s.permissions_active,
+            s.channels_active
+        ),
+        (1, 2, 1)
+    );
+    // Permissions expire at 300 s, the channel at 600 s, the allocation at 600 s.
+    h.advance(Duration::from_secs(301));
+    let s = *h.server.stats();
+    assert_eq!((s.permissions_active, s.channels_active), (0, 1));
+    h.advance(Duration::from_secs(300));
+    let s = *h.server.stats();
+    assert_eq!(
+        (
+            s.allocations_active,
+            s.permissions_active,
+            s.channels_active
+        ),
+        (0, 0, 0)
+    );
+}
+
+#[test]
+fn reject_and_drop_reasons_index_their_all_arrays() {
+    for (i, r) in Reject::ALL.iter().enumerate() {
+        assert_eq!(r.index(), i);
+    }
+    for (i, r) in DropReason::ALL.iter().enumerate() {
+        assert_eq!(r.index(), i);
+    }
+    for (i, r) in RequestKind::ALL.iter().enumerate() {
+        assert_eq!(r.index(), i);
+    }
+    for (i, t) in Transport::ALL.iter().enumerate() {
+        assert_eq!(t.index(), i);
+    }
+}
+
+#[test]
+fn rejections_report_the_client_and_the_username() {
+    let mut h = Harness::new();
+    let mut c = Client::new(
+        udp("192.0.2.7:40000"),
+        Cred::Password {
+            user: "alice".into(),
+            password: "wrong".into(),
+        },
+    );
+    assert_eq!(error_code(&c.allocate(&mut h)), Some(401));
+    let last = h.events.iter().rev().find_map(|e| match e {
+        Event::Rejected {
+            client,
+            username,
+            reason,
+            ..
+        } => Some((*client, username.clone(), *reason)),
+        _ => None,
+    });
+    assert_eq!(
+        last,
+        Some((
+            addr("192.0.2.7:40000"),
+            Some("alice".into()),
+            Reject::BadIntegrity
+        ))
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations: hot reload, drain, sessions
+
+#[test]
+fn update_config_keeps_allocations_and_nonces_and_refuses_a_removed_secret() {
+    let mut cfg = config();
+    cfg.credentials.add_secret(b"old".to_vec());
+    let mut h = Harness::with(cfg, Box::new(LocalQuota::default()));
+    let user = format!("{}:web", UNIX0 + 7200);
+    let old_cred = |user: &str| Cred::Password {
+        user: user.to_owned(),
+        password: rest_api_password(b"old", user),
+    };
+    let mut before = Client::new(udp("192.0.2.7:40000"), old_cred(&user));
+    assert!(is_success(&before.allocate(&mut h)));
+    let local = h.bound[0];
+    assert!(is_success(&before.permit(&mut h, addr(PEER))));
+    let mut alice_c = Client::new(udp("192.0.2.7:40001"), alice());
+    assert!(is_success(&alice_c.allocate(&mut h)));
+
+    // Reload: the "old" secret is gone; a fresh nonce secret in the new config is ignored.
+    let mut new = config();
+    new.nonce_secret = [1; 32];
+    h.server.update_config(new);
+
+    // The allocation made under "old" keeps relaying both ways.
+    h.peer_sends(local, addr(PEER), b"still");
+    assert_eq!(h.take_sent().len(), 1);
+    // alice's nonce from before the reload still verifies (no 438): one reply, a success.
+    let tid = alice_c.tid();
+    let req = alice_c.build(Method::REFRESH, tid, &|_| {});
+    h.client_sends(alice_c.ft, &req);
+    assert!(is_success(&h.last_reply()));
+    // A credential under the removed secret is refused for a new allocation.
+    let mut after = Client::new(udp("192.0.2.7:40002"), old_cred(&user));
+    assert_eq!(error_code(&after.allocate(&mut h)), Some(401));
+    // And a new secret works.
+    let mut cfg = config();
+    cfg.credentials.add_secret(b"new".to_vec());
+    h.server.update_config(cfg);
+    let mut fresh = Client::new(
+        udp("192.0.2.7:40003"),
+        Cred::Password {
+            user: user.clone(),
+            password: rest_api_password(b"new", &user),
+        },
+    );
+    assert!(is_success(&fresh.allocate(&mut h)));
+    assert_eq!(h.server.allocation_count(), 3);
+}
+
+#[test]
+fn update_config_refresh_of_an_old_allocation_works_while_its_credential_is_valid() {
+    let mut cfg = config();
+    cfg.credentials.add_secret(b"old".to_vec());
+    let mut h = Harness::with(cfg.clone(), Box::new(LocalQuota::default()));
+    let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
+    // Same credentials, new lifetimes: the allocation is untouched until it refreshes.
+    cfg.max_lifetime = Duration::from_secs(1200);
+    h.server.update_config(cfg);
+    let r = c.refresh(&mut h, Some(3600));
+    assert_eq!(
+        Message::decode(&r).unwrap().get::<Lifetime>().unwrap(),
+        Some(Lifetime(1200))
+    );
+}
+
+fn drain_at(h: &Harness, secs: u64, v4: Option<&str>) -> Drain {
+    Drain {
+        deadline: h.now + Duration::from_secs(secs),
+        alternate_ipv4: v4.map(addr),
+        alternate_ipv6: None,
+    }
+}
+
+#[test]
+fn rfc8489_10_draining_answers_authenticated_allocate_with_signed_300_alternate_server() {
+    let mut h = Harness::new();
+    let drain = drain_at(&h, 120, Some("198.51.100.2:3478"));
+    h.server.set_draining(Some(drain));
+    let mut c = Client::new(udp("192.0.2.7:40000"), alice());
+    let tid = c.tid();
+    // Unauthenticated: the usual 401 challenge, not a redirect anyone could forge.
+    let req = c.build(Method::ALLOCATE, tid, &|b| {
+        b.add(&RequestedTransport::UDP);
+    });
+    h.client_sends(c.ft, &req);
+    let r = h.last_reply();
+    assert_eq!(error_code(&r), Some(401));
+    c.nonce_changed(&Message::decode(&r).unwrap());
+    let req = c.build(Method::ALLOCATE, tid, &|b| {
+        b.add(&RequestedTransport::UDP);
+    });
+    h.client_sends(c.ft, &req);
+    let r = h.last_reply();
+    let m = Message::decode(&r).unwrap();
+    assert_eq!(error_code(&r), Some(300));
+    assert_eq!(
+        m.get::<AlternateServer>().unwrap(),
+        Some(AlternateServer(addr("198.51.100.2:3478")))
+    );
+    assert!(m.verify_integrity(&long_term_key_md5("alice", REALM, "wonderland")));
+    assert_eq!(h.rejections().last(), Some(&Reject::TryAlternate));
+    assert_eq!(h.server.allocation_count(), 0);
+}
+
+#[test]
+fn draining_without_alternate_for_the_clients_family_is_403_server_is_draining() {
+    let mut h = Harness::new();
+    let drain = drain_at(&h, 120, Some("198.51.100.2:3478"));
+    h.server.set_draining(Some(drain));
+    let mut ft = udp("192.0.2.7:40000");
+    ft.client = addr("[2001:db8::7]:40000");
+    let mut c = Client::new(ft, alice());
+    let r = c.allocate(&mut h);
+    assert_eq!(error_code(&r), Some(403));
+    let m = Message::decode(&r).unwrap();
+    let e = m.get::<ErrorCodeAttr<'_>>().unwrap().unwrap();
+    assert_eq!(e.reason, "server is draining");
+    assert_eq!(h.rejections().last(), Some(&Reject::Draining));
+}
+
+#[test]
+fn draining_keeps_relaying_and_caps_refresh_to_the_deadline() {
+    let mut h = Harness::new();
+    let (mut c, local) = allocated(&mut h, "192.0.2.7:40000");
+    assert!(is_success(&c.permit(&mut h, addr(PEER))));
+    let drain = drain_at(&h, 120, None);
+    h.server.set_draining(Some(drain));
+    h.peer_sends(local, addr(PEER), b"still");
+    assert_eq!(h.take_sent().len(), 1);
+    h.advance(Duration::from_secs(20));
+    let r = c.refresh(&mut h, Some(600));
+    assert_eq!(
+        Message::decode(&r).unwrap().get::<Lifetime>().unwrap(),
+        Some(Lifetime(100)),
+        "capped to the 100 s left"
+    );
+    // The allocation would have lived 600 s; it now ends at the deadline.
+    h.advance(Duration::from_secs(101));
+    assert_eq!(h.server.allocation_count(), 0);
+    // Cancelling the drain serves new allocations again.
+    h.server.set_draining(None);
+    let mut c2 = Client::new(udp("192.0.2.7:40001"), alice());
+    assert!(is_success(&c2.allocate(&mut h)));
+}
+
+#[test]
+fn sessions_list_allocations_and_admin_ends_them_with_437_on_next_refresh() {
+    let mut h = Harness::new();
+    h.advance(Duration::from_secs(10));
+    let (mut a1, _) = allocated(&mut h, "192.0.2.7:40000");
+    let (mut a2, _) = allocated(&mut h, "192.0.2.7:40001");
+    let mut b = Client::new(
+        udp("192.0.2.8:40000"),
+        Cred::Password {
+            user: "bob".into(),
+            password: "builder".into(),
+        },
+    );
+    assert!(is_success(&b.allocate(&mut h)));
+    assert!(is_success(&b.bind_channel(&mut h, 0x4000, addr(PEER))));
+    h.advance(Duration::from_secs(100));
+    let sessions: Vec<_> = h.server.sessions(h.now).collect();
+    assert_eq!(sessions.len(), 3);
+    let bob = sessions.iter().find(|s| s.username == "bob").unwrap();
+    assert_eq!(bob.created_unix, UNIX0 + 10);
+    assert_eq!(bob.lifetime_left, Duration::from_secs(500));
+    assert_eq!((bob.permissions, bob.channels), (1, 1));
+    assert_eq!(bob.five_tuple, b.ft);
+    let bob_id = bob.id;
+
+    assert_eq!(h.server.end_user_allocations(h.now, "alice"), 2);
+    assert_eq!(error_code(&a1.refresh(&mut h, None)), Some(437));
+    assert_eq!(error_code(&a2.refresh(&mut h, None)), Some(437));
+    assert!(h.server.end_allocation(h.now, bob_id));
+    h.pump();
+    assert!(!h.server.end_allocation(h.now, bob_id));
+    assert_eq!(error_code(&b.refresh(&mut h, None)), Some(437));
+    let admin_ends = h
+        .events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::AllocationEnded {
+                    reason: EndReason::Admin,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(admin_ends, 3);
+    assert!(h.bound.is_empty(), "relay sockets released");
+    assert_eq!(h.server.stats().allocations_active, 0);
+}
