@@ -110,9 +110,9 @@ pub struct Session {
     /// Datagrams relayed peer → client.
     pub packets_from_peer: u64,
     /// Permissions installed.
-    pub permissions: u64,
+    pub permissions: usize,
     /// Channels bound.
-    pub channels: u64,
+    pub channels: usize,
 }
 
 /// What a reload changed (`POST /reload`).
