@@ -74,6 +74,8 @@ pub enum ActionKind {
     },
     /// Server-side apply of turnd's Kubernetes objects (phase `turnd`).
     KubeApply(Box<crate::phases::turnd::KubeApply>),
+    /// Server-side apply of plain objects (phase `monitoring`: namespace, Secrets, dashboard).
+    KubeObjects(Box<crate::k8s::ObjectSet>),
 }
 
 /// One concrete action of a plan.
@@ -122,7 +124,8 @@ pub enum PhaseId {
     HostNetworking,
     /// 8: kubectl and the kubeconfig on the host.
     HostKubectl,
-    /// 9: Prometheus, Alertmanager, Grafana (a later issue).
+    /// 9: kube-prometheus-stack (Prometheus, Alertmanager, Grafana), turnd's dashboard and
+    /// alert rules.
     Monitoring,
 }
 
@@ -165,7 +168,7 @@ impl PhaseId {
 
     /// Whether this version implements the phase.
     pub fn implemented(self) -> bool {
-        !matches!(self, Self::Monitoring)
+        true
     }
 }
 
@@ -248,6 +251,16 @@ impl Plan {
                         k8s::paths::KUBEADM_JOIN,
                         k8s::paths::KUBEADM_JOIN
                     )),
+                    ActionKind::KubeObjects(set) => {
+                        out.push_str(&format!(
+                            "        server-side apply (field manager {}, force) via {}:\n",
+                            crate::k8s::FIELD_MANAGER,
+                            set.api
+                        ));
+                        for id in set.ids() {
+                            out.push_str(&format!("          {id}\n"));
+                        }
+                    }
                     ActionKind::KubeApply(a) => {
                         out.push_str(&format!(
                             "        server-side apply (field manager {}, force) via {}:\n",
@@ -475,6 +488,12 @@ pub fn apply(
                 transport()?,
                 transports,
             ),
+            ActionKind::KubeObjects(set) => set.run().map_err(|source| ApplyError::Kube {
+                phase: plan.phase,
+                index,
+                action: action.summary.clone(),
+                source: source.into(),
+            }),
             ActionKind::KubeApply(a) => a.run().map_err(|source| ApplyError::Kube {
                 phase: plan.phase,
                 index,

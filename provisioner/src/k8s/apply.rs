@@ -31,7 +31,7 @@ pub enum Mode {
 
 /// The one set of patch parameters: our field manager, `force` (we own every field we send,
 /// even one another manager wrote), and a dry run when asked.
-fn params(mode: Mode) -> PatchParams {
+pub(crate) fn params(mode: Mode) -> PatchParams {
     let p = PatchParams::apply(FIELD_MANAGER).force();
     match mode {
         Mode::Apply => p,
@@ -98,7 +98,7 @@ pub fn block_on<F: Future>(f: F) -> Result<F::Output, K8sError> {
     Ok(rt.block_on(f))
 }
 
-fn classify(verb: &'static str, object: String, e: kube::Error) -> K8sError {
+pub(crate) fn classify(verb: &'static str, object: String, e: kube::Error) -> K8sError {
     match e {
         kube::Error::Api(_) => K8sError::Refused {
             verb,
@@ -204,7 +204,7 @@ async fn get(client: &Client, o: Object<'_>) -> Result<Option<serde_json::Value>
 
 /// The object without what the server maintains by itself (bookkeeping and status), so a
 /// live object and a dry-run answer compare equal exactly when applying changes nothing.
-fn comparable(mut v: serde_json::Value) -> serde_json::Value {
+pub(crate) fn comparable(mut v: serde_json::Value) -> serde_json::Value {
     if let Some(obj) = v.as_object_mut() {
         obj.remove("status");
         if let Some(meta) = obj.get_mut("metadata").and_then(|m| m.as_object_mut()) {

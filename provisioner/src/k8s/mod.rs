@@ -24,6 +24,7 @@
 
 mod apply;
 mod config;
+mod dynamic;
 mod objects;
 
 use std::collections::BTreeMap;
@@ -39,6 +40,7 @@ pub use apply::{
     apply, block_on, client_for_url, client_from_kubeconfig, plan, plan_or_offline, Change,
     ChangeKind, Mode, FIELD_MANAGER,
 };
+pub use dynamic::{object_id, ObjectSet};
 
 use crate::inventory::Cluster;
 use crate::render::Rendered;

@@ -5,6 +5,7 @@ pub mod facts;
 pub mod host;
 pub mod hostnet;
 pub mod k8s;
+pub mod monitoring;
 pub mod turnd;
 pub mod virsh;
 pub mod vms;
@@ -30,6 +31,9 @@ pub struct Settings {
     /// Whether `host` installs the certificate renewal timer (systemd). Off only where the
     /// host has no systemd (libvirt's test driver, the slow-tier namespace).
     pub renew_timer: bool,
+    /// The `.env` file phases read secrets from after the environment (`monitoring`:
+    /// `GRAFANA_ADMIN_PASSWORD`, `SENDGRID_API_KEY`); `None`: the environment only.
+    pub dotenv: Option<std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -51,6 +55,7 @@ impl Default for Settings {
             auth_secret: None,
             rollout_timeout: Some(turnd::ROLLOUT_TIMEOUT),
             renew_timer: true,
+            dotenv: None,
         }
     }
 }
@@ -126,6 +131,14 @@ pub enum PhaseError {
         /// The phase.
         phase: PhaseId,
     },
+    /// A secret the phase needs is missing.
+    #[error("phase {phase}: {source}")]
+    Secret {
+        /// The phase.
+        phase: PhaseId,
+        /// Which one.
+        source: crate::secrets::SecretError,
+    },
     /// A VM has no transport.
     #[error("phase {phase}: {source}")]
     Transport {
@@ -172,7 +185,7 @@ pub fn plan(phase: PhaseId, ctx: &Context<'_>) -> Result<Plan, PhaseError> {
             let facts = hostnet::gather(ctx, &want)?;
             Ok(hostnet::plan(&want, &facts))
         }
-        PhaseId::Monitoring => Err(PhaseError::NotImplemented(phase)),
+        PhaseId::Monitoring => monitoring::plan_phase(ctx, &crate::secrets::ProcessEnv),
     }
 }
 

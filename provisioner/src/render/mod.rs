@@ -4,6 +4,7 @@
 pub mod cloudinit;
 pub mod k8s;
 pub mod libvirt;
+pub mod monitoring;
 pub mod xml;
 
 use crate::inventory::Cluster;
@@ -46,5 +47,6 @@ pub fn all(c: &Cluster) -> Vec<Rendered> {
     add("nodes/apt/kubernetes.list".into(), k8s::apt_source(c));
     add("master/kubeadm-init.yaml".into(), k8s::kubeadm_init(c));
     add("master/cilium-values.yaml".into(), k8s::cilium_values(c));
+    out.extend(monitoring::all(c));
     out
 }
