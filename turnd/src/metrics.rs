@@ -1121,8 +1121,10 @@ mod tests {
     fn publish_replaces_a_workers_slot_and_ignores_unknown_workers() {
         let m = Metrics::new(2, "0.1.0", "epoll");
         assert_eq!(m.oldest_publish_age(), None);
-        let mut w = WorkerStats::default();
-        w.send_errors = 1;
+        let mut w = WorkerStats {
+            send_errors: 1,
+            ..WorkerStats::default()
+        };
         m.publish(0, &w);
         w.send_errors = 3;
         m.publish(0, &w);
