@@ -1,11 +1,13 @@
-//! The control side of a TURN client: a long-term-credential Allocate (401 challenge, then the
-//! retry with USERNAME, REALM, NONCE and MESSAGE-INTEGRITY), a ChannelBind to the peer, and a
-//! Refresh with LIFETIME 0 to release the allocation (RFC 8656 §7, §12, §8).
+//! The control side of a TURN client, async over any [`Link`]: the long-term-credential
+//! Allocate (401 challenge, then the retry with USERNAME, REALM, NONCE and
+//! MESSAGE-INTEGRITY; RFC 8656 §7), CreatePermission (§10), ChannelBind (§12), and a Refresh
+//! with LIFETIME 0 to release (§8).
 //!
-//! Blocking and simple on purpose: set-up is not what the bench measures. Every wait is
-//! bounded by a receive timeout and a retransmission count.
+//! The four set-up transactions are exactly what the allocation-setup scenario measures.
+//! Every wait is bounded: over UDP by a retransmission timer and count, over streams by one
+//! overall timeout.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context as _};
@@ -16,10 +18,15 @@ use turn_proto::codec::{
     XorRelayedAddress,
 };
 
-/// Wait for one response before retransmitting.
-const RTO: Duration = Duration::from_millis(250);
-/// Transmissions of one request before giving up.
+use crate::link::{Endpoint, Link, Transport};
+
+/// Wait for one response before retransmitting over UDP. Set-up runs on a machine loaded by
+/// the bench itself, so this is generous.
+const RTO: Duration = Duration::from_millis(500);
+/// Transmissions of one request over UDP before giving up.
 const ATTEMPTS: usize = 6;
+/// Wait for one response over a stream.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// TURN REST API credentials (username `<expiry>:<user>`, password
 /// `base64(HMAC-SHA1(secret, username))`), understood by turnd and coturn alike.
@@ -46,11 +53,11 @@ impl Credentials {
     }
 }
 
-/// An allocation with one channel bound to a peer, ready for ChannelData.
+/// An allocation with a permission for, and one channel bound to, a peer.
 #[derive(Debug)]
 pub struct Allocation {
-    /// The client socket (connected to the server).
-    pub socket: UdpSocket,
+    /// The client leg.
+    pub link: Link,
     /// The relayed transport address the server advertised.
     pub relayed: SocketAddr,
     /// The channel bound to the peer.
@@ -79,52 +86,53 @@ struct Response {
     relayed: Option<SocketAddr>,
 }
 
-/// Sends `request` and waits for the response with its transaction id, retransmitting.
-fn transact(sock: &UdpSocket, request: &[u8], tid: TransactionId) -> anyhow::Result<Response> {
-    let mut buf = [0u8; 2048];
-    for _ in 0..ATTEMPTS {
-        sock.send(request).context("sending a request")?;
+fn parse_response(msg: &Message<'_>) -> Response {
+    Response {
+        class: msg.typ().class,
+        code: msg
+            .get::<ErrorCodeAttr<'_>>()
+            .ok()
+            .flatten()
+            .map(|e| e.code),
+        realm: msg
+            .get::<Realm<'_>>()
+            .ok()
+            .flatten()
+            .map(|r| r.0.to_owned()),
+        nonce: msg
+            .get::<Nonce<'_>>()
+            .ok()
+            .flatten()
+            .map(|r| r.0.to_owned()),
+        relayed: msg.get::<XorRelayedAddress>().ok().flatten().map(|r| r.0),
+    }
+}
+
+/// Sends `request` and waits for the response with its transaction id; over UDP it
+/// retransmits every [`RTO`].
+async fn transact(link: &mut Link, request: &[u8], tid: TransactionId) -> anyhow::Result<Response> {
+    let (attempts, wait) = if link.is_stream() {
+        (1, STREAM_TIMEOUT)
+    } else {
+        (ATTEMPTS, RTO)
+    };
+    for _ in 0..attempts {
+        link.send(request).await.context("sending a request")?;
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let n = match sock.recv(&mut buf) {
-                Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break
-                }
-                Err(e) => return Err(e).context("receiving a response"),
+            let frame = match tokio::time::timeout_at(deadline, link.recv()).await {
+                Err(_) => break,
+                Ok(r) => r.context("receiving a response")?,
             };
-            let Ok(msg) = Message::decode(&buf[..n]) else {
-                continue; // a stray ChannelData or garbage: not ours
+            let Ok(msg) = Message::decode(frame) else {
+                continue; // a stray ChannelData: not ours
             };
-            if msg.transaction_id() != tid {
-                continue;
+            if msg.transaction_id() == tid {
+                return Ok(parse_response(&msg));
             }
-            return Ok(Response {
-                class: msg.typ().class,
-                code: msg
-                    .get::<ErrorCodeAttr<'_>>()
-                    .ok()
-                    .flatten()
-                    .map(|e| e.code),
-                realm: msg
-                    .get::<Realm<'_>>()
-                    .ok()
-                    .flatten()
-                    .map(|r| r.0.to_owned()),
-                nonce: msg
-                    .get::<Nonce<'_>>()
-                    .ok()
-                    .flatten()
-                    .map(|r| r.0.to_owned()),
-                relayed: msg.get::<XorRelayedAddress>().ok().flatten().map(|r| r.0),
-            });
         }
     }
-    bail!("no response after {ATTEMPTS} transmissions")
+    bail!("no response after {attempts} transmission(s)")
 }
 
 /// Builds an authenticated request; `attrs` adds the method's own attributes.
@@ -147,15 +155,15 @@ fn signed(
 }
 
 /// Sends an authenticated request, refreshing the nonce once on 438 Stale Nonce.
-fn authed(
-    sock: &UdpSocket,
+async fn authed(
+    link: &mut Link,
     method: Method,
     auth: &mut Auth,
     attrs: impl Fn(&mut MessageBuilder<'_>),
 ) -> anyhow::Result<Response> {
     for _ in 0..2 {
         let (req, tid) = signed(method, auth, &attrs);
-        let resp = transact(sock, &req, tid)?;
+        let resp = transact(link, &req, tid).await?;
         if resp.class == Class::Error && resp.code == Some(ErrorCode::STALE_NONCE) {
             if let Some(n) = resp.nonce {
                 auth.nonce = n;
@@ -180,37 +188,20 @@ fn expect_success(resp: &Response, what: &str) -> anyhow::Result<()> {
 }
 
 impl Allocation {
-    /// Allocates a UDP relay on `server` with `creds`, then binds `channel` to `peer`.
+    /// Opens a client leg of `transport` to `endpoint`, allocates a UDP relay with `creds`,
+    /// installs a permission for `peer` and binds `channel` to it: the four transactions of
+    /// a WebRTC client's TURN set-up (401 challenge, Allocate, CreatePermission, ChannelBind).
     ///
     /// # Errors
     /// A socket error, a timeout, or an error response.
-    pub fn open(
-        server: SocketAddr,
+    pub async fn open(
+        endpoint: &Endpoint,
+        transport: Transport,
         creds: &Credentials,
         peer: SocketAddr,
         channel: u16,
     ) -> anyhow::Result<Self> {
-        // A fresh ephemeral port can be one a just-released allocation still holds on the
-        // server (437 Allocation Mismatch, seen with coturn): try again from another port.
-        let mut last = None;
-        for _ in 0..4 {
-            match Self::open_once(server, creds, peer, channel) {
-                Ok(a) => return Ok(a),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| anyhow!("allocation failed")))
-    }
-
-    fn open_once(
-        server: SocketAddr,
-        creds: &Credentials,
-        peer: SocketAddr,
-        channel: u16,
-    ) -> anyhow::Result<Self> {
-        let socket = UdpSocket::bind("127.0.0.1:0").context("binding a client socket")?;
-        socket.connect(server)?;
-        socket.set_read_timeout(Some(RTO))?;
+        let mut link = Link::connect(endpoint, transport).await?;
 
         // 1. Unauthenticated Allocate: the 401 carries REALM and NONCE.
         let tid = new_tid();
@@ -222,7 +213,7 @@ impl Allocation {
         )
         .add(&RequestedTransport::UDP)
         .add_fingerprint();
-        let challenge = transact(&socket, &req, tid)?;
+        let challenge = transact(&mut link, &req, tid).await?;
         if challenge.code != Some(ErrorCode::UNAUTHENTICATED) {
             bail!(
                 "expected a 401 challenge, got {:?} {:?}",
@@ -240,53 +231,57 @@ impl Allocation {
         };
 
         // 2. Authenticated Allocate.
-        let resp = authed(&socket, Method::ALLOCATE, &mut auth, |b| {
+        let resp = authed(&mut link, Method::ALLOCATE, &mut auth, |b| {
             b.add(&RequestedTransport::UDP);
-        })?;
+        })
+        .await?;
         expect_success(&resp, "Allocate")?;
         let relayed = resp
             .relayed
             .context("Allocate success without XOR-RELAYED-ADDRESS")?;
 
-        // 3. ChannelBind to the peer.
+        // 3. CreatePermission for the peer.
+        let resp = authed(&mut link, Method::CREATE_PERMISSION, &mut auth, |b| {
+            b.add(&XorPeerAddress(peer));
+        })
+        .await?;
+        expect_success(&resp, "CreatePermission")?;
+
+        // 4. ChannelBind to the peer.
         let channel = ChannelNumber::new(channel).map_err(|e| anyhow!("{e}"))?;
-        let resp = authed(&socket, Method::CHANNEL_BIND, &mut auth, |b| {
+        let resp = authed(&mut link, Method::CHANNEL_BIND, &mut auth, |b| {
             b.add(&channel).add(&XorPeerAddress(peer));
-        })?;
+        })
+        .await?;
         expect_success(&resp, "ChannelBind")?;
 
         Ok(Self {
-            socket,
+            link,
             relayed,
             channel,
             auth,
         })
     }
 
-    /// Releases the allocation: Refresh with LIFETIME 0 (RFC 8656 §8). Best effort.
-    pub fn release(mut self) {
-        let _ = self
-            .socket
-            .set_read_timeout(Some(Duration::from_millis(100)));
-        let _ = authed(&self.socket, Method::REFRESH, &mut self.auth, |b| {
-            b.add(&Lifetime(0));
-        });
-    }
-
-    /// Keeps only what the load loop needs (for the idle-allocation memory figure, where the
-    /// client's own bookkeeping should not count).
-    #[must_use]
-    pub fn into_socket(self) -> UdpSocket {
-        self.socket
+    /// Releases the allocation: Refresh with LIFETIME 0 (RFC 8656 §8), bounded by one
+    /// second; over a stream, closing the connection ends the allocation as well. Best effort.
+    pub async fn release(mut self) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            authed(&mut self.link, Method::REFRESH, &mut self.auth, |b| {
+                b.add(&Lifetime(0));
+            }),
+        )
+        .await;
     }
 }
 
-/// Sends STUN Binding requests until `server` answers, for up to `within`.
+/// Sends STUN Binding requests until `server` answers, for up to `within`. Blocking.
 ///
 /// # Errors
 /// The server never answered.
 pub fn wait_ready(server: SocketAddr, within: Duration) -> anyhow::Result<()> {
-    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
     sock.connect(server)?;
     sock.set_read_timeout(Some(Duration::from_millis(100)))?;
     let deadline = std::time::Instant::now() + within;

@@ -1,27 +1,39 @@
-//! The data plane of the bench: a UDP echo peer and the ChannelData load loops.
+//! The data plane of the bench: a UDP echo peer, the ChannelData load loops, and the
+//! allocation set-up loop.
 //!
 //! Every packet carries a sequence number and its send time (nanoseconds since the run's
-//! epoch) in its first 16 bytes, so the echo's reply gives the round-trip time. Loops are
-//! bounded: they send until the run's deadline, then drain for at most [`DRAIN`].
+//! epoch) in its first 16 bytes, so the echo's reply gives the round-trip time. Client
+//! threads open their own allocations first (in their own runtime), then all start together
+//! at one epoch. Loops are bounded: they send until the run's deadline, then drain for at
+//! most [`DRAIN`]; set-up waits at most [`SETUP_LIMIT`].
 
-use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
+use anyhow::{anyhow, Context as _};
+use tokio::task::JoinSet;
 use turn_proto::codec::{ChannelData, ChannelNumber};
+
+use crate::client::{Allocation, Credentials};
+use crate::link::{bind_udp, fresh_udp, Endpoint, Link, Transport};
+use crate::server::SECRET;
 
 /// How long the loops wait for stragglers after the deadline.
 pub const DRAIN: Duration = Duration::from_millis(300);
+/// The longest any set-up phase may take before the run is abandoned.
+pub const SETUP_LIMIT: Duration = Duration::from_secs(180);
+/// Allocations being set up at once, over all client threads.
+pub const SETUP_IN_FLIGHT: usize = 32;
 /// In a saturated run, an allocation that hears nothing for this long re-primes its window
 /// (its packets are presumed lost; they still count if they arrive later).
 const STALL: Duration = Duration::from_secs(1);
 /// Bytes of the stamp: sequence number and send time.
 const STAMP: usize = 16;
-/// Socket buffers the bench asks for (the kernel caps them at `net.core.*mem_max`).
-const SOCKET_BUFFER: usize = 4 << 20;
+/// First channel number (RFC 8656 range).
+pub const CHANNEL: u16 = 0x4000;
 
 /// How packets are offered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,9 +43,10 @@ pub enum Mode {
         /// Packets in flight per allocation.
         window: usize,
     },
-    /// Open loop: the clients together send `pps` packets per second.
+    /// Open loop: the allocations together send `pps` packets per second, each at an even
+    /// share of it and with its own phase (as a WebRTC sender paces its packets).
     Paced {
-        /// Packets per second sent by all clients together.
+        /// Packets per second sent by all allocations together.
         pps: u64,
     },
 }
@@ -49,6 +62,23 @@ pub struct LoadConfig {
     pub payload: usize,
     /// Client threads; allocations are spread over them.
     pub threads: usize,
+}
+
+/// What the load goes through.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The bare forwarder at this address: flow `i` is a plain UDP socket using channel
+    /// 0x4000 + i, no set-up.
+    Bare(SocketAddr),
+    /// A TURN server: each flow is a fresh allocation over `transport`, bound to `peer`.
+    Turn {
+        /// The server's listeners.
+        endpoint: Endpoint,
+        /// The client legs' transport.
+        transport: Transport,
+        /// The echo peer.
+        peer: SocketAddr,
+    },
 }
 
 /// What a load run measured, client side.
@@ -95,6 +125,7 @@ impl LoadStats {
         if self.rtt_ns.is_empty() {
             return Duration::ZERO;
         }
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let i = ((self.rtt_ns.len() - 1) as f64 * q).round() as usize;
         Duration::from_nanos(u64::from(self.rtt_ns[i.min(self.rtt_ns.len() - 1)]))
     }
@@ -114,22 +145,6 @@ pub struct EchoPeer {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
-}
-
-/// Binds a UDP socket with large buffers.
-///
-/// # Errors
-/// The socket could not be bound.
-pub fn bind_udp(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
-    s.bind(&addr.into())?;
-    Ok(s.into())
 }
 
 impl EchoPeer {
@@ -175,225 +190,520 @@ impl EchoPeer {
     }
 }
 
-/// One allocation's data path: its socket (connected to the server) and its channel.
-#[derive(Debug)]
-pub struct Flow {
-    /// Client socket, connected to the server.
-    pub socket: UdpSocket,
-    /// The channel bound to the echo peer.
-    pub channel: ChannelNumber,
+/// One flow's client leg: an allocation, or a bare-forwarder socket.
+enum Leg {
+    Turn(Allocation),
+    Bare(Link, ChannelNumber),
+}
+
+impl Leg {
+    fn parts(&mut self) -> (&mut Link, ChannelNumber) {
+        match self {
+            Self::Turn(a) => (&mut a.link, a.channel),
+            Self::Bare(l, c) => (l, *c),
+        }
+    }
+
+    async fn release(self) {
+        if let Self::Turn(a) = self {
+            a.release().await;
+        }
+    }
+}
+
+/// Fresh REST credentials for allocation `i`.
+fn creds(i: usize) -> Credentials {
+    Credentials::rest(SECRET, &format!("bench{i}"), Duration::from_secs(3600))
+}
+
+/// Opens the legs `indices` of `target`, `in_flight` at a time.
+async fn open_legs(
+    target: &Target,
+    indices: Vec<usize>,
+    in_flight: usize,
+) -> anyhow::Result<Vec<Leg>> {
+    let mut legs = Vec::with_capacity(indices.len());
+    match target {
+        Target::Bare(addr) => {
+            for i in indices {
+                let channel = u16::try_from(i)
+                    .ok()
+                    .and_then(|i| i.checked_add(CHANNEL))
+                    .and_then(|n| ChannelNumber::new(n).ok())
+                    .context("too many flows for the bare forwarder")?;
+                legs.push(Leg::Bare(Link::udp(fresh_udp(*addr)?), channel));
+            }
+        }
+        Target::Turn {
+            endpoint,
+            transport,
+            peer,
+        } => {
+            let mut set = JoinSet::new();
+            let mut pending = indices.into_iter();
+            let spawn = |set: &mut JoinSet<_>, i: usize| {
+                let (endpoint, transport, peer) = (endpoint.clone(), *transport, *peer);
+                set.spawn(async move {
+                    Allocation::open(&endpoint, transport, &creds(i), peer, CHANNEL)
+                        .await
+                        .with_context(|| format!("allocation {i} over {}", transport.name()))
+                });
+            };
+            for i in pending.by_ref().take(in_flight.max(1)) {
+                spawn(&mut set, i);
+            }
+            while let Some(done) = set.join_next().await {
+                legs.push(Leg::Turn(done??));
+                if let Some(i) = pending.next() {
+                    spawn(&mut set, i);
+                }
+            }
+        }
+    }
+    Ok(legs)
+}
+
+/// The start line all client threads wait at after set-up.
+#[derive(Default)]
+struct StartLine {
+    state: Mutex<StartState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct StartState {
+    ready: usize,
+    failed: bool,
+    /// `Some(Some(epoch))`: go; `Some(None)`: abandon.
+    go: Option<Option<Instant>>,
+}
+
+impl StartLine {
+    /// A client thread reports its set-up and waits for the epoch (`None`: abandon).
+    fn arrive(&self, ok: bool) -> Option<Instant> {
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.ready += 1;
+        s.failed |= !ok;
+        self.cv.notify_all();
+        let (s, _) = self
+            .cv
+            .wait_timeout_while(s, SETUP_LIMIT + Duration::from_secs(5), |s| s.go.is_none())
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.go.flatten()
+    }
+
+    /// Abandons the run: every thread at (or arriving at) the line gives up.
+    fn abandon(&self) {
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.go = Some(None);
+        self.cv.notify_all();
+    }
+
+    /// The main thread waits for `threads` arrivals, then starts everyone at `now + lead`
+    /// (or abandons on a failure or a timeout). Returns the epoch.
+    fn start(&self, threads: usize, lead: Duration) -> Option<Instant> {
+        let s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (mut s, _) = self
+            .cv
+            .wait_timeout_while(s, SETUP_LIMIT, |s| s.ready < threads)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let go = (s.ready == threads && !s.failed).then(|| Instant::now() + lead);
+        s.go = Some(go);
+        self.cv.notify_all();
+        go
+    }
 }
 
 struct Shared {
     epoch: Instant,
     deadline: Instant,
     config: LoadConfig,
+    flows: usize,
 }
 
-fn stamp(packet: &mut [u8], channel: ChannelNumber, seq: u64, epoch: Instant, payload: usize) {
+fn now_ns(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Writes a ChannelData frame's header (the length is the payload's) and stamp into `out`,
+/// whose length is the frame's, stream padding included.
+fn stamp(out: &mut [u8], channel: ChannelNumber, seq: u64, epoch: Instant, payload: usize) {
     let len = u16::try_from(payload).unwrap_or(u16::MAX);
     let mut hdr = [0u8; 4];
     ChannelData::write_header(channel, len, &mut hdr);
-    packet[..4].copy_from_slice(&hdr);
-    packet[4..12].copy_from_slice(&seq.to_be_bytes());
-    let t = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    packet[12..20].copy_from_slice(&t.to_be_bytes());
+    out[..4].copy_from_slice(&hdr);
+    out[4..12].copy_from_slice(&seq.to_be_bytes());
+    out[12..20].copy_from_slice(&now_ns(epoch).to_be_bytes());
 }
 
-/// Stamps and sends one packet (waiting for the socket to be writable, which on loopback
-/// UDP is at once).
-async fn send_one(
-    sock: &tokio::net::UdpSocket,
-    out: &mut [u8],
+/// The send time stamped in an echoed ChannelData frame.
+fn echoed_stamp(frame: &[u8]) -> Option<u64> {
+    let cd = ChannelData::decode(frame).ok()?;
+    let t: [u8; 8] = cd.data.get(8..STAMP)?.try_into().ok()?;
+    Some(u64::from_be_bytes(t))
+}
+
+/// Drives one flow: sends by the mode's rule, records every echo, drains after the deadline.
+async fn drive(
+    link: &mut Link,
     channel: ChannelNumber,
-    seq: &mut u64,
+    index: usize,
     shared: &Shared,
-    stats: &mut LoadStats,
-) {
-    stamp(out, channel, *seq, shared.epoch, shared.config.payload);
-    *seq += 1;
-    if sock.send(out).await.is_ok() {
-        stats.sent += 1;
-    }
-}
-
-/// Per-allocation task: receives echoes, records their RTT, and in a saturated run sends the
-/// next packet for each one received.
-async fn flow_task(
-    sock: Arc<tokio::net::UdpSocket>,
-    channel: ChannelNumber,
-    shared: Arc<Shared>,
-    seq_base: u64,
 ) -> LoadStats {
     let cfg = shared.config;
-    let window = match cfg.mode {
-        Mode::Saturated { window } => window.max(1),
-        Mode::Paced { .. } => 0,
-    };
     let mut stats = LoadStats::default();
-    let mut out = vec![0u8; ChannelData::HEADER_LEN + cfg.payload];
-    let mut buf = vec![0u8; 2048];
-    let mut seq = seq_base;
-    for _ in 0..window {
-        send_one(&sock, &mut out, channel, &mut seq, &shared, &mut stats).await;
-    }
+    let frame_len = if link.is_stream() {
+        (ChannelData::HEADER_LEN + cfg.payload + 3) & !3
+    } else {
+        ChannelData::HEADER_LEN + cfg.payload
+    };
+    let mut out = vec![0u8; frame_len];
+    let mut seq = (index as u64) << 40;
+    let (window, rate) = match cfg.mode {
+        Mode::Saturated { window } => (window.max(1), 0.0),
+        Mode::Paced { pps } => (0, pps as f64 / shared.flows.max(1) as f64),
+    };
+    // Paced: this flow's own schedule, phase-shifted by its index over one period.
+    let period = if rate > 0.0 {
+        Duration::from_secs_f64(1.0 / rate)
+    } else {
+        Duration::from_secs(1)
+    };
+    let phase = period.mul_f64(index as f64 / shared.flows.max(1) as f64);
+    let first = shared.epoch + phase;
+    let mut tick = tokio::time::interval_at(first.into(), period.max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut paced_count = 0u64;
+
     let hard_stop = shared.deadline + DRAIN;
+    let is_stream = link.is_stream();
+    let mut failed = false;
+    for _ in 0..window {
+        stamp(&mut out, channel, seq, shared.epoch, cfg.payload);
+        seq += 1;
+        if link.send(&out).await.is_ok() {
+            stats.sent += 1;
+        }
+    }
     loop {
         let now = Instant::now();
-        if now >= hard_stop {
-            break;
-        }
         let past = now >= shared.deadline;
-        if past && stats.received >= stats.sent && window > 0 {
+        if now >= hard_stop || failed || (past && stats.received >= stats.sent) {
             break;
         }
-        let wait = if past { hard_stop - now } else { STALL };
-        match tokio::time::timeout(wait, sock.recv(&mut buf)).await {
-            Ok(Ok(n)) => {
-                let Ok(cd) = ChannelData::decode(&buf[..n]) else {
-                    continue;
-                };
-                if cd.data.len() < STAMP {
-                    continue;
-                }
-                let mut t = [0u8; 8];
-                t.copy_from_slice(&cd.data[8..16]);
-                let sent_at = u64::from_be_bytes(t);
-                let now_ns = u64::try_from(shared.epoch.elapsed().as_nanos()).unwrap_or(0);
-                let rtt = now_ns.saturating_sub(sent_at);
-                stats.received += 1;
-                if Instant::now() < shared.deadline {
-                    stats.received_in_window += 1;
-                    stats.rtt_ns.push(u32::try_from(rtt).unwrap_or(u32::MAX));
-                    if window > 0 {
-                        send_one(&sock, &mut out, channel, &mut seq, &shared, &mut stats).await;
+        let wake = if past {
+            hard_stop
+        } else if window > 0 {
+            (now + STALL).min(shared.deadline)
+        } else {
+            shared.deadline
+        };
+        let mut to_send = 0u64;
+        tokio::select! {
+            r = link.recv() => match r {
+                Ok(frame) => {
+                    if let Some(sent_at) = echoed_stamp(frame) {
+                        let rtt = now_ns(shared.epoch).saturating_sub(sent_at);
+                        stats.received += 1;
+                        if Instant::now() < shared.deadline {
+                            stats.received_in_window += 1;
+                            stats.rtt_ns.push(u32::try_from(rtt).unwrap_or(u32::MAX));
+                            to_send = u64::from(window > 0);
+                        }
                     }
                 }
-            }
-            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(1)).await,
-            Err(_) => {
-                // Silence for STALL with packets out: presume them lost and re-prime.
+                Err(_) if is_stream => failed = true,
+                Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+            },
+            _ = tick.tick(), if window == 0 && !past => {
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let due = (Instant::now().saturating_duration_since(first).as_secs_f64() * rate) as u64 + 1;
+                to_send = due.saturating_sub(paced_count).min(64);
+                paced_count += to_send;
+            },
+            () = tokio::time::sleep_until(wake.into()) => {
+                // Saturated and silent for STALL: presume the window lost and re-prime.
                 if window > 0 && Instant::now() < shared.deadline {
-                    for _ in 0..window {
-                        send_one(&sock, &mut out, channel, &mut seq, &shared, &mut stats).await;
-                    }
+                    to_send = window as u64;
                 }
+            },
+        }
+        for _ in 0..to_send {
+            stamp(&mut out, channel, seq, shared.epoch, cfg.payload);
+            seq += 1;
+            if link.send(&out).await.is_ok() {
+                stats.sent += 1;
+            } else if is_stream {
+                failed = true;
+                break;
             }
         }
     }
     stats
 }
 
-/// Paced sender of one client thread: `pps` packets per second round-robin over `socks`.
-async fn pacer_task(
-    socks: Vec<(Arc<tokio::net::UdpSocket>, ChannelNumber)>,
-    shared: Arc<Shared>,
-    pps: f64,
-) -> LoadStats {
-    let cfg = shared.config;
-    let mut stats = LoadStats::default();
-    let mut out = vec![0u8; ChannelData::HEADER_LEN + cfg.payload];
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let start = Instant::now();
-    let mut seq = 1u64 << 63;
-    let mut next = 0usize;
-    let mut count = 0u64;
-    while Instant::now() < shared.deadline {
-        tick.tick().await;
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let due = (start.elapsed().as_secs_f64() * pps) as u64;
-        while count < due {
-            let (sock, channel) = &socks[next % socks.len()];
-            next += 1;
-            count += 1;
-            send_one(sock, &mut out, *channel, &mut seq, &shared, &mut stats).await;
-        }
-    }
-    stats
-}
-
-fn client_thread(flows: Vec<Flow>, shared: Arc<Shared>, pps: f64) -> anyhow::Result<LoadStats> {
+/// One client thread of a load run: set-up, the start line, load, release.
+fn client_thread(
+    target: &Target,
+    indices: Vec<usize>,
+    in_flight: usize,
+    line: &StartLine,
+    config: LoadConfig,
+    flows: usize,
+) -> anyhow::Result<LoadStats> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    std::thread::sleep(shared.epoch.saturating_duration_since(Instant::now()));
-    rt.block_on(async move {
-        let mut tasks = Vec::new();
-        let mut socks = Vec::new();
-        for (i, f) in flows.into_iter().enumerate() {
-            f.socket.set_nonblocking(true)?;
-            let sock = Arc::new(tokio::net::UdpSocket::from_std(f.socket)?);
-            socks.push((sock.clone(), f.channel));
-            tasks.push(tokio::spawn(flow_task(
-                sock,
-                f.channel,
-                shared.clone(),
-                (i as u64) << 40,
-            )));
-        }
-        let mut total = LoadStats::default();
-        if matches!(shared.config.mode, Mode::Paced { .. }) && !socks.is_empty() {
-            total.merge(pacer_task(socks, shared.clone(), pps).await);
-        }
-        for t in tasks {
-            total.merge(t.await?);
-        }
-        anyhow::Ok(total)
-    })
-}
-
-/// Drives ChannelData over `flows` for `config.duration`, then drains. Returns the flows'
-/// sockets' stats; the flows are consumed (their sockets close).
-///
-/// `on_start` runs right before the first packet and `on_deadline` right at the deadline,
-/// so the caller can sample the server's CPU time over exactly the window.
-///
-/// # Errors
-/// A client thread failed to start or its runtime failed.
-pub fn run(
-    flows: Vec<Flow>,
-    config: LoadConfig,
-    on_start: impl FnOnce(),
-    on_deadline: impl FnOnce(),
-) -> anyhow::Result<LoadStats> {
-    let threads = config.threads.clamp(1, flows.len().max(1));
-    let mut per_thread: Vec<Vec<Flow>> = (0..threads).map(|_| Vec::new()).collect();
-    for (i, f) in flows.into_iter().enumerate() {
-        per_thread[i % threads].push(f);
-    }
-    let pps = match config.mode {
-        Mode::Paced { pps } => pps as f64 / threads as f64,
-        Mode::Saturated { .. } => 0.0,
+    let legs = rt.block_on(open_legs(target, indices, in_flight));
+    let Some(epoch) = line.arrive(legs.is_ok()) else {
+        return match legs {
+            Ok(legs) => {
+                rt.block_on(release_all(legs));
+                Ok(LoadStats::default())
+            }
+            Err(e) => Err(e),
+        };
     };
-    // Leave the threads a moment to build their runtimes before the clock starts.
-    let epoch = Instant::now() + Duration::from_millis(100);
+    let legs = legs?;
     let shared = Arc::new(Shared {
         epoch,
         deadline: epoch + config.duration,
         config,
+        flows,
     });
-    let mut handles = Vec::new();
-    for (i, flows) in per_thread.into_iter().enumerate() {
-        let shared = shared.clone();
-        handles.push(
-            std::thread::Builder::new()
-                .name(format!("bench-client-{i}"))
-                .spawn(move || client_thread(flows, shared, pps))?,
-        );
+    let (stats, legs) = rt.block_on(async move {
+        let mut set = JoinSet::new();
+        for (k, mut leg) in legs.into_iter().enumerate() {
+            let shared = shared.clone();
+            set.spawn(async move {
+                let (link, channel) = leg.parts();
+                let stats = drive(link, channel, k, &shared).await;
+                (stats, leg)
+            });
+        }
+        let mut total = LoadStats::default();
+        let mut legs = Vec::new();
+        while let Some(done) = set.join_next().await {
+            let (stats, leg) = done?;
+            total.merge(stats);
+            legs.push(leg);
+        }
+        anyhow::Ok((total, legs))
+    })?;
+    rt.block_on(release_all(legs));
+    Ok(stats)
+}
+
+async fn release_all(legs: Vec<Leg>) {
+    let mut set = JoinSet::new();
+    for leg in legs {
+        set.spawn(leg.release());
     }
-    std::thread::sleep(epoch.saturating_duration_since(Instant::now()));
-    on_start();
-    std::thread::sleep(shared.deadline.saturating_duration_since(Instant::now()));
-    on_deadline();
+    while set.join_next().await.is_some() {}
+}
+
+/// Opens `flows` flows through `target` (spread over `config.threads` client threads, set
+/// up [`SETUP_IN_FLIGHT`] at a time), drives ChannelData over them for `config.duration`,
+/// drains, and releases the allocations.
+///
+/// `on_start` runs right before the first packet and `on_deadline` right at the deadline,
+/// so the caller can sample the server's cost over exactly the window.
+///
+/// # Errors
+/// Set-up failed, or a client thread failed.
+pub fn run(
+    target: &Target,
+    flows: usize,
+    config: LoadConfig,
+    on_start: impl FnOnce(),
+    on_deadline: impl FnOnce(),
+) -> anyhow::Result<LoadStats> {
+    let threads = config.threads.clamp(1, flows.max(1));
+    let in_flight = SETUP_IN_FLIGHT.div_ceil(threads);
+    let line = Arc::new(StartLine::default());
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let indices: Vec<usize> = (t..flows).step_by(threads).collect();
+        let (target, waiting) = (target.clone(), line.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("bench-client-{t}"))
+            .spawn(move || client_thread(&target, indices, in_flight, &waiting, config, flows));
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                // Release the threads already waiting at the start line.
+                line.abandon();
+                for h in handles {
+                    let _ = h.join();
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    let epoch = line.start(threads, Duration::from_millis(100));
     let mut total = LoadStats::default();
+    if let Some(epoch) = epoch {
+        std::thread::sleep(epoch.saturating_duration_since(Instant::now()));
+        on_start();
+        std::thread::sleep((epoch + config.duration).saturating_duration_since(Instant::now()));
+        on_deadline();
+    }
+    let mut first_error = None;
     for h in handles {
-        let stats = h
-            .join()
-            .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
-        total.merge(stats);
+        match h.join() {
+            Ok(Ok(stats)) => total.merge(stats),
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(_) => {
+                first_error.get_or_insert(anyhow!("a client thread panicked"));
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    if epoch.is_none() {
+        return Err(anyhow!("set-up did not finish within {SETUP_LIMIT:?}"));
     }
     total.elapsed = config.duration;
     total.rtt_ns.sort_unstable();
     Ok(total)
+}
+
+/// What an allocation set-up run measured, client side.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetupStats {
+    /// Allocations completed (all four transactions succeeded).
+    pub opened: u64,
+    /// Allocations that failed.
+    pub failed: u64,
+    /// Wall time from the first request to the last answer.
+    pub elapsed: Duration,
+}
+
+impl SetupStats {
+    /// Completed allocations per second.
+    #[must_use]
+    pub fn per_sec(&self) -> f64 {
+        self.opened as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Opens `total` UDP allocations on `endpoint` (each: 401 challenge, Allocate,
+/// CreatePermission, ChannelBind to `peer`), [`SETUP_IN_FLIGHT`] at a time over `threads`
+/// client threads, and *keeps* them: each client socket is closed once its allocation is
+/// made (its address is never reused, see [`crate::link::next_client_addr`]), and the server
+/// holds the allocation until its lifetime ends. Stops at `total` or after [`SETUP_LIMIT`].
+///
+/// `on_start` runs before the first request, `on_end` after the last answer.
+///
+/// # Errors
+/// A client thread could not start.
+pub fn setup_run(
+    endpoint: &Endpoint,
+    peer: SocketAddr,
+    total: usize,
+    threads: usize,
+    on_start: impl FnOnce(),
+    on_end: impl FnOnce(),
+) -> anyhow::Result<SetupStats> {
+    let threads = threads.max(1);
+    let per_thread = SETUP_IN_FLIGHT.div_ceil(threads);
+    let next = Arc::new(AtomicUsize::new(0));
+    let opened = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(Mutex::new(None::<String>));
+    let deadline = Instant::now() + SETUP_LIMIT;
+    on_start();
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let (endpoint, next, opened, failed, first_error) = (
+            endpoint.clone(),
+            next.clone(),
+            opened.clone(),
+            failed.clone(),
+            first_error.clone(),
+        );
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("bench-setup-{t}"))
+                .spawn(move || -> anyhow::Result<()> {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(async move {
+                        let mut set = JoinSet::new();
+                        for _ in 0..per_thread {
+                            let (endpoint, next, opened, failed, first_error) = (
+                                endpoint.clone(),
+                                next.clone(),
+                                opened.clone(),
+                                failed.clone(),
+                                first_error.clone(),
+                            );
+                            set.spawn(async move {
+                                loop {
+                                    let i = next.fetch_add(1, Ordering::Relaxed);
+                                    if i >= total || Instant::now() >= deadline {
+                                        break;
+                                    }
+                                    let r = Allocation::open(
+                                        &endpoint,
+                                        Transport::Udp,
+                                        &creds(1_000_000 + i),
+                                        peer,
+                                        CHANNEL,
+                                    )
+                                    .await;
+                                    match r {
+                                        Ok(a) => {
+                                            drop(a);
+                                            opened.fetch_add(1, Ordering::Relaxed);
+                                        }
+                                        Err(e) => {
+                                            failed.fetch_add(1, Ordering::Relaxed);
+                                            let mut f = first_error
+                                                .lock()
+                                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                                            f.get_or_insert_with(|| format!("{e:#}"));
+                                        }
+                                    }
+                                }
+                            });
+                        }
+                        while set.join_next().await.is_some() {}
+                    });
+                    Ok(())
+                })?,
+        );
+    }
+    for h in handles {
+        h.join()
+            .map_err(|_| anyhow!("a set-up thread panicked"))??;
+    }
+    let elapsed = start.elapsed();
+    on_end();
+    if let Some(e) = first_error
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+    {
+        eprintln!("  set-up: first failure: {e}");
+    }
+    Ok(SetupStats {
+        opened: opened.load(Ordering::Relaxed),
+        failed: failed.load(Ordering::Relaxed),
+        elapsed,
+    })
 }

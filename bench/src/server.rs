@@ -1,27 +1,41 @@
-//! Servers under test and how their cost is read: turnd in-process (CPU of its worker threads
-//! from `/proc/self/task/<tid>/stat`, memory from `/proc/self/status`) and coturn's
-//! `turnserver` as a child process (`/proc/<pid>/stat` and `/proc/<pid>/status`).
+//! Servers under test and how their cost is read: turnd in-process (CPU of its threads from
+//! `/proc/self/task/<tid>/stat`, memory from `/proc/self/status`) and coturn's `turnserver`
+//! as a child process (`/proc/<pid>/stat` and `/proc/<pid>/status`).
+//!
+//! turnd's threads are every thread of this process except the main thread and the bench's
+//! own (named `bench-*` and `bare-fwd-*`), so the count stays right whatever turnd names its
+//! workers, and includes its admin listener when one runs.
 
-use std::net::{SocketAddr, UdpSocket};
-use std::path::Path;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+use rustls_pki_types::CertificateDer;
 use turnd::config::{Config, MapEnv};
 
 use crate::client::wait_ready;
+use crate::link::{tls_client_config, Endpoint};
 
 /// Realm both servers use.
 pub const REALM: &str = "bench.turnd";
 /// REST API secret both servers use.
 pub const SECRET: &str = "bench-secret-not-for-production";
+/// Relay ports of either server (below the ephemeral range, wide enough for 10,000
+/// allocations; the servers never run at the same time).
+pub const RELAY_PORTS: (u16, u16) = (20_000, 31_999);
+/// Thread-name prefixes of the bench's own threads (never counted as server time).
+const BENCH_THREADS: [&str; 2] = ["bench-", "bare-fwd-"];
 
 /// Where a server's CPU time is read.
 #[derive(Debug, Clone)]
 pub enum CpuSource {
     /// Threads of this process whose name starts with the prefix.
     Threads(String),
+    /// Every thread of this process but the main thread and the bench's own.
+    InProcess,
     /// A whole other process.
     Process(u32),
 }
@@ -48,52 +62,75 @@ fn stat_cpu(path: &Path) -> Option<f64> {
 }
 
 impl CpuSource {
-    /// CPU seconds (user + system) used so far.
+    /// The task directories counted (`/proc/<pid>/task/<tid>`).
+    fn tasks(&self) -> Vec<PathBuf> {
+        let (dir, me) = match self {
+            Self::Process(pid) => (format!("/proc/{pid}/task"), None),
+            _ => ("/proc/self/task".to_owned(), Some(std::process::id())),
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| {
+                let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+                match self {
+                    Self::Process(_) => true,
+                    Self::Threads(prefix) => comm.starts_with(prefix.as_str()),
+                    Self::InProcess => {
+                        let tid = e.file_name().to_string_lossy().parse::<u32>().ok();
+                        tid != me && !BENCH_THREADS.iter().any(|p| comm.starts_with(p))
+                    }
+                }
+            })
+            .map(|e| e.path())
+            .collect()
+    }
+
+    /// CPU seconds (user + system) used so far. For a whole process this includes threads
+    /// that have exited.
     #[must_use]
     pub fn cpu_seconds(&self) -> f64 {
         match self {
             Self::Process(pid) => stat_cpu(Path::new(&format!("/proc/{pid}/stat"))).unwrap_or(0.0),
-            Self::Threads(prefix) => {
-                let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-                    return 0.0;
-                };
-                dir.flatten()
-                    .filter(|e| {
-                        std::fs::read_to_string(e.path().join("comm"))
-                            .is_ok_and(|c| c.starts_with(prefix.as_str()))
-                    })
-                    .filter_map(|e| stat_cpu(&e.path().join("stat")))
-                    .sum()
-            }
+            _ => self
+                .tasks()
+                .iter()
+                .filter_map(|t| stat_cpu(&t.join("stat")))
+                .sum(),
         }
     }
 
     /// Threads counted.
     #[must_use]
     pub fn threads(&self) -> usize {
-        match self {
-            Self::Process(pid) => std::fs::read_dir(format!("/proc/{pid}/task"))
-                .map(|d| d.count())
-                .unwrap_or(0),
-            Self::Threads(prefix) => std::fs::read_dir("/proc/self/task")
-                .map(|d| {
-                    d.flatten()
-                        .filter(|e| {
-                            std::fs::read_to_string(e.path().join("comm"))
-                                .is_ok_and(|c| c.starts_with(prefix.as_str()))
-                        })
-                        .count()
-                })
-                .unwrap_or(0),
-        }
+        self.tasks().len()
+    }
+
+    /// Thread ids counted (for `perf stat -t`).
+    #[must_use]
+    pub fn tids(&self) -> Vec<u32> {
+        self.tasks()
+            .iter()
+            .filter_map(|t| t.file_name()?.to_str()?.parse().ok())
+            .collect()
     }
 }
 
-/// VmRSS of `/proc/<pid>/status` (or `self`) in KiB.
+/// VmRSS of `/proc/<pid>/status` (or this process, after returning freed heap to the
+/// kernel so memory freed by earlier scenarios does not hide growth) in KiB.
 #[must_use]
 pub fn rss_kib(pid: Option<u32>) -> u64 {
     let path = pid.map_or_else(
-        || "/proc/self/status".to_owned(),
+        || {
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only releases free heap pages.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+            "/proc/self/status".to_owned()
+        },
         |p| format!("/proc/{p}/status"),
     );
     std::fs::read_to_string(path)
@@ -106,8 +143,50 @@ pub fn rss_kib(pid: Option<u32>) -> u64 {
         .unwrap_or(0)
 }
 
+/// A self-signed certificate for `localhost` in a temporary directory, and a client config
+/// that trusts it.
+pub struct TestCert {
+    /// PEM certificate.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// Client config trusting the certificate.
+    pub client: Arc<rustls::ClientConfig>,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for TestCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestCert")
+            .field("cert", &self.cert)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestCert {
+    /// Generates the certificate (rcgen).
+    ///
+    /// # Errors
+    /// Generation or writing failed.
+    pub fn generate() -> anyhow::Result<Self> {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+        let dir = tempfile::tempdir()?;
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&cert, c.cert.pem())?;
+        std::fs::write(&key, c.key_pair.serialize_pem())?;
+        let der: CertificateDer<'static> = c.cert.der().clone();
+        Ok(Self {
+            cert,
+            key,
+            client: Arc::new(tls_client_config(&der)?),
+            _dir: dir,
+        })
+    }
+}
+
 enum Kind {
-    Turnd(turnd::driver::Running),
+    Turnd(Box<turnd::run::Running>),
     Coturn {
         child: Child,
         _dir: tempfile::TempDir,
@@ -116,12 +195,16 @@ enum Kind {
 
 /// A running server under test.
 pub struct Server {
-    /// "turnd" or "coturn".
-    pub name: &'static str,
-    /// Its UDP listener.
-    pub addr: SocketAddr,
+    /// Row label: "turnd", "turnd epoll", "coturn", …
+    pub name: String,
+    /// Its listeners.
+    pub endpoint: Endpoint,
     /// Where its CPU time is read.
     pub cpu: CpuSource,
+    /// The admin listener, when one runs.
+    pub admin: Option<SocketAddr>,
+    /// The io backend turnd reports it runs (`""` for coturn).
+    pub io_backend: &'static str,
     kind: Option<Kind>,
 }
 
@@ -129,21 +212,53 @@ impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
             .field("name", &self.name)
-            .field("addr", &self.addr)
+            .field("endpoint", &self.endpoint)
             .finish_non_exhaustive()
     }
 }
 
-/// The turnd configuration the bench runs.
-#[must_use]
-pub fn turnd_toml(workers: usize, min_port: u16, max_port: u16) -> String {
-    format!(
-        r#"
-[listen]
-udp = ["127.0.0.1:0"]
-tcp = []
-tls = []
+/// How the bench runs turnd.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TurndOptions<'a> {
+    /// Worker threads.
+    pub workers: usize,
+    /// `[server] io` (`"io_uring"`, `"epoll"`, `"auto"`); `None` leaves the key out.
+    pub io: Option<&'static str>,
+    /// Run the admin listener (on a loopback port 0); off otherwise.
+    pub admin: bool,
+    /// Also listen on TCP and TLS with this certificate.
+    pub tls: Option<&'a TestCert>,
+}
 
+/// Whether turnd's configuration knows a key: the bench's feature probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Support {
+    /// The key parsed.
+    Yes,
+    /// `deny_unknown_fields` refused it: this turnd predates the key.
+    No,
+}
+
+/// The turnd configuration the bench runs. `io` and `admin` are written only when given
+/// (`admin: Some("")` turns the listener off).
+#[must_use]
+pub fn turnd_toml(opts: &TurndOptions<'_>, io: Option<&str>, admin: Option<&str>) -> String {
+    let (min_port, max_port) = RELAY_PORTS;
+    let workers = opts.workers;
+    let mut s = String::from("[listen]\nudp = [\"127.0.0.1:0\"]\n");
+    match opts.tls {
+        Some(cert) => {
+            s += "tcp = [\"127.0.0.1:0\"]\ntls = [\"127.0.0.1:0\"]\n\n[tls]\n";
+            s += &format!(
+                "cert = \"{}\"\nkey = \"{}\"\n",
+                cert.cert.display(),
+                cert.key.display()
+            );
+        }
+        None => s += "tcp = []\ntls = []\n",
+    }
+    s += &format!(
+        r#"
 [auth]
 realm = "{REALM}"
 secrets = ["{SECRET}"]
@@ -160,46 +275,100 @@ allow = ["127.0.0.0/8"]
 recv_buffer_bytes = 4194304
 send_buffer_bytes = 4194304
 
-[server]
-workers = {workers}
+[streams]
+max_connections_per_ip = 1000000
+max_connections = 1000000
 
 [log]
 level = "warn"
+
+[server]
+workers = {workers}
 "#
-    )
+    );
+    if let Some(io) = io {
+        s += &format!("io = \"{io}\"\n");
+    }
+    if let Some(admin) = admin {
+        s += &format!("\n[admin]\nlisten = \"{admin}\"\n");
+    }
+    s
+}
+
+/// Whether this turnd's configuration accepts `[server] io` and `[admin] listen`.
+#[must_use]
+pub fn turnd_supports() -> (Support, Support) {
+    let opts = TurndOptions {
+        workers: 1,
+        ..TurndOptions::default()
+    };
+    let probe = |io: Option<&str>, admin: Option<&str>| {
+        if Config::from_toml(&turnd_toml(&opts, io, admin)).is_ok() {
+            Support::Yes
+        } else {
+            Support::No
+        }
+    };
+    (probe(Some("epoll"), None), probe(None, Some("")))
+}
+
+fn free_tcp_port() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 impl Server {
-    /// Starts turnd in this process with `workers` worker threads and relay ports
-    /// `min_port..=max_port`.
+    /// Starts turnd in this process (`turnd::run::start`).
     ///
     /// # Errors
-    /// The config did not validate or the server did not start.
-    pub fn turnd(workers: usize, min_port: u16, max_port: u16) -> anyhow::Result<Self> {
-        let settings = Config::from_toml(&turnd_toml(workers, min_port, max_port))
+    /// The config did not validate (an `io` or admin listener this turnd does not know
+    /// yet is refused rather than silently ignored), or the server did not start.
+    pub fn turnd(opts: &TurndOptions<'_>) -> anyhow::Result<Self> {
+        let (io_ok, admin_ok) = turnd_supports();
+        if opts.io.is_some() && io_ok == Support::No {
+            bail!("this turnd has no [server] io key");
+        }
+        if opts.admin && admin_ok == Support::No {
+            bail!("this turnd has no [admin] listener");
+        }
+        let admin = match (opts.admin, admin_ok) {
+            (true, _) => Some("127.0.0.1:0"),
+            (false, Support::Yes) => Some(""),
+            (false, Support::No) => None,
+        };
+        let toml = turnd_toml(opts, opts.io, admin);
+        let settings = Config::from_toml(&toml)
             .map_err(|e| anyhow::anyhow!("bench config: {e}"))?
             .validate(&MapEnv::default())
             .map_err(|e| anyhow::anyhow!("bench config: {e}"))?;
-        let running = turnd::driver::start(settings)?;
-        let addr = *running.udp.first().context("turnd bound no UDP listener")?;
-        wait_ready(addr, Duration::from_secs(5))?;
-        Ok(Self {
-            name: "turnd",
-            addr,
-            cpu: CpuSource::Threads("turnd-worker-".to_owned()),
-            kind: Some(Kind::Turnd(running)),
-        })
+        let running = turnd::run::start(settings)?;
+        let udp = *running.udp.first().context("turnd bound no UDP listener")?;
+        let tcp = running.tcp.first().copied();
+        let tls = match (opts.tls, running.tls.first()) {
+            (Some(cert), Some(addr)) => Some((*addr, cert.client.clone())),
+            _ => None,
+        };
+        let server = Self {
+            name: "turnd".to_owned(),
+            endpoint: Endpoint { udp, tcp, tls },
+            cpu: CpuSource::InProcess,
+            admin: running.admin,
+            io_backend: running.io_backend,
+            kind: Some(Kind::Turnd(Box::new(running))),
+        };
+        wait_ready(udp, Duration::from_secs(5))?;
+        Ok(server)
     }
 
     /// Starts coturn's `turnserver` on a free loopback port, if it is installed
-    /// (`Ok(None)` when it is not).
+    /// (`Ok(None)` when it is not). With `tls`, it also listens on TCP (same port) and TLS;
+    /// without, it runs `--no-tcp --no-tls`.
     ///
     /// # Errors
     /// It is installed but did not start or answer.
-    pub fn coturn(min_port: u16, max_port: u16) -> anyhow::Result<Option<Self>> {
+    pub fn coturn(tls: Option<&TestCert>) -> anyhow::Result<Option<Self>> {
         let bin = std::env::var("BENCH_TURNSERVER").unwrap_or_else(|_| "turnserver".to_owned());
         let installed = Command::new(&bin)
-            .arg("--help")
+            .arg("--version")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -211,6 +380,11 @@ impl Server {
         // Free port: bind port 0, note it, close it (a small race, fine on loopback).
         let port = UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let tls_addr = match tls {
+            Some(_) => Some(free_tcp_port()?),
+            None => None,
+        };
+        let (min_port, max_port) = RELAY_PORTS;
         let log = dir.path().join("turnserver.log");
         let mut cmd = Command::new(&bin);
         cmd.args([
@@ -225,12 +399,7 @@ impl Server {
         .args(["--max-port", &max_port.to_string()])
         .args(["--use-auth-secret", "--static-auth-secret", SECRET])
         .args(["--realm", REALM])
-        .args([
-            "--allow-loopback-peers",
-            "--no-tcp",
-            "--no-tls",
-            "--no-dtls",
-        ])
+        .args(["--allow-loopback-peers", "--no-dtls"])
         .args([
             "--no-cli",
             "--no-tcp-relay",
@@ -246,6 +415,18 @@ impl Server {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+        match (tls, tls_addr) {
+            (Some(cert), Some(tls_addr)) => {
+                cmd.args(["--tls-listening-port", &tls_addr.port().to_string()])
+                    .arg("--cert")
+                    .arg(&cert.cert)
+                    .arg("--pkey")
+                    .arg(&cert.key);
+            }
+            _ => {
+                cmd.args(["--no-tcp", "--no-tls"]);
+            }
+        }
         if let Ok(threads) = std::env::var("BENCH_COTURN_RELAY_THREADS") {
             cmd.args(["--relay-threads", &threads]);
         }
@@ -268,9 +449,15 @@ impl Server {
         }
         let pid = child.id();
         Ok(Some(Self {
-            name: "coturn",
-            addr,
+            name: "coturn".to_owned(),
+            endpoint: Endpoint {
+                udp: addr,
+                tcp: tls.map(|_| addr),
+                tls: tls.zip(tls_addr).map(|(c, a)| (a, c.client.clone())),
+            },
             cpu: CpuSource::Process(pid),
+            admin: None,
+            io_backend: "",
             kind: Some(Kind::Coturn { child, _dir: dir }),
         }))
     }
