@@ -225,7 +225,7 @@ async fn a_running_turnd_serves_the_deployed_certificate_without_restarting() {
     let text = format!(
         "[listen]\nudp = [\"127.0.0.1:0\"]\ntcp = [\"127.0.0.1:0\"]\ntls = [\"127.0.0.1:0\"]\n\
          [tls]\ncert = \"{}\"\nkey = \"{}\"\n\
-         [auth]\nrealm = \"test\"\nsecrets = [\"s3cret\"]\n[server]\nworkers = 1\n",
+         [auth]\nrealm = \"test\"\nsecrets = [\"s3cret\"]\n[server]\nworkers = 1\n[admin]\nlisten = \"127.0.0.1:0\"\n",
         mounted.path().join("tls.crt").display(),
         mounted.path().join("tls.key").display()
     );

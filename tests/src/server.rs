@@ -124,7 +124,11 @@ impl TestServer {
     /// The config is invalid or the listener cannot be bound.
     pub fn turnd(toml: &str, auth: Auth) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let settings = Config::from_toml(toml)?.validate(&MapEnv::default())?;
+        let mut settings = Config::from_toml(toml)?.validate(&MapEnv::default())?;
+        // Tests run side by side; the default admin port is one fixed port.
+        if let Some(admin) = settings.admin.as_mut() {
+            admin.listen.set_port(0);
+        }
         let running = turnd::driver::start(settings)?;
         let addr = *running.udp.first().context("no UDP listener")?;
         eprintln!("server under test: turnd at {addr}");

@@ -24,7 +24,7 @@ pub fn settings(extra: &str) -> turnd::config::Settings {
     let text = format!(
         "[listen]\nudp = [\"127.0.0.1:0\"]\ntcp = [\"127.0.0.1:0\"]\n{extra}\n\
          [auth]\nrealm = \"test\"\nsecrets = [\"s3cret\"]\n[[auth.users]]\nname = \"u\"\npassword = \"p\"\n\
-         [peers]\nallow = [\"127.0.0.0/8\"]\n[server]\nworkers = 2\n"
+         [peers]\nallow = [\"127.0.0.0/8\"]\n[server]\nworkers = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n"
     );
     let env = turnd::config::MapEnv(Default::default());
     turnd::config::Config::from_toml(&text)
