@@ -277,7 +277,6 @@ pub fn spawn_with_limits(
             runtime.shutdown_timeout(Duration::from_secs(1));
         })
         .map_err(AdminError::Start)?;
-    tracing::info!(%local_addr, "admin listener started");
     Ok(AdminHandle {
         local_addr,
         shutdown: Some(tx),
