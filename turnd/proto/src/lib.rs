@@ -20,4 +20,5 @@
 
 pub mod auth;
 pub mod codec;
+pub mod defaults;
 pub mod server;

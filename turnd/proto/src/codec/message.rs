@@ -12,8 +12,10 @@ use super::DecodeError;
 pub const MAGIC_COOKIE: u32 = 0x2112_A442;
 /// Length of the STUN header in bytes (RFC 8489 §5).
 pub const HEADER_LEN: usize = 20;
-/// The most attributes a message may carry before it is refused as abusive.
-const MAX_ATTRIBUTES: usize = 48;
+/// The most attributes a message may carry before it is refused as abusive (the server
+/// answers such a request 400). Every attribute lookup walks the message, so this bounds the
+/// work per request.
+pub const MAX_ATTRIBUTES: usize = 128;
 /// XOR constant of FINGERPRINT (RFC 8489 §14.7).
 const FINGERPRINT_XOR: u32 = 0x5354_554e;
 
@@ -237,7 +239,7 @@ impl<'a> Message<'a> {
     }
 
     /// Every attribute of type `A`, decoded (e.g. several XOR-PEER-ADDRESS in one
-    /// CreatePermission, RFC 8656 §9.1).
+    /// CreatePermission, RFC 8656 §10.1).
     pub fn get_all<A: Attribute<'a>>(&self) -> impl Iterator<Item = Result<A, DecodeError>> + 'a {
         let tid = self.tid;
         self.attributes()

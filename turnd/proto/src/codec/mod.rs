@@ -17,5 +17,7 @@ pub use attr::*;
 pub use channel_data::{ChannelData, ChannelNumber};
 pub use demux::{frame_len, Demux, FrameLen};
 pub use error::DecodeError;
-pub use message::{Message, MessageBuilder, RawAttribute, HEADER_LEN, MAGIC_COOKIE};
+pub use message::{
+    Message, MessageBuilder, RawAttribute, HEADER_LEN, MAGIC_COOKIE, MAX_ATTRIBUTES,
+};
 pub use method::{Class, ErrorCode, MessageType, Method, TransactionId};

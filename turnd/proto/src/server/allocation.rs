@@ -3,15 +3,13 @@
 //! (`allocation_state_is_under_1_kib`).
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::codec::ChannelNumber;
 use crate::server::policy::canonical_ip;
 use crate::server::{AllocationId, FiveTuple, Route};
 
-/// After a channel binding expires its number and peer stay reserved this long
-/// (RFC 8656 §12: no rebinding to a different peer or number for 5 minutes).
-pub(crate) const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
+pub(crate) use crate::defaults::CHANNEL_COOLDOWN;
 
 /// The IO layer's name for one relay socket: its index in the IO layer's (dense) table of
 /// relay sockets. The core indexes a `Vec` by it to find the allocation of a datagram from a
@@ -43,7 +41,7 @@ pub(crate) struct Permission {
     pub(crate) expires: Instant,
 }
 
-/// A channel binding (RFC 8656 §2.5, §11).
+/// A channel binding (RFC 8656 §2.5, §12).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ChannelBinding {
     pub(crate) number: ChannelNumber,

@@ -17,6 +17,7 @@
 mod allocation;
 pub mod policy;
 mod quota;
+mod ratelimit;
 mod timer;
 
 use std::collections::{HashMap, VecDeque};
@@ -30,8 +31,10 @@ pub use quota::{LocalQuota, QuotaExceeded, QuotaLedger, SharedQuota};
 
 use crate::auth::{CredentialError, Credentials, LongTermKey, NonceCheck, NonceIssuer};
 use crate::codec::*;
+use crate::defaults;
 use allocation::{family_index, Allocation, ChannelBinding, CHANNEL_COOLDOWN};
 use policy::{PeerDenied, PeerPolicy};
+use ratelimit::ChallengeLimiter;
 use timer::{Deadlines, TimerKey};
 
 /// The transport between client and server (RFC 8656 §3.1).
@@ -84,7 +87,27 @@ pub struct FiveTuple {
     pub transport: Transport,
 }
 
-/// Tunables of the server (RFC 8656 §7–§12 name the defaults).
+/// What the server serves (coturn's and eturnal's `stun-only` and `no-stun`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum ServiceMode {
+    /// STUN Binding and TURN (the default).
+    #[default]
+    Turn,
+    /// STUN Binding only: every TURN request (Allocate, Refresh, CreatePermission,
+    /// ChannelBind) is answered 400 with [`Reject::MethodNotServed`] and a reason phrase.
+    /// coturn's `stun-only` ignores them silently; we answer, so a client fails at once
+    /// instead of after its retransmission timeout, and the refusal is counted.
+    StunOnly,
+    /// TURN only: a Binding request without MESSAGE-INTEGRITY is answered 400 with
+    /// [`Reject::MethodNotServed`] (it is not challenged: a 401 would be a larger answer to
+    /// an anonymous request); one with a valid long-term credential is answered, signed.
+    /// coturn's `no-stun` ignores every Binding request silently. Binding indications
+    /// (keepalives) are ignored as always.
+    NoStun,
+}
+
+/// Tunables of the server (RFC 8656 §7–§12 name the defaults; [`crate::defaults`] holds
+/// them).
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// Users, REST API secrets and the realm.
@@ -99,7 +122,7 @@ pub struct ServerConfig {
     pub max_lifetime: Duration,
     /// Permission lifetime (300 s, RFC 8656 §9).
     pub permission_lifetime: Duration,
-    /// Channel binding lifetime (600 s, RFC 8656 §11).
+    /// Channel binding lifetime (600 s, RFC 8656 §12).
     pub channel_lifetime: Duration,
     /// How long a reserved (EVEN-PORT R bit) port is held (30 s, RFC 8656 §7.2).
     pub reservation_lifetime: Duration,
@@ -111,33 +134,45 @@ pub struct ServerConfig {
     pub relay_ipv6: bool,
     /// Which peers may be reached.
     pub policy: PeerPolicy,
-    /// Most permissions one allocation may hold (RFC 8656 §9.1: 508 beyond).
+    /// Most permissions one allocation may hold (RFC 8656 §10.2: 508 beyond). The one
+    /// permission cap: CreatePermission and ChannelBind both check it, nothing else.
     pub max_permissions_per_allocation: usize,
     /// SOFTWARE sent to authenticated clients only; `None` sends nothing.
     pub software: Option<String>,
     /// Also accept channel numbers 0x5000–0x7FFF, which RFC 5766 allowed and RFC 8656
     /// reserved; coturn's `turnutils_uclient` still uses them. Off by default.
     pub rfc5766_channel_numbers: bool,
+    /// What the server serves.
+    pub mode: ServiceMode,
+    /// Most 401/438 challenges answered per second to one source (an IPv4 address, or an
+    /// IPv6 /64), with a burst of one second's worth; beyond it the request is dropped and
+    /// counted as [`DropReason::ChallengeRateLimited`]. `None` (the default) sets no limit.
+    /// The state is a fixed table of token buckets indexed by a keyed hash of the source
+    /// (4096 slots, 64 KiB): memory never grows with the number of sources, and sources that
+    /// share a slot share its budget.
+    pub challenges_per_source_per_second: Option<u32>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            credentials: Credentials::new("turnd"),
+            credentials: Credentials::new(defaults::REALM),
             nonce_secret: [0; 32],
-            nonce_lifetime: Duration::from_secs(600),
-            default_lifetime: Duration::from_secs(600),
-            max_lifetime: Duration::from_secs(3600),
-            permission_lifetime: Duration::from_secs(300),
-            channel_lifetime: Duration::from_secs(600),
-            reservation_lifetime: Duration::from_secs(30),
-            transaction_lifetime: Duration::from_secs(40),
+            nonce_lifetime: defaults::NONCE_LIFETIME,
+            default_lifetime: defaults::DEFAULT_LIFETIME,
+            max_lifetime: defaults::MAX_LIFETIME,
+            permission_lifetime: defaults::PERMISSION_LIFETIME,
+            channel_lifetime: defaults::CHANNEL_LIFETIME,
+            reservation_lifetime: defaults::RESERVATION_LIFETIME,
+            transaction_lifetime: defaults::TRANSACTION_LIFETIME,
             relay_ipv4: true,
             relay_ipv6: true,
             policy: PeerPolicy::default(),
-            max_permissions_per_allocation: 64,
+            max_permissions_per_allocation: defaults::MAX_PERMISSIONS_PER_ALLOCATION,
             software: None,
             rfc5766_channel_numbers: false,
+            mode: ServiceMode::Turn,
+            challenges_per_source_per_second: None,
         }
     }
 }
@@ -159,7 +194,7 @@ pub enum Reject {
     ConflictingAttributes,
     /// 400: CHANNEL-NUMBER outside 0x4000–0x4FFF (0x7FFF with `rfc5766_channel_numbers`).
     InvalidChannelNumber,
-    /// 400: the channel or the peer is already bound otherwise (RFC 8656 §11.2).
+    /// 400: the channel or the peer is already bound otherwise (RFC 8656 §12.2).
     ChannelConflict,
     /// 401: no integrity; the response is the challenge (REALM, NONCE).
     Unauthenticated,
@@ -797,6 +832,7 @@ pub struct Server {
     shard: u16,
     next_allocation: u64,
     drain: Option<Drain>,
+    challenges: ChallengeLimiter,
 
     out: Vec<u8>,
     transmits: VecDeque<QueuedTransmit>,
@@ -835,6 +871,8 @@ impl Server {
         unix_now: u64,
     ) -> Self {
         let nonces = NonceIssuer::new(config.nonce_secret, config.nonce_lifetime.as_secs().max(1));
+        let mut limiter_key = [0u8; 8];
+        limiter_key.copy_from_slice(&config.nonce_secret[24..]);
         Self {
             config,
             nonces,
@@ -860,6 +898,7 @@ impl Server {
             shard: 0,
             next_allocation: 0,
             drain: None,
+            challenges: ChallengeLimiter::new(u64::from_le_bytes(limiter_key)),
             out: Vec::with_capacity(64 * 1024),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -1234,10 +1273,33 @@ impl Server {
             }
             Demux::Stun => match Message::decode(data) {
                 Ok(msg) => self.handle_stun(now, five_tuple, &msg),
+                Err(DecodeError::TooManyAttributes(_)) => {
+                    self.handle_too_many_attributes(five_tuple, data);
+                }
                 Err(_) => self.drop_packet(DropReason::Malformed),
             },
             _ => self.drop_packet(DropReason::Malformed),
         }
+    }
+
+    /// A message whose header decoded but which carries more than [`MAX_ATTRIBUTES`]: a
+    /// request is answered 400 "too many attributes" (never silence); anything else dropped.
+    fn handle_too_many_attributes(&mut self, ft: FiveTuple, data: &[u8]) {
+        let (Some(typ), Some(tid)) = (data.get(0..2), data.get(8..HEADER_LEN)) else {
+            return self.drop_packet(DropReason::Malformed);
+        };
+        let typ = MessageType::from_u16(u16::from_be_bytes([typ[0], typ[1]]));
+        let mut t = [0u8; 12];
+        t.copy_from_slice(tid);
+        if typ.class != Class::Request {
+            return self.drop_packet(DropReason::Malformed);
+        }
+        let request = ErrorTo {
+            method: typ.method,
+            tid: TransactionId(t),
+            fingerprint: false,
+        };
+        self.error_response(ft, request, Reject::TooManyAttributes, None, None, |_| {});
     }
 
     fn handle_channel_data(&mut self, now: Instant, ft: FiveTuple, data: &[u8]) {
@@ -1259,7 +1321,7 @@ impl Server {
     }
 
     /// The client → peer relay path shared by ChannelData (RFC 8656 §12.5) and Send
-    /// indications (§10.2): find the allocation and the peer, require a relayed address of the
+    /// indications (§11.2): find the allocation and the peer, require a relayed address of the
     /// peer's family and a permission, count, and queue the payload for the relay socket.
     fn relay_to_peer(
         &mut self,
@@ -1335,7 +1397,24 @@ impl Server {
             });
         }
         match typ.method {
-            Method::BINDING => self.handle_binding(ft, msg),
+            Method::BINDING => match self.config.mode {
+                ServiceMode::Turn | ServiceMode::StunOnly => self.handle_binding(ft, msg, None),
+                ServiceMode::NoStun if !msg.has_integrity() && !msg.has_integrity_sha256() => {
+                    self.reject(ft, msg, Reject::MethodNotServed, None, |_| {});
+                }
+                ServiceMode::NoStun => match self.authenticate(now, ft, msg) {
+                    Ok(auth) => self.handle_binding(ft, msg, Some(auth.signer)),
+                    Err(r) => self.reject(ft, msg, r, None, |_| {}),
+                },
+            },
+            Method::ALLOCATE
+            | Method::REFRESH
+            | Method::CREATE_PERMISSION
+            | Method::CHANNEL_BIND
+                if self.config.mode == ServiceMode::StunOnly =>
+            {
+                self.reject(ft, msg, Reject::MethodNotServed, None, |_| {});
+            }
             Method::ALLOCATE
             | Method::REFRESH
             | Method::CREATE_PERMISSION
@@ -1371,7 +1450,15 @@ impl Server {
         }
     }
 
-    fn handle_binding(&mut self, ft: FiveTuple, msg: &Message<'_>) {
+    /// A Binding success (RFC 8489 §3): XOR-MAPPED-ADDRESS, signed when the request was
+    /// authenticated (no-STUN mode), with SOFTWARE only then.
+    fn handle_binding(&mut self, ft: FiveTuple, msg: &Message<'_>, signer: Option<Signer>) {
+        if let Some(signer) = signer {
+            self.success(ft, Method::BINDING, msg.transaction_id(), signer, |b| {
+                b.add(&XorMappedAddress(ft.client));
+            });
+            return;
+        }
         let start = self.out.len();
         let mut b = MessageBuilder::new(
             &mut self.out,
@@ -1534,6 +1621,18 @@ impl Server {
         extra: impl FnOnce(&mut MessageBuilder<'_>),
     ) {
         let method = request.method;
+        let code = reason.code();
+        let challenge = matches!(code, ErrorCode::UNAUTHENTICATED | ErrorCode::STALE_NONCE);
+        if let (true, Some(rate)) = (challenge, self.config.challenges_per_source_per_second) {
+            let ms = self
+                .last_now
+                .saturating_duration_since(self.epoch)
+                .as_millis();
+            let ms = u64::try_from(ms).unwrap_or(u64::MAX);
+            if !self.challenges.allow(ft.client.ip(), ms, rate) {
+                return self.drop_packet(DropReason::ChallengeRateLimited);
+            }
+        }
         self.count_request(method, false);
         self.events.push_back(Event::Rejected {
             client: ft.client,
@@ -1542,8 +1641,6 @@ impl Server {
             method,
             reason,
         });
-        let code = reason.code();
-        let challenge = matches!(code, ErrorCode::UNAUTHENTICATED | ErrorCode::STALE_NONCE);
         let nonce = challenge.then(|| self.nonces.issue(self.epoch_unix_now_hint(), ft.client));
         let start = self.out.len();
         let software = self.config.software.as_deref().filter(|_| signer.is_some());
@@ -1996,7 +2093,8 @@ impl Server {
         }
     }
 
-    /// A peer must have a relayed address of its family and pass the policy (RFC 8656 §9.1).
+    /// A peer must have a relayed address of its family (443) and pass the policy (403)
+    /// (RFC 8656 §10.2, §12.2).
     fn check_peer(
         &self,
         relayed: &[Option<RelayedAddress>; 2],
@@ -2012,7 +2110,7 @@ impl Server {
     }
 
     // -----------------------------------------------------------------------------------------
-    // CreatePermission (RFC 8656 §9.2)
+    // CreatePermission (RFC 8656 §10.2)
 
     fn handle_create_permission(
         &mut self,
@@ -2061,7 +2159,7 @@ impl Server {
     }
 
     // -----------------------------------------------------------------------------------------
-    // ChannelBind (RFC 8656 §11.2)
+    // ChannelBind (RFC 8656 §12.2)
 
     fn handle_channel_bind(
         &mut self,
@@ -2081,6 +2179,11 @@ impl Server {
             Ok(None) => return Err(Reject::MissingAttribute),
             Err(_) => return Err(Reject::MalformedAttribute),
         };
+        // A channel binds a peer transport address (RFC 8656 §12.2); port 0 is none a peer
+        // can send from, so the request fails §12.2's checks: 400, as coturn answers.
+        if peer.port() == 0 {
+            return Err(Reject::InvalidPeerPort);
+        }
         let relayed = self.relayed_of(idx)?;
         self.check_peer(&relayed, peer)?;
         let max = self.config.max_permissions_per_allocation;
@@ -2135,7 +2238,7 @@ impl Server {
     }
 }
 
-/// The permission cap (`ServerConfig::max_permissions_per_allocation`, RFC 8656 §9: 508
+/// The permission cap (`ServerConfig::max_permissions_per_allocation`, RFC 8656 §10.2: 508
 /// beyond), checked in this one place: `held` permissions plus `new` ones must fit.
 fn permission_cap(held: usize, new: usize, max: usize) -> Result<(), Reject> {
     if held + new > max {

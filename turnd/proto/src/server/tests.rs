@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::*;
@@ -967,7 +967,7 @@ fn rfc8656_8_refresh_with_unallocated_family_is_443() {
 }
 
 #[test]
-fn rfc8656_allocation_expires_after_its_lifetime_unless_refreshed() {
+fn rfc8656_7_allocation_expires_after_its_lifetime_unless_refreshed() {
     let mut h = Harness::new();
     let (mut c, local) = allocated(&mut h, "192.0.2.7:40000");
     h.advance(Duration::from_secs(500));
@@ -1013,7 +1013,7 @@ fn rfc8656_3_1_allocation_dies_with_its_connection() {
 // Permissions, Send/Data, channels
 
 #[test]
-fn rfc8656_9_create_permission_installs_several_peers_and_relays_both_ways() {
+fn rfc8656_10_2_create_permission_installs_several_peers_and_relays_both_ways() {
     let mut h = Harness::new();
     let (mut c, local) = allocated(&mut h, "192.0.2.7:40000");
     let r = c.request(&mut h, Method::CREATE_PERMISSION, &|b| {
@@ -1083,7 +1083,7 @@ fn rfc8656_9_permission_expires_after_300_seconds() {
 }
 
 #[test]
-fn rfc8656_9_1_forbidden_peers_get_403_and_nothing_is_sent() {
+fn rfc8656_10_2_forbidden_peers_get_403_and_nothing_is_sent() {
     let mut h = Harness::with(
         ServerConfig {
             policy: PeerPolicy::default(),
@@ -1108,7 +1108,7 @@ fn rfc8656_9_1_forbidden_peers_get_403_and_nothing_is_sent() {
 }
 
 #[test]
-fn rfc8656_9_1_one_forbidden_peer_refuses_the_whole_request() {
+fn rfc8656_10_2_one_forbidden_peer_refuses_the_whole_request() {
     let mut h = Harness::new();
     let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
     let r = c.request(&mut h, Method::CREATE_PERMISSION, &|b| {
@@ -1120,7 +1120,7 @@ fn rfc8656_9_1_one_forbidden_peer_refuses_the_whole_request() {
 }
 
 #[test]
-fn rfc8656_9_peer_family_mismatch_is_443() {
+fn rfc8656_10_2_peer_family_mismatch_is_443() {
     let mut h = Harness::new();
     let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
     assert_eq!(
@@ -1130,7 +1130,7 @@ fn rfc8656_9_peer_family_mismatch_is_443() {
 }
 
 #[test]
-fn rfc8656_9_1_permission_quota_is_508() {
+fn rfc8656_10_2_permission_quota_is_508() {
     let mut h = Harness::with(
         ServerConfig {
             max_permissions_per_allocation: 2,
@@ -1152,7 +1152,7 @@ fn rfc8656_9_1_permission_quota_is_508() {
 }
 
 #[test]
-fn rfc8656_11_channel_bind_relays_channel_data_both_ways() {
+fn rfc8656_12_channel_bind_relays_channel_data_both_ways() {
     let mut h = Harness::new();
     let (mut c, local) = allocated(&mut h, "192.0.2.7:40000");
     assert!(is_success(&c.bind_channel(&mut h, 0x4001, addr(PEER))));
@@ -1212,7 +1212,7 @@ fn rfc8656_12_5_channel_data_to_stream_clients_is_padded() {
 }
 
 #[test]
-fn rfc8656_11_2_channel_numbers_outside_range_are_400() {
+fn rfc8656_12_2_channel_numbers_outside_range_are_400() {
     let mut h = Harness::new();
     let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
     for n in [0x3fff, 0x5000, 0xffff] {
@@ -1226,7 +1226,7 @@ fn rfc8656_11_2_channel_numbers_outside_range_are_400() {
 }
 
 #[test]
-fn rfc8656_11_2_conflicting_rebinds_are_400_and_same_binding_refreshes() {
+fn rfc8656_12_2_conflicting_rebinds_are_400_and_same_binding_refreshes() {
     let mut h = Harness::new();
     let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
     assert!(is_success(&c.bind_channel(&mut h, 0x4000, addr(PEER))));
@@ -1286,7 +1286,7 @@ fn rfc8656_12_channel_expires_after_600_seconds_and_cools_down_for_300() {
 }
 
 #[test]
-fn send_indication_without_permission_is_dropped() {
+fn rfc8656_11_2_send_indication_without_permission_is_dropped() {
     let mut h = Harness::new();
     let (c, _) = allocated(&mut h, "192.0.2.7:40000");
     let mut out = Vec::new();
@@ -1781,4 +1781,180 @@ fn sessions_list_allocations_and_admin_ends_them_with_437_on_next_refresh() {
     assert_eq!(admin_ends, 3);
     assert!(h.bound.is_empty(), "relay sockets released");
     assert_eq!(h.server.stats().allocations_active, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hardening (issue 12)
+
+fn with_config(f: impl FnOnce(&mut ServerConfig)) -> Harness {
+    let mut cfg = config();
+    f(&mut cfg);
+    Harness::with(cfg, Box::new(LocalQuota::default()))
+}
+
+fn peers(n: u16) -> Vec<SocketAddr> {
+    (0..n)
+        .map(|i| SocketAddr::new(IpAddr::from([192, 0, 2, (i % 250) as u8 + 1]), 1000 + i))
+        .collect()
+}
+
+#[test]
+fn rfc8656_10_2_create_permission_with_65_peers_is_answered_under_the_one_configured_cap() {
+    // 65 distinct peers (two allowed /24s): over the default cap of 64 → 508, answered.
+    let many: Vec<SocketAddr> = (0..65u16)
+        .map(|i| {
+            let host = (i % 200) as u8 + 1;
+            let net = if i < 200 { 2 } else { 3 };
+            SocketAddr::new(IpAddr::from([192, 0, net, host]), 1000 + i)
+        })
+        .collect();
+    let mut h = Harness::new();
+    let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
+    let list = many.clone();
+    let r = c.request(&mut h, Method::CREATE_PERMISSION, &|b| {
+        for p in &list {
+            b.add(&XorPeerAddress(*p));
+        }
+    });
+    assert_eq!(error_code(&r), Some(508), "the configured cap (64) applies");
+    assert_eq!(h.server.stats().permissions_active, 0, "all or nothing");
+    // With the cap raised, the same 65-peer request succeeds: no hidden per-request cap.
+    let mut h = with_config(|c| c.max_permissions_per_allocation = 100);
+    let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
+    let r = c.request(&mut h, Method::CREATE_PERMISSION, &|b| {
+        for p in &many {
+            b.add(&XorPeerAddress(*p));
+        }
+    });
+    assert!(is_success(&r), "{:?}", error_code(&r));
+    assert_eq!(h.server.stats().permissions_active, 65);
+}
+
+#[test]
+fn a_request_over_the_attribute_cap_gets_400_with_a_reason_not_silence() {
+    let mut h = Harness::new();
+    let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
+    let list = peers(MAX_ATTRIBUTES as u16 + 1);
+    let r = c.request(&mut h, Method::CREATE_PERMISSION, &|b| {
+        for p in &list {
+            b.add(&XorPeerAddress(*p));
+        }
+    });
+    assert_eq!(error_code(&r), Some(400));
+    let m = Message::decode(&r).unwrap();
+    assert_eq!(
+        m.get::<ErrorCodeAttr<'_>>().unwrap().unwrap().reason,
+        "too many attributes"
+    );
+    assert_eq!(m.typ().method, Method::CREATE_PERMISSION);
+    assert_eq!(h.rejections().last(), Some(&Reject::TooManyAttributes));
+}
+
+#[test]
+fn rfc8656_12_2_channel_bind_to_peer_port_0_is_400() {
+    let mut h = Harness::new();
+    let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
+    let r = c.bind_channel(&mut h, 0x4000, addr("192.0.2.44:0"));
+    assert_eq!(error_code(&r), Some(400));
+    assert_eq!(h.rejections().last(), Some(&Reject::InvalidPeerPort));
+    assert_eq!(h.server.stats().channels_active, 0);
+}
+
+#[test]
+fn challenges_per_source_are_limited_when_configured_and_counted_as_drops() {
+    let mut h = with_config(|c| c.challenges_per_source_per_second = Some(2));
+    let ft = udp("192.0.2.7:40000");
+    let c = Client::new(ft, alice());
+    let req = c.build(Method::ALLOCATE, TransactionId([1; 12]), &|b| {
+        b.add(&RequestedTransport::UDP);
+    });
+    for _ in 0..5 {
+        h.client_sends(ft, &req);
+    }
+    let answered = h.take_sent().len();
+    assert_eq!(answered, 2, "a burst of 2 challenges, then drops");
+    assert_eq!(
+        h.server.stats().dropped(DropReason::ChallengeRateLimited),
+        3
+    );
+    // Another source has its own budget; the first refills after a second.
+    h.client_sends(udp("192.0.2.99:40000"), &req);
+    assert_eq!(h.take_sent().len(), 1);
+    h.advance(Duration::from_secs(1));
+    h.client_sends(ft, &req);
+    assert_eq!(h.take_sent().len(), 1);
+    // Off by default: every challenge answered.
+    let mut h = Harness::new();
+    for _ in 0..50 {
+        h.client_sends(ft, &req);
+    }
+    assert_eq!(h.take_sent().len(), 50);
+}
+
+#[test]
+fn stun_only_mode_answers_binding_and_refuses_every_turn_method_with_400() {
+    let mut h = with_config(|c| c.mode = ServiceMode::StunOnly);
+    let ft = udp("192.0.2.7:40000");
+    let mut out = Vec::new();
+    MessageBuilder::new(
+        &mut out,
+        MessageType::new(Method::BINDING, Class::Request),
+        TransactionId([3; 12]),
+    )
+    .finish();
+    h.client_sends(ft, &out);
+    assert!(is_success(&h.last_reply()));
+    let mut c = Client::new(ft, alice());
+    for method in [
+        Method::ALLOCATE,
+        Method::REFRESH,
+        Method::CREATE_PERMISSION,
+        Method::CHANNEL_BIND,
+    ] {
+        let r = c.request(&mut h, method, &|_| {});
+        assert_eq!(error_code(&r), Some(400), "{method:?}");
+    }
+    assert!(h.rejections().iter().all(|r| *r == Reject::MethodNotServed));
+    assert_eq!(h.server.allocation_count(), 0);
+}
+
+#[test]
+fn no_stun_mode_refuses_unauthenticated_binding_and_serves_turn() {
+    let mut h = with_config(|c| c.mode = ServiceMode::NoStun);
+    let ft = udp("192.0.2.7:40000");
+    let mut out = Vec::new();
+    MessageBuilder::new(
+        &mut out,
+        MessageType::new(Method::BINDING, Class::Request),
+        TransactionId([3; 12]),
+    )
+    .finish();
+    h.client_sends(ft, &out);
+    assert_eq!(error_code(&h.last_reply()), Some(400));
+    assert_eq!(h.rejections(), vec![Reject::MethodNotServed]);
+    let mut c = Client::new(ft, alice());
+    assert!(is_success(&c.allocate(&mut h)));
+    // A Binding with the client's long-term credential is answered, signed.
+    let r = c.request(&mut h, Method::BINDING, &|_| {});
+    assert!(is_success(&r));
+    let m = Message::decode(&r).unwrap();
+    assert_eq!(
+        m.get::<XorMappedAddress>().unwrap(),
+        Some(XorMappedAddress(ft.client))
+    );
+    assert!(m.verify_integrity(&long_term_key_md5("alice", REALM, "wonderland")));
+}
+
+#[test]
+fn server_config_defaults_come_from_the_defaults_module() {
+    let c = ServerConfig::default();
+    assert_eq!(c.default_lifetime, defaults::DEFAULT_LIFETIME);
+    assert_eq!(c.max_lifetime, defaults::MAX_LIFETIME);
+    assert_eq!(c.permission_lifetime, defaults::PERMISSION_LIFETIME);
+    assert_eq!(c.channel_lifetime, defaults::CHANNEL_LIFETIME);
+    assert_eq!(c.reservation_lifetime, Duration::from_secs(30));
+    assert_eq!(c.transaction_lifetime, Duration::from_secs(40));
+    assert_eq!(c.max_permissions_per_allocation, 64);
+    assert_eq!(c.mode, ServiceMode::Turn);
+    assert_eq!(c.challenges_per_source_per_second, None);
 }
