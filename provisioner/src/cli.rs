@@ -49,8 +49,11 @@ pub enum Command {
     /// Gather facts and print what `apply` would do.
     Plan {
         /// Phases (names or numbers); all implemented phases when none are given.
-        #[arg(value_parser = parse_phase)]
+        #[arg(value_parser = parse_phase, conflicts_with = "all")]
         phases: Vec<PhaseId>,
+        /// Every implemented phase, in order (the default).
+        #[arg(long)]
+        all: bool,
     },
     /// Plan and apply phases in order.
     Apply {
@@ -132,18 +135,26 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Render { out } => render(&c, out),
         Command::Preflight => preflight(cli, &c),
-        Command::Plan { phases } => {
+        Command::Plan { phases, .. } => {
             let t = transports(&c)?;
             let list = if phases.is_empty() {
                 implemented()
             } else {
                 phases.clone()
             };
-            for p in list {
-                print!(
-                    "{}",
-                    plan_one(&c, &t, &phase_settings(cli), p)?.render(cli.verbose)
+            if let Some(p) = list.iter().find(|p| !p.implemented()) {
+                return Err(
+                    UsageError(format!("phase {p} is not implemented in this version")).into(),
                 );
+            }
+            let settings = phase_settings(cli);
+            let ctx = Context {
+                cluster: &c,
+                transports: &t,
+                settings: &settings,
+            };
+            for plan in phases::plan_in_order(&list, &ctx)? {
+                print!("{}", plan.render(cli.verbose));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -164,10 +175,13 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 phases.clone()
             };
             let mut journal = Journal::at(journal_path(cli));
+            let mut settings = phase_settings(cli);
             for p in list {
-                let plan = plan_one(&c, &t, &phase_settings(cli), p)?;
+                let plan = plan_one(&c, &t, &settings, p)?;
                 print!("{}", plan.render(cli.verbose));
-                if !cli.dry_run && !plan.is_empty() {
+                if cli.dry_run {
+                    settings.ahead.note(&plan);
+                } else if !plan.is_empty() {
                     apply(&plan, &t, &mut journal)?;
                     println!("phase {p}: applied {} action(s)", plan.actions.len());
                 }
@@ -366,10 +380,12 @@ fn plan_one(c: &Cluster, t: &Transports, settings: &Settings, p: PhaseId) -> any
 fn status(cli: &Cli, c: &Cluster) -> anyhow::Result<ExitCode> {
     let t = transports(c)?;
     let mut ok = true;
+    let mut settings = phase_settings(cli);
     for p in implemented() {
-        match plan_one(c, &t, &phase_settings(cli), p) {
+        match plan_one(c, &t, &settings, p) {
             Ok(plan) if plan.is_empty() => println!("{p}: up to date"),
             Ok(plan) => {
+                settings.ahead.note(&plan);
                 ok = false;
                 println!("{p}: {} action(s) pending", plan.actions.len());
                 if cli.verbose {
@@ -409,13 +425,13 @@ fn status(cli: &Cli, c: &Cluster) -> anyhow::Result<ExitCode> {
                 println!("nodes: cannot tell: {e}");
             }
         }
-        return Ok(if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        });
     }
-    Ok(ExitCode::SUCCESS)
+    // Pending actions (or a phase that cannot tell) are a non-zero exit, for scripts and CI.
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn preflight(cli: &Cli, c: &Cluster) -> anyhow::Result<ExitCode> {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use crate::exec::{Cmd, ExecError, Transport};
 use crate::inventory::Vm;
@@ -76,6 +77,12 @@ pub enum ActionKind {
     KubeApply(Box<crate::phases::turnd::KubeApply>),
     /// Server-side apply of plain objects (phase `monitoring`: namespace, Secrets, dashboard).
     KubeObjects(Box<crate::k8s::ObjectSet>),
+    /// Wait until the VM (the action's target) answers over SSH, then until cloud-init has
+    /// finished (`cloud-init status --wait`), both within `timeout`, logging progress.
+    WaitReady {
+        /// The bound for both waits together.
+        timeout: Duration,
+    },
 }
 
 /// One concrete action of a plan.
@@ -250,6 +257,12 @@ impl Plan {
                         "        [{master}] $ kubeadm token create --print-join-command --ttl 15m\n        write {}\n        $ kubeadm join --config {}\n",
                         k8s::paths::KUBEADM_JOIN,
                         k8s::paths::KUBEADM_JOIN
+                    )),
+                    ActionKind::WaitReady { timeout } => out.push_str(&format!(
+                        "        $ true (every {}s until SSH answers, for up to {}s)\n        $ {}\n",
+                        READY_POLL.as_secs(),
+                        timeout.as_secs(),
+                        cloud_init_wait(*timeout)
                     )),
                     ActionKind::KubeObjects(set) => {
                         out.push_str(&format!(
@@ -488,6 +501,15 @@ pub fn apply(
                 transport()?,
                 transports,
             ),
+            ActionKind::WaitReady { timeout } => {
+                wait_ready(transport()?, *timeout).map_err(|source| ApplyError::Step {
+                    phase: plan.phase,
+                    index,
+                    action: action.summary.clone(),
+                    target: action.target.clone(),
+                    source: Box::new(source),
+                })
+            }
             ActionKind::KubeObjects(set) => set.run().map_err(|source| ApplyError::Kube {
                 phase: plan.phase,
                 index,
@@ -514,6 +536,88 @@ pub fn apply(
         result?;
     }
     Ok(())
+}
+
+/// How often [`ActionKind::WaitReady`] tries SSH again.
+pub const READY_POLL: Duration = Duration::from_secs(5);
+/// How often a long wait logs that it is still waiting.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+
+fn cloud_init_wait(timeout: Duration) -> Cmd {
+    Cmd::new("timeout").args([
+        timeout.as_secs().max(1).to_string(),
+        "cloud-init".to_owned(),
+        "status".to_owned(),
+        "--wait".to_owned(),
+    ])
+}
+
+/// Waits for SSH (a command that succeeds), then for cloud-init, within `timeout` in all.
+fn wait_ready(t: &dyn Transport, timeout: Duration) -> Result<(), ExecError> {
+    let start = Instant::now();
+    let mut told = start;
+    let give_up = |what: &str, last: &str| ExecError::Protocol {
+        target: t.target().to_owned(),
+        reason: format!(
+            "{what} after {}s (last: {last}); see the console with `virsh console {}`",
+            start.elapsed().as_secs(),
+            t.target()
+        ),
+    };
+    loop {
+        let last = match t.run(&Cmd::new("true")) {
+            Ok(o) if o.success() => break,
+            Ok(o) => format!("exit status {}: {}", o.status, o.stderr.trim()),
+            Err(e) => e.to_string(),
+        };
+        if start.elapsed() >= timeout {
+            return Err(give_up("no SSH", &last));
+        }
+        if told.elapsed() >= PROGRESS_EVERY {
+            tracing::info!(
+                "[{}] waiting for SSH ({}s so far): {last}",
+                t.target(),
+                start.elapsed().as_secs()
+            );
+            told = Instant::now();
+        }
+        std::thread::sleep(READY_POLL);
+    }
+    tracing::info!(
+        "[{}] SSH answers after {}s; waiting for cloud-init",
+        t.target(),
+        start.elapsed().as_secs()
+    );
+    let left = timeout.saturating_sub(start.elapsed());
+    let out = t.run(&cloud_init_wait(left))?;
+    match out.status {
+        0 => Ok(()),
+        // cloud-init ≥ 23.4: finished with recoverable errors; the node is usable.
+        2 => {
+            tracing::warn!(
+                "[{}] cloud-init finished with recoverable errors: {}",
+                t.target(),
+                out.stdout.trim()
+            );
+            Ok(())
+        }
+        124 => Err(give_up("cloud-init still running", out.stdout.trim())),
+        status => Err(ExecError::Failed {
+            target: t.target().to_owned(),
+            command: cloud_init_wait(left).shell_line(),
+            status,
+            stderr: format!("{} {}", out.stdout.trim(), out.stderr.trim())
+                .trim()
+                .to_owned(),
+        }),
+    }
+    .inspect(|()| {
+        tracing::info!(
+            "[{}] ready after {}s",
+            t.target(),
+            start.elapsed().as_secs()
+        );
+    })
 }
 
 fn join_worker(

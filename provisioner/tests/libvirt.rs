@@ -52,6 +52,8 @@ impl World {
                 host_packages: vec!["libvirt-clients".into(), "cloud-image-utils".into()],
                 // No systemd on this host: no certificate renewal timer.
                 renew_timer: false,
+                // This test waits for the guest itself (or has none).
+                vm_ready_timeout: None,
                 ..Settings::default()
             },
         }

@@ -291,6 +291,8 @@ fn a_real_vm_boots_from_our_xml_and_seed_and_answers_k8s_common_checks() {
         }),
         // No systemd in the test namespace: no certificate renewal timer.
         renew_timer: false,
+        // This test waits for the guest itself (or has none).
+        vm_ready_timeout: None,
         ..Settings::default()
     };
     let ctx = Context {

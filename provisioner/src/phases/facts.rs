@@ -3,8 +3,34 @@
 
 use std::collections::BTreeMap;
 
-use crate::exec::{Cmd, ExecError, Transport};
+use crate::exec::{Cmd, ExecError, Output, Transport};
 use crate::render::cloudinit::hex;
+
+/// The shell's exit status for a command that is not on `PATH`.
+pub const NOT_FOUND_STATUS: i32 = 127;
+
+/// Whether `out` says the program is not installed (the shell's status 127, which is what a
+/// remote shell answers over SSH for a program not on `PATH`).
+pub fn not_installed(out: &Output) -> bool {
+    out.status == NOT_FOUND_STATUS
+}
+
+/// Runs a read-only probe of a tool that may not be installed yet: `Ok(None)` when the tool
+/// is missing (a fact on a fresh host, never a gather error) — status 127 remotely, or a
+/// program that cannot be found locally — otherwise its output.
+///
+/// # Errors
+/// Any other failure to run it (a lost connection, a failing sudo).
+pub fn probe(t: &dyn Transport, cmd: &Cmd) -> Result<Option<Output>, ExecError> {
+    match t.run(cmd) {
+        Ok(out) if not_installed(&out) => Ok(None),
+        Ok(out) => Ok(Some(out)),
+        Err(ExecError::Spawn { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
 
 /// Installed package → version, from
 /// `dpkg-query -W -f '${Package}\t${Version}\t${db:Status-Abbrev}\n' PKG…`. Packages not
@@ -34,12 +60,13 @@ pub fn installed_packages(
         return Ok(BTreeMap::new());
     }
     // dpkg-query exits 1 when one name is unknown; its stdout still lists the others.
-    let out = t.run(
+    let out = probe(
+        t,
         &Cmd::new("dpkg-query")
             .args(["-W", "-f", "${Package}\t${Version}\t${db:Status-Abbrev}\n"])
             .args(names.iter().cloned()),
     )?;
-    Ok(parse_dpkg_query(&out.stdout))
+    Ok(out.map(|o| parse_dpkg_query(&o.stdout)).unwrap_or_default())
 }
 
 /// path → SHA-256 from `sha256sum` output.

@@ -173,18 +173,10 @@ pub fn plan(c: &Cluster, settings: &Settings, facts: &HostFacts) -> Plan {
         .cloned()
         .collect();
     if !missing.is_empty() {
-        p.actions.push(Action::run(
+        p.actions.push(Action::steps(
             Target::Host,
             format!("install packages {}", missing.join(" ")),
-            Cmd::new("env")
-                .args([
-                    "DEBIAN_FRONTEND=noninteractive",
-                    "apt-get",
-                    "install",
-                    "-y",
-                    "--no-install-recommends",
-                ])
-                .args(missing),
+            super::apt::update_and_install(&missing),
         ));
     }
     if facts.image_sha256.as_deref() != Some(c.image.sha256.as_str()) {

@@ -100,24 +100,15 @@ pub fn gather_common(ctx: &Context<'_>) -> Result<BTreeMap<String, CommonFacts>,
         .vms
         .iter()
         .map(|vm| {
+            if ctx.settings.ahead.vms.contains(vm.name.as_str()) {
+                // Created earlier in this run: a fresh cloud image.
+                return Ok((vm.name.to_string(), CommonFacts::default()));
+            }
             let t = vm_transport(ctx, phase, vm.name.as_str())?;
             let f = gather_common_vm(t).map_err(|source| PhaseError::Gather { phase, source })?;
             Ok((vm.name.to_string(), f))
         })
         .collect()
-}
-
-fn apt_install(packages: &[String]) -> Cmd {
-    Cmd::new("env")
-        .args([
-            "DEBIAN_FRONTEND=noninteractive",
-            "apt-get",
-            "install",
-            "-y",
-            "--no-install-recommends",
-            "--allow-change-held-packages",
-        ])
-        .args(packages.iter().cloned())
 }
 
 fn write(path: &str, contents: String, mode: u32) -> Step {
@@ -186,10 +177,7 @@ pub fn plan_common_vm(c: &Cluster, vm: &Vm, f: &CommonFacts, p: &mut Plan) {
         p.actions.push(Action::steps(
             target(),
             format!("install packages {}", base_missing.join(" ")),
-            vec![
-                Step::Run(Cmd::new("apt-get").arg("update")),
-                Step::Run(apt_install(&base_missing)),
-            ],
+            super::apt::update_and_install(&base_missing),
         ));
     }
     let series = c.versions.kubernetes.minor_series();
@@ -228,7 +216,7 @@ pub fn plan_common_vm(c: &Cluster, vm: &Vm, f: &CommonFacts, p: &mut Plan) {
             ),
             vec![
                 write(paths::APT_SOURCE, source, 0o644),
-                Step::Run(Cmd::new("apt-get").arg("update")),
+                Step::Run(super::apt::update()),
             ],
         ));
     }
@@ -242,7 +230,7 @@ pub fn plan_common_vm(c: &Cluster, vm: &Vm, f: &CommonFacts, p: &mut Plan) {
         p.actions.push(Action::run(
             target(),
             format!("install {}", wrong.join(" ")),
-            apt_install(&wrong),
+            super::apt::install(&wrong),
         ));
     }
     let unheld: Vec<&str> = K8S_PACKAGES
@@ -341,6 +329,14 @@ fn kubectl(args: &[&str]) -> Cmd {
 /// Observes the master.
 pub fn gather_master(ctx: &Context<'_>) -> Result<MasterFacts, PhaseError> {
     let phase = PhaseId::K8sMaster;
+    if ctx
+        .settings
+        .ahead
+        .vms
+        .contains(ctx.cluster.master().name.as_str())
+    {
+        return Ok(MasterFacts::default());
+    }
     let t = vm_transport(ctx, phase, ctx.cluster.master().name.as_str())?;
     let gather = |source| PhaseError::Gather { phase, source };
     let initialized = t
@@ -512,11 +508,21 @@ pub struct WorkersFacts {
     pub initialized: bool,
     /// The nodes.
     pub nodes: Vec<Node>,
+    /// Not initialised yet, but `k8s-master` initialises it earlier in this run: plan every
+    /// join.
+    pub initialized_ahead: bool,
 }
 
 /// Observes the nodes from the master.
 pub fn gather_workers(ctx: &Context<'_>) -> Result<WorkersFacts, PhaseError> {
     let phase = PhaseId::K8sWorkers;
+    let ahead = &ctx.settings.ahead;
+    if ahead.cluster || ahead.vms.contains(ctx.cluster.master().name.as_str()) {
+        return Ok(WorkersFacts {
+            initialized_ahead: true,
+            ..WorkersFacts::default()
+        });
+    }
     let t = vm_transport(ctx, phase, ctx.cluster.master().name.as_str())?;
     let gather = |source| PhaseError::Gather { phase, source };
     let initialized = t
@@ -533,7 +539,11 @@ pub fn gather_workers(ctx: &Context<'_>) -> Result<WorkersFacts, PhaseError> {
         command: cmd.shell_line(),
         reason: e.to_string(),
     })?;
-    Ok(WorkersFacts { initialized, nodes })
+    Ok(WorkersFacts {
+        initialized,
+        nodes,
+        initialized_ahead: false,
+    })
 }
 
 /// The label every worker gets besides its inventory labels.
@@ -542,7 +552,7 @@ pub const WORKER_ROLE_LABEL: &str = "node-role.kubernetes.io/worker";
 /// Plans `k8s-workers`.
 pub fn plan_workers(c: &Cluster, f: &WorkersFacts) -> Plan {
     let mut p = Plan::new(PhaseId::K8sWorkers);
-    if !f.initialized {
+    if !f.initialized && !f.initialized_ahead {
         p.notes
             .push("the master is not initialised yet: apply k8s-master first".into());
         return p;
@@ -625,6 +635,13 @@ pub fn gather_host_kubectl(ctx: &Context<'_>) -> Result<HostKubectlFacts, PhaseE
         };
     let path = host_kubeconfig(c);
     let kubeconfig_sha256 = file_hashes(host, &[&path]).map_err(gather)?.remove(&path);
+    if ctx.settings.ahead.vms.contains(c.master().name.as_str()) || ctx.settings.ahead.cluster {
+        return Ok(HostKubectlFacts {
+            kubectl,
+            kubeconfig_sha256,
+            admin_conf: None,
+        });
+    }
     let m = vm_transport(ctx, phase, c.master().name.as_str())?;
     let out = m
         .run(&Cmd::new("cat").arg(paths::ADMIN_CONF))

@@ -1,6 +1,7 @@
 //! The phases. Each one gathers facts (read-only commands), computes a [`Plan`] from them with
 //! a pure function, and leaves applying to [`crate::plan::apply`].
 
+pub mod apt;
 pub mod facts;
 pub mod host;
 pub mod hostnet;
@@ -13,6 +14,9 @@ pub mod vms;
 use crate::exec::ExecError;
 use crate::inventory::Cluster;
 use crate::plan::{PhaseId, Plan, Transports};
+
+/// How long `vms` waits for a started VM's SSH and cloud-init by default.
+pub const VM_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// Knobs that are not part of the inventory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +38,43 @@ pub struct Settings {
     /// The `.env` file phases read secrets from after the environment (`monitoring`:
     /// `GRAFANA_ADMIN_PASSWORD`, `SENDGRID_API_KEY`); `None`: the environment only.
     pub dotenv: Option<std::path::PathBuf>,
+    /// After `vms` starts a VM, wait this long at most for SSH and cloud-init before the next
+    /// phase runs in it; `None`: do not wait (tests without VM transports).
+    pub vm_ready_timeout: Option<std::time::Duration>,
+    /// What earlier phases of this run will have done by the time this one applies (set by
+    /// `plan` over several phases on a fresh host).
+    pub ahead: Ahead,
+}
+
+/// What the earlier phases of one `plan` run will have done when a later phase applies: a
+/// later phase plans those VMs as fresh instead of asking them (they do not exist yet).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ahead {
+    /// VMs that `vms` creates or starts in this run.
+    pub vms: std::collections::BTreeSet<String>,
+    /// `k8s-master` runs `kubeadm init` in this run.
+    pub cluster: bool,
+}
+
+impl Ahead {
+    /// Records what `plan` will have done.
+    pub fn note(&mut self, plan: &Plan) {
+        for a in &plan.actions {
+            match (&a.kind, &a.target) {
+                (crate::plan::ActionKind::WaitReady { .. }, crate::plan::Target::Vm(vm)) => {
+                    self.vms.insert(vm.clone());
+                }
+                (crate::plan::ActionKind::Steps(steps), _) => {
+                    let init = steps.iter().any(|s| {
+                        matches!(s, crate::plan::Step::Run(c)
+                            if c.program == "kubeadm" && c.args.first().is_some_and(|a| a == "init"))
+                    });
+                    self.cluster |= init;
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 impl Default for Settings {
@@ -56,6 +97,8 @@ impl Default for Settings {
             rollout_timeout: Some(turnd::ROLLOUT_TIMEOUT),
             renew_timer: true,
             dotenv: None,
+            vm_ready_timeout: Some(VM_READY_TIMEOUT),
+            ahead: Ahead::default(),
         }
     }
 }
@@ -187,6 +230,29 @@ pub fn plan(phase: PhaseId, ctx: &Context<'_>) -> Result<Plan, PhaseError> {
         }
         PhaseId::Monitoring => monitoring::plan_phase(ctx, &crate::secrets::ProcessEnv),
     }
+}
+
+/// Plans `phases` in order as one run applies them, without applying: each later phase plans
+/// what an earlier one creates (a VM, the cluster) as fresh instead of asking for it, so
+/// `plan --all` works on a fresh host.
+///
+/// # Errors
+/// The first phase that cannot be planned.
+pub fn plan_in_order(phases: &[PhaseId], ctx: &Context<'_>) -> Result<Vec<Plan>, PhaseError> {
+    let mut settings = ctx.settings.clone();
+    let mut plans = Vec::with_capacity(phases.len());
+    for &phase in phases {
+        let p = plan(
+            phase,
+            &Context {
+                settings: &settings,
+                ..*ctx
+            },
+        )?;
+        settings.ahead.note(&p);
+        plans.push(p);
+    }
+    Ok(plans)
 }
 
 /// Gathers and plans the host-networking teardown (run it before [`plan_teardown`]: the

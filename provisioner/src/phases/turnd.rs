@@ -246,6 +246,28 @@ pub fn gather(
     let k8s_err = |source| PhaseError::K8s { phase, source };
     let (api, secret) = inputs(ctx.settings, env)?;
     let manifests = Manifests::build(ctx.cluster, &Inputs::for_apply(secret)).map_err(k8s_err)?;
+    if ctx.settings.ahead.cluster {
+        // `k8s-master` creates the cluster earlier in this run: every object is new.
+        let changes = manifests
+            .objects()
+            .iter()
+            .map(|o| Change {
+                object: o.id(),
+                kind: ChangeKind::Create,
+            })
+            .collect();
+        let apply = KubeApply {
+            api,
+            manifests,
+            rollout_timeout: None,
+        };
+        let facts = TurndFacts {
+            changes,
+            asked: true,
+            tls_secret: None,
+        };
+        return Ok((apply, facts));
+    }
     let (changes, asked, tls_secret) = k8s::block_on(async {
         let client = api.client().await?;
         let (changes, asked) = k8s::plan_or_offline(&client, &manifests).await?;

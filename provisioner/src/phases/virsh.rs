@@ -34,9 +34,24 @@ impl<'a> Virsh<'a> {
         Ok(self.t.run_ok(&Self::cmd(self.uri, args))?.stdout)
     }
 
-    /// Names of all networks.
+    /// Lists names with `args`; none when virsh is not installed yet (a fresh host).
+    fn list(&self, args: &[&str]) -> Result<Vec<String>, ExecError> {
+        let cmd = Self::cmd(self.uri, args);
+        match super::facts::probe(self.t, &cmd)? {
+            None => Ok(Vec::new()),
+            Some(out) if out.success() => Ok(names(&out.stdout)),
+            Some(out) => Err(ExecError::Failed {
+                target: self.t.target().to_owned(),
+                command: cmd.shell_line(),
+                status: out.status,
+                stderr: out.stderr.trim().to_owned(),
+            }),
+        }
+    }
+
+    /// Names of all networks (none when virsh is not installed yet).
     pub fn networks(&self) -> Result<Vec<String>, ExecError> {
-        Ok(names(&self.ok(&["net-list", "--all", "--name"])?))
+        self.list(&["net-list", "--all", "--name"])
     }
 
     /// A network's XML.
@@ -49,9 +64,9 @@ impl<'a> Virsh<'a> {
         Ok(parse_net_info(&self.ok(&["net-info", name])?))
     }
 
-    /// Names of all domains.
+    /// Names of all domains (none when virsh is not installed yet).
     pub fn domains(&self) -> Result<Vec<String>, ExecError> {
-        Ok(names(&self.ok(&["list", "--all", "--name"])?))
+        self.list(&["list", "--all", "--name"])
     }
 
     /// A domain's XML (the running definition when it runs).

@@ -10,7 +10,7 @@ use super::virsh::Virsh;
 use super::{Context, PhaseError, Settings};
 use crate::exec::Cmd;
 use crate::inventory::{Cluster, Vm};
-use crate::plan::{Action, PhaseId, Plan, Step, Target};
+use crate::plan::{Action, ActionKind, PhaseId, Plan, Step, Target};
 use crate::render::cloudinit;
 use crate::render::libvirt::{overlay_path, seed_path, uuid_of, DomainSpec};
 
@@ -262,6 +262,13 @@ pub fn plan(c: &Cluster, settings: &Settings, facts: &VmsFacts) -> Plan {
                 format!("start domain {name}"),
                 Virsh::cmd(uri, &["start", name]),
             ));
+            if let Some(timeout) = settings.vm_ready_timeout {
+                p.actions.push(Action {
+                    target: Target::Vm(name.to_owned()),
+                    summary: format!("wait for SSH and cloud-init on {name}"),
+                    kind: ActionKind::WaitReady { timeout },
+                });
+            }
         }
         if f.domain.is_none() {
             p.actions.push(Action::run(

@@ -62,7 +62,9 @@ pub struct UserData {
 /// `meta-data`.
 #[derive(Debug, Clone, Serialize)]
 pub struct MetaData {
-    /// Changes whenever the seed changes, so cloud-init re-applies it.
+    /// The VM's name, never changed: cloud-init runs its per-instance modules (users, host
+    /// keys) once; a changed seed is not re-applied to a running VM (rebuild it to change
+    /// them), so its SSH host keys survive.
     #[serde(rename = "instance-id")]
     pub instance_id: String,
     /// Hostname.
@@ -212,14 +214,10 @@ fn yaml<T: Serialize>(v: &T) -> String {
 pub fn seed(c: &Cluster, vm: &Vm) -> Seed {
     let user_data = format!("#cloud-config\n{}", yaml(&user_data(c, vm)));
     let network_config = yaml(&network_config(c, vm));
-    let id_hash = {
-        let mut h = Sha256::new();
-        h.update(user_data.as_bytes());
-        h.update(network_config.as_bytes());
-        hex(&h.finalize()[..6])
-    };
     let meta_data = yaml(&MetaData {
-        instance_id: format!("{}-{id_hash}", vm.name),
+        // Stable across seed changes: a new instance-id makes cloud-init treat the VM as a new
+        // instance and regenerate its SSH host keys, and the next run meets a refused host key.
+        instance_id: vm.name.to_string(),
         local_hostname: vm.name.to_string(),
     });
     Seed {

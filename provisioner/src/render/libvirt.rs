@@ -18,18 +18,9 @@ pub enum XmlError {
     Field(String),
 }
 
-/// One static DHCP lease on the network.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DhcpHost {
-    /// MAC of the VM.
-    pub mac: MacAddr,
-    /// Its name.
-    pub name: String,
-    /// Its address.
-    pub ip: Ipv4Addr,
-}
-
-/// The NAT network.
+/// The NAT network. It has no DHCP: every VM's address is static in its cloud-init
+/// network-config, so adding a VM never changes (and never restarts) the network; a
+/// network that an older version defined with DHCP host entries is not redefined for them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkSpec {
     /// Network name.
@@ -40,8 +31,6 @@ pub struct NetworkSpec {
     pub gateway: Ipv4Addr,
     /// Netmask.
     pub netmask: Ipv4Addr,
-    /// Static leases, in inventory order.
-    pub hosts: Vec<DhcpHost>,
 }
 
 impl NetworkSpec {
@@ -52,15 +41,6 @@ impl NetworkSpec {
             bridge: c.network.bridge.clone(),
             gateway: c.network.gateway,
             netmask: c.network.cidr.netmask(),
-            hosts: c
-                .vms
-                .iter()
-                .map(|v| DhcpHost {
-                    mac: v.mac,
-                    name: v.name.to_string(),
-                    ip: v.ip,
-                })
-                .collect(),
         }
     }
 
@@ -84,13 +64,7 @@ impl NetworkSpec {
             .child(
                 Element::new("ip")
                     .attr("address", self.gateway)
-                    .attr("netmask", self.netmask)
-                    .child(Element::new("dhcp").children(self.hosts.iter().map(|h| {
-                        Element::new("host")
-                            .attr("mac", h.mac)
-                            .attr("name", &h.name)
-                            .attr("ip", h.ip)
-                    }))),
+                    .attr("netmask", self.netmask),
             )
             .to_xml()
     }
@@ -100,29 +74,11 @@ impl NetworkSpec {
         let doc = roxmltree::Document::parse(xml)?;
         let root = doc.root_element();
         let ip = child(root, "ip")?;
-        let hosts = ip
-            .children()
-            .find(|n| n.has_tag_name("dhcp"))
-            .map(|dhcp| {
-                dhcp.children()
-                    .filter(|n| n.has_tag_name("host"))
-                    .map(|h| {
-                        Ok(DhcpHost {
-                            mac: parse_attr(h, "mac")?,
-                            name: attr(h, "name")?.to_owned(),
-                            ip: parse_attr(h, "ip")?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, XmlError>>()
-            })
-            .transpose()?
-            .unwrap_or_default();
         Ok(Self {
             name: text(child(root, "name")?)?,
             bridge: attr(child(root, "bridge")?, "name")?.to_owned(),
             gateway: parse_attr(ip, "address")?,
             netmask: parse_attr(ip, "netmask")?,
-            hosts,
         })
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod fake_api;
 pub mod run;
+pub mod sim;
 pub mod sshd;
 
 use std::path::Path;
