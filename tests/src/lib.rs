@@ -5,13 +5,17 @@
 //! - [`peer`]: a UDP echo peer on loopback that counts what it receives.
 //! - [`client`]: a small TURN client built on turn-proto's codec, for what the other clients
 //!   cannot do (Send indications on demand, malformed input, reading error codes).
+//! - [`http`]: a raw HTTP client for turnd's admin listener and Prometheus's API.
+//! - [`prometheus`]: a real Prometheus server scraping turnd, and `promtool check metrics`.
 //! - [`tools`]: finds external tools; under `TURND_REQUIRE_TOOLS=1` (CI) a missing tool fails
 //!   the test instead of skipping it.
 //!
 //! Everything binds loopback addresses only, and every network wait has a timeout.
 
 pub mod client;
+pub mod http;
 pub mod peer;
+pub mod prometheus;
 pub mod server;
 pub mod tools;
 

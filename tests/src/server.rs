@@ -1,7 +1,8 @@
 //! The server under test: turnd in-process, or coturn's `turnserver` as a child process.
 //!
 //! `TURND_TEST_SERVER=coturn` points the interop suite at coturn (proof that the tests test
-//! the protocol, not turnd's quirks); unset or `turnd` runs turnd.
+//! the protocol, not turnd's quirks); unset or `turnd` runs turnd. `TURND_TEST_IO=epoll` (or
+//! `io_uring`, `auto`) forces turnd's io backend, so CI runs the suites once per backend.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -11,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use turnd::config::{Config, MapEnv};
+use turnd::config::{Config, IoBackend, MapEnv};
 use turnd::driver::Running;
 
 use crate::client::rest_credential;
@@ -43,6 +44,21 @@ impl Kind {
             Ok("coturn") => Self::Coturn,
             Ok(other) => panic!("TURND_TEST_SERVER={other}: expected turnd or coturn"),
         }
+    }
+}
+
+/// The io backend `TURND_TEST_IO` forces (`epoll`, `io_uring` or `auto`), if any.
+///
+/// # Panics
+/// Any other value.
+#[must_use]
+pub fn io_from_env() -> Option<IoBackend> {
+    match std::env::var("TURND_TEST_IO").as_deref() {
+        Err(_) | Ok("") => None,
+        Ok("epoll") => Some(IoBackend::Epoll),
+        Ok("io_uring") => Some(IoBackend::IoUring),
+        Ok("auto") => Some(IoBackend::Auto),
+        Ok(other) => panic!("TURND_TEST_IO={other}: expected epoll, io_uring or auto"),
     }
 }
 
@@ -129,9 +145,15 @@ impl TestServer {
         if let Some(admin) = settings.admin.as_mut() {
             admin.listen.set_port(0);
         }
+        if let Some(io) = io_from_env() {
+            settings.io = io;
+        }
         let running = turnd::driver::start(settings)?;
         let addr = *running.udp.first().context("no UDP listener")?;
-        eprintln!("server under test: turnd at {addr}");
+        eprintln!(
+            "server under test: turnd at {addr} ({} backend)",
+            running.io_backend
+        );
         Ok(Self {
             addr,
             kind: Kind::Turnd,
@@ -233,6 +255,26 @@ impl TestServer {
             self.addr,
             self.log()
         )
+    }
+
+    /// The running turnd (its addresses and controls); `None` for coturn.
+    #[must_use]
+    pub fn running(&self) -> Option<&Running> {
+        match &self.inner {
+            Inner::Turnd(r) => r.as_ref(),
+            Inner::Coturn(_) => None,
+        }
+    }
+
+    /// The admin listener's address (turnd with `[admin] listen`).
+    ///
+    /// # Panics
+    /// Not turnd, or the admin listener is off.
+    #[must_use]
+    pub fn admin(&self) -> SocketAddr {
+        self.running()
+            .and_then(|r| r.admin)
+            .expect("turnd with an admin listener")
     }
 
     /// A credential for `user`: the static user's, or a fresh REST-API one.

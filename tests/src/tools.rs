@@ -1,4 +1,5 @@
-//! External tools (coturn's `turnserver` and `turnutils_*`).
+//! External tools (coturn's `turnserver` and `turnutils_*`, Prometheus's `prometheus` and
+//! `promtool`).
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -10,7 +11,7 @@ pub fn tools_required() -> bool {
     std::env::var("TURND_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
 }
 
-/// Finds `name` on `PATH` (or in `/usr/bin`, `/usr/local/bin`).
+/// Finds coturn's tool `name` on `PATH` (or in `/usr/bin`, `/usr/local/bin`).
 ///
 /// Returns `None` (and says so on stderr) when it is missing, so the caller can skip.
 ///
@@ -18,6 +19,15 @@ pub fn tools_required() -> bool {
 /// The tool is missing and [`tools_required`].
 #[must_use]
 pub fn find_tool(name: &str) -> Option<PathBuf> {
+    find_tool_from(name, "coturn")
+}
+
+/// Finds `name`, which the Debian package `package` installs, as [`find_tool`] does.
+///
+/// # Panics
+/// The tool is missing and [`tools_required`].
+#[must_use]
+pub fn find_tool_from(name: &str, package: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let found = std::env::split_paths(&path)
         .chain(["/usr/bin".into(), "/usr/local/bin".into()])
@@ -26,9 +36,9 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
     if found.is_none() {
         assert!(
             !tools_required(),
-            "{name} is not installed and TURND_REQUIRE_TOOLS=1 (apt-get install -y coturn)"
+            "{name} is not installed and TURND_REQUIRE_TOOLS=1 (apt-get install -y {package})"
         );
-        eprintln!("SKIPPED: {name} is not installed (apt-get install -y coturn)");
+        eprintln!("SKIPPED: {name} is not installed (apt-get install -y {package})");
     }
     found
 }
@@ -38,11 +48,30 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
 /// # Errors
 /// It could not start, or it outlived `timeout`.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
+    run_with_input(cmd, &[], timeout)
+}
+
+/// As [`run_with_timeout`], writing `input` to the command's standard input.
+///
+/// # Errors
+/// It could not start, or it outlived `timeout`.
+pub fn run_with_input(
+    cmd: &mut Command,
+    input: &[u8],
+    timeout: Duration,
+) -> anyhow::Result<Output> {
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
+    let stdin = child.stdin.take();
+    let input = input.to_vec();
+    let t_in = std::thread::spawn(move || {
+        if let Some(mut s) = stdin {
+            let _ = std::io::Write::write_all(&mut s, &input);
+        }
+    });
     // Drain the pipes on threads so a chatty tool cannot block on a full pipe.
     let mut out = child.stdout.take();
     let mut err = child.stderr.take();
@@ -60,6 +89,7 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    let _ = t_in.join();
     Ok(Output {
         status,
         stdout: t_out.join().unwrap_or_default(),

@@ -27,10 +27,27 @@ pub fn settings(extra: &str) -> turnd::config::Settings {
          [peers]\nallow = [\"127.0.0.0/8\"]\n[server]\nworkers = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n"
     );
     let env = turnd::config::MapEnv(Default::default());
-    turnd::config::Config::from_toml(&text)
+    let mut s = turnd::config::Config::from_toml(&text)
         .unwrap()
         .validate(&env)
-        .unwrap()
+        .unwrap();
+    if let Some(io) = io_from_env() {
+        s.io = io;
+    }
+    s
+}
+
+/// The io backend `TURND_TEST_IO` forces (`epoll`, `io_uring`, `auto`): CI runs the stream
+/// tests once per backend.
+pub fn io_from_env() -> Option<turnd::config::IoBackend> {
+    use turnd::config::IoBackend;
+    match std::env::var("TURND_TEST_IO").as_deref() {
+        Err(_) | Ok("") => None,
+        Ok("epoll") => Some(IoBackend::Epoll),
+        Ok("io_uring") => Some(IoBackend::IoUring),
+        Ok("auto") => Some(IoBackend::Auto),
+        Ok(other) => panic!("TURND_TEST_IO={other}: expected epoll, io_uring or auto"),
+    }
 }
 
 /// A UDP echo peer on 127.0.0.1 that runs until dropped.
