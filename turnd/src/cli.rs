@@ -27,11 +27,16 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Parse and validate a configuration file; print a summary or the first error
-    /// (file:line: key: reason).
+    /// Parse and validate a configuration file, open the files it names (TLS certificate
+    /// and key, secret files, token file); print a summary, or every error
+    /// (file:line:col: key: reason) and exit 1.
     CheckConfig {
         /// The configuration file.
         file: PathBuf,
+        /// Accept a file without any credential: its secret comes from TURND_AUTH_SECRET or
+        /// TURND_AUTH_SECRET_FILE where it runs.
+        #[arg(long)]
+        allow_missing_secret: bool,
     },
     /// Print a TURN REST API credential (JSON: username, password, ttl, uris).
     Credentials(CredentialsArgs),
@@ -48,8 +53,9 @@ pub enum Command {
         #[arg(short = 'p', long = "password")]
         password: String,
     },
-    /// Convert a coturn turnserver.conf to turnd TOML (on stdout or --output); options
-    /// that cannot be carried are listed on stderr with the reason.
+    /// Convert a coturn turnserver.conf to turnd TOML (on stdout or --output). Every
+    /// option gets a note on stderr: carried, changed, ignored (with the reason) or
+    /// unsupported; an unsupported option fails the import (exit 1, nothing written).
     ImportCoturn {
         /// coturn's configuration file.
         file: PathBuf,
@@ -253,6 +259,15 @@ mod tests {
         let cli =
             Cli::try_parse_from(["turnd", "key", "-u", "a", "-r", "b", "-p", "c"]).expect("parses");
         assert!(matches!(cli.command, Some(Command::Key { .. })));
+        let cli = Cli::try_parse_from(["turnd", "check-config", "--allow-missing-secret", "f"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Some(Command::CheckConfig {
+                allow_missing_secret: true,
+                ..
+            })
+        ));
     }
 
     #[test]

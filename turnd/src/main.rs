@@ -11,14 +11,18 @@ use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser as _};
 use turnd::cli::{self, Cli, Command, CredentialsArgs};
 use turnd::config::{
-    coturn, Config, Env as _, ProcessEnv, Settings, ENV_AUTH_SECRET, ENV_AUTH_SECRET_FILE,
+    coturn, Checks, Config, ConfigErrors, Env as _, ProcessEnv, Settings, ENV_AUTH_SECRET,
+    ENV_AUTH_SECRET_FILE,
 };
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         None => run_server(cli.config.as_deref()),
-        Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::CheckConfig {
+            file,
+            allow_missing_secret,
+        }) => check_config(&file, allow_missing_secret),
         Some(Command::Credentials(args)) => credentials(args),
         Some(Command::Key {
             user,
@@ -96,19 +100,39 @@ fn local_ip() -> IpAddr {
         .unwrap_or(IpAddr::from([127, 0, 0, 1]))
 }
 
-fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
-    let s = Config::load(file)?.validate(&ProcessEnv)?;
+fn check_config(file: &Path, allow_missing_secret: bool) -> anyhow::Result<ExitCode> {
+    let checks = Checks {
+        files: true,
+        allow_missing_secret,
+    };
+    let checked = Config::load(file)
+        .map_err(ConfigErrors::from)
+        .and_then(|c| c.validate_all(&ProcessEnv, checks));
+    let s = match checked {
+        Ok(s) => s,
+        Err(errors) => {
+            for e in errors.iter() {
+                eprintln!("turnd: {e}");
+            }
+            let n = errors.len();
+            let plural = if n == 1 { "" } else { "s" };
+            eprintln!("turnd: {}: {n} error{plural}", file.display());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
     let tls = if s.tls.is_some() { "on" } else { "off" };
     println!("{}: OK", file.display());
     println!("  udp listeners: {:?}", s.listeners.udp);
-    println!(
-        "  tcp listeners: {:?} (served once TCP lands)",
-        s.listeners.tcp
-    );
+    println!("  tcp listeners: {:?}", s.listeners.tcp);
     println!("  tls listeners: {:?} (tls {tls})", s.listeners.tls);
     println!("  realm: {}", s.auth.realm);
+    let from_env = if s.auth.secrets.is_empty() && s.auth.users.is_empty() {
+        format!(" (expected from {ENV_AUTH_SECRET} or {ENV_AUTH_SECRET_FILE} at run time)")
+    } else {
+        String::new()
+    };
     println!(
-        "  static users: {}, REST-API secrets: {}",
+        "  static users: {}, REST-API secrets: {}{from_env}",
         s.auth.users.len(),
         s.auth.secrets.len()
     );
@@ -124,7 +148,33 @@ fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
         s.relay.ports.start(),
         s.relay.ports.end(),
     );
-    println!("  workers: {}", s.workers);
+    println!(
+        "  workers: {}, io: {}, serves: {}",
+        s.workers,
+        s.io,
+        s.mode.as_str()
+    );
+    match &s.admin {
+        Some(a) => println!(
+            "  admin: {} (admin API {})",
+            a.listen,
+            if a.token.is_some() {
+                "on, token set"
+            } else {
+                "off: no token"
+            }
+        ),
+        None => println!("  admin: off"),
+    }
+    let alternates: Vec<String> = [s.drain.alternate_ipv4, s.drain.alternate_ipv6]
+        .iter()
+        .flatten()
+        .map(ToString::to_string)
+        .collect();
+    println!(
+        "  drain: timeout {}, alternate servers {alternates:?}",
+        humantime::format_duration(s.drain.timeout)
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -177,6 +227,15 @@ fn import_coturn(file: &Path, output: Option<&Path>) -> anyhow::Result<ExitCode>
     let import = coturn::import(&text);
     for note in &import.notes {
         eprintln!("{}: {note}", file.display());
+    }
+    if !import.is_ok() {
+        let names: Vec<&str> = import.unsupported().map(|n| n.option.as_str()).collect();
+        eprintln!(
+            "{}: not converted: turnd cannot honour {} (see the notes above); nothing written",
+            file.display(),
+            names.join(", ")
+        );
+        return Ok(ExitCode::FAILURE);
     }
     match output {
         Some(out) => std::fs::write(out, &import.toml)

@@ -125,14 +125,133 @@ fn running_with_a_bad_config_fails_with_the_location() {
     assert_located(&out, &path, 4, "log.format", "yaml");
 }
 
+/// A self-signed certificate and its key, as PEM files in `dir`.
+fn tls_files(dir: &Path) -> (PathBuf, PathBuf) {
+    let c = rcgen::generate_simple_self_signed(vec!["turn.example.org".to_owned()])
+        .expect("certificate");
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&cert, c.cert.pem()).expect("write cert");
+    std::fs::write(&key, c.key_pair.serialize_pem()).expect("write key");
+    (cert, key)
+}
+
 #[test]
-fn check_config_accepts_the_shipped_example() {
-    let out = run(&["check-config", example().to_str().expect("utf8")]);
+fn check_config_accepts_the_shipped_example_with_its_tls_files_present() {
+    let text = std::fs::read_to_string(example()).expect("example");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = tls_files(dir.path());
+    let text = text
+        .replace("/etc/turnd/tls/tls.crt", cert.to_str().expect("utf8"))
+        .replace("/etc/turnd/tls/tls.key", key.to_str().expect("utf8"));
+    let (out, _path, _dir) = check(&text);
     assert!(out.status.success(), "stderr: {}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains(": OK"), "{text}");
     assert!(text.contains("94.130.141.98/10.10.10.11"), "{text}");
     assert!(text.contains("ports 49152-50175"), "{text}");
+    assert!(text.contains("io: auto"), "{text}");
+    assert!(text.contains("admin: 127.0.0.1:9641"), "{text}");
+    assert!(text.contains("drain: timeout 2m"), "{text}");
+}
+
+#[test]
+fn check_config_opens_the_certificate_files() {
+    // As shipped, the example names the pod's certificate paths, absent here.
+    let out = run(&["check-config", example().to_str().expect("utf8")]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(": tls.cert: "), "{err}");
+    assert!(err.contains("/etc/turnd/tls/tls.crt"), "{err}");
+    assert!(err.contains(": 1 error\n"), "only the missing file: {err}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = tls_files(dir.path());
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("write");
+    let (out, path, _d) = check(&format!(
+        "{SECRET}[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    ));
+    assert_located(&out, &path, 5, "tls.key", &key.display().to_string());
+}
+
+#[test]
+fn check_config_reports_every_mistake_at_once() {
+    let (out, path, _dir) = check(
+        "[listen]\nudp = [\"0.0.0.0:3478\", \"3478\"]\n\
+         [auth]\nsecret_files = [\"/nonexistent/turnd/secret\"]\n\
+         [relay]\nmin_port = 50175\nmax_port = 49152\n\
+         [peers]\ndeny = [\"192.168.0.0/40\"]\n\
+         [server]\nstun_only = true\nno_stun = true\n\
+         [admin]\nlisten = \"localhost:9641\"\n",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    let file = path.display().to_string();
+    let lines: Vec<&str> = err.lines().collect();
+    let expected = [
+        format!("turnd: {file}:2:"),
+        format!("turnd: {file}:4:"),
+        format!("turnd: {file}:7:"),
+        format!("turnd: {file}:9:"),
+        format!("turnd: {file}:12:"),
+        format!("turnd: {file}:14:"),
+    ];
+    assert_eq!(lines.len(), expected.len() + 1, "{err}");
+    for (line, prefix) in lines.iter().zip(&expected) {
+        assert!(line.starts_with(prefix.as_str()), "{prefix:?} vs {line:?}");
+    }
+    for key in [
+        "listen.udp[1]",
+        "auth.secret_files[0]",
+        "relay.max_port",
+        "peers.deny[0]",
+        "server.no_stun",
+        "admin.listen",
+    ] {
+        assert!(err.contains(&format!(": {key}: ")), "{key} in {err}");
+    }
+    assert!(lines[6].ends_with(": 6 errors"), "{err}");
+}
+
+#[test]
+fn check_config_refuses_a_config_without_listeners() {
+    let (out, path, _dir) = check(&format!("{SECRET}[listen]\nudp = []\ntcp = []\ntls = []\n"));
+    assert_located(&out, &path, 3, "listen", "no listener");
+}
+
+#[test]
+fn check_config_can_leave_the_secret_to_the_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("turnd.toml");
+    std::fs::write(&path, "[auth]\nrealm = \"turn.example.org\"\n").expect("write");
+    let file = path.to_str().expect("utf8");
+    let out = run(&["check-config", file]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no credentials"), "{}", stderr(&out));
+    let out = run(&["check-config", "--allow-missing-secret", file]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("REST-API secrets: 0 (expected from TURND_AUTH_SECRET"),
+        "{}",
+        stdout(&out)
+    );
+    // A secret that is there is still checked.
+    let out = turnd()
+        .args(["check-config", "--allow-missing-secret", file])
+        .env("TURND_AUTH_SECRET_FILE", "/nonexistent/k8s/secret")
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("TURND_AUTH_SECRET_FILE"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -308,8 +427,8 @@ use-auth-secret
 static-auth-secret=rotating-new
 static-auth-secret=rotating-old
 user=monitoring:0x04f22f94c90331bece501f446f6110e1
-cert=/etc/letsencrypt/live/example.org/fullchain.pem
-pkey=/etc/letsencrypt/live/example.org/privkey.pem
+cert=CERT
+pkey=KEY
 cipher-list=\"ECDHE-RSA-AES256-GCM-SHA512:DHE-RSA-AES256-GCM-SHA512\"
 no-tlsv1
 no-tlsv1_1
@@ -332,28 +451,42 @@ pidfile=/var/run/turnserver.pid
 ";
 
 #[test]
-fn import_coturn_produces_valid_toml_and_lists_what_it_drops() {
+fn import_coturn_produces_valid_toml_and_classifies_every_option() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = tls_files(dir.path());
     let conf = dir.path().join("turnserver.conf");
-    std::fs::write(&conf, COTURN_CONF).expect("write");
+    std::fs::write(
+        &conf,
+        COTURN_CONF
+            .replace("cert=CERT", &format!("cert={}", cert.display()))
+            .replace("pkey=KEY", &format!("pkey={}", key.display())),
+    )
+    .expect("write");
     let out = run(&["import-coturn", conf.to_str().expect("utf8")]);
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
     let conf_name = conf.display().to_string();
-    for (line, option) in [
-        (11, "server-name"),
-        (20, "cipher-list"),
-        (35, "log-file"),
-        (36, "simple-log"),
-        (37, "prometheus"),
-        (38, "pidfile"),
+    for (line, option, kind) in [
+        (2, "listening-port", "carried"),
+        (11, "server-name", "ignored"),
+        (17, "user", "ignored"),
+        (20, "cipher-list", "ignored"),
+        (35, "log-file", "ignored"),
+        (36, "simple-log", "ignored"),
+        (37, "prometheus", "changed"),
+        (38, "pidfile", "ignored"),
     ] {
-        let expected = format!("{conf_name}: line {line}: {option}: not carried: ");
+        let expected = format!("{conf_name}: line {line}: {option}: {kind}: ");
         assert!(err.contains(&expected), "expected {expected:?} in\n{err}");
     }
+    let option_lines = (2..=38).count();
+    let noted = err.lines().filter(|l| l.contains(": line ")).count();
+    assert_eq!(noted, option_lines, "one note per option: {err}");
+    assert!(err.contains("(channel numbers): changed"), "{err}");
+    assert!(err.contains("(TCP relay): changed"), "{err}");
     assert!(err.contains("the result validates"), "{err}");
 
-    // The TOML on stdout is what check-config accepts.
+    // The TOML on stdout is what check-config accepts, certificate files included.
     let toml = dir.path().join("turnd.toml");
     std::fs::write(&toml, &out.stdout).expect("write");
     let checked = run(&["check-config", toml.to_str().expect("utf8")]);
@@ -369,8 +502,8 @@ fn import_coturn_produces_valid_toml_and_lists_what_it_drops() {
         "{summary}"
     );
     assert!(
-        summary.contains("static users: 1, REST-API secrets: 2"),
-        "{summary}"
+        summary.contains("static users: 0, REST-API secrets: 2"),
+        "coturn ignores user= under use-auth-secret: {summary}"
     );
     assert!(summary.contains("94.130.141.98/10.10.10.11"), "{summary}");
     let text = stdout(&out);
@@ -379,6 +512,8 @@ fn import_coturn_produces_valid_toml_and_lists_what_it_drops() {
         "ranges become CIDRs: {text}"
     );
     assert!(text.contains("\"172.16.0.0/12\""), "{text}");
+    assert!(text.contains("rfc5766_channel_numbers = true"), "{text}");
+    assert!(!text.contains("monitoring"), "{text}");
 
     // --output writes the same text to a file.
     let written = dir.path().join("out.toml");
@@ -390,6 +525,57 @@ fn import_coturn_produces_valid_toml_and_lists_what_it_drops() {
     ]);
     assert!(out2.status.success());
     assert_eq!(std::fs::read(&written).expect("written"), out.stdout);
+}
+
+#[test]
+fn import_coturn_refuses_what_turnd_cannot_honour() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("turnserver.conf");
+    std::fs::write(
+        &conf,
+        "use-auth-secret\nstatic-auth-secret=s\npkey=/k.pem\ncert=/c.pem\npkey-pwd=hunter2\n",
+    )
+    .expect("write");
+    let written = dir.path().join("out.toml");
+    let out = run(&[
+        "import-coturn",
+        conf.to_str().expect("utf8"),
+        "-o",
+        written.to_str().expect("utf8"),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("line 5: pkey-pwd: unsupported: "), "{err}");
+    assert!(err.contains("cannot honour pkey-pwd"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+    assert!(!written.exists(), "nothing written");
+    assert!(stdout(&out).is_empty());
+}
+
+#[test]
+fn import_coturn_converts_coturns_own_example() {
+    let example = Path::new("/usr/share/doc/coturn/examples/etc/turnserver.conf");
+    if !example.exists() {
+        assert!(
+            !require_tools(),
+            "TURND_REQUIRE_TOOLS=1 but {} is absent",
+            example.display()
+        );
+        eprintln!(
+            "skipped: {} absent (apt-get install coturn)",
+            example.display()
+        );
+        return;
+    }
+    let out = turnd()
+        .args(["import-coturn", example.to_str().expect("utf8")])
+        .env("TURND_AUTH_SECRET", "from-the-environment")
+        .output()
+        .expect("runs");
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(": syslog: ignored: "), "{err}");
+    assert!(err.contains("the result validates"), "{err}");
 }
 
 #[test]

@@ -1,9 +1,18 @@
-//! `turnd import-coturn`: converts a coturn `turnserver.conf` into turnd TOML and lists
-//! every option that could not be carried over, with the reason.
+//! `turnd import-coturn`: converts a coturn `turnserver.conf` into turnd TOML, with one
+//! classified note for every option in the file.
 //!
 //! coturn's file has one option per line, `name=value` or a bare `name` for flags
-//! (`#` starts a comment; a leading `--` is tolerated). Options turnd has no use for
-//! are reported, never silently dropped.
+//! (`#` starts a comment; a leading `--` is tolerated). Each option is *carried* (perhaps
+//! with a change the note explains), *ignored* with the reason (turnd does that anyway, or
+//! the option has no meaning here, or its effect is lost without widening access), or
+//! *unsupported*: turnd cannot honour it and carrying on without it could let in what
+//! coturn kept out, so the import fails and names the option.
+//!
+//! The rule: the result never grants more than coturn did. `user=` lines under
+//! `use-auth-secret` (which coturn ignores) are not carried; `stun-only` and `no-stun`
+//! become turnd's service modes; a client certificate requirement (`CA-file`), an encrypted
+//! key (`pkey-pwd`), TCP-only relaying (`no-udp-relay`) and authenticated-only Binding with
+//! `stun-only` are refused.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -12,26 +21,59 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, Table};
 
-use super::settings::{parse_cidr, parse_key};
+use super::validate::{parse_cidr, parse_ip, parse_key};
 
-/// The result of an import: the TOML text and the notes about it.
+/// The result of an import: the TOML text and one note per option.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Import {
-    /// turnd configuration (TOML), with the notes repeated as comments at the top.
+    /// turnd configuration (TOML), with the notes that are not plain "carried" repeated as
+    /// comments at the top.
     pub toml: String,
-    /// Options not carried over, or carried with a change in behaviour.
+    /// What happened to every option, and notes about the file as a whole.
     pub notes: Vec<Note>,
+}
+
+impl Import {
+    /// The notes that make the import fail.
+    pub fn unsupported(&self) -> impl Iterator<Item = &Note> {
+        self.notes
+            .iter()
+            .filter(|n| n.kind == NoteKind::Unsupported)
+    }
+
+    /// Whether every option could be carried or safely ignored.
+    #[must_use]
+    pub fn is_ok(&self) -> bool {
+        self.unsupported().next().is_none()
+    }
 }
 
 /// What happened to one coturn option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoteKind {
-    /// The option has no turnd equivalent; its effect is lost.
-    NotCarried,
-    /// turnd behaves this way anyway, or the option has no meaning in turnd.
-    NotNeeded,
+    /// Carried into the TOML as it was (the note names the turnd key).
+    Carried,
     /// Carried, but turnd's behaviour differs in the way the note says.
     Changed,
+    /// Not carried: turnd behaves so anyway, the option has no meaning in turnd, or its
+    /// effect is lost without granting anything coturn refused. The note says which.
+    Ignored,
+    /// turnd cannot honour it, and ignoring it could grant what coturn refused (or the
+    /// value cannot be read): the import fails.
+    Unsupported,
+}
+
+impl NoteKind {
+    /// The word used in notes: `carried`, `changed`, `ignored`, `unsupported`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Carried => "carried",
+            Self::Changed => "changed",
+            Self::Ignored => "ignored",
+            Self::Unsupported => "unsupported",
+        }
+    }
 }
 
 /// A note about one line of the coturn file (line 0: about the file as a whole).
@@ -43,21 +85,22 @@ pub struct Note {
     pub option: String,
     /// What happened to it.
     pub kind: NoteKind,
-    /// Why.
+    /// Why, or where it went.
     pub reason: String,
 }
 
 impl fmt::Display for Note {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
-            NoteKind::NotCarried => "not carried",
-            NoteKind::NotNeeded => "not needed",
-            NoteKind::Changed => "changed",
-        };
         if self.line > 0 {
             write!(f, "line {}: ", self.line)?;
         }
-        write!(f, "{}: {kind}: {}", self.option, self.reason)
+        write!(
+            f,
+            "{}: {}: {}",
+            self.option,
+            self.kind.as_str(),
+            self.reason
+        )
     }
 }
 
@@ -91,6 +134,10 @@ struct Coturn {
     no_tcp: bool,
     no_tls: bool,
     no_dtls: bool,
+    no_tcp_relay: bool,
+    stun_only: bool,
+    no_stun: bool,
+    secure_stun: bool,
     log_level: Option<&'static str>,
     workers: Option<usize>,
 }
@@ -101,16 +148,19 @@ enum Credential {
     Key(String),
 }
 
-/// Converts coturn configuration text.
-#[must_use]
-pub fn import(text: &str) -> Import {
-    let mut c = Coturn::default();
-    let mut notes = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
+/// One option line: its number, name and value.
+struct Line<'a> {
+    number: usize,
+    name: &'a str,
+    value: Option<&'a str>,
+}
+
+/// The option lines of a coturn file (comments and blank lines left out).
+fn lines(text: &str) -> impl Iterator<Item = Line<'_>> {
+    text.lines().enumerate().filter_map(|(i, raw)| {
         let l = raw.trim();
         if l.is_empty() || l.starts_with('#') {
-            continue;
+            return None;
         }
         let l = l.strip_prefix("--").unwrap_or(l);
         let (name, value) = match l.split_once('=') {
@@ -120,24 +170,45 @@ pub fn import(text: &str) -> Import {
                 None => (l, None),
             },
         };
-        let mut note = |kind, reason: &str| {
-            notes.push(Note {
-                line,
-                option: name.to_owned(),
-                kind,
-                reason: reason.to_owned(),
-            });
-        };
-        take(&mut c, name, value, &mut note);
+        Some(Line {
+            number: i + 1,
+            name,
+            value,
+        })
+    })
+}
+
+/// Converts coturn configuration text. Check [`Import::is_ok`]: an unsupported option
+/// makes the result unusable as it is.
+#[must_use]
+pub fn import(text: &str) -> Import {
+    let mut c = Coturn {
+        // Decides how `user=` lines are read, wherever they stand in the file.
+        use_auth_secret: lines(text).any(|l| l.name == "use-auth-secret"),
+        ..Coturn::default()
+    };
+    let mut notes = Vec::new();
+    for l in lines(text) {
+        let (kind, reason) = take(&mut c, l.name, l.value);
+        notes.push(Note {
+            line: l.number,
+            option: l.name.to_owned(),
+            kind,
+            reason,
+        });
     }
     let toml = emit(&c, &mut notes);
     let mut header = String::from(
         "# turnd configuration converted from a coturn turnserver.conf by `turnd import-coturn`.\n\
          # Check it with `turnd check-config FILE`; see deploy/turnd.example.toml for every option.\n",
     );
-    if !notes.is_empty() {
-        header.push_str("#\n# Options not carried over or changed:\n");
-        for n in &notes {
+    let remarkable: Vec<&Note> = notes
+        .iter()
+        .filter(|n| n.kind != NoteKind::Carried)
+        .collect();
+    if !remarkable.is_empty() {
+        header.push_str("#\n# Options changed, ignored or unsupported:\n");
+        for n in remarkable {
             header.push_str(&format!("#   {n}\n"));
         }
     }
@@ -154,184 +225,348 @@ fn unquote(v: &str) -> &str {
         .unwrap_or(v)
 }
 
-fn parse_ip(s: &str) -> Option<IpAddr> {
-    let s = s.trim();
-    s.strip_prefix('[')
-        .and_then(|x| x.strip_suffix(']'))
-        .unwrap_or(s)
-        .parse()
-        .ok()
+type Outcome = (NoteKind, String);
+
+fn carried(to: &str) -> Outcome {
+    (NoteKind::Carried, format!("→ {to}"))
 }
 
-/// Applies one option to `c`, or records why it was not carried.
+fn changed(why: &str) -> Outcome {
+    (NoteKind::Changed, why.to_owned())
+}
+
+fn ignored(why: &str) -> Outcome {
+    (NoteKind::Ignored, why.to_owned())
+}
+
+fn unsupported(why: &str) -> Outcome {
+    (NoteKind::Unsupported, why.to_owned())
+}
+
+/// `Some(value)` or the note saying why the value cannot be read.
+fn parsed<T>(v: Option<T>, what: &str, value: &str) -> Result<T, Outcome> {
+    v.ok_or_else(|| unsupported(&format!("`{value}` is not {what}")))
+}
+
+/// Applies one option to `c` and classifies it.
 #[allow(clippy::too_many_lines)]
-fn take(c: &mut Coturn, name: &str, value: Option<&str>, note: &mut dyn FnMut(NoteKind, &str)) {
-    use NoteKind::{Changed, NotCarried, NotNeeded};
-    let v = value.unwrap_or("");
-    let port = |note: &mut dyn FnMut(NoteKind, &str)| match v.parse::<u16>() {
-        Ok(p) if p > 0 => Some(p),
-        _ => {
-            note(NotCarried, &format!("`{v}` is not a port number"));
-            None
-        }
-    };
-    let count = |note: &mut dyn FnMut(NoteKind, &str)| match v.parse::<u32>() {
-        Ok(n) => Some(n),
-        Err(_) => {
-            note(NotCarried, &format!("`{v}` is not a number"));
-            None
-        }
+fn take(c: &mut Coturn, name: &str, value: Option<&str>) -> Outcome {
+    match take_value(c, name, value.unwrap_or(""), value.is_none()) {
+        Ok(o) | Err(o) => o,
+    }
+}
+
+#[allow(clippy::too_many_lines)]
+fn take_value(c: &mut Coturn, name: &str, v: &str, bare: bool) -> Result<Outcome, Outcome> {
+    let port = || parsed(v.parse::<u16>().ok().filter(|p| *p > 0), "a port number", v);
+    let count = || parsed(v.parse::<u32>().ok(), "a number", v);
+    let ip = || {
+        parsed(
+            parse_ip(v),
+            "an IP address (turnd does not resolve names)",
+            v,
+        )
     };
     // coturn lifetimes: seconds; 0 or negative means "use the default".
-    let seconds = |note: &mut dyn FnMut(NoteKind, &str)| match v.parse::<i64>() {
-        Ok(n) if n > 0 => u64::try_from(n).ok(),
-        Ok(_) => {
-            note(
-                NotNeeded,
+    let seconds = || -> Result<Option<u64>, Outcome> {
+        let n = parsed(v.parse::<i64>().ok(), "a number of seconds", v)?;
+        Ok(u64::try_from(n).ok().filter(|n| *n > 0))
+    };
+    let lifetime = |slot: &mut Option<u64>, to: &str| -> Result<Outcome, Outcome> {
+        match seconds()? {
+            Some(s) => {
+                *slot = Some(s);
+                Ok(carried(to))
+            }
+            None => Ok(ignored(
                 "0 or negative means coturn's default, which is turnd's too",
-            );
-            None
-        }
-        Err(_) => {
-            note(NotCarried, &format!("`{v}` is not a number of seconds"));
-            None
+            )),
         }
     };
-    let ip = |note: &mut dyn FnMut(NoteKind, &str)| {
-        let r = parse_ip(v);
-        if r.is_none() {
-            note(
-                NotCarried,
-                &format!("`{v}` is not an IP address (turnd does not resolve names)"),
-            );
+    Ok(match name {
+        // Listeners.
+        "listening-port" => {
+            c.listening_port = Some(port()?);
+            carried("listen.udp, listen.tcp")
         }
-        r
-    };
-    match name {
-        "listening-port" => c.listening_port = port(note),
-        "tls-listening-port" => c.tls_listening_port = port(note),
+        "tls-listening-port" => {
+            c.tls_listening_port = Some(port()?);
+            carried("listen.tls")
+        }
         "alt-listening-port" => {
-            c.alt_listening_port = port(note);
-            note(
-                Changed,
-                "turnd has no RFC 5780 NAT discovery; the port becomes one more listener",
-            );
+            c.alt_listening_port = Some(port()?);
+            changed("turnd has no RFC 5780 NAT discovery; the port becomes one more listener")
         }
         "alt-tls-listening-port" => {
-            c.alt_tls_listening_port = port(note);
-            note(
-                Changed,
-                "turnd has no RFC 5780 NAT discovery; the port becomes one more TLS listener",
-            );
+            c.alt_tls_listening_port = Some(port()?);
+            changed("turnd has no RFC 5780 NAT discovery; the port becomes one more TLS listener")
         }
-        "listening-ip" => c.listening_ips.extend(ip(note)),
-        "relay-ip" => c.relay_ips.extend(ip(note)),
+        "listening-ip" => {
+            c.listening_ips.push(ip()?);
+            carried("listen.udp, listen.tcp, listen.tls")
+        }
+        "no-udp" => {
+            c.no_udp = true;
+            carried("listen.udp = []")
+        }
+        "no-tcp" => {
+            c.no_tcp = true;
+            carried("listen.tcp = []")
+        }
+        "no-tls" => {
+            c.no_tls = true;
+            carried("listen.tls = []")
+        }
+        "no-dtls" => {
+            c.no_dtls = true;
+            ignored("turnd does not serve DTLS")
+        }
+        "listening-device" | "relay-device" => ignored(
+            "turnd does not bind to a device (SO_BINDTODEVICE); list its addresses in \
+             listen.* and relay.addresses instead",
+        ),
+        "tcp-proxy-port" => ignored(
+            "turnd reads no PROXY protocol; that listener is not carried (clients behind the \
+             proxy cannot connect, nothing more is reachable)",
+        ),
+        "aux-server" => ignored(
+            "not carried: add the address to listen.udp and listen.tcp to serve it (one less \
+             listener, nothing more reachable)",
+        ),
+        "udp-self-balance" => {
+            ignored("turnd spreads UDP over its workers with SO_REUSEPORT on every listener")
+        }
+        "ne" => ignored("turnd's IO backend is chosen by [server] io (default auto)"),
+
+        // Relay.
+        "relay-ip" => {
+            c.relay_ips.push(ip()?);
+            carried("relay.addresses (every relay-ip serves allocations)")
+        }
         "external-ip" => {
             let ok = match v.split_once('/') {
                 Some((p, q)) => parse_ip(p).is_some() && parse_ip(q).is_some(),
                 None => parse_ip(v).is_some(),
             };
-            if ok {
-                c.external_ips.push(v.to_owned());
-            } else {
-                note(
-                    NotCarried,
-                    &format!("`{v}` is not PUBLIC or PUBLIC/PRIVATE IP addresses"),
-                );
-            }
+            parsed(ok.then_some(()), "PUBLIC or PUBLIC/PRIVATE IP addresses", v)?;
+            c.external_ips.push(v.to_owned());
+            carried("relay.external_ips")
         }
-        "min-port" => c.min_port = port(note),
-        "max-port" => c.max_port = port(note),
-        "realm" => c.realm = Some(v.to_owned()),
-        "user" => match v.split_once(':') {
-            Some((u, p)) if !u.is_empty() && !p.is_empty() => {
-                let cred = if p.starts_with("0x") && parse_key(p).is_some() {
-                    Credential::Key(p.to_owned())
-                } else {
-                    Credential::Password(p.to_owned())
-                };
-                c.users.push((u.to_owned(), cred));
+        "min-port" => {
+            c.min_port = Some(port()?);
+            carried("relay.min_port")
+        }
+        "max-port" => {
+            c.max_port = Some(port()?);
+            carried("relay.max_port")
+        }
+        "no-tcp-relay" => {
+            c.no_tcp_relay = true;
+            ignored(
+                "turnd never relays TCP to peers (RFC 6062): an Allocate for TCP gets 442 \
+                 Unsupported Transport Protocol anyway",
+            )
+        }
+        "no-udp-relay" => unsupported(
+            "coturn relayed only TCP (RFC 6062); turnd relays only UDP, which coturn refused: \
+             remove the line to relay UDP",
+        ),
+        "server-relay" => ignored(
+            "turnd always checks permissions on packets reaching a relay address (coturn's \
+             non-standard exception is not carried)",
+        ),
+        "allocation-default-address-family" | "keep-address-family" => ignored(
+            "turnd follows RFC 8656: an IPv4 relay unless the client asks \
+             (REQUESTED-ADDRESS-FAMILY, ADDITIONAL-ADDRESS-FAMILY)",
+        ),
+        "mobility" => ignored("turnd does not implement ICE mobility (RFC 8016)"),
+        "max-allocate-timeout" => {
+            ignored("turnd answers an Allocate at once; there is no wait to bound")
+        }
+        "alternate-server" | "tls-alternate-server" => ignored(
+            "turnd does not send every client elsewhere; it names siblings in 300 \
+             ALTERNATE-SERVER only while draining ([drain] alternate_servers)",
+        ),
+        "bps-capacity" | "max-bps" | "B" => ignored(
+            "turnd has no bandwidth cap; the limit is lost (quotas on allocations are carried)",
+        ),
+
+        // Authentication.
+        "realm" => {
+            c.realm = Some(v.to_owned());
+            carried("auth.realm")
+        }
+        "user" => {
+            let (u, p) = parsed(
+                v.split_once(':')
+                    .filter(|(u, p)| !u.is_empty() && !p.is_empty()),
+                "NAME:PASSWORD or NAME:0xKEY",
+                v,
+            )?;
+            if c.use_auth_secret {
+                return Ok(ignored(
+                    "not carried: with use-auth-secret coturn ignores user= lines and accepts \
+                     only REST-API credentials, so this user could not log in there either",
+                ));
             }
-            _ => note(NotCarried, "expected user=NAME:PASSWORD or user=NAME:0xKEY"),
-        },
-        "lt-cred-mech" | "a" => note(NotNeeded, "turnd always uses long-term credentials"),
-        "use-auth-secret" => c.use_auth_secret = true,
+            let cred = if p.starts_with("0x") && parse_key(p).is_some() {
+                Credential::Key(p.to_owned())
+            } else {
+                Credential::Password(p.to_owned())
+            };
+            c.users.push((u.to_owned(), cred));
+            carried("[[auth.users]]")
+        }
+        "lt-cred-mech" | "a" => ignored("turnd always uses long-term credentials"),
+        "use-auth-secret" => {
+            // Set by the pre-scan in `import`.
+            carried("auth.secrets (REST-API credentials)")
+        }
         "static-auth-secret" => {
-            if v.is_empty() {
-                note(NotCarried, "empty secret");
+            parsed((!v.is_empty()).then_some(()), "a secret", v)?;
+            c.secrets.push(v.to_owned());
+            if c.use_auth_secret {
+                carried("auth.secrets")
             } else {
-                c.secrets.push(v.to_owned());
+                ignored(
+                    "without use-auth-secret coturn ignores the secret, so it is not carried; \
+                     add it to auth.secrets to enable REST-API credentials",
+                )
             }
         }
-        "rest-api-separator" if v == ":" => note(NotNeeded, "`:` is turnd's separator"),
-        "rest-api-separator" => {
-            note(
-                NotCarried,
-                "turnd's REST API usernames are always `<expiry>:<user>`",
-            );
+        "rest-api-separator" if v == ":" => ignored("`:` is turnd's separator"),
+        "rest-api-separator" => ignored(
+            "turnd's REST-API usernames are `<expiry>:<user>`; credentials with another \
+             separator are refused",
+        ),
+        "secret-key-file" | "oauth" | "server-name" => ignored(
+            "turnd does not implement third-party authorization (RFC 7635); OAuth tokens are \
+             refused",
+        ),
+        "no-auth" | "z" => {
+            ignored("turnd always authenticates TURN requests; clients need credentials now")
         }
-        "cert" => c.cert = Some(v.to_owned()),
-        "pkey" => c.pkey = Some(v.to_owned()),
-        "denied-peer-ip" | "allowed-peer-ip" => match range_to_cidrs(v) {
-            Some(nets) if name == "denied-peer-ip" => c.denied.extend(nets),
-            Some(nets) => c.allowed.extend(nets),
-            None => note(
-                NotCarried,
-                &format!("`{v}` is not an IP address or an IP range A-B"),
-            ),
-        },
+        "userdb" | "b" | "db" | "psql-userdb" | "sql-userdb" | "e" | "mysql-userdb" | "M"
+        | "mongo-userdb" | "J" | "redis-userdb" | "N" | "redis-statsdb" | "O"
+        | "secret-ts-exp-time" => ignored(
+            "turnd reads no database: users stored there cannot log in; list them under \
+             [auth] or use REST-API secrets",
+        ),
+        "check-origin-consistency" => {
+            ignored("turnd does not look at ORIGIN (an attribute RFC 8656 does not use for access)")
+        }
+
+        // STUN.
+        "stun-only" | "S" => {
+            c.stun_only = true;
+            carried("server.stun_only = true")
+        }
+        "no-stun" => {
+            c.no_stun = true;
+            carried("server.no_stun = true")
+        }
+        "secure-stun" => {
+            c.secure_stun = true;
+            changed(
+                "turnd does not authenticate Binding requests; it answers none instead \
+                 (server.no_stun = true)",
+            )
+        }
+        "fingerprint" | "f" => {
+            ignored("turnd has no switch for it: FINGERPRINT handling is built in (RFC 8489 §14.7)")
+        }
+        "no-rfc5780" | "response-origin-only-with-rfc5780" => {
+            ignored("turnd has no RFC 5780 NAT behaviour discovery")
+        }
+        "no-stun-backward-compatibility" => {
+            ignored("turnd answers only RFC 5389/8489 STUN (with the magic cookie), never RFC 3489")
+        }
+        "no-software-attribute" => ignored("turnd sends SOFTWARE only to authenticated clients"),
+
+        // TLS.
+        "cert" => {
+            c.cert = Some(v.to_owned());
+            carried("tls.cert")
+        }
+        "pkey" => {
+            c.pkey = Some(v.to_owned());
+            carried("tls.key")
+        }
+        "pkey-pwd" => unsupported(
+            "turnd cannot read an encrypted private key: decrypt it (openssl pkey -in KEY \
+             -out KEY.plain) and point tls.key at the result",
+        ),
+        "CA-file" | "ca-file" => unsupported(
+            "coturn verified client certificates against this CA; turnd does not verify \
+             client certificates, so it would let in clients coturn refused",
+        ),
+        "no-tlsv1" | "no-tlsv1_1" => ignored("turnd's TLS speaks only TLS 1.2 and 1.3"),
+        "no-tlsv1_2" => unsupported("coturn refused TLS 1.2; turnd always offers TLS 1.2 and 1.3"),
+        "cipher-list" | "ec-curve-name" | "dh-file" | "dh566" | "dh1066" => {
+            ignored("turnd's TLS uses rustls' safe default cipher suites and groups")
+        }
+        "acme-redirect" => ignored(
+            "turnd serves no HTTP for ACME; renew certificates outside turnd (it reloads them)",
+        ),
+
+        // Allocations and lifetimes.
         "allow-loopback-peers" => {
             c.allowed.extend(
                 ["127.0.0.0/8", "::1/128"]
                     .iter()
                     .filter_map(|s| s.parse::<IpNet>().ok()),
             );
+            carried("peers.allow (127.0.0.0/8, ::1)")
         }
         "no-loopback-peers" | "no-multicast-peers" => {
-            note(
-                NotNeeded,
-                "turnd denies loopback and multicast peers by default (the built-in deny list)",
-            );
+            ignored("turnd denies loopback and multicast peers by default (the built-in deny list)")
         }
-        "user-quota" => c.user_quota = count(note),
-        "total-quota" => c.total_quota = count(note),
-        "max-allocate-lifetime" => c.max_allocate_lifetime = seconds(note),
-        "channel-lifetime" => c.channel_lifetime = seconds(note),
-        "permission-lifetime" => c.permission_lifetime = seconds(note),
-        "stale-nonce" => {
-            c.stale_nonce = if value.is_none() {
-                Some(600)
+        "denied-peer-ip" | "allowed-peer-ip" => {
+            let nets = parsed(range_to_cidrs(v), "an IP address or an IP range A-B", v)?;
+            if name == "denied-peer-ip" {
+                c.denied.extend(nets);
+                carried("peers.deny")
             } else {
-                seconds(note)
-            };
-        }
-        "no-udp" => c.no_udp = true,
-        "no-tcp" => c.no_tcp = true,
-        "no-tls" => c.no_tls = true,
-        "no-dtls" => {
-            c.no_dtls = true;
-            note(NotNeeded, "turnd does not serve DTLS");
-        }
-        "verbose" | "v" => c.log_level = Some("debug"),
-        "Verbose" | "V" => c.log_level = Some("trace"),
-        "relay-threads" | "general-threads" => {
-            match v.parse::<usize>() {
-                Ok(n) if n > 0 => {
-                    c.workers = Some(n);
-                    note(Changed, "turnd's workers serve listeners and relays together (default: one per core)");
-                }
-                _ => note(NotNeeded, "0 means one per core, which is turnd's default"),
+                c.allowed.extend(nets);
+                carried("peers.allow")
             }
         }
-        "fingerprint" | "f" => {
-            note(
-                NotNeeded,
-                "turnd has no switch for it: FINGERPRINT handling is built in (RFC 8489 §14.7)",
-            );
+        "user-quota" => {
+            c.user_quota = Some(count()?);
+            carried("quotas.allocations_per_user")
         }
-        "no-cli" | "cli-ip" | "cli-port" | "cli-password" | "cli-max-output-sessions" => {
-            note(NotNeeded, "turnd has no telnet admin CLI");
+        "total-quota" => {
+            c.total_quota = Some(count()?);
+            carried("quotas.total_allocations")
         }
+        "max-allocate-lifetime" => {
+            lifetime(&mut c.max_allocate_lifetime, "lifetimes.max_allocation")?
+        }
+        "channel-lifetime" => lifetime(&mut c.channel_lifetime, "lifetimes.channel")?,
+        "permission-lifetime" => lifetime(&mut c.permission_lifetime, "lifetimes.permission")?,
+        "stale-nonce" if bare => {
+            c.stale_nonce = Some(600);
+            carried("lifetimes.nonce = 600")
+        }
+        "stale-nonce" => lifetime(&mut c.stale_nonce, "lifetimes.nonce")?,
+
+        // Process, threads and logs.
+        "verbose" | "v" => {
+            c.log_level = Some("debug");
+            carried("log.level = \"debug\"")
+        }
+        "Verbose" | "V" => {
+            c.log_level = Some("trace");
+            carried("log.level = \"trace\"")
+        }
+        "relay-threads" | "general-threads" => match v.parse::<usize>() {
+            Ok(n) if n > 0 => {
+                c.workers = Some(n);
+                changed("→ server.workers: turnd's workers serve listeners and relays together")
+            }
+            Ok(_) => ignored("0 means one per core, which is turnd's default"),
+            Err(_) => parsed(None, "a number", v)?,
+        },
         "log-file"
         | "l"
         | "syslog"
@@ -339,74 +574,33 @@ fn take(c: &mut Coturn, name: &str, value: Option<&str>, note: &mut dyn FnMut(No
         | "new-log-timestamp"
         | "new-log-timestamp-format"
         | "log-binding"
-        | "syslog-facility" => {
-            note(NotCarried, "turnd logs to stdout (text or JSON, [log]); let systemd or the container runtime keep the logs");
+        | "syslog-facility"
+        | "no-stdout-log" => ignored(
+            "turnd logs to stdout only (text or JSON, [log]); let systemd or the container \
+                 runtime keep the logs",
+        ),
+        "pidfile" | "proc-user" | "proc-group" => ignored(
+            "run turnd under systemd or Kubernetes with the user you want; it writes no pid file",
+        ),
+
+        // Administration.
+        "no-cli" | "cli-ip" | "cli-port" | "cli-password" | "cli-max-output-sessions" => {
+            ignored("turnd has no telnet admin CLI")
         }
-        "no-tlsv1" | "no-tlsv1_1" => note(NotNeeded, "turnd's TLS speaks only TLS 1.2 and 1.3"),
-        "no-tlsv1_2" => note(NotCarried, "turnd's TLS always offers TLS 1.2 and 1.3"),
-        "cipher-list" | "ec-curve-name" | "dh-file" | "dh566" | "dh1066" | "ca-file" => {
-            note(
-                NotCarried,
-                "turnd's TLS uses rustls' safe default cipher suites and groups",
-            );
+        "web-admin" | "web-admin-ip" | "web-admin-port" | "web-admin-listen-on-workers" => {
+            ignored("turnd has no web admin; its admin API ([admin]) needs a bearer token")
         }
-        "pidfile" | "proc-user" | "proc-group" => {
-            note(NotCarried, "run turnd under systemd or Kubernetes with the user you want; it writes no pid file");
-        }
-        "userdb" | "b" | "db" | "psql-userdb" | "sql-userdb" | "e" | "mysql-userdb" | "M"
-        | "mongo-userdb" | "J" | "redis-userdb" | "N" | "redis-statsdb" | "O"
-        | "secret-ts-exp-time" => {
-            note(
-                NotCarried,
-                "turnd reads no user database: list users under [auth] or use REST-API secrets",
-            );
-        }
-        "no-auth" | "z" => note(NotCarried, "turnd always authenticates TURN requests"),
-        "prometheus" | "prometheus-port" | "prometheus-username-labels" => {
-            note(
-                NotCarried,
-                "metrics are not served yet (a later turnd issue adds /metrics)",
-            );
-        }
-        "server-name"
-        | "oauth"
-        | "mobility"
-        | "no-stun"
-        | "stun-only"
-        | "S"
-        | "secure-stun"
-        | "check-origin-consistency"
-        | "bps-capacity"
-        | "max-bps"
-        | "B"
-        | "alternate-server"
-        | "tls-alternate-server"
-        | "aux-server"
-        | "udp-self-balance"
-        | "listening-device"
-        | "L"
-        | "relay-device"
-        | "web-admin"
-        | "web-admin-ip"
-        | "web-admin-port"
-        | "web-admin-listen-on-workers"
-        | "acme-redirect"
-        | "server-relay"
-        | "keep-address-family"
-        | "allocation-default-address-family"
-        | "no-software-attribute"
-        | "software-name"
-        | "response-origin-only-with-rfc5780"
-        | "no-rfc5780"
-        | "no-stun-backward-compatibility"
-        | "respond-http-unsupported"
-        | "max-allocate-timeout"
-        | "drop-invalid-packets"
-        | "sock-buf-size" => {
-            note(NotCarried, "turnd has no equivalent option");
-        }
-        _ => note(NotCarried, "unknown to turnd's importer"),
-    }
+        "prometheus" | "prometheus-port" | "prometheus-username-labels" => changed(
+            "turnd serves /metrics on [admin] listen, 127.0.0.1:9641 by default (loopback \
+             only; coturn listened on every address); labels never carry user names",
+        ),
+        "drop-invalid-packets" => ignored("turnd never answers what does not decode"),
+        "sock-buf-size" => ignored("set [sockets] recv_buffer_bytes and send_buffer_bytes instead"),
+        _ => unsupported(
+            "not a coturn 4.6 option the importer knows, so it cannot tell whether turnd \
+             would honour it; check it and remove the line",
+        ),
+    })
 }
 
 /// `A` (single IP) or `A-B` (inclusive range, same family) → the fewest CIDRs covering it.
@@ -530,7 +724,7 @@ fn emit(c: &Coturn, notes: &mut Vec<Note>) -> String {
         if !c.no_dtls {
             whole(
                 "(DTLS)",
-                NoteKind::NotCarried,
+                NoteKind::Ignored,
                 "coturn also served DTLS on the TLS ports; turnd does not",
             );
         }
@@ -551,8 +745,8 @@ fn emit(c: &Coturn, notes: &mut Vec<Note>) -> String {
     } else if c.cert.is_some() != c.pkey.is_some() {
         whole(
             "cert/pkey",
-            NoteKind::NotCarried,
-            "only one of cert and pkey is set; TLS needs both",
+            NoteKind::Ignored,
+            "only one of cert and pkey is set; TLS needs both, so turnd serves no TLS",
         );
     }
 
@@ -568,22 +762,10 @@ fn emit(c: &Coturn, notes: &mut Vec<Note>) -> String {
                 "use-auth-secret",
                 NoteKind::Changed,
                 "no static-auth-secret: coturn read the secret from its database; give turnd the \
-                 secret through TURND_AUTH_SECRET or TURND_AUTH_SECRET_FILE",
+                 secret through TURND_AUTH_SECRET or TURND_AUTH_SECRET_FILE \
+                 (check the result with `turnd check-config --allow-missing-secret`)",
             );
         }
-        if !c.users.is_empty() {
-            whole(
-                "user",
-                NoteKind::Changed,
-                "turnd accepts the static users alongside REST-API credentials",
-            );
-        }
-    } else if !c.secrets.is_empty() {
-        whole(
-            "static-auth-secret",
-            NoteKind::NotCarried,
-            "without use-auth-secret coturn ignores the secret; add it to auth.secrets to enable REST-API credentials",
-        );
     }
     if !c.users.is_empty() {
         if c.realm.is_none() {
@@ -674,11 +856,49 @@ fn emit(c: &Coturn, notes: &mut Vec<Note>) -> String {
         doc["quotas"] = Item::Table(quotas);
     }
 
+    // [server]
+    let mut server = Table::new();
     if let Some(w) = c.workers {
-        let mut server = Table::new();
         server["workers"] = toml_edit::value(i64::try_from(w).unwrap_or(0));
-        doc["server"] = Item::Table(server);
     }
+    server["rfc5766_channel_numbers"] = toml_edit::value(true);
+    whole(
+        "(channel numbers)",
+        NoteKind::Changed,
+        "coturn accepts channel numbers 0x4000-0x7FFF (RFC 5766) and its clients, \
+         turnutils_uclient among them, bind above 0x4FFF; carried as \
+         server.rfc5766_channel_numbers = true (false keeps RFC 8656's 0x4000-0x4FFF, and such \
+         clients get 400)",
+    );
+    if !c.no_tcp_relay && !c.stun_only {
+        whole(
+            "(TCP relay)",
+            NoteKind::Changed,
+            "coturn relays TCP to peers (RFC 6062) unless no-tcp-relay; turnd relays UDP only: \
+             an Allocate for TCP gets 442 Unsupported Transport Protocol",
+        );
+    }
+    let no_stun = c.no_stun || c.secure_stun;
+    match (c.stun_only, no_stun) {
+        (true, true) => whole(
+            if c.secure_stun {
+                "stun-only/secure-stun"
+            } else {
+                "stun-only/no-stun"
+            },
+            NoteKind::Unsupported,
+            "together they leave turnd nothing it can answer (turnd does not authenticate \
+             Binding requests)",
+        ),
+        (true, false) => {
+            server["stun_only"] = toml_edit::value(true);
+        }
+        (false, true) => {
+            server["no_stun"] = toml_edit::value(true);
+        }
+        (false, false) => {}
+    }
+    doc["server"] = Item::Table(server);
     if let Some(level) = c.log_level {
         let mut log = Table::new();
         log["level"] = toml_edit::value(level);
@@ -689,7 +909,7 @@ fn emit(c: &Coturn, notes: &mut Vec<Note>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Config, MapEnv};
+    use super::super::{Config, MapEnv, ServiceMode};
     use super::*;
 
     fn nets(v: &[&str]) -> Vec<IpNet> {
@@ -782,6 +1002,7 @@ mobility
     #[test]
     fn realistic_coturn_config_converts_and_validates() {
         let out = import(COTURN);
+        assert!(out.is_ok(), "{:?}", out.unsupported().collect::<Vec<_>>());
         let config = Config::parse_named(&out.toml, "imported.toml").expect("parses");
         let s = config.validate(&MapEnv::default()).expect("validates");
         assert_eq!(
@@ -801,32 +1022,40 @@ mobility
         assert_eq!(s.auth.realm, "turn.example.org");
         let secrets: Vec<&str> = s.auth.secrets.iter().map(|x| x.expose()).collect();
         assert_eq!(secrets, ["first-secret", "second-secret"]);
-        assert_eq!(
-            s.auth.users["alice"].key_md5("turn.example.org"),
-            turn_proto::auth::long_term_key_md5("alice", "turn.example.org", "wonderland")
+        assert!(
+            s.auth.users.is_empty(),
+            "user= lines under use-auth-secret are not carried"
         );
-        assert_eq!(s.auth.users["bob"].key_md5("turn.example.org")[0], 0x54);
         assert!(s.peers.is_allowed("10.10.10.20".parse().expect("ip")));
         assert!(!s.peers.is_allowed("10.10.10.21".parse().expect("ip")));
         assert_eq!(s.quotas.allocations_per_user.map(|q| q.get()), Some(12));
         assert_eq!(s.quotas.total_allocations.map(|q| q.get()), Some(1200));
         assert_eq!(s.log.level, "debug");
+        assert!(s.rfc5766_channel_numbers, "coturn's channel range kept");
         assert_eq!(
             s.tls.expect("tls").key.to_str(),
             Some("/etc/letsencrypt/live/example.org/privkey.pem")
         );
 
-        let not_carried: Vec<&str> = out
-            .notes
-            .iter()
-            .filter(|n| n.kind == NoteKind::NotCarried)
-            .map(|n| n.option.as_str())
-            .collect();
-        for opt in ["log-file", "simple-log", "pidfile", "mobility"] {
-            assert!(
-                not_carried.contains(&opt),
-                "{opt} missing from {not_carried:?}"
-            );
+        let kind = |opt: &str| {
+            out.notes
+                .iter()
+                .find(|n| n.option == opt)
+                .map(|n| n.kind)
+                .unwrap_or_else(|| panic!("no note for {opt}"))
+        };
+        for opt in ["log-file", "simple-log", "pidfile", "mobility", "user"] {
+            assert_eq!(kind(opt), NoteKind::Ignored, "{opt}");
+        }
+        for opt in [
+            "listening-port",
+            "realm",
+            "static-auth-secret",
+            "cert",
+            "external-ip",
+            "relay-ip",
+        ] {
+            assert_eq!(kind(opt), NoteKind::Carried, "{opt}");
         }
         let log_file = out
             .notes
@@ -835,23 +1064,155 @@ mobility
             .expect("note");
         assert_eq!(log_file.line, 35);
         assert!(
-            out.toml.contains("#   line 35: log-file: not carried"),
+            out.toml.contains("#   line 35: log-file: ignored"),
             "{}",
             out.toml
         );
-        for carried in [
-            "listening-port",
-            "realm",
-            "user",
-            "static-auth-secret",
-            "cert",
-            "external-ip",
-        ] {
-            assert!(!out
-                .notes
-                .iter()
-                .any(|n| n.option == carried && n.kind == NoteKind::NotCarried));
+        // One note per option line, plus notes about the whole file.
+        let option_lines = COTURN
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.trim().starts_with('#'))
+            .count();
+        assert_eq!(
+            out.notes.iter().filter(|n| n.line > 0).count(),
+            option_lines
+        );
+        for whole in ["(channel numbers)", "(TCP relay)", "(peers)"] {
+            assert!(
+                out.notes.iter().any(|n| n.line == 0 && n.option == whole),
+                "{whole}"
+            );
         }
+    }
+
+    #[test]
+    fn user_lines_under_use_auth_secret_never_authenticate() {
+        // coturn ignores user= under use-auth-secret, wherever the line stands.
+        let out = import(
+            "user=alice:wonderland\nrealm=example.org\nuse-auth-secret\n\
+             static-auth-secret=s3cret\nuser=bob:0x543e1aec5d3614f03141652d6ada51b2\n",
+        );
+        assert!(out.is_ok());
+        let s = Config::from_toml(&out.toml)
+            .expect("parses")
+            .validate(&MapEnv::default())
+            .expect("valid");
+        assert!(s.auth.users.is_empty());
+        let creds = s.auth.credentials();
+        let md5 = turn_proto::codec::PasswordAlgorithmId::MD5;
+        for user in ["alice", "bob"] {
+            assert!(
+                creds.keys(user, md5, 0).is_err(),
+                "{user} must not authenticate"
+            );
+        }
+        // A REST-API credential made with the secret does.
+        let rest = "4000000000:alice";
+        assert!(creds.keys(rest, md5, 1_000).is_ok());
+        let notes: Vec<&Note> = out.notes.iter().filter(|n| n.option == "user").collect();
+        assert_eq!(notes.len(), 2);
+        for n in notes {
+            assert_eq!(n.kind, NoteKind::Ignored);
+            assert!(n.reason.contains("coturn ignores user="), "{n}");
+        }
+        assert!(!out.toml.contains("wonderland"), "{}", out.toml);
+
+        // Without use-auth-secret the same lines are live users.
+        let out = import("realm=example.org\nuser=alice:wonderland\n");
+        let s = Config::from_toml(&out.toml)
+            .expect("parses")
+            .validate(&MapEnv::default())
+            .expect("valid");
+        assert!(s.auth.credentials().keys("alice", md5, 0).is_ok());
+    }
+
+    #[test]
+    fn stun_modes_are_carried() {
+        let out = import("stun-only\n");
+        assert!(out.is_ok());
+        let s = Config::from_toml(&out.toml)
+            .expect("parses")
+            .validate(&MapEnv::default())
+            .expect("a STUN-only server needs no credentials");
+        assert_eq!(s.mode, ServiceMode::StunOnly);
+        assert!(
+            !out.notes.iter().any(|n| n.option == "(TCP relay)"),
+            "no relay at all"
+        );
+
+        let out = import("no-stun\nuse-auth-secret\nstatic-auth-secret=s\n");
+        let s = Config::from_toml(&out.toml)
+            .expect("parses")
+            .validate(&MapEnv::default())
+            .expect("valid");
+        assert_eq!(s.mode, ServiceMode::TurnOnly);
+
+        let out = import("secure-stun\nuse-auth-secret\nstatic-auth-secret=s\n");
+        let s = Config::from_toml(&out.toml)
+            .expect("parses")
+            .validate(&MapEnv::default())
+            .expect("valid");
+        assert_eq!(
+            s.mode,
+            ServiceMode::TurnOnly,
+            "unauthenticated Binding refused"
+        );
+
+        let out = import("stun-only\nsecure-stun\n");
+        assert!(
+            !out.is_ok(),
+            "turnd cannot answer authenticated Binding only"
+        );
+    }
+
+    #[test]
+    fn options_turnd_cannot_honour_fail_the_import() {
+        let out = import(
+            "use-auth-secret\nstatic-auth-secret=s\npkey-pwd=hunter2\nno-udp-relay\n\
+             CA-file=/etc/ca.pem\nno-tlsv1_2\nno-tcp-relay\n",
+        );
+        let bad: Vec<(usize, &str)> = out
+            .unsupported()
+            .map(|n| (n.line, n.option.as_str()))
+            .collect();
+        assert_eq!(
+            bad,
+            [
+                (3, "pkey-pwd"),
+                (4, "no-udp-relay"),
+                (5, "CA-file"),
+                (6, "no-tlsv1_2")
+            ]
+        );
+        let tcp = out
+            .notes
+            .iter()
+            .find(|n| n.option == "no-tcp-relay")
+            .expect("note");
+        assert_eq!(tcp.kind, NoteKind::Ignored);
+        assert!(tcp.reason.contains("442"), "{tcp}");
+        assert!(
+            !out.notes.iter().any(|n| n.option == "(TCP relay)"),
+            "no-tcp-relay: nothing lost"
+        );
+        assert!(!out.toml.contains("hunter2"));
+    }
+
+    #[test]
+    fn every_relay_ip_is_carried() {
+        let out = import(
+            "relay-ip=192.0.2.10\nrelay-ip=192.0.2.11\nrelay-ip=2001:db8::10\n\
+             use-auth-secret\nstatic-auth-secret=s\n",
+        );
+        let s = Config::from_toml(&out.toml)
+            .expect("parses")
+            .validate(&MapEnv::default())
+            .expect("valid");
+        let want: Vec<IpAddr> = ["192.0.2.10", "192.0.2.11", "2001:db8::10"]
+            .iter()
+            .map(|a| a.parse().expect("ip"))
+            .collect();
+        assert_eq!(s.relay.addresses, want);
     }
 
     #[test]
@@ -877,17 +1238,16 @@ mobility
         assert!(out
             .notes
             .iter()
-            .any(|n| n.option == "static-auth-secret" && n.kind == NoteKind::NotCarried));
+            .any(|n| n.option == "static-auth-secret" && n.kind == NoteKind::Ignored));
+        assert!(!out.toml.contains("secrets = [\"s\"]"), "{}", out.toml);
     }
 
     #[test]
-    fn bad_values_are_reported_not_carried() {
+    fn bad_values_and_unknown_options_fail_the_import() {
         let out =
             import("min-port=lots\nexternal-ip=turn.example.org\nuser=nopassword\nfrobnicate=1\n");
         let lines: Vec<(usize, &str)> = out
-            .notes
-            .iter()
-            .filter(|n| n.kind == NoteKind::NotCarried)
+            .unsupported()
             .map(|n| (n.line, n.option.as_str()))
             .collect();
         assert_eq!(
@@ -899,5 +1259,107 @@ mobility
                 (4, "frobnicate")
             ]
         );
+    }
+
+    /// Debian's coturn package ships coturn's example configuration here.
+    const COTURN_EXAMPLE: &str = "/usr/share/doc/coturn/examples/etc/turnserver.conf";
+
+    /// The example file, or `None` (with a message) when coturn is not installed; with
+    /// `TURND_REQUIRE_TOOLS=1` its absence fails the test.
+    fn coturn_example() -> Option<String> {
+        match std::fs::read_to_string(COTURN_EXAMPLE) {
+            Ok(text) => Some(text),
+            Err(e) => {
+                assert!(
+                    std::env::var("TURND_REQUIRE_TOOLS").as_deref() != Ok("1"),
+                    "{COTURN_EXAMPLE}: {e} (TURND_REQUIRE_TOOLS=1; apt-get install coturn)"
+                );
+                eprintln!("skipped: {COTURN_EXAMPLE}: {e} (apt-get install coturn)");
+                None
+            }
+        }
+    }
+
+    /// Every option the example shows, active or commented out (`#name`, `#name=value`,
+    /// `# name=value`, `#name "value"`), as an active line.
+    fn every_example_option(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for l in text.lines() {
+            let t = l.trim().trim_start_matches('#').trim();
+            let name_len = t
+                .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '-' || ch == '_'))
+                .unwrap_or(t.len());
+            let (name, rest) = t.split_at(name_len);
+            let option = name.starts_with(|ch: char| ch.is_ascii_alphabetic())
+                && (rest.is_empty()
+                    || rest.starts_with('=')
+                    || (rest.starts_with(" \"")
+                        && rest.ends_with('"')
+                        && rest.matches('"').count() == 2));
+            if option {
+                out.push(t.to_owned());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn coturns_example_file_imports() {
+        let Some(text) = coturn_example() else { return };
+        let out = import(&text);
+        assert!(
+            out.is_ok(),
+            "{:?}",
+            out.unsupported()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        );
+        // The example's active lines (syslog, the RFC 5780 switches) are all classified.
+        let active = text
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.trim().starts_with('#'))
+            .count();
+        assert!(active > 0, "the example has active lines");
+        assert_eq!(out.notes.iter().filter(|n| n.line > 0).count(), active);
+        // Without credentials it needs the secret at run time, like a fresh coturn.
+        let e = Config::from_toml(&out.toml)
+            .expect("parses")
+            .validate(&MapEnv::default())
+            .expect_err("no credentials in the example");
+        assert!(
+            matches!(e.reason(), super::super::Reason::NoCredentials),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_option_in_coturns_example_is_classified() {
+        let Some(text) = coturn_example() else { return };
+        let options = every_example_option(&text);
+        let names: BTreeSet<&str> = options
+            .iter()
+            .map(|o| o.split(['=', ' ']).next().unwrap_or(o))
+            .collect();
+        assert!(
+            names.len() > 90,
+            "found only {} options: {names:?}",
+            names.len()
+        );
+        let mut unknown = Vec::new();
+        for o in &options {
+            let out = import(o);
+            let note = out.notes.iter().find(|n| n.line == 1).expect("a note");
+            if note.reason.starts_with("not a coturn 4.6 option") {
+                unknown.push(o.clone());
+            }
+        }
+        assert!(unknown.is_empty(), "unclassified: {unknown:?}");
+        // The ones the issue names, classified as it asks.
+        let kind_of = |o: &str| import(o).notes[0].kind;
+        assert_eq!(kind_of("pkey-pwd=x"), NoteKind::Unsupported);
+        assert_eq!(kind_of("no-udp-relay"), NoteKind::Unsupported);
+        assert_eq!(kind_of("no-tcp-relay"), NoteKind::Ignored);
+        assert_eq!(kind_of("stun-only"), NoteKind::Carried);
+        assert_eq!(kind_of("no-stun"), NoteKind::Carried);
     }
 }

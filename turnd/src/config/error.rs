@@ -61,6 +61,94 @@ impl ConfigError {
     }
 }
 
+/// Every error found in one configuration, in file order (errors about the environment
+/// last). Never empty.
+#[derive(Debug)]
+pub struct ConfigErrors {
+    first: ConfigError,
+    rest: Vec<ConfigError>,
+}
+
+impl ConfigErrors {
+    /// Sorts `errors` by line; `None` when there are none.
+    pub(crate) fn from_vec(mut errors: Vec<ConfigError>) -> Option<Self> {
+        errors.sort_by_key(|e| {
+            (
+                e.location.line.is_none(),
+                e.location.line,
+                e.location.column,
+            )
+        });
+        let mut it = errors.into_iter();
+        let first = it.next()?;
+        Some(Self {
+            first,
+            rest: it.collect(),
+        })
+    }
+
+    /// The first error (in file order).
+    #[must_use]
+    pub fn first(&self) -> &ConfigError {
+        &self.first
+    }
+
+    /// The first error, for callers that report one.
+    #[must_use]
+    pub fn into_first(self) -> ConfigError {
+        self.first
+    }
+
+    /// All the errors, in file order.
+    pub fn iter(&self) -> impl Iterator<Item = &ConfigError> {
+        std::iter::once(&self.first).chain(&self.rest)
+    }
+
+    /// How many errors there are (at least one).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        1 + self.rest.len()
+    }
+
+    /// Always false: there is at least one error.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(first: ConfigError) -> Self {
+        Self {
+            first,
+            rest: Vec::new(),
+        }
+    }
+}
+
+impl IntoIterator for ConfigErrors {
+    type Item = ConfigError;
+    type IntoIter = std::iter::Chain<std::iter::Once<ConfigError>, std::vec::IntoIter<ConfigError>>;
+    fn into_iter(self) -> Self::IntoIter {
+        std::iter::once(self.first).chain(self.rest)
+    }
+}
+
+/// One error per line.
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
 /// Why a configuration was rejected.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -129,13 +217,22 @@ pub enum Reason {
     /// The admin token is too short to resist guessing.
     #[error(
         "{what} holds a token of {len} bytes; the admin token needs at least {}",
-        super::MIN_ADMIN_TOKEN_BYTES
+        super::validate::MIN_ADMIN_TOKEN_BYTES
     )]
     ShortToken {
         /// Where the token came from (file or variable).
         what: String,
         /// Its length in bytes.
         len: usize,
+    },
+    /// No listener at all: the server would serve nothing.
+    #[error("no listener: listen.udp, listen.tcp and listen.tls are all empty, so turnd would serve nothing")]
+    NoListener,
+    /// The TLS certificate or key does not load (the loader's message names the file).
+    #[error("{detail}")]
+    Tls {
+        /// What the TLS loader reported.
+        detail: String,
     },
     /// A static user's key is not `0x` followed by 32 hex digits.
     #[error("`{0}` is not a 16-byte key: expected 0x followed by 32 hex digits, as `turnadmin -k` prints")]

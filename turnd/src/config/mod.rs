@@ -15,6 +15,7 @@ mod error;
 mod reload;
 mod settings;
 mod source;
+mod validate;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,14 +23,15 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use error::{ConfigError, Location, Reason};
+pub use error::{ConfigError, ConfigErrors, Location, Reason};
 pub use reload::{reload_plan, ReloadPlan};
 pub use settings::{
     AdminSettings, Auth, DrainSettings, ExternalIp, IoBackend, Lifetimes, Listeners, LogFormat,
     Logging, PeerPolicy, Quotas, Relay, Secret, ServiceMode, Settings, SocketBuffers, StaticUser,
-    TlsFiles, MIN_ADMIN_TOKEN_BYTES,
+    TlsFiles,
 };
 use source::Origin;
+pub use validate::{Checks, MIN_ADMIN_TOKEN_BYTES};
 
 /// Environment variable holding one REST-API secret.
 pub const ENV_AUTH_SECRET: &str = "TURND_AUTH_SECRET";
@@ -647,13 +649,25 @@ impl Config {
         &self.origin.name
     }
 
-    /// Checks every value and builds the runtime [`Settings`]. Reads the secret files
-    /// and `TURND_AUTH_SECRET` / `TURND_AUTH_SECRET_FILE` from `env`.
+    /// Checks every value and builds the runtime [`Settings`]. Reads the secret files,
+    /// the admin token file and `TURND_AUTH_SECRET` / `TURND_AUTH_SECRET_FILE` /
+    /// `TURND_ADMIN_TOKEN` from `env`.
     ///
     /// # Errors
-    /// The first problem found, with file, line and key.
+    /// The first problem in the file, with file, line and key; [`Config::validate_all`]
+    /// reports every one.
     pub fn validate(&self, env: &dyn Env) -> Result<Settings, ConfigError> {
-        settings::validate(self, &self.origin, env, false)
+        self.validate_all(env, Checks::default())
+            .map_err(ConfigErrors::into_first)
+    }
+
+    /// As [`Config::validate`], reporting every error in the file, with the extra
+    /// `checks` (`turnd check-config` opens the TLS files too).
+    ///
+    /// # Errors
+    /// Every problem found, in file order.
+    pub fn validate_all(&self, env: &dyn Env, checks: Checks) -> Result<Settings, ConfigErrors> {
+        validate::validate(self, &self.origin, env, checks, false)
     }
 }
 
