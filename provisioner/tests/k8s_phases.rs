@@ -376,24 +376,6 @@ fn host_kubectl_installs_kubectl_and_copies_the_kubeconfig() {
 }
 
 #[test]
-fn monitoring_says_it_is_not_implemented() {
-    let c = example();
-    let f = fakes(&c);
-    let settings = Settings::default();
-    let ctx = Context {
-        cluster: &c,
-        transports: &f.transports,
-        settings: &settings,
-    };
-    let phase = PhaseId::Monitoring;
-    let err = phases::plan(phase, &ctx).expect_err("later issue");
-    assert_eq!(
-        err.to_string(),
-        format!("phase {phase} is not implemented in this version")
-    );
-}
-
-#[test]
 fn teardown_keep_vms_resets_workers_then_master() {
     let c = example();
     let f = fakes(&c);
