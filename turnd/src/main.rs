@@ -152,7 +152,7 @@ fn check_config(file: &Path, allow_missing_secret: bool) -> anyhow::Result<ExitC
         "  workers: {}, io: {}, serves: {}",
         s.workers,
         s.io,
-        s.mode.as_str()
+        service_mode_name(s.mode)
     );
     match &s.admin {
         Some(a) => println!(

@@ -1145,7 +1145,7 @@ mobility
             .expect("parses")
             .validate(&MapEnv::default())
             .expect("valid");
-        assert_eq!(s.mode, ServiceMode::TurnOnly);
+        assert_eq!(s.mode, ServiceMode::NoStun);
 
         let out = import("secure-stun\nuse-auth-secret\nstatic-auth-secret=s\n");
         let s = Config::from_toml(&out.toml)
@@ -1154,7 +1154,7 @@ mobility
             .expect("valid");
         assert_eq!(
             s.mode,
-            ServiceMode::TurnOnly,
+            ServiceMode::NoStun,
             "unauthenticated Binding refused"
         );
 

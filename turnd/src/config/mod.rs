@@ -26,11 +26,13 @@ use serde::{Deserialize, Serialize};
 pub use error::{ConfigError, ConfigErrors, Location, Reason};
 pub use reload::{reload_plan, ReloadPlan};
 pub use settings::{
-    AdminSettings, Auth, DrainSettings, ExternalIp, IoBackend, Lifetimes, Listeners, LogFormat,
-    Logging, PeerPolicy, Quotas, Relay, Secret, ServiceMode, Settings, SocketBuffers, StaticUser,
-    TlsFiles,
+    service_mode_name, AdminSettings, Auth, DrainSettings, ExternalIp, IoBackend, Lifetimes,
+    Listeners, LogFormat, Logging, PeerPolicy, Quotas, Relay, Secret, Settings, SocketBuffers,
+    StaticUser, TlsFiles,
 };
 use source::Origin;
+/// What the server answers (`[server] stun_only`, `no_stun`): the core's type.
+pub use turn_proto::server::ServiceMode;
 pub use validate::{Checks, MIN_ADMIN_TOKEN_BYTES};
 
 /// Environment variable holding one REST-API secret.
@@ -161,9 +163,20 @@ pub struct Config {
     origin: Origin,
 }
 
-/// Named defaults, shared by serde and the `Default` impls.
+/// Named defaults, shared by serde and the `Default` impls. Protocol defaults come from
+/// their one home, [`turn_proto::defaults`]; the rest (sockets, ports, streams, admin) are
+/// turnd's own.
 pub mod defaults {
+    use std::time::Duration;
+
+    use turn_proto::defaults as core;
+
     use super::DurationValue;
+    use crate::net::stream::StreamLimits;
+
+    fn seconds(d: Duration) -> DurationValue {
+        DurationValue::Seconds(d.as_secs())
+    }
 
     /// UDP (and TCP) listeners: port 3478 on every IPv4 and IPv6 address.
     #[must_use]
@@ -180,7 +193,7 @@ pub mod defaults {
     /// The realm.
     #[must_use]
     pub fn realm() -> String {
-        "turnd".to_owned()
+        core::REALM.to_owned()
     }
     /// First relay port.
     #[must_use]
@@ -192,60 +205,60 @@ pub mod defaults {
     pub fn max_port() -> u16 {
         50175
     }
-    /// Allocation lifetime when the client asks for none (RFC 8656 §3.2: 10 minutes).
+    /// Allocation lifetime when the client asks for none (RFC 8656 §7.2: 10 minutes).
     #[must_use]
     pub fn allocation() -> DurationValue {
-        DurationValue::Seconds(600)
+        seconds(core::DEFAULT_LIFETIME)
     }
     /// Time for the first byte and the TLS handshake of a connection.
     #[must_use]
     pub fn handshake_timeout() -> DurationValue {
-        DurationValue::Seconds(10)
+        seconds(StreamLimits::default().handshake_timeout)
     }
     /// Idle time allowed to a connection without an allocation.
     #[must_use]
     pub fn idle_timeout() -> DurationValue {
-        DurationValue::Seconds(60)
+        seconds(StreamLimits::default().idle_timeout)
     }
     /// Connections per source IP.
     #[must_use]
     pub fn max_connections_per_ip() -> usize {
-        64
+        StreamLimits::default().max_per_ip
     }
     /// Connections in total.
     #[must_use]
     pub fn max_connections() -> usize {
-        10_000
+        StreamLimits::default().max_total
     }
     /// Per-connection write queue.
     #[must_use]
     pub fn write_buffer_bytes() -> usize {
-        256 * 1024
+        StreamLimits::default().write_buffer
     }
     /// Longest allocation lifetime granted.
     #[must_use]
     pub fn max_allocation() -> DurationValue {
-        DurationValue::Seconds(3600)
+        seconds(core::MAX_LIFETIME)
     }
     /// Permission lifetime (RFC 8656 §9: 300 s).
     #[must_use]
     pub fn permission() -> DurationValue {
-        DurationValue::Seconds(300)
+        seconds(core::PERMISSION_LIFETIME)
     }
     /// Channel binding lifetime (RFC 8656 §12: 10 minutes).
     #[must_use]
     pub fn channel() -> DurationValue {
-        DurationValue::Seconds(600)
+        seconds(core::CHANNEL_LIFETIME)
     }
     /// How long a nonce stays valid before the client gets 438 Stale Nonce.
     #[must_use]
     pub fn nonce() -> DurationValue {
-        DurationValue::Seconds(600)
+        seconds(core::NONCE_LIFETIME)
     }
     /// Permissions one allocation may hold.
     #[must_use]
     pub fn permissions_per_allocation() -> usize {
-        64
+        core::MAX_PERMISSIONS_PER_ALLOCATION
     }
     /// Log filter.
     #[must_use]

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use super::settings::{Settings, StaticUser};
+use super::settings::{service_mode_name, Settings, StaticUser};
 
 /// The outcome of comparing two [`Settings`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -240,7 +240,12 @@ fn live(old: &Settings, new: &Settings, out: &mut Vec<String>) {
     );
 
     // [server], the parts the protocol core takes live
-    value(out, "server mode", old.mode.as_str(), new.mode.as_str());
+    value(
+        out,
+        "server mode",
+        service_mode_name(old.mode),
+        service_mode_name(new.mode),
+    );
     value(
         out,
         "server.rfc5766_channel_numbers",
@@ -387,7 +392,7 @@ mod tests {
                 "quotas.challenges_per_source_per_second: no limit → 20",
                 "lifetimes.permission: 5m → 2m",
                 "streams.idle_timeout: 1m → 30s",
-                "server mode: stun+turn → stun only",
+                "server mode: stun+turn → stun_only",
                 "log.level: info → debug",
                 "drain.timeout: 2m → 30s",
                 "drain alternate server (IPv4): none → 192.0.2.10:3478",

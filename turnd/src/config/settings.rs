@@ -11,7 +11,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use turn_proto::auth::{Credentials, UserSecret};
-use turn_proto::server::{policy, LocalQuota, ServerConfig};
+use turn_proto::server::{policy, LocalQuota, ServerConfig, ServiceMode};
 
 use super::error::{ConfigError, ConfigErrors};
 use super::source::Origin;
@@ -53,7 +53,8 @@ pub struct Settings {
     pub log: Logging,
     /// The IO backend asked for.
     pub io: IoBackend,
-    /// Which services are answered: STUN and TURN, STUN only, or TURN only.
+    /// Which services are answered: STUN and TURN, STUN only, or TURN only (the core's
+    /// [`ServiceMode`], carried by [`Settings::server_config`]).
     pub mode: ServiceMode,
     /// The admin HTTP listener; `None` when `[admin] listen = ""`.
     pub admin: Option<AdminSettings>,
@@ -94,27 +95,14 @@ impl fmt::Display for IoBackend {
     }
 }
 
-/// Which requests the server answers (`[server] stun_only`, `no_stun`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub enum ServiceMode {
-    /// STUN Binding and TURN (the default).
-    #[default]
-    StunAndTurn,
-    /// STUN Binding only; TURN requests are refused (coturn's `stun-only`).
-    StunOnly,
-    /// TURN only; Binding requests are not answered (coturn's `no-stun`).
-    TurnOnly,
-}
-
-impl ServiceMode {
-    /// A short name for logs and reload lines.
-    #[must_use]
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::StunAndTurn => "stun+turn",
-            Self::StunOnly => "stun only",
-            Self::TurnOnly => "turn only",
-        }
+/// How a [`ServiceMode`] reads in logs, reload lines and `check-config`: `stun+turn`,
+/// `stun_only`, `no_stun` (the latter two as the `[server]` keys that select them).
+#[must_use]
+pub fn service_mode_name(mode: ServiceMode) -> &'static str {
+    match mode {
+        ServiceMode::Turn => "stun+turn",
+        ServiceMode::StunOnly => "stun_only",
+        ServiceMode::NoStun => "no_stun",
     }
 }
 
@@ -429,8 +417,8 @@ impl Settings {
         }
     }
 
-    /// The protocol core's configuration: credentials, lifetimes, peer policy and the
-    /// permission quota. `nonce_secret` keys the stateless nonces (random per process).
+    /// The protocol core's configuration: credentials, lifetimes, peer policy, the
+    /// permission quota, the service mode and the challenge rate limit. `nonce_secret` keys the stateless nonces (random per process).
     /// The relay families follow `relay.addresses`, or the listeners when it is empty.
     #[must_use]
     pub fn server_config(&self, nonce_secret: [u8; 32]) -> ServerConfig {
@@ -459,6 +447,11 @@ impl Settings {
             max_permissions_per_allocation: self.quotas.permissions_per_allocation.get(),
             rfc5766_channel_numbers: self.rfc5766_channel_numbers,
             software: Some(concat!("turnd ", env!("CARGO_PKG_VERSION")).to_owned()),
+            mode: self.mode,
+            challenges_per_source_per_second: self
+                .quotas
+                .challenges_per_source_per_second
+                .map(NonZeroU32::get),
             ..ServerConfig::default()
         }
     }

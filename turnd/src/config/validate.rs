@@ -15,11 +15,12 @@ use std::time::Duration;
 use ipnet::IpNet;
 use rand::RngCore as _;
 use turn_proto::auth::{CandidateKeys, UserSecret};
+use turn_proto::server::ServiceMode;
 
 use super::error::{ConfigError, ConfigErrors, Reason};
 use super::settings::{
     AdminSettings, Auth, DrainSettings, ExternalIp, Lifetimes, Listeners, Logging, PeerPolicy,
-    Quotas, Relay, Secret, ServiceMode, Settings, SocketBuffers, StaticUser, TlsFiles,
+    Quotas, Relay, Secret, Settings, SocketBuffers, StaticUser, TlsFiles,
 };
 use super::source::Origin;
 use super::{
@@ -541,9 +542,9 @@ fn server(ck: &mut Checker<'_>, config: &Config) -> Server {
     let workers = NonZeroUsize::new(s.workers)
         .unwrap_or_else(|| std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN));
     let mode = match (s.stun_only, s.no_stun) {
-        (false, false) => ServiceMode::StunAndTurn,
+        (false, false) => ServiceMode::Turn,
         (true, false) => ServiceMode::StunOnly,
-        (false, true) => ServiceMode::TurnOnly,
+        (false, true) => ServiceMode::NoStun,
         (true, true) => {
             ck.error(
                 "server.no_stun",
@@ -551,7 +552,7 @@ fn server(ck: &mut Checker<'_>, config: &Config) -> Server {
                     "server.stun_only and server.no_stun together would answer nothing",
                 ),
             );
-            ServiceMode::StunAndTurn
+            ServiceMode::Turn
         }
     };
     Server { workers, mode }
@@ -1324,6 +1325,16 @@ mod tests {
         let ledger = s.quotas.ledger();
         assert_eq!((ledger.per_user, ledger.total), (Some(2), None));
 
+        assert_eq!(c.mode, ServiceMode::Turn);
+        assert_eq!(c.challenges_per_source_per_second, None);
+        let c = check(&format!(
+            "{WITH_SECRET}[server]\nno_stun = true\n[quotas]\nchallenges_per_source_per_second = 5\n"
+        ))
+        .expect("valid")
+        .server_config([0; 32]);
+        assert_eq!(c.mode, ServiceMode::NoStun);
+        assert_eq!(c.challenges_per_source_per_second, Some(5));
+
         let dual = check(WITH_SECRET).expect("valid").server_config([0; 32]);
         assert!(
             dual.relay_ipv4 && dual.relay_ipv6,
@@ -1335,7 +1346,7 @@ mod tests {
     fn new_sections_have_their_defaults() {
         let s = check(WITH_SECRET).expect("valid");
         assert_eq!(s.io, IoBackend::Auto);
-        assert_eq!(s.mode, ServiceMode::StunAndTurn);
+        assert_eq!(s.mode, ServiceMode::Turn);
         let admin = s.admin.expect("admin on by default");
         assert_eq!(admin.listen, "127.0.0.1:9641".parse().expect("addr"));
         assert_eq!(admin.token, None);
@@ -1374,7 +1385,7 @@ mod tests {
         let s = check(&format!("{WITH_SECRET}[server]\nstun_only = true\n")).expect("valid");
         assert_eq!(s.mode, ServiceMode::StunOnly);
         let s = check(&format!("{WITH_SECRET}[server]\nno_stun = true\n")).expect("valid");
-        assert_eq!(s.mode, ServiceMode::TurnOnly);
+        assert_eq!(s.mode, ServiceMode::NoStun);
         let e = check(&format!(
             "{WITH_SECRET}[server]\nstun_only = true\nno_stun = true\n"
         ))
@@ -1514,6 +1525,25 @@ mod tests {
         let from_env: MapEnv = [(ENV_AUTH_SECRET, "k8s")].into_iter().collect();
         let rotated = s.reload(&from_env).expect("reloads");
         assert_eq!(rotated.auth.secrets, vec![Secret::new("k8s")]);
+    }
+
+    #[test]
+    fn config_defaults_are_the_cores_defaults() {
+        let ours = check(WITH_SECRET).expect("valid").server_config([0; 32]);
+        let core = turn_proto::server::ServerConfig::default();
+        assert_eq!(ours.default_lifetime, core.default_lifetime);
+        assert_eq!(ours.max_lifetime, core.max_lifetime);
+        assert_eq!(ours.permission_lifetime, core.permission_lifetime);
+        assert_eq!(ours.channel_lifetime, core.channel_lifetime);
+        assert_eq!(ours.nonce_lifetime, core.nonce_lifetime);
+        assert_eq!(
+            ours.max_permissions_per_allocation,
+            core.max_permissions_per_allocation
+        );
+        assert_eq!(ours.credentials.realm(), core.credentials.realm());
+        assert_eq!(ours.mode, core.mode);
+        let s = check(WITH_SECRET).expect("valid");
+        assert_eq!(s.streams, StreamLimits::default());
     }
 
     #[test]
