@@ -18,7 +18,8 @@ fn example() -> Cluster {
 fn every_rendered_file_matches_its_golden_copy() {
     let files = render::all(&example());
     let names: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
-    assert_eq!(names.len(), 1 + 3 * 4 + 6, "{names:?}");
+    // The host network, four files per VM, six node/master files, nine monitoring files.
+    assert_eq!(names.len(), 1 + 3 * 4 + 6 + 9, "{names:?}");
     for f in &files {
         let snapshot = f.path.replace('/', "__");
         insta::assert_snapshot!(snapshot, &f.contents);
