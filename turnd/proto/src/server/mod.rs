@@ -18,6 +18,7 @@ mod allocation;
 pub mod policy;
 mod quota;
 mod ratelimit;
+mod reservation;
 mod timer;
 
 use std::collections::{HashMap, VecDeque};
@@ -28,6 +29,9 @@ use rustc_hash::FxHashMap;
 
 pub use allocation::{AllocationStats, RelayHandle, RelayedAddress};
 pub use quota::{LocalQuota, QuotaExceeded, QuotaLedger, SharedQuota};
+pub use reservation::{
+    LocalReservations, Redeemed, Reservation, ReservationLedger, SharedReservations,
+};
 
 use crate::auth::{CredentialError, Credentials, LongTermKey, NonceCheck, NonceIssuer};
 use crate::codec::*;
@@ -35,6 +39,7 @@ use crate::defaults;
 use allocation::{family_index, Allocation, ChannelBinding, CHANNEL_COOLDOWN};
 use policy::{PeerDenied, PeerPolicy};
 use ratelimit::ChallengeLimiter;
+use reservation::TokenSource;
 use timer::{Deadlines, TimerKey};
 
 /// The transport between client and server (RFC 8656 §3.1).
@@ -659,7 +664,8 @@ pub struct RelayBound {
     /// The IPv6 one, when `additional_ipv6` was asked.
     pub additional: Option<Result<RelayedAddress, RelayError>>,
     /// The port held for a later RESERVATION-TOKEN (its local address). The core answers it
-    /// with exactly one [`Event::ReservedPortReleased`] unless an Allocate redeems it first.
+    /// with exactly one [`Event::ReservedPortReleased`] unless an Allocate (on any shard
+    /// sharing the [`ReservationLedger`]) redeems it first with `PortRequest::Reserved`.
     pub reserved_next: Option<SocketAddr>,
 }
 
@@ -697,7 +703,10 @@ pub enum Event {
     /// Close this relay socket; its handle and port are free again.
     RelayReleased(RelayedAddress),
     /// Close the port held at this local address for a RESERVATION-TOKEN (it was never
-    /// redeemed); the port is free again. Sent once per `RelayBound::reserved_next`.
+    /// redeemed, or the allocation it was held for failed); the port is free again. Emitted
+    /// exactly once per `RelayBound::reserved_next` that no Allocate redeemed, by whichever
+    /// shard removed the reservation from the shared ledger — not necessarily the one whose
+    /// IO layer holds the socket (see [`ReservationLedger`]).
     ReservedPortReleased(SocketAddr),
     /// An allocation was created.
     AllocationCreated {
@@ -764,6 +773,15 @@ struct Signer {
     fingerprint: bool,
 }
 
+/// Why an Allocate is not turned into a relay request.
+#[derive(Clone, Copy, Debug)]
+enum Refusal {
+    /// A retransmission while its relay is being bound: dropped, the answer follows.
+    Pending,
+    /// Answered with an error.
+    Reject(Reject),
+}
+
 /// What an error response needs of the request it answers.
 #[derive(Clone, Copy, Debug)]
 struct ErrorTo {
@@ -785,10 +803,6 @@ struct Pending {
     lifetime: Duration,
     dont_fragment: bool,
     reserve_next: bool,
-}
-
-struct Reservation {
-    local: SocketAddr,
 }
 
 struct QueuedTransmit {
@@ -818,8 +832,8 @@ pub struct Server {
     pending: HashMap<RelayRequestId, (FiveTuple, Pending)>,
     pending_tuples: FxHashMap<FiveTuple, RelayRequestId>,
     next_request: u64,
-    reservations: HashMap<[u8; 8], Reservation>,
-    next_token: u64,
+    reservations: Box<dyn ReservationLedger>,
+    tokens: TokenSource,
     tx_cache: HashMap<u64, (FiveTuple, TransactionId, Vec<u8>)>,
     tx_cache_index: FxHashMap<(FiveTuple, TransactionId), u64>,
     next_tx: u64,
@@ -849,6 +863,16 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// A token seed for a lone server: the nonce secret through a one-way, domain-separated
+/// function, so tokens reveal nothing about the nonce key.
+fn derived_seed(nonce_secret: &[u8; 32]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"turnd reservation seed");
+    h.update(nonce_secret);
+    h.finalize().into()
+}
+
 fn secs(d: Duration) -> u32 {
     u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
@@ -862,11 +886,31 @@ impl Server {
     }
 
     /// As [`Server::new`], with an allocation quota ledger (shared between shards by the IO
-    /// layer, e.g. [`SharedQuota`]).
+    /// layer, e.g. [`SharedQuota`]). Reservations stay within this server, and reservation
+    /// tokens come from a seed derived from the nonce secret: for one shard. A multi-shard
+    /// IO layer uses [`Server::with_ledgers`].
     #[must_use]
     pub fn with_quota(
         config: ServerConfig,
         quota: Box<dyn QuotaLedger>,
+        now: Instant,
+        unix_now: u64,
+    ) -> Self {
+        let seed = derived_seed(&config.nonce_secret);
+        let reservations = Box::new(LocalReservations::default());
+        Self::with_ledgers(config, quota, reservations, seed, now, unix_now)
+    }
+
+    /// As [`Server::new`], with the ledgers the shards of a process share: the allocation
+    /// quota ([`SharedQuota`]) and the reserved ports ([`SharedReservations`]; see
+    /// [`ReservationLedger`] for the release contract). `seed` is fresh randomness from the
+    /// IO layer's RNG, different for every shard: reservation tokens are drawn from it.
+    #[must_use]
+    pub fn with_ledgers(
+        config: ServerConfig,
+        quota: Box<dyn QuotaLedger>,
+        reservations: Box<dyn ReservationLedger>,
+        seed: [u8; 32],
         now: Instant,
         unix_now: u64,
     ) -> Self {
@@ -886,8 +930,8 @@ impl Server {
             pending: HashMap::new(),
             pending_tuples: FxHashMap::default(),
             next_request: 0,
-            reservations: HashMap::new(),
-            next_token: 0,
+            reservations,
+            tokens: TokenSource::new(seed),
             tx_cache: HashMap::new(),
             tx_cache_index: FxHashMap::default(),
             next_tx: 0,
@@ -1102,8 +1146,8 @@ impl Server {
             match key {
                 TimerKey::Allocation(idx, gen) => self.check_allocation(idx, gen, at, now),
                 TimerKey::Reservation(token) => {
-                    if let Some(r) = self.reservations.remove(&token) {
-                        self.events.push_back(Event::ReservedPortReleased(r.local));
+                    if let Some(local) = self.reservations.expire(&token, now) {
+                        self.events.push_back(Event::ReservedPortReleased(local));
                     }
                 }
                 TimerKey::Transaction(id) => {
@@ -1435,7 +1479,7 @@ impl Server {
                     Err(r) => return self.reject(ft, msg, r, None, |_| {}),
                 };
                 if typ.method == Method::ALLOCATE {
-                    return self.handle_allocate(ft, msg, auth);
+                    return self.handle_allocate(now, ft, msg, auth);
                 }
                 let result = match typ.method {
                     Method::REFRESH => self.handle_refresh(now, ft, msg, &auth),
@@ -1740,7 +1784,13 @@ impl Server {
     // -----------------------------------------------------------------------------------------
     // Allocate (RFC 8656 §7.2)
 
-    fn handle_allocate(&mut self, ft: FiveTuple, msg: &Message<'_>, auth: Authenticated) {
+    fn handle_allocate(
+        &mut self,
+        now: Instant,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        auth: Authenticated,
+    ) {
         let signer = auth.signer;
         if let Some(d) = self.drain {
             let alternate = if policy::canonical_ip(ft.client.ip()).is_ipv4() {
@@ -1756,7 +1806,7 @@ impl Server {
             };
         }
         match self.check_allocate(ft, msg) {
-            Ok(req) => {
+            Ok((mut req, token)) => {
                 if let Err(r) = self.quota.try_acquire(&auth.username) {
                     let reason = match r {
                         QuotaExceeded::User => Reject::UserQuotaReached,
@@ -1764,8 +1814,22 @@ impl Server {
                     };
                     return self.reject(ft, msg, reason, Some(&auth), |_| {});
                 }
-                if let Ok(Some(token)) = msg.get::<ReservationToken>() {
-                    self.reservations.remove(&token.0);
+                // The token is redeemed only once the quota admits the allocation.
+                if let Some(token) = token {
+                    match self.reservations.redeem(&token, &auth.username, now) {
+                        Redeemed::Port(local) => {
+                            req.port = PortRequest::Reserved(local);
+                            req.family = AddressFamily::of(local.ip());
+                        }
+                        other => {
+                            if let Redeemed::Expired(local) = other {
+                                self.events.push_back(Event::ReservedPortReleased(local));
+                            }
+                            self.quota.release(&auth.username);
+                            let reason = Reject::InvalidReservationToken;
+                            return self.reject(ft, msg, reason, Some(&auth), |_| {});
+                        }
+                    }
                 }
                 let id = RelayRequestId(self.next_request);
                 self.next_request += 1;
@@ -1795,20 +1859,21 @@ impl Server {
                     ..req
                 }));
             }
-            Err(Ok(())) => self.drop_packet(DropReason::Pending),
-            Err(Err(r)) => self.reject(ft, msg, r, Some(&auth), |_| {}),
+            Err(Refusal::Pending) => self.drop_packet(DropReason::Pending),
+            Err(Refusal::Reject(r)) => self.reject(ft, msg, r, Some(&auth), |_| {}),
         }
     }
 
-    /// Validates an Allocate. `Err(Ok(()))`: drop silently (retransmission while pending).
+    /// Validates an Allocate; returns the relay request and the RESERVATION-TOKEN to redeem,
+    /// if any.
     fn check_allocate(
         &mut self,
         ft: FiveTuple,
         msg: &Message<'_>,
-    ) -> Result<RelayRequest, Result<(), Reject>> {
-        let reject = |r| Err(Err(r));
+    ) -> Result<(RelayRequest, Option<[u8; 8]>), Refusal> {
+        let reject = |r| Err(Refusal::Reject(r));
         if self.pending_tuples.contains_key(&ft) {
-            return Err(Ok(()));
+            return Err(Refusal::Pending);
         }
         if self.by_tuple.contains_key(&ft) {
             return reject(Reject::AllocationExists);
@@ -1821,7 +1886,7 @@ impl Server {
         if transport != RequestedTransport::UDP {
             return reject(Reject::UnsupportedTransport);
         }
-        let bad = |_: DecodeError| Err(Reject::MalformedAttribute);
+        let bad = |_: DecodeError| Refusal::Reject(Reject::MalformedAttribute);
         let even = msg.get::<EvenPort>().map_err(bad)?;
         let token = msg.get::<ReservationToken>().map_err(bad)?;
         let requested = msg.get::<RequestedAddressFamily>().map_err(bad)?;
@@ -1855,30 +1920,22 @@ impl Server {
         if additional.is_some() && !self.config.relay_ipv4 {
             return reject(Reject::AddressFamilyNotSupported);
         }
-        let port = match (token, even) {
-            // The token is consumed only once the quota admits the allocation.
-            (Some(t), _) => match self.reservations.get(&t.0) {
-                Some(r) => PortRequest::Reserved(r.local),
-                None => return reject(Reject::InvalidReservationToken),
-            },
-            (None, Some(e)) => PortRequest::Even {
+        let port = match even {
+            Some(e) => PortRequest::Even {
                 reserve_next: e.reserve,
             },
-            (None, None) => PortRequest::Any,
+            // With a token, the handler fills in the reserved port once redeemed.
+            None => PortRequest::Any,
         };
-        let family = if let PortRequest::Reserved(local) = port {
-            AddressFamily::of(local.ip())
-        } else {
-            family
-        };
-        Ok(RelayRequest {
+        let req = RelayRequest {
             id: RelayRequestId(0),
             five_tuple: ft,
             family,
             additional_ipv6: additional.is_some() && self.config.relay_ipv6,
             port,
             dont_fragment,
-        })
+        };
+        Ok((req, token.map(|t| t.0)))
     }
 
     /// The IO layer bound (or failed to bind) the relay socket(s) for request `id`.
@@ -1935,19 +1992,31 @@ impl Server {
         }
         let token = match (p.reserve_next, bound.reserved_next) {
             (true, Some(local)) => {
-                self.next_token = self.next_token.wrapping_add(1);
-                let mut t = (self.next_token
-                    ^ u64::from_be_bytes(
-                        self.config.nonce_secret[..8].try_into().unwrap_or_default(),
-                    ))
-                .to_be_bytes();
-                t[0] |= 0x80;
-                self.reservations.insert(t, Reservation { local });
-                self.deadlines.push(
-                    now + self.config.reservation_lifetime,
-                    TimerKey::Reservation(t),
-                );
-                Some(ReservationToken(t))
+                let expires = now + self.config.reservation_lifetime;
+                let reservation = Reservation {
+                    local,
+                    username: p.username.clone(),
+                    expires,
+                };
+                // A clash of random 64-bit tokens is next to impossible; draw again if so.
+                let mut token = None;
+                for _ in 0..4 {
+                    let t = self.tokens.next_token();
+                    if self.reservations.insert(t, reservation.clone()) {
+                        token = Some(t);
+                        break;
+                    }
+                }
+                match token {
+                    Some(t) => {
+                        self.deadlines.push(expires, TimerKey::Reservation(t));
+                        Some(ReservationToken(t))
+                    }
+                    None => {
+                        self.events.push_back(Event::ReservedPortReleased(local));
+                        None
+                    }
+                }
             }
             (_, Some(local)) => {
                 self.events.push_back(Event::ReservedPortReleased(local));

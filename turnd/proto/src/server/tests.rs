@@ -68,9 +68,26 @@ impl Harness {
     }
 
     fn with(config: ServerConfig, quota: Box<dyn QuotaLedger>) -> Self {
-        let t0 = Instant::now();
+        Self::sharing(
+            config,
+            quota,
+            Box::new(LocalReservations::default()),
+            Instant::now(),
+        )
+    }
+
+    /// A shard sharing ledgers with others, on the clock `t0` (shards share one clock).
+    fn sharing(
+        config: ServerConfig,
+        quota: Box<dyn QuotaLedger>,
+        reservations: Box<dyn ReservationLedger>,
+        t0: Instant,
+    ) -> Self {
+        // A different seed per shard, as an IO layer draws from its RNG.
+        static SHARD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        let seed = [SHARD.fetch_add(1, std::sync::atomic::Ordering::Relaxed); 32];
         Self {
-            server: Server::with_quota(config, quota, t0, UNIX0),
+            server: Server::with_ledgers(config, quota, reservations, seed, t0, UNIX0),
             now: t0,
             ports: (49152..49162).collect(),
             bound: Vec::new(),
@@ -1957,4 +1974,138 @@ fn server_config_defaults_come_from_the_defaults_module() {
     assert_eq!(c.max_permissions_per_allocation, 64);
     assert_eq!(c.mode, ServiceMode::Turn);
     assert_eq!(c.challenges_per_source_per_second, None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reservations across shards (RFC 8656 §7.2)
+
+fn reserve(h: &mut Harness, c: &mut Client) -> (u16, ReservationToken) {
+    let r = c.request(h, Method::ALLOCATE, &|b| {
+        b.add(&RequestedTransport::UDP)
+            .add(&EvenPort { reserve: true });
+    });
+    assert!(is_success(&r), "{:?}", error_code(&r));
+    let m = Message::decode(&r).unwrap();
+    (
+        relayed(&r)[0].port(),
+        m.get::<ReservationToken>().unwrap().unwrap(),
+    )
+}
+
+fn redeem(h: &mut Harness, c: &mut Client, token: ReservationToken) -> Vec<u8> {
+    c.request(h, Method::ALLOCATE, &|b| {
+        b.add(&RequestedTransport::UDP).add(&token);
+    })
+}
+
+fn reserved_releases(h: &Harness) -> usize {
+    h.events
+        .iter()
+        .filter(|e| matches!(e, Event::ReservedPortReleased(_)))
+        .count()
+}
+
+#[test]
+fn rfc8656_7_2_reservation_token_of_another_user_is_508_and_stays_for_its_owner() {
+    let mut h = Harness::new();
+    let mut alice_c = Client::new(udp("192.0.2.7:40000"), alice());
+    let (port, token) = reserve(&mut h, &mut alice_c);
+    let mut bob = Client::new(
+        udp("192.0.2.8:40000"),
+        Cred::Password {
+            user: "bob".into(),
+            password: "builder".into(),
+        },
+    );
+    assert_eq!(error_code(&redeem(&mut h, &mut bob, token)), Some(508));
+    assert_eq!(
+        h.rejections().last(),
+        Some(&Reject::InvalidReservationToken)
+    );
+    assert_eq!(
+        h.server.stats().allocations_active,
+        1,
+        "bob's quota slot given back"
+    );
+    let mut alice2 = Client::new(udp("192.0.2.7:40001"), alice());
+    let r = redeem(&mut h, &mut alice2, token);
+    assert_eq!(relayed(&r)[0].port(), port + 1);
+}
+
+#[test]
+fn reservation_tokens_are_unpredictable_not_a_counter() {
+    let mut h = Harness::new();
+    let mut a = Client::new(udp("192.0.2.7:40000"), alice());
+    let mut b = Client::new(udp("192.0.2.7:40001"), alice());
+    let (_, t1) = reserve(&mut h, &mut a);
+    let (_, t2) = reserve(&mut h, &mut b);
+    let (x, y) = (u64::from_be_bytes(t1.0), u64::from_be_bytes(t2.0));
+    assert!(x.abs_diff(y) > 1 << 32, "{x:x} {y:x}");
+    // And a server with another nonce secret (another process) draws other tokens.
+    let mut h2 = with_config(|c| c.nonce_secret = [4; 32]);
+    let mut c = Client::new(udp("192.0.2.7:40000"), alice());
+    let (_, t3) = reserve(&mut h2, &mut c);
+    assert_ne!(t1, t3);
+}
+
+#[test]
+fn rfc8656_7_2_a_token_reserved_on_one_shard_is_redeemed_on_another() {
+    let t0 = Instant::now();
+    let quota = SharedQuota::default();
+    let ledger = SharedReservations::default();
+    let mut a = Harness::sharing(
+        config(),
+        Box::new(quota.clone()),
+        Box::new(ledger.clone()),
+        t0,
+    );
+    let mut b = Harness::sharing(config(), Box::new(quota), Box::new(ledger.clone()), t0);
+    let mut c1 = Client::new(udp("192.0.2.7:40000"), alice());
+    let (port, token) = reserve(&mut a, &mut c1);
+    let mut c2 = Client::new(udp("192.0.2.7:40001"), alice());
+    let r = redeem(&mut b, &mut c2, token);
+    assert_eq!(
+        relayed(&r)[0].port(),
+        port + 1,
+        "shard B binds the reserved port"
+    );
+    // Shard A's timer fires later and finds nothing to release.
+    a.advance(Duration::from_secs(31));
+    b.advance(Duration::from_secs(31));
+    assert_eq!(reserved_releases(&a) + reserved_releases(&b), 0);
+    assert!(ledger.0.lock().unwrap().is_empty());
+}
+
+#[test]
+fn rfc8656_7_2_an_unredeemed_reservation_is_released_once_whichever_shard_removes_it() {
+    let t0 = Instant::now();
+    let ledger = SharedReservations::default();
+    let mk = |l: &SharedReservations| {
+        Harness::sharing(
+            config(),
+            Box::new(LocalQuota::default()),
+            Box::new(l.clone()),
+            t0,
+        )
+    };
+    // The reserving shard's timer removes it: one release, from shard A.
+    let (mut a, mut b) = (mk(&ledger), mk(&ledger));
+    let mut c1 = Client::new(udp("192.0.2.7:40000"), alice());
+    let (_, token) = reserve(&mut a, &mut c1);
+    a.advance(Duration::from_secs(31));
+    b.advance(Duration::from_secs(31));
+    let mut c2 = Client::new(udp("192.0.2.7:40001"), alice());
+    assert_eq!(error_code(&redeem(&mut b, &mut c2, token)), Some(508));
+    assert_eq!((reserved_releases(&a), reserved_releases(&b)), (1, 0));
+
+    // A late redeemer on shard B removes it first: one release, from shard B; A's timer
+    // then finds nothing.
+    let (mut a, mut b) = (mk(&ledger), mk(&ledger));
+    let mut c1 = Client::new(udp("192.0.2.7:40000"), alice());
+    let (_, token) = reserve(&mut a, &mut c1);
+    b.now += Duration::from_secs(30); // B's clock passes the expiry before A's timer runs
+    let mut c2 = Client::new(udp("192.0.2.7:40001"), alice());
+    assert_eq!(error_code(&redeem(&mut b, &mut c2, token)), Some(508));
+    a.advance(Duration::from_secs(31));
+    assert_eq!((reserved_releases(&a), reserved_releases(&b)), (0, 1));
 }
