@@ -11,8 +11,8 @@ use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser as _};
 use turnd::cli::{self, Cli, Command, CredentialsArgs};
 use turnd::config::{
-    coturn, Checks, Config, ConfigErrors, Env as _, ProcessEnv, Settings, ENV_AUTH_SECRET,
-    ENV_AUTH_SECRET_FILE,
+    coturn, service_mode_name, Checks, Config, ConfigErrors, Env as _, ProcessEnv, Settings,
+    ENV_AUTH_SECRET, ENV_AUTH_SECRET_FILE,
 };
 
 fn main() -> ExitCode {
