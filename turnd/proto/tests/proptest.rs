@@ -826,6 +826,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(Op::RelayMode),
         1 => Just(Op::Answer),
         1 => any::<u8>().prop_map(|tuple| Op::Close { tuple }),
+        1 => any::<u8>().prop_map(Op::Operate),
     ]
 }
 

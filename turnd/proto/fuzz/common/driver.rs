@@ -31,8 +31,9 @@ use turn_proto::codec::{
 };
 use turn_proto::server::policy::PeerPolicy;
 use turn_proto::server::{
-    Destination, Event, FiveTuple, LocalQuota, PortRequest, RelayBound, RelayError, RelayHandle,
-    RelayRequest, RelayedAddress, Route, Server, ServerConfig, SharedQuota, Transport,
+    AllocationId, Destination, Drain, Event, FiveTuple, LocalQuota, PortRequest, RelayBound,
+    RelayError, RelayHandle, RelayRequest, RelayedAddress, Route, Server, ServerConfig,
+    ServiceMode, SharedQuota, SharedReservations, Transport,
 };
 
 pub(crate) const REALM: &str = "example.org";
@@ -236,6 +237,9 @@ pub(crate) enum Op {
     Close {
         tuple: u8,
     },
+    /// The operations API: drain on/off, a config reload (service mode, challenge limit),
+    /// ending allocations by user or id, listing sessions. See [`Driver::operate`].
+    Operate(u8),
 }
 
 /// Channel numbers: mostly a few valid ones so bindings get reused, sometimes an RFC 5766 one
@@ -251,6 +255,8 @@ pub(crate) fn channel_from(c: u16) -> u16 {
 /// The fake IO layer plus the server.
 pub(crate) struct Driver {
     pub(crate) server: Server,
+    config: ServerConfig,
+    reservations: SharedReservations,
     pub(crate) now: Instant,
     start: Instant,
     quota: Arc<Mutex<LocalQuota>>,
@@ -265,7 +271,7 @@ pub(crate) struct Driver {
     deferred: Vec<RelayRequest>,
     pub(crate) created: usize,
     pub(crate) ended: usize,
-    ids: BTreeSet<turn_proto::server::AllocationId>,
+    ids: BTreeSet<AllocationId>,
     pub(crate) successes: usize,
     pub(crate) sent: Vec<(Destination, Vec<u8>)>,
 }
@@ -299,8 +305,19 @@ impl Driver {
             setup.total_quota,
         )));
         let now = Instant::now();
+        let reservations = SharedReservations::default();
+        let server = Server::with_ledgers(
+            config.clone(),
+            Box::new(SharedQuota(quota.clone())),
+            Box::new(reservations.clone()),
+            [3; 32],
+            now,
+            UNIX0,
+        );
         Self {
-            server: Server::with_quota(config, Box::new(SharedQuota(quota.clone())), now, UNIX0),
+            server,
+            config,
+            reservations,
             now,
             start: now,
             quota,
@@ -421,7 +438,70 @@ impl Driver {
                 self.server.handle_connection_closed(self.now, pick(*tuple));
                 self.pump();
             }
+            Op::Operate(b) => self.operate(*b),
         }
+    }
+
+    /// One call of the operations API, chosen by `b`.
+    pub(crate) fn operate(&mut self, b: u8) {
+        match b % 6 {
+            0 => {
+                let alternate = sa(v4(198, 51, 100, 2), 3478);
+                self.server.set_draining(Some(Drain {
+                    deadline: self.now + Duration::from_secs(u64::from(b >> 3) * 10),
+                    alternate_ipv4: (b & 0x40 != 0).then_some(alternate),
+                    alternate_ipv6: None,
+                }));
+            }
+            1 => self.server.set_draining(None),
+            2 => {
+                let mut config = self.config.clone();
+                config.mode = [
+                    ServiceMode::Turn,
+                    ServiceMode::StunOnly,
+                    ServiceMode::NoStun,
+                ][usize::from(b >> 3) % 3];
+                config.challenges_per_source_per_second = (b & 0x40 != 0).then_some(1);
+                config.max_lifetime = Duration::from_secs(if b & 0x80 != 0 { 900 } else { 3600 });
+                // A reload hands in a fresh nonce secret; the server must keep its own.
+                config.nonce_secret = [b; 32];
+                self.server.update_config(config);
+            }
+            3 => {
+                self.server.end_user_allocations(self.now, "alice");
+            }
+            4 => {
+                let ids: Vec<AllocationId> = self.server.sessions(self.now).map(|s| s.id).collect();
+                let id = if ids.is_empty() || b & 0x80 != 0 {
+                    AllocationId(u64::from(b))
+                } else {
+                    ids[usize::from(b >> 3) % ids.len()]
+                };
+                let existed = ids.contains(&id);
+                assert_eq!(self.server.end_allocation(self.now, id), existed);
+            }
+            _ => {
+                let max = self
+                    .server
+                    .config()
+                    .max_lifetime
+                    .max(self.config.max_lifetime);
+                let mut n = 0;
+                for s in self.server.sessions(self.now) {
+                    n += 1;
+                    assert!(
+                        s.lifetime_left <= max,
+                        "lifetime left {:?}",
+                        s.lifetime_left
+                    );
+                    assert!(s.permissions <= self.config.max_permissions_per_allocation);
+                    assert!(s.relayed.iter().any(Option::is_some));
+                    assert!(s.created_unix >= UNIX0 && s.created_unix <= self.unix_now());
+                }
+                assert_eq!(n, self.server.allocation_count());
+            }
+        }
+        self.pump();
     }
 
     /// Builds a request as a client would, signed with the nonce last seen on this 5-tuple.
@@ -889,6 +969,9 @@ impl Driver {
     /// After any scenario: every 5-tuple still gets its Binding answered, and once every
     /// lifetime has run out nothing is left behind.
     pub(crate) fn finish(&mut self) {
+        // Back to serving everything, as configured.
+        self.server.set_draining(None);
+        self.server.update_config(self.config.clone());
         self.answer_deferred();
         for (i, ft) in tuples().into_iter().enumerate() {
             self.sent.clear();
@@ -955,6 +1038,8 @@ impl Driver {
         );
         let in_use = self.quota.lock().map_or(0, |q| q.in_use());
         assert_eq!(in_use, 0, "quota slots never given back");
+        let reserved = self.reservations.0.lock().map_or(0, |r| r.len());
+        assert_eq!(reserved, 0, "reservations never removed");
     }
 }
 
@@ -1066,7 +1151,7 @@ pub(crate) fn parse_ops(data: &[u8]) -> (Setup, Vec<Op>) {
     let setup = parse_setup(&mut r);
     let mut ops = Vec::new();
     while !r.is_empty() && ops.len() < 256 {
-        let op = match r.u8() % 12 {
+        let op = match r.u8() % 13 {
             0..=3 => {
                 let tuple = r.u8();
                 let cred = r.u8();
@@ -1106,7 +1191,8 @@ pub(crate) fn parse_ops(data: &[u8]) -> (Setup, Vec<Op>) {
             8 => Op::Advance { millis: r.u32() },
             9 => Op::RelayMode(r.u8()),
             10 => Op::Answer,
-            _ => Op::Close { tuple: r.u8() },
+            11 => Op::Close { tuple: r.u8() },
+            _ => Op::Operate(r.u8()),
         };
         ops.push(op);
     }
