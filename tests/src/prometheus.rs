@@ -36,14 +36,28 @@ impl Prometheus {
     /// # Errors
     /// The configuration cannot be written or the process cannot start.
     pub fn start(binary: &Path, target: SocketAddr) -> anyhow::Result<Self> {
+        Self::start_with(
+            binary,
+            &format!(
+                "  - job_name: turnd\n    metrics_path: /metrics\n    \
+                 static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+    }
+
+    /// Starts `binary` with `scrape_configs` (the YAML list items under `scrape_configs:`,
+    /// indented two spaces), scraping every second.
+    ///
+    /// # Errors
+    /// The configuration cannot be written or the process cannot start.
+    pub fn start_with(binary: &Path, scrape_configs: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("prometheus.yml");
         std::fs::write(
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n\
-                 scrape_configs:\n  - job_name: turnd\n    metrics_path: /metrics\n    \
-                 static_configs:\n      - targets: ['{target}']\n"
+                 scrape_configs:\n{scrape_configs}"
             ),
         )?;
         // A port free now; Prometheus binds it a moment later (loopback, port reuse is rare).
@@ -80,6 +94,18 @@ impl Prometheus {
         let reply = http::get(self.api, &target).ok()?;
         let v: serde_json::Value = serde_json::from_str(&reply.body).ok()?;
         v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// The whole answer of Prometheus's `/api/v1/query` for `promql` (`status`, `data` or
+    /// `error`), whatever its HTTP status.
+    ///
+    /// # Errors
+    /// Prometheus did not answer, or not with JSON.
+    pub fn query_answer(&self, promql: &str) -> anyhow::Result<serde_json::Value> {
+        let target = format!("/api/v1/query?query={}", http::encode(promql));
+        let reply = http::get(self.api, &target)?;
+        serde_json::from_str(&reply.body)
+            .with_context(|| format!("Prometheus answered {}: {}", reply.status, reply.body))
     }
 
     /// Polls `promql` until `pred` holds for its value or `timeout` passes.
