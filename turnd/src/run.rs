@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use tracing::{error, info, warn};
-use turn_proto::server::{Drain, SharedQuota};
+use turn_proto::server::{Drain, SharedQuota, SharedReservations};
 
 use crate::admin::{self, Control, DrainReport, EndSelector, ReloadReport, Session};
 use crate::config::{reload_plan, Env, IoBackend, ProcessEnv, Settings};
@@ -142,7 +142,7 @@ impl ProcessControl {
                 alternate_ipv6: s.drain.alternate_ipv6,
             };
             for w in &self.workers {
-                w.send(Command::Drain(Some(drain.clone())));
+                w.send(Command::Drain(Some(drain)));
             }
             self.metrics.set_draining(true);
             info!(
@@ -383,7 +383,10 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
 ///
 /// # Errors
 /// As [`start`].
-pub fn start_with_env(settings: Settings, env: Box<dyn Env + Send + Sync>) -> anyhow::Result<Running> {
+pub fn start_with_env(
+    settings: Settings,
+    env: Box<dyn Env + Send + Sync>,
+) -> anyhow::Result<Running> {
     match listener::raise_nofile_limit() {
         Ok((before, after)) if before != after => {
             info!(from = before, to = after, "raised the open-file limit");
@@ -460,6 +463,7 @@ pub fn start_with_env(settings: Settings, env: Box<dyn Env + Send + Sync>) -> an
     }
     let shared = Arc::new(Shared {
         quota,
+        reservations: SharedReservations::default(),
         ports: PortPools::new(settings.relay.ports.clone()),
         reserved: ReservedSockets::default(),
         tls: certificate.clone(),
@@ -485,8 +489,7 @@ pub fn start_with_env(settings: Settings, env: Box<dyn Env + Send + Sync>) -> an
     for (index, (udp, tcp)) in per_worker_udp.into_iter().zip(per_worker_tcp).enumerate() {
         let backend = io::create(backend_kind)
             .with_context(|| format!("creating the {backend_name} backend for worker {index}"))?;
-        let (w, handle) =
-            Worker::new(index, shared.clone(), config.clone(), backend, udp, tcp)?;
+        let (w, handle) = Worker::new(index, shared.clone(), config.clone(), backend, udp, tcp)?;
         handles.push(handle);
         let watch = DeathWatch {
             index,
@@ -571,7 +574,10 @@ impl Running {
 
 /// Watches the configuration file's directory; sends on `tx` when the file changes (a
 /// Kubernetes ConfigMap update swaps a `..data` symlink, which is seen too).
-fn watch_config(path: PathBuf, tx: tokio::sync::mpsc::Sender<()>) -> anyhow::Result<notify::RecommendedWatcher> {
+fn watch_config(
+    path: PathBuf,
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> anyhow::Result<notify::RecommendedWatcher> {
     use notify::Watcher as _;
     let name = path.file_name().map(ToOwned::to_owned);
     let dir = match path.parent() {

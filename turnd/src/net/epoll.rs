@@ -34,7 +34,9 @@ pub struct Epoll {
 
 impl std::fmt::Debug for Epoll {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Epoll").field("udp", &self.udp.len()).finish()
+        f.debug_struct("Epoll")
+            .field("udp", &self.udp.len())
+            .finish()
     }
 }
 
@@ -106,11 +108,11 @@ impl Backend for Epoll {
             state,
             sock,
         });
-        if let Err(e) =
-            self.poll
-                .registry()
-                .register(&mut SourceFd(&fd), Token(UDP_BASE + key), Interest::READABLE)
-        {
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&fd),
+            Token(UDP_BASE + key),
+            Interest::READABLE,
+        ) {
             self.udp.remove(key);
             return Err(e);
         }
@@ -151,7 +153,7 @@ impl Backend for Epoll {
         let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
         for ev in &events {
             let t = ev.token().0;
-            if t >= UDP_BASE && t < super::io::WAKER {
+            if (UDP_BASE..super::io::WAKER).contains(&t) {
                 let key = t - UDP_BASE;
                 if self.next_backlog.contains(&key) {
                     continue;

@@ -108,7 +108,10 @@ pub fn probe(choice: IoBackend) -> (IoBackend, String) {
                 );
             }
             match super::uring::Uring::new() {
-                Ok(_) => (IoBackend::IoUring, "io_uring with multishot receive available".into()),
+                Ok(_) => (
+                    IoBackend::IoUring,
+                    "io_uring with multishot receive available".into(),
+                ),
                 Err(e) => (IoBackend::Epoll, format!("io_uring unavailable: {e}")),
             }
         }
@@ -121,4 +124,167 @@ pub const ENV_DISABLE_URING: &str = "TURND_DISABLE_IO_URING";
 
 fn uring_disabled_by_env() -> bool {
     std::env::var_os(ENV_DISABLE_URING).is_some_and(|v| v == "1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::os::fd::AsRawFd as _;
+
+    #[derive(Default)]
+    struct Seen {
+        per_user: Vec<(u64, usize)>,
+    }
+
+    impl Handler for Seen {
+        fn woke(&mut self) {}
+        fn datagram(&mut self, user: u64, _d: Datagram<'_>) {
+            match self.per_user.iter_mut().find(|(u, _)| *u == user) {
+                Some((_, n)) => *n += 1,
+                None => self.per_user.push((user, 1)),
+            }
+        }
+        fn ready(&mut self, _t: mio::Token, _r: bool, _w: bool) {}
+        fn receive_error(&mut self, _user: u64, _e: &io::Error) {}
+    }
+
+    impl Seen {
+        fn count(&self, user: u64) -> usize {
+            self.per_user
+                .iter()
+                .find(|(u, _)| *u == user)
+                .map_or(0, |(_, n)| *n)
+        }
+    }
+
+    fn backends() -> Vec<Box<dyn Backend>> {
+        let mut v: Vec<Box<dyn Backend>> =
+            vec![Box::new(crate::net::epoll::Epoll::new().expect("epoll"))];
+        match crate::net::uring::Uring::new() {
+            Ok(u) => v.push(Box::new(u)),
+            Err(e) => eprintln!("io_uring unavailable here ({e}); testing epoll only"),
+        }
+        v
+    }
+
+    fn bound() -> UdpSocket {
+        let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        s.set_nonblocking(true).expect("nonblocking");
+        s.set_recv_buffer_size_compat(4 << 20);
+        s
+    }
+
+    trait RecvBuf {
+        fn set_recv_buffer_size_compat(&self, n: usize);
+    }
+    impl RecvBuf for UdpSocket {
+        fn set_recv_buffer_size_compat(&self, n: usize) {
+            let _ = socket2::SockRef::from(self).set_recv_buffer_size(n);
+        }
+    }
+
+    /// The loop's bound: a socket flooded with datagrams gives up the rest of the pass after
+    /// `UDP_BUDGET`, so another socket's single datagram is delivered in the same pass, and
+    /// the flood's remainder in the following passes (none lost).
+    #[test]
+    fn a_flooded_socket_does_not_delay_another_beyond_one_pass() {
+        for mut backend in backends() {
+            let name = backend.name();
+            let flooded = bound();
+            let quiet = bound();
+            let sender = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            const FLOOD: usize = 1_000;
+            for i in 0..FLOOD {
+                sender
+                    .send_to(&(i as u32).to_be_bytes(), flooded.local_addr().unwrap())
+                    .expect("send");
+            }
+            sender
+                .send_to(b"quiet", quiet.local_addr().unwrap())
+                .expect("send");
+            backend.add_udp(flooded.as_raw_fd(), 1).expect("register");
+            backend.add_udp(quiet.as_raw_fd(), 2).expect("register");
+            let mut seen = Seen::default();
+            // Passes until the quiet socket's datagram shows up (bounded).
+            let mut passes = 0;
+            while seen.count(2) == 0 && passes < 50 {
+                backend
+                    .poll(Some(Duration::from_millis(200)), &mut seen)
+                    .expect("poll");
+                passes += 1;
+            }
+            assert_eq!(
+                seen.count(2),
+                1,
+                "{name}: the quiet socket's datagram arrived"
+            );
+            assert!(
+                seen.count(1) <= UDP_BUDGET * passes,
+                "{name}: the flooded socket got at most its budget per pass ({} in {passes} passes)",
+                seen.count(1)
+            );
+            assert!(
+                seen.count(1) < FLOOD,
+                "{name}: the quiet datagram did not wait for the whole flood"
+            );
+            // The rest of the flood comes in the following passes, none lost.
+            let mut more = 0;
+            while seen.count(1) < FLOOD && more < 100 {
+                backend
+                    .poll(Some(Duration::from_millis(50)), &mut seen)
+                    .expect("poll");
+                more += 1;
+            }
+            assert_eq!(
+                seen.count(1),
+                FLOOD,
+                "{name}: every flooded datagram delivered"
+            );
+            assert!(
+                more >= (FLOOD / UDP_BUDGET).saturating_sub(passes),
+                "{name}: over several passes"
+            );
+        }
+    }
+
+    #[test]
+    fn sends_of_one_pass_leave_together_and_arrive() {
+        for mut backend in backends() {
+            let name = backend.name();
+            let a = bound();
+            let b = bound();
+            let rx = bound();
+            let mut q = SendQueue::default();
+            for i in 0..100u32 {
+                let from = if i % 2 == 0 { &a } else { &b };
+                q.push(
+                    from.as_raw_fd(),
+                    rx.local_addr().unwrap(),
+                    None,
+                    false,
+                    &i.to_be_bytes(),
+                );
+            }
+            let f = backend.flush(&mut q);
+            assert!(q.is_empty(), "{name}: the queue is emptied");
+            assert_eq!(f.sent, 100, "{name}");
+            // Let completions settle (io_uring), then count what arrived.
+            let mut seen = Seen::default();
+            let _ = backend.poll(Some(Duration::from_millis(20)), &mut seen);
+            let mut got = 0;
+            let mut buf = [0u8; 16];
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while got < 100 && std::time::Instant::now() < deadline {
+                match rx.recv_from(&mut buf) {
+                    Ok(_) => got += 1,
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            assert_eq!(got, 100, "{name}: every datagram arrived");
+            if name == "epoll" {
+                assert_eq!(f.syscalls, 2, "epoll: one sendmmsg per socket");
+            }
+        }
+    }
 }

@@ -62,7 +62,9 @@ fn probe(addr: SocketAddr, ty: Type, transport: &'static str) -> Result<(), List
     }
     match sock.bind(&addr.into()) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(ListenError::InUse { transport, addr }),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            Err(ListenError::InUse { transport, addr })
+        }
         Err(e) => Err(err(e)),
     }
 }

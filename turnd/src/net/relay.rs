@@ -67,7 +67,10 @@ impl Relays {
             generation,
             key: None,
         });
-        (RelayHandle(u32::try_from(idx).unwrap_or(u32::MAX)), generation)
+        (
+            RelayHandle(u32::try_from(idx).unwrap_or(u32::MAX)),
+            generation,
+        )
     }
 
     /// The socket at `handle`.
@@ -183,7 +186,10 @@ pub fn pick_ip(
 }
 
 fn is_fd_exhaustion(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// Binds a relay socket (and, for an EVEN-PORT reservation, the next port too) on `ip`.

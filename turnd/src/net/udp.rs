@@ -404,7 +404,11 @@ impl RecvBatch {
         let mut chunks = self.data.chunks_mut(DATAGRAM);
         let mut slices: [io::IoSliceMut<'_>; RECV_BATCH] =
             std::array::from_fn(|_| io::IoSliceMut::new(chunks.next().unwrap_or(&mut [])));
-        state.recv(quinn_udp::UdpSockRef::from(sock), &mut slices, &mut self.meta)
+        state.recv(
+            quinn_udp::UdpSockRef::from(sock),
+            &mut slices,
+            &mut self.meta,
+        )
     }
 
     /// The `i`-th datagram of the last batch.

@@ -165,7 +165,9 @@ unsafe impl Send for Uring {}
 
 impl std::fmt::Debug for Uring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Uring").field("udp", &self.udp.len()).finish()
+        f.debug_struct("Uring")
+            .field("udp", &self.udp.len())
+            .finish()
     }
 }
 
@@ -210,12 +212,8 @@ impl Uring {
         // SAFETY: the ring memory lives as long as `bufs`, which lives as long as the ring
         // (fields drop in order: `ring` first).
         unsafe {
-            ring.submitter().register_buf_ring_with_flags(
-                bufs.ring as u64,
-                BUFFERS,
-                GROUP,
-                0,
-            )?;
+            ring.submitter()
+                .register_buf_ring_with_flags(bufs.ring as u64, BUFFERS, GROUP, 0)?;
         }
         // SAFETY: all-zero is a valid msghdr; only the lengths matter to the kernel here.
         let mut recv_msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
@@ -427,12 +425,15 @@ fn parse_pktinfo(mut ctrl: &[u8]) -> Option<IpAddr> {
             return None;
         }
         let data = &ctrl[hdr..len];
-        if c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_PKTINFO && data.len() >= 12
-        {
+        if c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_PKTINFO && data.len() >= 12 {
             // in_pktinfo: ifindex (4), spec_dst (4), addr (4): the header destination.
-            return Some(IpAddr::V4(Ipv4Addr::new(data[8], data[9], data[10], data[11])));
+            return Some(IpAddr::V4(Ipv4Addr::new(
+                data[8], data[9], data[10], data[11],
+            )));
         }
-        if c.cmsg_level == libc::IPPROTO_IPV6 && c.cmsg_type == libc::IPV6_PKTINFO && data.len() >= 16
+        if c.cmsg_level == libc::IPPROTO_IPV6
+            && c.cmsg_type == libc::IPV6_PKTINFO
+            && data.len() >= 16
         {
             let mut o = [0u8; 16];
             o.copy_from_slice(&data[..16]);

@@ -38,7 +38,7 @@ use turn_proto::codec::{frame_len, FrameLen};
 use turn_proto::server::{
     AllocationId, Destination, Drain, EndReason, Event, FiveTuple, PortRequest, RelayBound,
     RelayError, RelayHandle, RelayRequest, RelayedAddress, Route, Server, ServerConfig,
-    SharedQuota, Transmit, Transport,
+    SharedQuota, SharedReservations, Transmit, Transport,
 };
 
 use crate::admin::{EndSelector, Session};
@@ -48,7 +48,7 @@ use crate::net::io::{Backend, Handler, UdpKey, TCP_LISTENER_BASE, WAKER};
 use crate::net::ports::PortPools;
 use crate::net::relay::{self, BindError, Relays, ReservedSockets};
 use crate::net::stream::{
-    ConnectionCaps, Connection, Expiry, Phase, ReadOutcome, StreamLimits, FRAME_BUDGET,
+    Connection, ConnectionCaps, Expiry, Phase, ReadOutcome, StreamLimits, FRAME_BUDGET,
 };
 use crate::net::tls::Tls;
 use crate::net::udp::{self, Buffers, Datagram, SendQueue};
@@ -69,6 +69,7 @@ const LISTENER_USER: u64 = 1 << 63;
 pub(crate) struct Shared {
     pub settings: Settings,
     pub quota: SharedQuota,
+    pub reservations: SharedReservations,
     pub ports: PortPools,
     pub reserved: ReservedSockets,
     pub tls: Option<Arc<Tls>>,
@@ -164,6 +165,8 @@ pub(crate) struct Worker {
 
 struct State {
     index: usize,
+    /// The backend's mio registry (streams register and deregister through it).
+    registry: mio::Registry,
     core: Server,
     shared: Arc<Shared>,
     limits: StreamLimits,
@@ -221,10 +224,12 @@ impl Worker {
         udp_listeners: Vec<std::net::UdpSocket>,
         tcp_listeners: Vec<std::net::TcpListener>,
     ) -> Result<(Self, WorkerHandle), WorkerError> {
-        let setup = |what: &'static str| move |source| WorkerError::Setup {
-            worker: index,
-            what,
-            source,
+        let setup = |what: &'static str| {
+            move |source| WorkerError::Setup {
+                worker: index,
+                what,
+                source,
+            }
         };
         let mut listeners = Vec::new();
         for (i, sock) in udp_listeners.into_iter().enumerate() {
@@ -255,7 +260,19 @@ impl Worker {
         );
         let (tx, commands) = mpsc::channel();
         let now = Instant::now();
-        let mut core = Server::with_quota(config, Box::new(shared.quota.clone()), now, unix_now());
+        // Reservations (EVEN-PORT R, RESERVATION-TOKEN) are shared like the quota: the
+        // second socket of an RTP/RTCP pair may hash to another worker (issue 12). Each shard
+        // draws its tokens from a seed of its own.
+        let mut token_seed = [0u8; 32];
+        rand::Rng::fill(&mut rand::thread_rng(), &mut token_seed[..]);
+        let mut core = Server::with_ledgers(
+            config,
+            Box::new(shared.quota.clone()),
+            Box::new(shared.reservations.clone()),
+            token_seed,
+            now,
+            unix_now(),
+        );
         core.set_shard(u16::try_from(index).unwrap_or(u16::MAX));
         let seed = unix_now()
             ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -264,7 +281,12 @@ impl Worker {
         let heartbeat = Arc::new(std::sync::atomic::AtomicU64::new(unix_millis()));
         let limits = shared.settings.streams;
         let tls_config = shared.tls.as_ref().map(|t| t.server_config());
+        let registry = backend
+            .registry()
+            .try_clone()
+            .map_err(setup("the stream registry"))?;
         let st = State {
+            registry,
             index,
             core,
             limits,
@@ -311,12 +333,11 @@ impl Worker {
     /// # Errors
     /// Waiting for events failed.
     pub(crate) fn run(mut self) -> Result<(), WorkerError> {
-        install_registry(&*self.backend).map_err(|source| WorkerError::Setup {
-            worker: self.st.index,
-            what: "the stream registry",
-            source,
-        })?;
-        debug!(worker = self.st.index, backend = self.backend.name(), "worker running");
+        debug!(
+            worker = self.st.index,
+            backend = self.backend.name(),
+            "worker running"
+        );
         while !self.st.stopping {
             self.pass()?;
         }
@@ -471,11 +492,13 @@ impl State {
             Event::RelayReleased(r) => {
                 if let Some(sock) = self.relays.remove(r.handle, r.local) {
                     self.to_close.push((sock.key, sock.sock, sock.local));
-                } else if let Some(sock) = self.shared.reserved.take(r.local) {
-                    drop(sock);
-                    self.shared.ports.release(r.local.ip(), r.local.port());
+                } else {
+                    self.release_reserved(r.local);
                 }
             }
+            // A reservation lapsed unredeemed (or its Allocate failed): the held socket lives
+            // in the process-wide table whichever worker's core removed the reservation.
+            Event::ReservedPortReleased(local) => self.release_reserved(local),
             Event::AllocationCreated {
                 five_tuple,
                 username,
@@ -575,7 +598,14 @@ impl State {
                     self.log.suppressed += 1;
                 }
             }
-            _ => {}
+        }
+    }
+
+    /// Closes a socket held for a RESERVATION-TOKEN and frees its port.
+    fn release_reserved(&mut self, local: SocketAddr) {
+        if let Some(sock) = self.shared.reserved.take(local) {
+            drop(sock);
+            self.shared.ports.release(local.ip(), local.port());
         }
     }
 
@@ -680,7 +710,9 @@ impl State {
                     let _ = udp::disable_gro(&r.sock);
                     let _ = udp::set_dont_fragment(&r.sock, r.local.is_ipv6(), r.dont_fragment);
                 }
-                Err(e) => warn!(worker = self.index, relay = %r.local, error = %e, "relay socket registration failed"),
+                Err(e) => {
+                    warn!(worker = self.index, relay = %r.local, error = %e, "relay socket registration failed")
+                }
             }
         }
     }
@@ -744,7 +776,11 @@ impl State {
             if idx >= STREAM_ROUTE as usize {
                 continue;
             }
-            if let Err(e) = self.shared_registry_register(&mut sock, idx) {
+            if let Err(e) = self.registry.register(
+                &mut sock,
+                mio::Token(idx),
+                mio::Interest::READABLE | mio::Interest::WRITABLE,
+            ) {
                 debug!(error = %e, "registering a connection failed");
                 continue;
             }
@@ -760,21 +796,6 @@ impl State {
         if !self.accept_backlog.contains(&i) {
             self.accept_backlog.push(i);
         }
-    }
-
-    fn shared_registry_register(
-        &mut self,
-        sock: &mut mio::net::TcpStream,
-        idx: usize,
-    ) -> io::Result<()> {
-        REGISTRY.with(|r| match r.borrow().as_ref() {
-            Some(reg) => reg.register(
-                sock,
-                mio::Token(idx),
-                mio::Interest::READABLE | mio::Interest::WRITABLE,
-            ),
-            None => Err(io::ErrorKind::NotFound.into()),
-        })
     }
 
     fn list_write(&mut self, idx: usize) {
@@ -838,8 +859,12 @@ impl State {
         while frames < FRAME_BUDGET {
             match frame_len(&rbuf[consumed..]) {
                 Ok(FrameLen::Complete(n)) => {
-                    self.core
-                        .handle_client_datagram(self.now, ft, route, &rbuf[consumed..consumed + n]);
+                    self.core.handle_client_datagram(
+                        self.now,
+                        ft,
+                        route,
+                        &rbuf[consumed..consumed + n],
+                    );
                     consumed += n;
                     frames += 1;
                     self.after_core();
@@ -852,8 +877,8 @@ impl State {
             }
         }
         rbuf.drain(..consumed);
-        let more_frames = frames == FRAME_BUDGET
-            && matches!(frame_len(&rbuf), Ok(FrameLen::Complete(_)));
+        let more_frames =
+            frames == FRAME_BUDGET && matches!(frame_len(&rbuf), Ok(FrameLen::Complete(_)));
         let Some(c) = self.streams.get_mut(idx) else {
             return;
         };
@@ -922,11 +947,7 @@ impl State {
         let Some(mut c) = self.streams.try_remove(idx) else {
             return;
         };
-        REGISTRY.with(|r| {
-            if let Some(reg) = r.borrow().as_ref() {
-                let _ = reg.deregister(&mut c.sock);
-            }
-        });
+        let _ = self.registry.deregister(&mut c.sock);
         if c.counted {
             self.stats.on_connection_closed(c.five_tuple.transport);
         } else if c.five_tuple.transport == Transport::Tls {
@@ -938,7 +959,8 @@ impl State {
             self.stats.on_tls_handshake(false);
             self.stats.on_connection_refused(cause);
         } else if expiry == Some(Expiry::Handshake) {
-            self.stats.on_connection_refused(RefuseCause::HandshakeTimeout);
+            self.stats
+                .on_connection_refused(RefuseCause::HandshakeTimeout);
         }
         if let Some(e) = expiry {
             debug!(client = %c.five_tuple.client, why = ?e, "connection timed out");
@@ -974,8 +996,10 @@ impl State {
         }
         self.stats.core = *self.core.stats();
         self.shared.metrics.publish(self.index, &self.stats);
-        self.handle
-            .store(self.core.allocation_count(), std::sync::atomic::Ordering::Relaxed);
+        self.handle.store(
+            self.core.allocation_count(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.heartbeat
             .store(unix_millis(), std::sync::atomic::Ordering::Relaxed);
     }
@@ -1021,7 +1045,9 @@ impl State {
                     let n = match which {
                         EndSelector::User(u) => self.core.end_user_allocations(self.now, &u),
                         EndSelector::Id(id) => match id.parse::<u64>() {
-                            Ok(id) => usize::from(self.core.end_allocation(self.now, AllocationId(id))),
+                            Ok(id) => {
+                                usize::from(self.core.end_allocation(self.now, AllocationId(id)))
+                            }
                             Err(_) => 0,
                         },
                     };
@@ -1036,7 +1062,11 @@ impl State {
     fn shutdown(&mut self, backend: &mut dyn Backend) {
         let open = self.core.allocation_count();
         if open > 0 {
-            info!(worker = self.index, allocations = open, "stopping with allocations open");
+            info!(
+                worker = self.index,
+                allocations = open,
+                "stopping with allocations open"
+            );
         }
         let idxs: Vec<usize> = self.streams.iter().map(|(i, _)| i).collect();
         for idx in idxs {
@@ -1057,18 +1087,6 @@ impl State {
         self.shared.metrics.publish(self.index, &self.stats);
         self.handle.store(0, std::sync::atomic::Ordering::Relaxed);
     }
-}
-
-thread_local! {
-    /// The worker thread's mio registry (streams register and deregister through it).
-    static REGISTRY: std::cell::RefCell<Option<mio::Registry>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Installs the worker thread's registry (a clone of the backend's).
-fn install_registry(backend: &dyn Backend) -> io::Result<()> {
-    let reg = backend.registry().try_clone()?;
-    REGISTRY.with(|r| *r.borrow_mut() = Some(reg));
-    Ok(())
 }
 
 fn stream_index(route: Route) -> Option<usize> {
