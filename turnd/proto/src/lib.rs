@@ -7,7 +7,11 @@
 //! It does no IO and reads no clock: datagrams and the current time go in through
 //! `handle_*` methods, and datagrams to send, timer deadlines, relay-port requests and events
 //! come out through `poll_*` methods. Any IO layer — tokio, io_uring, a fuzzer, a fake-clock
-//! test — can drive it; the `turnd` crate is the production one.
+//! test — can drive it; the `turnd` crate is the production one. The IO layer names its
+//! sockets with small handles the core hands back (a `RelayHandle` per relay socket, a
+//! `Route` for the way back to a client), so neither side keeps a map of the other's state;
+//! and it supplies the randomness (a seed per shard for reservation tokens), so the core
+//! stays deterministic under test. Protocol defaults and caps live in [`defaults`].
 //!
 //! What it leaves out: sockets and port binding (the core asks the IO layer for relay ports),
 //! TLS, DTLS, TCP allocations (RFC 6062), ICE, and the client side of TURN.

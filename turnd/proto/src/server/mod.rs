@@ -13,6 +13,16 @@
 //! Call the `poll_*` methods after every `handle_*` call until they return `None`. Outgoing
 //! datagrams are written into one reused buffer, so relaying a packet allocates nothing once
 //! the buffers have grown to their working size.
+//!
+//! The packet path finds an allocation by indexing a `Vec` with the [`RelayHandle`] a peer
+//! datagram arrived on, or by an Fx-hashed map keyed by 5-tuple for client datagrams (its
+//! entries are made only by authenticated requests, so an unauthenticated sender cannot
+//! choose its keys). Answers carry the [`Route`] their request came by.
+//!
+//! Operations (the admin API): [`Server::update_config`] (hot reload),
+//! [`Server::set_draining`] (300 ALTERNATE-SERVER, refreshes capped to the deadline),
+//! [`Server::sessions`], [`Server::end_allocation`] and [`Server::end_user_allocations`].
+//! Counters and O(1) gauges for metrics are in [`Server::stats`].
 
 mod allocation;
 pub mod policy;
@@ -626,7 +636,10 @@ pub enum PortRequest {
         /// Also reserve the next-higher port.
         reserve_next: bool,
     },
-    /// The port held for a RESERVATION-TOKEN: bind exactly this local address.
+    /// The port held for a RESERVATION-TOKEN, possibly by another shard's IO layer: turn
+    /// the socket held at exactly this local address into this allocation's relay socket.
+    /// The reservation is already removed from the ledger: if this fails, the IO layer frees
+    /// the held port itself (no [`Event::ReservedPortReleased`] will come for it).
     Reserved(SocketAddr),
 }
 
@@ -700,7 +713,8 @@ impl EndReason {
 pub enum Event {
     /// Bind relay socket(s), then call [`Server::handle_relay_bound`].
     RelayRequested(RelayRequest),
-    /// Close this relay socket; its handle and port are free again.
+    /// Close this relay socket; its handle and port are free again. Sent exactly once for
+    /// every relayed address the IO layer reported bound in a [`RelayBound`].
     RelayReleased(RelayedAddress),
     /// Close the port held at this local address for a RESERVATION-TOKEN (it was never
     /// redeemed, or the allocation it was held for failed); the port is free again. Emitted

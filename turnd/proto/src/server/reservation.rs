@@ -2,22 +2,7 @@
 //! between the shards of a process like the [quota](super::QuotaLedger): touched when an
 //! allocation is created, never per packet.
 //!
-//! # The contract
-//!
-//! * The shard whose Allocate carried EVEN-PORT with R asks its IO layer to hold port + 1
-//!   (`RelayBound::reserved_next`), draws a random token ([`TokenSource`]) and records a
-//!   [`Reservation`] under it: the held port's local address, the username that reserved
-//!   it, and when it expires (`ServerConfig::reservation_lifetime`, 30 s by default).
-//! * Any shard may redeem the token ([`ReservationLedger::redeem`]): only the same username,
-//!   only before expiry. It then asks its own IO layer for `PortRequest::Reserved(local)`:
-//!   held ports must therefore live in a process-wide table keyed by local address, not in
-//!   the reserving worker. If that bind fails, the IO layer releases the held port itself.
-//! * Removal is what counts: whoever removes an entry from the ledger owns the port from then
-//!   on. Redeeming removes it (the port becomes the allocation's relay socket). The reserving
-//!   shard's timer removes it when it expires, and a redeemer that finds it expired removes
-//!   it too; either one then emits `Event::ReservedPortReleased(local)`. Since removal happens
-//!   under the ledger's lock, the port is released exactly once, by whichever shard removed
-//!   it.
+//! See [`ReservationLedger`] for the contract between shards.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -52,7 +37,25 @@ pub enum Redeemed {
     Expired(SocketAddr),
 }
 
-/// The table of reservations. See the [module documentation](self) for the contract.
+/// The table of reservations, shared by the shards of a process.
+///
+/// # The contract
+///
+/// * The shard whose Allocate carried EVEN-PORT with R asks its IO layer to hold port + 1
+///   (`RelayBound::reserved_next`), draws a random token (HMAC-SHA256 of a counter under the
+///   shard's seed, `Server::with_ledgers`) and records a
+///   [`Reservation`] under it: the held port's local address, the username that reserved
+///   it, and when it expires (`ServerConfig::reservation_lifetime`, 30 s by default).
+/// * Any shard may redeem the token ([`ReservationLedger::redeem`]): only the same username,
+///   only before expiry. It then asks its own IO layer for `PortRequest::Reserved(local)`:
+///   held ports must therefore live in a process-wide table keyed by local address, not in
+///   the reserving worker. If that bind fails, the IO layer releases the held port itself.
+/// * Removal is what counts: whoever removes an entry from the ledger owns the port from then
+///   on. Redeeming removes it (the port becomes the allocation's relay socket). The reserving
+///   shard's timer removes it when it expires, and a redeemer that finds it expired removes
+///   it too; either one then emits `Event::ReservedPortReleased(local)`. Since removal happens
+///   under the ledger's lock, the port is released exactly once, by whichever shard removed
+///   it.
 pub trait ReservationLedger: Send {
     /// Records a reservation; false (nothing recorded) when the token is already in use.
     fn insert(&mut self, token: [u8; 8], reservation: Reservation) -> bool;
