@@ -224,7 +224,6 @@ fn tls_files(ck: &mut Checker<'_>, config: &Config) -> Option<TlsFiles> {
 
 /// `[auth]` and the secrets of the environment.
 fn auth(ck: &mut Checker<'_>, config: &Config, generate_secret: bool) -> Auth {
-    let before = ck.count();
     let a = &config.auth;
     let realm = a.realm.clone();
     if realm.is_empty() || realm.chars().count() > 763 || realm.contains('"') {
@@ -236,6 +235,8 @@ fn auth(ck: &mut Checker<'_>, config: &Config, generate_secret: bool) -> Auth {
             },
         );
     }
+    // Errors from here on are about credentials that were configured but unusable.
+    let before = ck.count();
     let users = users(ck, config);
     let mut secrets = Vec::new();
     for (i, s) in a.secrets.iter().enumerate() {
@@ -1216,6 +1217,34 @@ mod tests {
             .map(|e| e.location.key.clone().unwrap_or_default())
             .collect();
         assert_eq!(keys, ["auth.secret_files[0]", "auth.secret_files[1]"]);
+    }
+
+    #[test]
+    fn a_bad_realm_and_missing_credentials_are_both_reported() {
+        let errors = check_all("[auth]\nrealm = \"\"\n", Checks::default()).expect_err("two");
+        let reasons: Vec<&Reason> = errors.iter().map(ConfigError::reason).collect();
+        // "No credentials" sits at `[auth]` (line 1), the realm on line 2.
+        assert!(
+            matches!(
+                reasons[..],
+                [Reason::NoCredentials, Reason::Unusable { .. }]
+            ),
+            "{errors}"
+        );
+    }
+
+    #[test]
+    fn reload_of_text_validates_the_same_text_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("secret");
+        std::fs::write(&f, "one\n").expect("write");
+        let text = format!("[auth]\nsecret_files = [\"{}\"]\n", f.display());
+        let s = check(&text).expect("valid");
+        assert_eq!(s.config_path, None);
+        std::fs::write(&f, "one\ntwo\n").expect("write");
+        let again = s.reload(&env()).expect("reloads");
+        assert_eq!(again.auth.secrets.len(), 2, "the secret file is read again");
+        assert_eq!(again.source, "t.toml");
     }
 
     #[test]
