@@ -1454,6 +1454,11 @@ mod tests {
             .expect("parses")
             .validate(&env)
             .expect("valid");
+        let shown = format!("{s:?}");
+        assert!(
+            !shown.contains("file-token"),
+            "the token never prints: {shown}"
+        );
         let token = s.admin.expect("on").token.expect("token");
         assert_eq!(
             token.expose(),
