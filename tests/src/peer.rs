@@ -80,6 +80,28 @@ impl EchoPeer {
         })
     }
 
+    /// Two peers on consecutive ports `P` (even) and `P + 1`: RTP and RTCP, as coturn's
+    /// `turnutils_uclient` addresses them without `-c` (RTCP to the peer port + 1).
+    ///
+    /// # Errors
+    /// No free pair was found in a bounded number of tries.
+    pub fn start_pair(ip: IpAddr) -> io::Result<(Self, Self)> {
+        for _ in 0..64 {
+            let first = Self::start(ip)?;
+            let port = first.addr.port();
+            if port % 2 == 1 || port == u16::MAX {
+                continue;
+            }
+            if let Ok(second) = Self::bind(SocketAddr::new(ip, port + 1)) {
+                return Ok((first, second));
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "no free pair of consecutive ports",
+        ))
+    }
+
     /// Datagrams received so far.
     #[must_use]
     pub fn received(&self) -> u64 {

@@ -117,7 +117,7 @@ pub struct TestServer {
 
 #[derive(Debug)]
 enum Inner {
-    Turnd(Option<Running>),
+    Turnd(Option<Box<Running>>),
     Coturn(Child),
 }
 
@@ -158,7 +158,7 @@ impl TestServer {
             addr,
             kind: Kind::Turnd,
             auth,
-            inner: Inner::Turnd(Some(running)),
+            inner: Inner::Turnd(Some(Box::new(running))),
             dir,
         })
     }
@@ -261,7 +261,7 @@ impl TestServer {
     #[must_use]
     pub fn running(&self) -> Option<&Running> {
         match &self.inner {
-            Inner::Turnd(r) => r.as_ref(),
+            Inner::Turnd(r) => r.as_deref(),
             Inner::Coturn(_) => None,
         }
     }

@@ -97,6 +97,43 @@ pub fn run_with_input(
     })
 }
 
+/// What `turnutils_uclient`'s summary says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UclientSummary {
+    /// `tot_send_msgs`.
+    pub sent: u64,
+    /// `tot_recv_msgs`.
+    pub received: u64,
+    /// `Total lost packets N`.
+    pub lost: u64,
+}
+
+impl UclientSummary {
+    /// Parses `start_mclient: tot_send_msgs=S, tot_recv_msgs=R` and `Total lost packets N`
+    /// (the last of each).
+    #[must_use]
+    pub fn parse(out: &str) -> Option<Self> {
+        let field = |line: &str, key: &str| -> Option<u64> {
+            let rest = &line[line.find(key)? + key.len()..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        };
+        let totals = out
+            .lines()
+            .rev()
+            .find(|l| l.contains("start_mclient: tot_send_msgs="))?;
+        let lost = out
+            .lines()
+            .rev()
+            .find(|l| l.contains("Total lost packets "))?;
+        Some(Self {
+            sent: field(totals, "tot_send_msgs=")?,
+            received: field(totals, "tot_recv_msgs=")?,
+            lost: field(lost, "Total lost packets ")?,
+        })
+    }
+}
+
 fn read_all(r: Option<&mut impl std::io::Read>) -> Vec<u8> {
     let mut v = Vec::new();
     if let Some(r) = r {
