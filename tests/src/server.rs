@@ -139,8 +139,21 @@ impl TestServer {
     /// # Errors
     /// The config is invalid or the listener cannot be bound.
     pub fn turnd(toml: &str, auth: Auth) -> anyhow::Result<Self> {
+        let settings = Config::from_toml(toml)?.validate(&MapEnv::default())?;
+        Self::turnd_with(settings, auth)
+    }
+
+    /// Starts turnd in-process from a configuration file, which a reload re-reads.
+    ///
+    /// # Errors
+    /// The config is invalid or the listener cannot be bound.
+    pub fn turnd_file(path: &std::path::Path, auth: Auth) -> anyhow::Result<Self> {
+        let settings = Config::load(path)?.validate(&MapEnv::default())?;
+        Self::turnd_with(settings, auth)
+    }
+
+    fn turnd_with(mut settings: turnd::config::Settings, auth: Auth) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let mut settings = Config::from_toml(toml)?.validate(&MapEnv::default())?;
         // Tests run side by side; the default admin port is one fixed port.
         if let Some(admin) = settings.admin.as_mut() {
             admin.listen.set_port(0);
