@@ -353,68 +353,71 @@ fn echoed_stamp(frame: &[u8]) -> Option<u64> {
 }
 
 /// Drives one flow: sends by the mode's rule, records every echo, drains after the deadline.
+/// `slot` of `slots` places a paced flow's phase within its period. Timers are few and
+/// long-lived (the client shares the cores with the server under test).
 async fn drive(
     link: &mut Link,
     channel: ChannelNumber,
-    index: usize,
+    (slot, slots): (usize, usize),
     shared: &Shared,
 ) -> LoadStats {
     let cfg = shared.config;
     let mut stats = LoadStats::default();
-    let frame_len = if link.is_stream() {
+    let is_stream = link.is_stream();
+    let frame_len = if is_stream {
         (ChannelData::HEADER_LEN + cfg.payload + 3) & !3
     } else {
         ChannelData::HEADER_LEN + cfg.payload
     };
     let mut out = vec![0u8; frame_len];
-    let mut seq = (index as u64) << 40;
+    let mut seq = (slot as u64) << 40;
     let (window, rate) = match cfg.mode {
         Mode::Saturated { window } => (window.max(1), 0.0),
         Mode::Paced { pps } => (0, pps as f64 / shared.flows.max(1) as f64),
     };
-    // Paced: this flow's own schedule, phase-shifted by its index over one period.
+    // Paced: this flow's own schedule, phase-shifted by its slot over one period.
     let period = if rate > 0.0 {
         Duration::from_secs_f64(1.0 / rate)
     } else {
-        Duration::from_secs(1)
+        STALL
     };
-    let phase = period.mul_f64(index as f64 / shared.flows.max(1) as f64);
-    let first = shared.epoch + phase;
+    let first = shared.epoch + period.mul_f64(slot as f64 / slots.max(1) as f64);
     let mut tick = tokio::time::interval_at(first.into(), period.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut paced_count = 0u64;
-
+    // Saturated: a window that heard nothing for a whole STALL is presumed lost.
+    let mut stall = tokio::time::interval_at((Instant::now() + STALL).into(), STALL);
+    let mut heard = false;
+    let end = tokio::time::sleep_until(shared.deadline.into());
+    tokio::pin!(end);
     let hard_stop = shared.deadline + DRAIN;
-    let is_stream = link.is_stream();
+    let mut past = false;
     let mut failed = false;
-    for _ in 0..window {
-        stamp(&mut out, channel, seq, shared.epoch, cfg.payload);
-        seq += 1;
-        if link.send(&out).await.is_ok() {
-            stats.sent += 1;
-        }
-    }
+
+    let mut to_send = window as u64;
     loop {
-        let now = Instant::now();
-        let past = now >= shared.deadline;
-        if now >= hard_stop || failed || (past && stats.received >= stats.sent) {
+        for _ in 0..to_send {
+            stamp(&mut out, channel, seq, shared.epoch, cfg.payload);
+            seq += 1;
+            if link.send(&out).await.is_ok() {
+                stats.sent += 1;
+            } else if is_stream {
+                failed = true;
+                break;
+            }
+        }
+        to_send = 0;
+        if failed || (past && stats.received >= stats.sent) {
             break;
         }
-        let wake = if past {
-            hard_stop
-        } else if window > 0 {
-            (now + STALL).min(shared.deadline)
-        } else {
-            shared.deadline
-        };
-        let mut to_send = 0u64;
         tokio::select! {
             r = link.recv() => match r {
                 Ok(frame) => {
                     if let Some(sent_at) = echoed_stamp(frame) {
                         let rtt = now_ns(shared.epoch).saturating_sub(sent_at);
                         stats.received += 1;
-                        if Instant::now() < shared.deadline {
+                        heard = true;
+                        if !past && Instant::now() < shared.deadline {
                             stats.received_in_window += 1;
                             stats.rtt_ns.push(u32::try_from(rtt).unwrap_or(u32::MAX));
                             to_send = u64::from(window > 0);
@@ -426,26 +429,24 @@ async fn drive(
             },
             _ = tick.tick(), if window == 0 && !past => {
                 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-                let due = (Instant::now().saturating_duration_since(first).as_secs_f64() * rate) as u64 + 1;
+                let due = (Instant::now().saturating_duration_since(first).as_secs_f64() * rate)
+                    as u64
+                    + 1;
                 to_send = due.saturating_sub(paced_count).min(64);
                 paced_count += to_send;
             },
-            () = tokio::time::sleep_until(wake.into()) => {
-                // Saturated and silent for STALL: presume the window lost and re-prime.
-                if window > 0 && Instant::now() < shared.deadline {
+            _ = stall.tick(), if window > 0 && !past => {
+                if !std::mem::take(&mut heard) {
                     to_send = window as u64;
                 }
             },
-        }
-        for _ in 0..to_send {
-            stamp(&mut out, channel, seq, shared.epoch, cfg.payload);
-            seq += 1;
-            if link.send(&out).await.is_ok() {
-                stats.sent += 1;
-            } else if is_stream {
-                failed = true;
-                break;
-            }
+            () = &mut end => {
+                if past {
+                    break;
+                }
+                past = true;
+                end.as_mut().reset(hard_stop.into());
+            },
         }
     }
     stats
@@ -482,11 +483,12 @@ fn client_thread(
     });
     let (stats, legs) = rt.block_on(async move {
         let mut set = JoinSet::new();
+        let slots = legs.len();
         for (k, mut leg) in legs.into_iter().enumerate() {
             let shared = shared.clone();
             set.spawn(async move {
                 let (link, channel) = leg.parts();
-                let stats = drive(link, channel, k, &shared).await;
+                let stats = drive(link, channel, (k, slots), &shared).await;
                 (stats, leg)
             });
         }

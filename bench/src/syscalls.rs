@@ -1,5 +1,6 @@
-//! System calls per relayed packet, counted by the kernel's `syscalls:sys_enter_*`
-//! tracepoints through `perf stat` (counting mode: no sampling, no stacks).
+//! System calls per relayed packet, counted by the kernel's `syscalls:sys_enter_<call>`
+//! tracepoints through `perf stat` (counting mode: no sampling, no stacks) for the calls in
+//! [`COUNTED`].
 //!
 //! `perf stat -D -1 --control fifo:…` attaches to the server's threads with every event
 //! disabled; the bench enables the events at the load window's start and disables them at
@@ -20,8 +21,43 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 
-/// How long a control command may wait for perf's acknowledgement.
-const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a control command may wait for perf's acknowledgement, and perf for its exit
+/// (closing tracepoint events waits for RCU grace periods: seconds on a busy machine).
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The calls counted. Not `syscalls:sys_enter_*`: attaching and detaching all ~350
+/// tracepoints takes tens of seconds here (each waits for an RCU grace period), so the
+/// probe counts the calls a UDP/TCP relay can make on its packet path, and "all" means these.
+pub const COUNTED: [&str; 28] = [
+    "sendmsg",
+    "sendmmsg",
+    "sendto",
+    "write",
+    "writev",
+    "pwritev",
+    "recvmsg",
+    "recvmmsg",
+    "recvfrom",
+    "read",
+    "readv",
+    "preadv",
+    "epoll_wait",
+    "epoll_pwait",
+    "epoll_pwait2",
+    "epoll_ctl",
+    "io_uring_enter",
+    "poll",
+    "ppoll",
+    "select",
+    "futex",
+    "sched_yield",
+    "nanosleep",
+    "clock_nanosleep",
+    "accept4",
+    "close",
+    "getsockopt",
+    "setsockopt",
+];
 
 /// What to attach to.
 #[derive(Debug, Clone)]
@@ -123,7 +159,11 @@ impl Probe {
         mkfifo(&ctl_path)?;
         mkfifo(&ack_path)?;
         let mut cmd = Command::new("perf");
-        cmd.args(["stat", "-x;", "-D", "-1", "-e", "syscalls:sys_enter_*"])
+        let events: Vec<String> = COUNTED
+            .iter()
+            .map(|c| format!("syscalls:sys_enter_{c}"))
+            .collect();
+        cmd.args(["stat", "-x;", "-D", "-1", "-e", &events.join(",")])
             .arg("-o")
             .arg(&out)
             .arg("--control")
