@@ -202,20 +202,54 @@ pub enum LogInitError {
 pub fn init_logging(log: &Logging, env: &dyn Env) -> Result<(), LogInitError> {
     let directive = env.var("RUST_LOG").filter(|v| !v.trim().is_empty());
     let filter_text = directive.clone().unwrap_or_else(|| log.level.clone());
-    let filter = tracing_subscriber::EnvFilter::builder()
-        .parse(&filter_text)
-        .map_err(|e| LogInitError::BadFilter {
-            value: filter_text.clone(),
-            detail: e.to_string(),
-        })?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let filter = parse_filter(&filter_text)?;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     let result = match log.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder
-            .with_ansi(std::io::stdout().is_terminal())
+        LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json())
+            .try_init(),
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_ansi(std::io::stdout().is_terminal()))
             .try_init(),
     };
-    result.map_err(|_| LogInitError::AlreadyInstalled)
+    result.map_err(|_| LogInitError::AlreadyInstalled)?;
+    // RUST_LOG pins the filter; otherwise a reload may change `[log] level` live.
+    if directive.is_none() {
+        let _ = LOG_RELOAD.set(Box::new(move |text: &str| {
+            let filter = parse_filter(text).map_err(|e| e.to_string())?;
+            handle.reload(filter).map_err(|e| e.to_string())
+        }));
+    }
+    Ok(())
+}
+
+fn parse_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, LogInitError> {
+    tracing_subscriber::EnvFilter::builder()
+        .parse(text)
+        .map_err(|e| LogInitError::BadFilter {
+            value: text.to_owned(),
+            detail: e.to_string(),
+        })
+}
+
+type Reloader = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+static LOG_RELOAD: std::sync::OnceLock<Reloader> = std::sync::OnceLock::new();
+
+/// Changes the log filter of the subscriber [`init_logging`] installed (a configuration
+/// reload). Returns `Ok(false)` when there is nothing to change (no subscriber of ours, or
+/// `RUST_LOG` pins the filter).
+///
+/// # Errors
+/// The filter does not parse.
+pub fn set_log_level(level: &str) -> Result<bool, String> {
+    match LOG_RELOAD.get() {
+        Some(f) => f(level).map(|()| true),
+        None => Ok(false),
+    }
 }
 
 #[cfg(test)]

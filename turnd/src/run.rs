@@ -176,6 +176,11 @@ impl ProcessControl {
             }
         };
         let plan = reload_plan(&current, &new);
+        if new.log.level != current.log.level {
+            if let Err(e) = crate::cli::set_log_level(&new.log.level) {
+                warn!(error = %e, "log level not changed");
+            }
+        }
         let config = new.server_config(self.nonce_secret);
         for w in &self.workers {
             w.send(Command::Reload {
