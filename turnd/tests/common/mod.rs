@@ -8,6 +8,8 @@
     clippy::missing_panics_doc
 )]
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
