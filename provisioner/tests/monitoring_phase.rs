@@ -78,7 +78,7 @@ fn rig(c: &Cluster) -> Rig {
         "sha256sum",
         Output::failed(
             1,
-            &format!("sha256sum: {VALUES_PATH}: No such file or directory\n"),
+            format!("sha256sum: {VALUES_PATH}: No such file or directory\n"),
         ),
     );
     let transports = Transports {
