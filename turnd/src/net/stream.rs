@@ -1,7 +1,6 @@
 //! TCP and TLS connections (RFC 8656 §3.1): listener sockets, connection caps, the bounded
 //! per-connection write queue, and the read-side frame splitter.
 
-use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -10,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::sync::Notify;
 
 /// Limits that keep one client from hurting the others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,64 +102,6 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// The write side of one connection, as the worker sees it: a bounded queue and a wake-up
-/// for the task that writes it to the socket.
-#[derive(Debug, Default)]
-pub struct WriteQueue {
-    buf: RefCell<Vec<u8>>,
-    notify: Notify,
-    closed: Cell<bool>,
-    dropped: Cell<u64>,
-}
-
-impl WriteQueue {
-    /// Queues a frame unless that would pass `limit` bytes; returns whether it was queued.
-    /// Dropping whole frames keeps the stream well-formed.
-    pub fn push(&self, frame: &[u8], limit: usize) -> bool {
-        if self.closed.get() {
-            return false;
-        }
-        let mut buf = self.buf.borrow_mut();
-        if buf.len() + frame.len() > limit {
-            self.dropped.set(self.dropped.get() + 1);
-            return false;
-        }
-        buf.extend_from_slice(frame);
-        drop(buf);
-        self.notify.notify_one();
-        true
-    }
-
-    /// Moves the queued bytes into `out` (emptying the queue).
-    pub fn take_into(&self, out: &mut Vec<u8>) {
-        out.clear();
-        std::mem::swap(&mut *self.buf.borrow_mut(), out);
-    }
-
-    /// Waits until something is queued.
-    pub async fn wait(&self) {
-        if self.buf.borrow().is_empty() {
-            self.notify.notified().await;
-        }
-    }
-
-    /// Marks the connection closed: nothing more is queued.
-    pub fn close(&self) {
-        self.closed.set(true);
-        self.notify.notify_one();
-    }
-
-    /// Whether the connection is closed.
-    pub fn is_closed(&self) -> bool {
-        self.closed.get()
-    }
-
-    /// Frames dropped because the client did not read fast enough.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.get()
-    }
-}
-
 /// Binds a TCP listener with SO_REUSEPORT so every worker accepts on the same address.
 ///
 /// # Errors
@@ -205,18 +145,70 @@ mod tests {
         assert!(caps.try_acquire(a, &limits).is_some());
     }
 
+    fn pair() -> (Connection, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, peer) = l.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let caps = Arc::new(ConnectionCaps::default());
+        let slot = caps
+            .try_acquire(peer.ip(), &StreamLimits::default())
+            .unwrap();
+        let ft = turn_proto::server::FiveTuple {
+            client: peer,
+            server: server.local_addr().unwrap(),
+            transport: turn_proto::server::Transport::Tcp,
+        };
+        let now = std::time::Instant::now();
+        (
+            Connection::new(mio::net::TcpStream::from_std(server), ft, slot, now),
+            client,
+        )
+    }
+
     #[test]
-    fn write_queue_is_bounded_and_drops_whole_frames() {
-        let q = WriteQueue::default();
-        assert!(q.push(&[1; 60], 100));
-        assert!(!q.push(&[2; 60], 100));
-        assert!(q.push(&[3; 40], 100));
-        let mut out = Vec::new();
-        q.take_into(&mut out);
-        assert_eq!(out.len(), 100);
-        assert_eq!(q.dropped(), 1);
-        q.close();
-        assert!(!q.push(&[1], 100));
+    fn write_buffer_is_bounded_and_drops_whole_frames() {
+        let (mut c, _client) = pair();
+        assert!(c.queue(&[1; 60], 100));
+        assert!(
+            !c.queue(&[2; 60], 100),
+            "would pass the limit: dropped whole"
+        );
+        assert!(c.queue(&[3; 40], 100));
+        assert_eq!(c.wbuf.len(), 100);
+    }
+
+    #[test]
+    fn frame_timeout_runs_from_the_start_of_an_incomplete_frame() {
+        let (mut c, _client) = pair();
+        let limits = StreamLimits {
+            idle_timeout: Duration::from_secs(2),
+            ..StreamLimits::default()
+        };
+        let t0 = c.accepted;
+        c.phase = Phase::Open;
+        // A frame header arrives and the rest trickles: the clock does not restart per byte.
+        c.rbuf.extend_from_slice(&[0x40, 0x00, 0xff, 0xfc]);
+        c.after_frames(false, t0);
+        c.rbuf.push(0);
+        c.after_frames(false, t0 + Duration::from_secs(1));
+        assert_eq!(
+            c.expired(t0 + Duration::from_millis(1900), &limits, true),
+            None
+        );
+        assert_eq!(
+            c.expired(t0 + Duration::from_secs(2), &limits, true),
+            Some(Expiry::Frame),
+            "an allocation does not save a frame that never completes"
+        );
+        // Complete frames keep an idle connection with an allocation open.
+        c.rbuf.clear();
+        c.after_frames(true, t0 + Duration::from_secs(3));
+        assert_eq!(c.expired(t0 + Duration::from_secs(60), &limits, true), None);
+        assert_eq!(
+            c.expired(t0 + Duration::from_secs(60), &limits, false),
+            Some(Expiry::Idle)
+        );
     }
 }
 

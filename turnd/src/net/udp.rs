@@ -166,9 +166,10 @@ impl SendQueue {
         self.items.len()
     }
 
-    /// The queued datagrams, grouped by socket (order within a socket kept), and their bytes.
+    /// The queued datagrams, grouped by socket and destination (the order toward each
+    /// destination kept: the sort is stable), and their bytes.
     pub fn grouped(&mut self) -> (&[OutDatagram], &[u8]) {
-        self.items.sort_by_key(|d| d.fd);
+        self.items.sort_by_key(|d| (d.fd, d.destination));
         (&self.items, &self.data)
     }
 
@@ -287,6 +288,69 @@ impl AsRawFd for BorrowedSocket {
     }
 }
 
+/// Whether UDP GSO (`UDP_SEGMENT`, Linux ≥ 4.18) is used; turned off for good the first time
+/// the kernel refuses a segmented send.
+static GSO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+/// Most segments in one GSO send (the kernel's limit is 64).
+const GSO_SEGMENTS: usize = 64;
+/// Most bytes in one GSO send.
+const GSO_BYTES: usize = 65_000;
+
+/// How many of `items` (starting at the first) can leave as one GSO send: same destination
+/// and source, every segment the first one's size except a shorter last one.
+fn gso_run(items: &[OutDatagram]) -> usize {
+    let Some(first) = items.first() else { return 0 };
+    if !GSO.load(std::sync::atomic::Ordering::Relaxed) {
+        return 1;
+    }
+    let size = first.end - first.start;
+    let mut n = 1;
+    let mut bytes = size;
+    for d in &items[1..] {
+        let len = d.end - d.start;
+        if n >= GSO_SEGMENTS
+            || d.destination != first.destination
+            || d.src_ip != first.src_ip
+            || d.force_dont_fragment
+            || len > size
+            || bytes + len > GSO_BYTES
+        {
+            break;
+        }
+        n += 1;
+        bytes += len;
+        if len < size {
+            break;
+        }
+    }
+    n
+}
+
+/// Appends a `UDP_SEGMENT` control message after `used` bytes of `buf`; returns the new
+/// length.
+///
+/// # Safety
+/// `msg.msg_control` must point at `buf`.
+unsafe fn write_segment_size(
+    msg: &mut libc::msghdr,
+    buf: &mut [u8],
+    used: usize,
+    size: u16,
+) -> usize {
+    let space = libc::CMSG_SPACE(size_of::<u16>() as u32) as usize;
+    if used + space > buf.len() {
+        return used;
+    }
+    msg.msg_control = buf.as_mut_ptr().cast();
+    let cmsg = buf.as_mut_ptr().add(used).cast::<libc::cmsghdr>();
+    (*cmsg).cmsg_level = libc::SOL_UDP;
+    (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+    (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), size);
+    msg.msg_controllen = (used + space) as _;
+    used + space
+}
+
 fn send_chunk(fd: RawFd, chunk: &[OutDatagram], data: &[u8], out: &mut Flushed) {
     let n = chunk.len().min(SEND_BATCH);
     let mut names: [(libc::sockaddr_storage, libc::socklen_t); SEND_BATCH] =
@@ -298,35 +362,51 @@ fn send_chunk(fd: RawFd, chunk: &[OutDatagram], data: &[u8], out: &mut Flushed) 
     let mut ctrl = [[0u8; PKTINFO_SPACE]; SEND_BATCH];
     // SAFETY: all-zero mmsghdrs are valid.
     let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
+    // Message j covers items segs[j].0 .. segs[j].0 + segs[j].1.
+    let mut segs = [(0usize, 0usize); SEND_BATCH];
     for (i, d) in chunk.iter().take(n).enumerate() {
-        names[i] = sockaddr(&d.destination);
         let payload = SendQueue::payload(data, d);
         iovs[i] = libc::iovec {
             iov_base: payload.as_ptr().cast_mut().cast(),
             iov_len: payload.len(),
         };
-        let msg = &mut hdrs[i].msg_hdr;
-        msg.msg_name = std::ptr::addr_of_mut!(names[i].0).cast();
-        msg.msg_namelen = names[i].1;
+    }
+    let mut m = 0;
+    let mut i = 0;
+    while i < n {
+        let k = gso_run(&chunk[i..n]);
+        let d = &chunk[i];
+        names[m] = sockaddr(&d.destination);
+        let msg = &mut hdrs[m].msg_hdr;
+        msg.msg_name = std::ptr::addr_of_mut!(names[m].0).cast();
+        msg.msg_namelen = names[m].1;
         msg.msg_iov = std::ptr::addr_of_mut!(iovs[i]);
-        msg.msg_iovlen = 1;
-        // SAFETY: the control buffer is ctrl[i], PKTINFO_SPACE bytes, owned for the call.
-        let len = unsafe { write_pktinfo(msg, &mut ctrl[i], d.src_ip) };
-        if len == 0 {
+        msg.msg_iovlen = k;
+        // SAFETY: the control buffer is ctrl[m], PKTINFO_SPACE bytes, owned for the call.
+        let mut used = unsafe { write_pktinfo(msg, &mut ctrl[m], d.src_ip) };
+        if k > 1 {
+            let size = u16::try_from(d.end - d.start).unwrap_or(u16::MAX);
+            // SAFETY: as above; the UDP_SEGMENT message follows the PKTINFO one.
+            used = unsafe { write_segment_size(msg, &mut ctrl[m], used, size) };
+        }
+        if used == 0 {
             msg.msg_control = std::ptr::null_mut();
             msg.msg_controllen = 0;
         }
+        segs[m] = (i, k);
+        m += 1;
+        i += k;
     }
     let mut done = 0;
-    while done < n {
+    while done < m {
         out.syscalls += 1;
-        // SAFETY: hdrs[done..n] point at names, iovs and ctrl, all alive for the call; the
+        // SAFETY: hdrs[done..m] point at names, iovs and ctrl, all alive for the call; the
         // payload slices borrow `data`, alive too.
         let rc = unsafe {
             libc::sendmmsg(
                 fd,
                 hdrs.as_mut_ptr().add(done),
-                (n - done) as libc::c_uint,
+                (m - done) as libc::c_uint,
                 0,
             )
         };
@@ -335,18 +415,38 @@ fn send_chunk(fd: RawFd, chunk: &[OutDatagram], data: &[u8], out: &mut Flushed) 
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            // The first datagram failed (full buffer, EHOSTUNREACH, EMSGSIZE …): drop it
-            // and go on with the rest.
-            out.failed += 1;
+            let (start, k) = segs[done];
+            if k > 1
+                && matches!(
+                    e.raw_os_error(),
+                    Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
+                )
+            {
+                // The path cannot segment: send these one by one, and never segment again.
+                GSO.store(false, std::sync::atomic::Ordering::Relaxed);
+                let mut one = Flushed::default();
+                for d in &chunk[start..start + k] {
+                    send_chunk(fd, std::slice::from_ref(d), data, &mut one);
+                }
+                out.sent += one.sent;
+                out.failed += one.failed;
+                out.syscalls += one.syscalls;
+            } else {
+                // Full buffer, EHOSTUNREACH, EMSGSIZE …: drop this message, go on.
+                out.failed += k as u64;
+            }
             done += 1;
             continue;
         }
         let sent = usize::try_from(rc).unwrap_or(0);
-        out.sent += sent as u64;
-        done += sent.max(1);
-        if sent == 0 {
-            out.failed += 1;
+        for (_, k) in &segs[done..done + sent] {
+            out.sent += *k as u64;
         }
+        if sent == 0 {
+            out.failed += segs[done].1 as u64;
+            done += 1;
+        }
+        done += sent;
     }
 }
 
@@ -420,6 +520,54 @@ impl RecvBatch {
             from: m.addr,
             dst_ip: m.dst_ip,
             data: &self.data[start..start + m.len.min(DATAGRAM)],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Several datagrams to one destination leave as one segmented send (GSO) and arrive as
+    /// separate datagrams, in order, with a shorter last one intact; other destinations in
+    /// the same batch are not mixed in.
+    #[test]
+    fn gso_keeps_datagram_boundaries_and_order() {
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for s in [&a, &b] {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .unwrap();
+        }
+        let mut q = SendQueue::default();
+        let (aa, ba) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        for i in 0..10u8 {
+            q.push(tx.as_raw_fd(), aa, None, false, &[i; 300]);
+            if i % 3 == 0 {
+                q.push(tx.as_raw_fd(), ba, None, false, &[100 + i; 7]);
+            }
+        }
+        q.push(tx.as_raw_fd(), aa, None, false, &[42; 5]);
+        let (items, data) = q.grouped();
+        let mut out = Flushed::default();
+        sendmmsg_all(tx.as_raw_fd(), items, data, &mut out);
+        assert_eq!(out.sent, 15);
+        assert_eq!(out.failed, 0);
+        assert!(
+            GSO.load(std::sync::atomic::Ordering::Relaxed),
+            "the kernel took the segmented sends (no fallback)"
+        );
+        let mut buf = [0u8; 2048];
+        for i in 0..10u8 {
+            let n = a.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &[i; 300][..], "datagram {i} to a");
+        }
+        let n = a.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &[42; 5][..], "the short last segment");
+        for i in [0u8, 3, 6, 9] {
+            let n = b.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &[100 + i; 7][..], "datagram {i} to b");
         }
     }
 }
