@@ -769,6 +769,43 @@ impl fmt::Display for RenewOutcome {
     }
 }
 
+/// The stored certificate, and [`RenewOutcome::NotDue`] unless it is missing, unreadable,
+/// expired or inside the window (or `force`): the one place that decides whether to renew.
+pub fn renewal_due(
+    settings: &AcmeSettings,
+    now: SystemTime,
+    force: bool,
+) -> (Option<CertInfo>, Option<RenewOutcome>) {
+    let current = match settings.store.load() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("stored certificate unreadable, renewing: {e}");
+            None
+        }
+    };
+    let not_due = match (&current, force) {
+        (Some(c), false) => {
+            let renew_at = c.renew_at(settings.renew_before);
+            (now < renew_at).then(|| RenewOutcome::NotDue {
+                current: c.clone(),
+                renew_at,
+            })
+        }
+        _ => None,
+    };
+    (current, not_due)
+}
+
+/// What `cert issue` or a due `cert renew` would order, for `--dry-run` (nothing is asked of
+/// the CA or the DNS provider).
+fn would_order(settings: &AcmeSettings) -> String {
+    format!(
+        "dry run: would order a certificate for {} from {} by DNS-01; no ACME account, order or DNS record was created\n",
+        settings.names().join(", "),
+        settings.directory.url()
+    )
+}
+
 /// Renews when the stored certificate is missing, unreadable, expired or inside the window
 /// (or when `force`); otherwise does nothing.
 pub async fn renew(
@@ -777,21 +814,9 @@ pub async fn renew(
     now: SystemTime,
     force: bool,
 ) -> Result<RenewOutcome, AcmeError> {
-    let current = match settings.store.load() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!("stored certificate unreadable, renewing: {e}");
-            None
-        }
-    };
-    if let (Some(c), false) = (&current, force) {
-        let renew_at = c.renew_at(settings.renew_before);
-        if now < renew_at {
-            return Ok(RenewOutcome::NotDue {
-                current: c.clone(),
-                renew_at,
-            });
-        }
+    let (current, not_due) = renewal_due(settings, now, force);
+    if let Some(not_due) = not_due {
+        return Ok(not_due);
     }
     let issued = issue(settings, dns).await?;
     Ok(RenewOutcome::Renewed {
@@ -1272,6 +1297,13 @@ pub async fn run_command(
     dry_run: bool,
 ) -> Result<String, AcmeError> {
     match cmd {
+        CertCommand::Issue if dry_run => Ok(would_order(settings)),
+        CertCommand::Renew { force } if dry_run => {
+            match renewal_due(settings, SystemTime::now(), *force) {
+                (_, Some(not_due)) => Ok(format!("{not_due}\n")),
+                (_, None) => Ok(would_order(settings)),
+            }
+        }
         CertCommand::Issue => {
             let i = issue(settings, dns).await?;
             Ok(format!(

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::exec::{shell_quote, Cmd, SshOptions, SshTransport, Sudo, Transport};
 use crate::inventory::{Cluster, Inventory};
 use crate::phases::{self, Context, Settings};
-use crate::plan::{apply, Journal, PhaseId, Plan, Transports};
+use crate::plan::{apply, confirm, Journal, NotConfirmed, PhaseId, Plan, RunLock, Transports};
 use crate::secrets::{ProcessEnv, Secrets};
 
 /// Plans and builds the cluster that hosts turnd: the libvirt host, the VMs, Kubernetes.
@@ -36,6 +36,9 @@ pub struct Cli {
     /// Show every command run and its output.
     #[arg(short, long, global = true)]
     pub verbose: bool,
+    /// Apply disruptive actions (marked DISRUPTIVE in the plan) without asking.
+    #[arg(long, global = true)]
+    pub yes: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -174,6 +177,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             } else {
                 phases.clone()
             };
+            let _lock = run_lock(cli)?;
             let mut journal = Journal::at(journal_path(cli));
             let mut settings = phase_settings(cli);
             for p in list {
@@ -182,6 +186,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 if cli.dry_run {
                     settings.ahead.note(&plan);
                 } else if !plan.is_empty() {
+                    confirm_plan(cli, &plan)?;
                     apply(&plan, &t, &mut journal)?;
                     println!("phase {p}: applied {} action(s)", plan.actions.len());
                 }
@@ -201,9 +206,11 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 phases::plan_teardown_hostnet(&ctx)?,
                 phases::plan_teardown(&ctx, *keep_vms)?,
             ];
+            let _lock = run_lock(cli)?;
             for plan in &plans {
                 print!("{}", plan.render(cli.verbose));
                 if !cli.dry_run && !plan.is_empty() {
+                    confirm_plan(cli, plan)?;
                     apply(plan, &t, &mut Journal::at(journal_path(cli)))?;
                 }
             }
@@ -292,6 +299,34 @@ fn implemented() -> Vec<PhaseId> {
 
 fn load(cli: &Cli) -> anyhow::Result<Cluster> {
     Inventory::load(&cli.inventory).map_err(|e| UsageError(e.to_string()).into())
+}
+
+/// Takes the run lock next to the journal; none for `--dry-run`, which changes nothing.
+fn run_lock(cli: &Cli) -> anyhow::Result<Option<RunLock>> {
+    if cli.dry_run {
+        return Ok(None);
+    }
+    Ok(Some(RunLock::acquire(
+        journal_path(cli).with_file_name("lock"),
+    )?))
+}
+
+/// Lets a plan with disruptive actions through with `--yes`, or after a "y" on a terminal.
+fn confirm_plan(cli: &Cli, plan: &Plan) -> Result<(), NotConfirmed> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    let mut on_terminal = |question: &str| {
+        eprint!("{question}");
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer).is_ok()
+            && matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+    };
+    let ask: Option<&mut dyn FnMut(&str) -> bool> = if std::io::stdin().is_terminal() {
+        Some(&mut on_terminal)
+    } else {
+        None
+    };
+    confirm(plan, cli.yes, ask)
 }
 
 fn journal_path(cli: &Cli) -> PathBuf {

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use provisioner::cli::{run, Cli, UsageError};
+use provisioner::plan::NotConfirmed;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -24,6 +25,10 @@ fn main() -> ExitCode {
         Err(e) if e.downcast_ref::<UsageError>().is_some() => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
+        }
+        Err(e) if e.downcast_ref::<NotConfirmed>().is_some() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(3)
         }
         Err(e) => {
             eprintln!("error: {e:#}");

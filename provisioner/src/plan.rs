@@ -219,6 +219,9 @@ pub struct Plan {
     pub actions: Vec<Action>,
     /// Observations that need a human (e.g. drift that cannot be repaired safely).
     pub notes: Vec<String>,
+    /// The actions that interrupt service (index into `actions` → how): applying them needs
+    /// `--yes` or a confirmation on a terminal ([`confirm`]).
+    pub disruptive: BTreeMap<usize, String>,
 }
 
 impl Plan {
@@ -228,7 +231,21 @@ impl Plan {
             phase,
             actions: Vec::new(),
             notes: Vec::new(),
+            disruptive: BTreeMap::new(),
         }
+    }
+
+    /// Appends an action that interrupts service, saying how.
+    pub fn push_disruptive(&mut self, action: Action, how: impl Into<String>) {
+        self.disruptive.insert(self.actions.len(), how.into());
+        self.actions.push(action);
+    }
+
+    /// The disruptive actions with how each interrupts service.
+    pub fn disruptions(&self) -> impl Iterator<Item = (&Action, &str)> {
+        self.disruptive
+            .iter()
+            .filter_map(|(i, how)| Some((self.actions.get(*i)?, how.as_str())))
     }
 
     /// Whether there is nothing to do.
@@ -245,7 +262,15 @@ impl Plan {
             out.push_str(&format!("{} action(s)\n", self.actions.len()));
         }
         for (i, a) in self.actions.iter().enumerate() {
-            out.push_str(&format!("  {:>2}. [{}] {}\n", i + 1, a.target, a.summary));
+            match self.disruptive.get(&i) {
+                Some(how) => out.push_str(&format!(
+                    "  {:>2}. [{}] {} (DISRUPTIVE: {how})\n",
+                    i + 1,
+                    a.target,
+                    a.summary
+                )),
+                None => out.push_str(&format!("  {:>2}. [{}] {}\n", i + 1, a.target, a.summary)),
+            }
             if verbose {
                 match &a.kind {
                     ActionKind::Steps(steps) => {
@@ -298,6 +323,51 @@ impl Plan {
         }
         out
     }
+}
+
+/// A plan with disruptive actions was not confirmed.
+#[derive(Debug, thiserror::Error)]
+#[error("phase {phase}: not applied: {count} disruptive action(s) need --yes (or a confirmation on a terminal):\n{list}")]
+pub struct NotConfirmed {
+    /// The phase.
+    pub phase: PhaseId,
+    /// How many.
+    pub count: usize,
+    /// One line per disruptive action.
+    pub list: String,
+}
+
+/// Lets a plan with disruptive actions through only with `yes`, or when `ask` (a prompt on a
+/// terminal; `None` when there is none) says yes. A plan without any passes.
+///
+/// # Errors
+/// [`NotConfirmed`], listing the disruptive actions.
+pub fn confirm(
+    plan: &Plan,
+    yes: bool,
+    ask: Option<&mut dyn FnMut(&str) -> bool>,
+) -> Result<(), NotConfirmed> {
+    if plan.disruptive.is_empty() || yes {
+        return Ok(());
+    }
+    let list: Vec<String> = plan
+        .disruptions()
+        .map(|(a, how)| format!("  [{}] {}: {how}", a.target, a.summary))
+        .collect();
+    let list = list.join("\n");
+    let question = format!(
+        "phase {}: {} disruptive action(s):\n{list}\napply them? [y/N] ",
+        plan.phase,
+        plan.disruptive.len()
+    );
+    if ask.is_some_and(|ask| ask(&question)) {
+        return Ok(());
+    }
+    Err(NotConfirmed {
+        phase: plan.phase,
+        count: plan.disruptive.len(),
+        list,
+    })
 }
 
 /// The transports of one run.
@@ -394,6 +464,83 @@ pub enum ApplyError {
         /// The I/O error.
         source: std::io::Error,
     },
+}
+
+/// Stops two runs from changing the same cluster at once: a lock file
+/// (`.provisioner/lock` next to the inventory) created exclusively, holding the owner's pid,
+/// and removed when dropped. A lock whose process is gone (a killed run) is taken over.
+#[derive(Debug)]
+pub struct RunLock {
+    path: PathBuf,
+}
+
+/// The lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another run holds it.
+    #[error("another provisioner run (pid {pid}) holds {path}: wait for it to finish, or remove the file if that process is gone", path = .path.display())]
+    Held {
+        /// The lock file.
+        path: PathBuf,
+        /// The owner.
+        pid: u32,
+    },
+    /// The file could not be created or read.
+    #[error("cannot take the lock {path}: {source}", path = .path.display())]
+    Io {
+        /// The lock file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+impl RunLock {
+    /// Takes the lock at `path`.
+    ///
+    /// # Errors
+    /// [`LockError::Held`] when a live process (this one included) holds it.
+    pub fn acquire(path: PathBuf) -> Result<Self, LockError> {
+        let io = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    writeln!(f, "{}", std::process::id()).map_err(io)?;
+                    return Ok(Self { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let owner = std::fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u32>().ok());
+                    match owner {
+                        Some(pid) if std::path::Path::new(&format!("/proc/{pid}")).exists() => {
+                            return Err(LockError::Held { path, pid });
+                        }
+                        // Stale (its process is gone) or half-written: take it over.
+                        _ => std::fs::remove_file(&path).map_err(io)?,
+                    }
+                }
+                Err(e) => return Err(io(e)),
+            }
+        }
+        Err(io(std::io::Error::other("the lock file keeps reappearing")))
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Appends one JSON line per finished or failed action, so a re-run (and a human) can see
@@ -757,6 +904,61 @@ mod tests {
             Plan::new(PhaseId::Vms).render(false),
             "phase 02-vms: up to date\n"
         );
+    }
+
+    #[test]
+    fn one_run_at_a_time_and_a_dead_run_s_lock_is_taken_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(".provisioner/lock");
+        let lock = RunLock::acquire(path.clone()).expect("first run");
+        let err = RunLock::acquire(path.clone()).expect_err("second run");
+        assert!(
+            matches!(&err, LockError::Held { pid, .. } if *pid == std::process::id()),
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("another provisioner run (pid "));
+        drop(lock);
+        assert!(!path.exists(), "released");
+        // A run killed before it could remove its lock: no such process.
+        std::fs::write(&path, "4194303999\n").expect("stale lock");
+        let _lock = RunLock::acquire(path.clone()).expect("stale lock taken over");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("lock"),
+            format!("{}\n", std::process::id())
+        );
+    }
+
+    #[test]
+    fn disruptive_actions_are_marked_and_need_yes_or_a_confirmation() {
+        let mut plan = Plan::new(PhaseId::Host);
+        plan.actions.push(Action::run(
+            Target::Host,
+            "define network k8s-net",
+            Cmd::new("true"),
+        ));
+        plan.push_disruptive(
+            Action::run(Target::Host, "stop network k8s-net", Cmd::new("true")),
+            "every VM loses its network until it starts again",
+        );
+        assert_eq!(
+            plan.render(false),
+            "phase 01-host: 2 action(s)\n   1. [host] define network k8s-net\n   2. [host] stop network k8s-net (DISRUPTIVE: every VM loses its network until it starts again)\n"
+        );
+        let err = confirm(&plan, false, None).expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            "phase 01-host: not applied: 1 disruptive action(s) need --yes (or a confirmation on a terminal):\n  [host] stop network k8s-net: every VM loses its network until it starts again"
+        );
+        assert!(confirm(&plan, true, None).is_ok());
+        let mut asked = Vec::new();
+        let mut no = |q: &str| {
+            asked.push(q.to_owned());
+            false
+        };
+        assert!(confirm(&plan, false, Some(&mut no)).is_err());
+        assert!(asked[0].ends_with("apply them? [y/N] "), "{asked:?}");
+        assert!(confirm(&plan, false, Some(&mut |_: &str| true)).is_ok());
+        assert!(confirm(&Plan::new(PhaseId::Vms), false, None).is_ok());
     }
 
     #[test]

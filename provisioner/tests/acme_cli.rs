@@ -180,3 +180,66 @@ async fn dns_and_cert_commands_through_the_binary() {
     );
     assert!(p.dir.path().join(".provisioner/certs/tls.crt").exists());
 }
+
+/// pebble's own log lines that count what it keeps (`There are now N accounts in memory`):
+/// every ACME order needs an account first, so no such line means no account and no order.
+fn pebble_counts(p: &Pebble) -> Vec<String> {
+    std::fs::read_to_string(p.dir.path().join("pebble.log"))
+        .unwrap_or_default()
+        .lines()
+        .chain(
+            std::fs::read_to_string(p.dir.path().join("pebble.err"))
+                .unwrap_or_default()
+                .lines(),
+        )
+        .filter(|l| l.contains("in memory"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cert_issue_and_renew_dry_run_order_nothing_from_a_real_ca() {
+    if !pebble::available() {
+        eprintln!("SKIPPED: pebble not installed");
+        return;
+    }
+    let p = Pebble::start(&[]);
+    let cf = FakeCloudflare::start(Some(p.chall_management.clone())).await;
+    let inv = inventory(p.dir.path(), &p.directory);
+    let env = [
+        ("TURND_ACME_CA_ROOT", p.https_root.display().to_string()),
+        ("TURND_ACME_RESOLVERS", p.dns.to_string()),
+    ];
+    for args in [
+        &["--dry-run", "cert", "issue"][..],
+        &["--dry-run", "cert", "renew"][..],
+    ] {
+        let o = run(&inv, &cf, &env, args).await;
+        assert!(o.status.success(), "{}", text(&o));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            format!(
+                "dry run: would order a certificate for example.com, *.example.com from {} by DNS-01; no ACME account, order or DNS record was created\n",
+                p.directory
+            ),
+            "{}",
+            text(&o)
+        );
+    }
+    assert!(
+        pebble_counts(&p).is_empty(),
+        "the CA saw an account or order: {:?}",
+        pebble_counts(&p)
+    );
+    assert!(!p.dir.path().join(".provisioner/certs/tls.crt").exists());
+
+    // The same check sees the account a real issue creates.
+    let o = run(&inv, &cf, &env, &["cert", "issue"]).await;
+    assert!(o.status.success(), "{}\n{}", text(&o), p.logs());
+    let counts = pebble_counts(&p);
+    assert!(
+        counts.iter().any(|l| l.contains("accounts in memory")),
+        "{counts:?}\n{}",
+        p.logs()
+    );
+}

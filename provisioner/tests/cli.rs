@@ -287,3 +287,59 @@ fn preflight_names_the_missing_secret_and_fails() {
     );
     assert!(stdout.contains("skip  host checks (--dry-run)"), "{stdout}");
 }
+
+#[test]
+fn apply_refuses_a_disruptive_plan_without_yes_and_status_exits_non_zero() {
+    let Some(sshd) = Sshd::start() else { return };
+    if !common::have_tool("virsh", "libvirt-clients") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inv = loopback_inventory(&sshd, dir.path());
+    // libvirt's test driver has a running network `default` (virbr0, 192.168.122.1/24):
+    // naming it in the inventory with our bridge and addresses is a definition change that
+    // needs the network stopped.
+    let edited = std::fs::read_to_string(&inv)
+        .expect("inventory")
+        .replace("name = \"k8s-net\"", "name = \"default\"");
+    std::fs::write(&inv, edited).expect("write");
+    let inv = inv.to_str().expect("utf8");
+
+    let out = provisioner(&["-i", inv, "apply", "host"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(3), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("[host] stop network default to apply the new definition (DISRUPTIVE: every running VM loses its network until the network starts again)"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stderr,
+        "error: phase 01-host: not applied: 1 disruptive action(s) need --yes (or a confirmation on a terminal):\n  [host] stop network default to apply the new definition: every running VM loses its network until the network starts again\n"
+    );
+    assert!(
+        !dir.path().join("provisioner").exists(),
+        "no action of the phase ran"
+    );
+    assert!(
+        !dir.path().join(".provisioner/lock").exists(),
+        "the run lock is released"
+    );
+
+    // `status` with pending actions exits non-zero (for scripts and CI).
+    let out = Command::new(env!("CARGO_BIN_EXE_provisioner"))
+        .args(["-i", inv, "status"])
+        .env_remove("TURND_AUTH_SECRET")
+        .env_remove("COTURN_AUTH_SECRET")
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("runs");
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains("01-host: "), "{stdout}");
+    assert!(stdout.contains(" action(s) pending"), "{stdout}");
+}

@@ -18,6 +18,8 @@ const URI: &str = "test:///default";
 
 struct World {
     dir: tempfile::TempDir,
+    /// SHA-256 of the base image.
+    sha: String,
     transports: Transports,
     settings: Settings,
 }
@@ -39,10 +41,16 @@ impl World {
             .status()
             .expect("qemu-img");
         assert!(st.success());
+        // Images are kept by checksum: put the base where the host phase expects it.
+        let sha = phases::facts::sha256(&std::fs::read(&base).expect("base"));
+        let by_sum = dir.path().join(format!("sha256-{}", &sha[..16]));
+        std::fs::create_dir(&by_sum).expect("mkdir");
+        std::fs::rename(&base, by_sum.join("base.qcow2")).expect("move base");
         let host: Box<dyn Transport> =
             Box::new(VirshShellTransport::start(URI).expect("virsh session"));
         World {
             dir,
+            sha,
             transports: Transports {
                 host,
                 vms: BTreeMap::new(),
@@ -63,6 +71,11 @@ impl World {
         self.dir.path().display().to_string()
     }
 
+    /// Where the base image is kept (by checksum).
+    fn base(&self) -> String {
+        format!("{}/sha256-{}/base.qcow2", self.image_dir(), &self.sha[..16])
+    }
+
     /// The example inventory pointed at the test driver and the temporary image directory.
     fn cluster(&self, edit: impl Fn(String) -> String) -> Cluster {
         let example = std::fs::read_to_string(concat!(
@@ -70,9 +83,7 @@ impl World {
             "/../deploy/cluster.example.toml"
         ))
         .expect("example");
-        let sha = phases::facts::sha256(
-            &std::fs::read(self.dir.path().join("base.qcow2")).expect("base"),
-        );
+        let sha = self.sha.clone();
         let text = example
             .replace(
                 "libvirt_uri = \"qemu:///system\"",
@@ -188,7 +199,7 @@ fn host_and_vms_converge_repair_drift_and_tear_down() {
             .output()
             .expect("qemu-img");
         let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
-        assert_eq!(info["backing-filename"], format!("{dir}/base.qcow2"));
+        assert_eq!(info["backing-filename"], w.base());
         assert!(Path::new(&format!("{dir}/{vm}-seed.iso")).is_file());
     }
 
@@ -270,10 +281,7 @@ fn host_and_vms_converge_repair_drift_and_tear_down() {
         assert!(!Path::new(&format!("{dir}/{vm}.qcow2")).exists());
         assert!(!Path::new(&format!("{dir}/{vm}-seed.iso")).exists());
     }
-    assert!(
-        Path::new(&format!("{dir}/base.qcow2")).exists(),
-        "the cloud image stays"
-    );
+    assert!(Path::new(&w.base()).exists(), "the cloud image stays");
     assert!(phases::plan_teardown(&ctx, false)
         .expect("plans")
         .is_empty());
@@ -307,8 +315,9 @@ fn a_failing_action_stops_with_phase_action_command_and_stderr() {
         msg,
         format!(
             "phase 01-host, action 1 `download cloud image other.img (missing)` on host: on local: \
-             `curl -fsSL --retry 3 -o {dir}/other.img.part file:///nonexistent/ubuntu.img` exited with status 37: \
-             curl: (37) Couldn't open file /nonexistent/ubuntu.img"
+             `curl -fsSL --retry 3 -o {dir}/sha256-{}/other.img.part file:///nonexistent/ubuntu.img` exited with status 37: \
+             curl: (37) Couldn't open file /nonexistent/ubuntu.img",
+            &w.sha[..16]
         )
     );
     assert_eq!(journal.records.len(), 1, "stopped at the first failure");

@@ -241,9 +241,6 @@ fn a_real_vm_boots_from_our_xml_and_seed_and_answers_k8s_common_checks() {
         .expect("keygen")
         .success());
     let images = d.join("images");
-    std::fs::create_dir_all(&images).expect("mkdir");
-    std::os::unix::fs::symlink(guest.join("guest.qcow2"), images.join("guest.qcow2"))
-        .expect("symlink");
     let sha = Command::new("sha256sum")
         .arg(guest.join("guest.qcow2"))
         .output()
@@ -253,6 +250,11 @@ fn a_real_vm_boots_from_our_xml_and_seed_and_answers_k8s_common_checks() {
         .next()
         .unwrap_or_default()
         .to_owned();
+    // Images are kept by checksum (see `phases::host::image_path`).
+    let by_sum = images.join(format!("sha256-{}", &sha[..16]));
+    std::fs::create_dir_all(&by_sum).expect("mkdir");
+    std::os::unix::fs::symlink(guest.join("guest.qcow2"), by_sum.join("guest.qcow2"))
+        .expect("symlink");
     let example = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../deploy/cluster.example.toml"

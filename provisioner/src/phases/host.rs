@@ -97,9 +97,20 @@ pub fn state_dir(c: &Cluster) -> String {
     format!("{}/provisioner", c.host.image_dir)
 }
 
-/// The cloud image's path on the host.
+/// The directory of the cloud image with the inventory's checksum: images are kept by
+/// checksum, so a new image never replaces the backing file of running VMs' overlays.
+pub fn image_dir_for_checksum(c: &Cluster) -> String {
+    let sha = &c.image.sha256;
+    format!(
+        "{}/sha256-{}",
+        c.host.image_dir,
+        sha.get(..16).unwrap_or(sha.as_str())
+    )
+}
+
+/// The cloud image's path on the host (see [`image_dir_for_checksum`]).
 pub fn image_path(c: &Cluster) -> String {
-    format!("{}/{}", c.host.image_dir, c.image.file)
+    format!("{}/{}", image_dir_for_checksum(c), c.image.file)
 }
 
 /// Observes the network only (used by teardown too).
@@ -182,16 +193,19 @@ pub fn plan(c: &Cluster, settings: &Settings, facts: &HostFacts) -> Plan {
     if facts.image_sha256.as_deref() != Some(c.image.sha256.as_str()) {
         let path = image_path(c);
         let part = format!("{path}.part");
-        let why = if facts.image_sha256.is_some() {
-            "checksum differs"
-        } else {
-            "missing"
-        };
-        p.actions.push(Action::steps(
+        let action = Action::steps(
             Target::Host,
-            format!("download cloud image {} ({why})", c.image.file),
+            format!(
+                "download cloud image {} ({})",
+                c.image.file,
+                if facts.image_sha256.is_some() {
+                    "checksum differs"
+                } else {
+                    "missing"
+                }
+            ),
             vec![
-                Step::Run(Cmd::new("mkdir").args(["-p", &c.host.image_dir])),
+                Step::Run(Cmd::new("mkdir").args(["-p", &image_dir_for_checksum(c)])),
                 Step::Run(Cmd::new("curl").args([
                     "-fsSL",
                     "--retry",
@@ -207,7 +221,16 @@ pub fn plan(c: &Cluster, settings: &Settings, facts: &HostFacts) -> Plan {
                 ),
                 Step::Run(Cmd::new("mv").args(["-f", &part, &path])),
             ],
-        ));
+        );
+        if facts.image_sha256.is_some() {
+            // The file under this checksum's name is corrupt; overlays may still use it.
+            p.push_disruptive(
+                action,
+                "replaces a corrupt image that VM overlays may be backed by",
+            );
+        } else {
+            p.actions.push(action);
+        }
     }
     if let Some(renew) = &facts.renew {
         plan_renew(renew, &mut p);
@@ -239,11 +262,14 @@ pub fn plan(c: &Cluster, settings: &Settings, facts: &HostFacts) -> Plan {
                 // Stop first: libvirt applies a definition given to an active network only
                 // when it stops, and the test driver never does.
                 if have.state.active {
-                    p.actions.push(Action::run(
-                        Target::Host,
-                        format!("stop network {name} to apply the new definition"),
-                        Virsh::cmd(uri, &["net-destroy", name]),
-                    ));
+                    p.push_disruptive(
+                        Action::run(
+                            Target::Host,
+                            format!("stop network {name} to apply the new definition"),
+                            Virsh::cmd(uri, &["net-destroy", name]),
+                        ),
+                        "every running VM loses its network until the network starts again",
+                    );
                 }
                 p.actions.push(Action::steps(
                     Target::Host,
@@ -313,6 +339,54 @@ mod tests {
         let mut p = Plan::new(PhaseId::Host);
         plan_renew(&RenewFacts { files, enabled }, &mut p);
         p
+    }
+
+    fn cluster(toml: &str) -> Cluster {
+        crate::inventory::Inventory::from_toml(toml)
+            .and_then(|i| i.validate(toml))
+            .expect("valid inventory")
+    }
+
+    const EXAMPLE: &str = include_str!("../../../deploy/cluster.example.toml");
+
+    #[test]
+    fn adding_a_vm_leaves_the_running_network_alone_and_a_network_change_is_disruptive() {
+        let before = cluster(EXAMPLE);
+        let running = HostFacts {
+            packages: Settings::default()
+                .host_packages
+                .iter()
+                .map(|p| (p.clone(), "1".to_owned()))
+                .collect(),
+            image_sha256: Some(before.image.sha256.clone()),
+            network: Some(NetworkFacts {
+                spec: NetworkSpec::from_cluster(&before),
+                state: NetState {
+                    active: true,
+                    autostart: true,
+                },
+                uuid: None,
+            }),
+            renew: None,
+        };
+        let with_worker3 = EXAMPLE.replacen(
+            "[[turnd]]",
+            "[[vms]]\nname = \"k8s-worker3\"\nip = \"10.10.10.13\"\nmac = \"52:54:00:0a:0a:0d\"\nvcpus = 2\nmemory_gib = 2\ndisk_gib = 60\nrole = \"worker\"\n\n[[turnd]]",
+            1,
+        );
+        let after = cluster(&with_worker3);
+        assert_eq!(after.vms.len(), before.vms.len() + 1);
+        let p = plan(&after, &Settings::default(), &running);
+        assert!(p.is_empty(), "{}", p.render(true));
+
+        let moved = cluster(&EXAMPLE.replace("bridge = \"virbr1\"", "bridge = \"virbr9\""));
+        let p = plan(&moved, &Settings::default(), &running);
+        assert_eq!(
+            p.disruptions()
+                .map(|(a, _)| a.summary.as_str())
+                .collect::<Vec<_>>(),
+            ["stop network k8s-net to apply the new definition"]
+        );
     }
 
     #[test]

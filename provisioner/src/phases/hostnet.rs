@@ -192,11 +192,14 @@ pub fn plan(want: &HostNet, facts: &HostNetFacts) -> Plan {
                 ));
             }
             if unit_changed {
-                p.actions.push(Action::run(
-                    Target::Host,
-                    format!("restart {UNIT_NAME} (unit file changed)"),
-                    systemctl("restart"),
-                ));
+                p.push_disruptive(
+                    Action::run(
+                        Target::Host,
+                        format!("restart {UNIT_NAME} (unit file changed)"),
+                        systemctl("restart"),
+                    ),
+                    "no forwarding to turnd between ExecStop and ExecStart",
+                );
             } else if rules_changed || drifted {
                 let why = if rules_changed {
                     "rules changed"
@@ -231,11 +234,14 @@ pub fn gather_teardown(ctx: &Context<'_>) -> Result<HostNetFacts, PhaseError> {
 pub fn plan_teardown(facts: &HostNetFacts) -> Plan {
     let mut p = Plan::new(PhaseId::HostNetworking);
     if facts.active || facts.enabled {
-        p.actions.push(Action::run(
-            Target::Host,
-            format!("stop and disable {UNIT_NAME} (ExecStop removes our jumps and chains)"),
-            Cmd::new("systemctl").args(["disable", "--now", UNIT_NAME]),
-        ));
+        p.push_disruptive(
+            Action::run(
+                Target::Host,
+                format!("stop and disable {UNIT_NAME} (ExecStop removes our jumps and chains)"),
+                Cmd::new("systemctl").args(["disable", "--now", UNIT_NAME]),
+            ),
+            "the public IPs stop reaching turnd",
+        );
     }
     let present: Vec<&str> = file_paths()
         .into_iter()

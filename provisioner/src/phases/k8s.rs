@@ -722,19 +722,22 @@ pub fn plan_reset(c: &Cluster, joined: &BTreeMap<String, bool>) -> Plan {
     let order = c.workers().chain(std::iter::once(c.master()));
     for vm in order {
         if joined.get(vm.name.as_str()).copied().unwrap_or(false) {
-            p.actions.push(Action::steps(
-                Target::Vm(vm.name.to_string()),
-                format!("kubeadm reset on {}", vm.name),
-                vec![
-                    Step::Run(Cmd::new("kubeadm").args(["reset", "--force"])),
-                    Step::Run(Cmd::new("rm").args([
-                        "-rf",
-                        "/etc/cni/net.d",
-                        paths::KUBEADM_INIT,
-                        paths::KUBEADM_JOIN,
-                    ])),
-                ],
-            ));
+            p.push_disruptive(
+                Action::steps(
+                    Target::Vm(vm.name.to_string()),
+                    format!("kubeadm reset on {}", vm.name),
+                    vec![
+                        Step::Run(Cmd::new("kubeadm").args(["reset", "--force"])),
+                        Step::Run(Cmd::new("rm").args([
+                            "-rf",
+                            "/etc/cni/net.d",
+                            paths::KUBEADM_INIT,
+                            paths::KUBEADM_JOIN,
+                        ])),
+                    ],
+                ),
+                "removes the node from Kubernetes (its pods stop)",
+            );
         }
     }
     p

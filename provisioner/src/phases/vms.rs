@@ -204,10 +204,17 @@ pub fn plan(c: &Cluster, settings: &Settings, facts: &VmsFacts) -> Plan {
                     ));
                 }
                 if info.virtual_size < u64::from(vm.disk_gib) * GIB {
+                    // A running VM's disk grows through QEMU (`blockresize`): `qemu-img`
+                    // must never write an image that QEMU holds open.
+                    let cmd = if f.running {
+                        Virsh::cmd(uri, &["blockresize", name, &overlay, &size])
+                    } else {
+                        Cmd::new("qemu-img").args(["resize", "-q", &overlay, &size])
+                    };
                     p.actions.push(Action::run(
                         Target::Host,
                         format!("grow overlay disk {overlay} to {size}"),
-                        Cmd::new("qemu-img").args(["resize", "-q", &overlay, &size]),
+                        cmd,
                     ));
                 } else if info.virtual_size > u64::from(vm.disk_gib) * GIB {
                     p.notes.push(format!(
@@ -247,11 +254,14 @@ pub fn plan(c: &Cluster, settings: &Settings, facts: &VmsFacts) -> Plan {
                     define_domain(c, &want, f.uuid.as_deref()),
                 ));
                 if f.running {
-                    p.actions.push(Action::run(
-                        Target::Host,
-                        format!("stop domain {name} to apply the new definition"),
-                        Virsh::cmd(uri, &["destroy", name]),
-                    ));
+                    p.push_disruptive(
+                        Action::run(
+                            Target::Host,
+                            format!("stop domain {name} to apply the new definition"),
+                            Virsh::cmd(uri, &["destroy", name]),
+                        ),
+                        "hard-stops the VM (its pods and their sessions end)",
+                    );
                 }
             }
             Some(_) => {}
@@ -290,11 +300,14 @@ pub fn plan_teardown(c: &Cluster, facts: &VmsFacts, network: &Option<NetworkFact
         let name = vm.name.as_str();
         let Some(f) = facts.get(name) else { continue };
         if f.running {
-            p.actions.push(Action::run(
-                Target::Host,
-                format!("stop domain {name}"),
-                Virsh::cmd(uri, &["destroy", name]),
-            ));
+            p.push_disruptive(
+                Action::run(
+                    Target::Host,
+                    format!("stop domain {name}"),
+                    Virsh::cmd(uri, &["destroy", name]),
+                ),
+                "hard-stops the VM",
+            );
         }
         if f.domain.is_some() {
             p.actions.push(Action::run(
@@ -304,26 +317,32 @@ pub fn plan_teardown(c: &Cluster, facts: &VmsFacts, network: &Option<NetworkFact
             ));
         }
         if f.overlay.is_some() || f.seed_hash.is_some() {
-            p.actions.push(Action::run(
-                Target::Host,
-                format!("remove disk and seed of {name}"),
-                Cmd::new("rm").args([
-                    "-rf",
-                    &overlay_path(&c.host.image_dir, name),
-                    &seed_path(&c.host.image_dir, name),
-                    &seed_dir(c, name),
-                ]),
-            ));
+            p.push_disruptive(
+                Action::run(
+                    Target::Host,
+                    format!("remove disk and seed of {name}"),
+                    Cmd::new("rm").args([
+                        "-rf",
+                        &overlay_path(&c.host.image_dir, name),
+                        &seed_path(&c.host.image_dir, name),
+                        &seed_dir(c, name),
+                    ]),
+                ),
+                "deletes the VM's disk",
+            );
         }
     }
     if let Some(n) = network {
         let name = &c.network.name;
         if n.state.active {
-            p.actions.push(Action::run(
-                Target::Host,
-                format!("stop network {name}"),
-                Virsh::cmd(uri, &["net-destroy", name]),
-            ));
+            p.push_disruptive(
+                Action::run(
+                    Target::Host,
+                    format!("stop network {name}"),
+                    Virsh::cmd(uri, &["net-destroy", name]),
+                ),
+                "every VM on it loses its network",
+            );
         }
         p.actions.push(Action::run(
             Target::Host,
