@@ -365,12 +365,18 @@ struct DeathWatch {
     failure: Arc<tokio::sync::Notify>,
 }
 
+impl DeathWatch {
+    fn fail(&self) {
+        *lock(&self.failed) = Some(self.index);
+        self.failure.notify_waiters();
+    }
+}
+
 impl Drop for DeathWatch {
     fn drop(&mut self) {
         if std::thread::panicking() {
             error!(worker = self.index, "worker panicked; stopping turnd");
-            *lock(&self.failed) = Some(self.index);
-            self.failure.notify_waiters();
+            self.fail();
         }
     }
 }
@@ -504,11 +510,11 @@ pub fn start_with_env(
         let t = std::thread::Builder::new()
             .name(format!("turnd-worker-{index}"))
             .spawn(move || {
-                let _watch = watch;
                 if let Err(e) = w.run() {
-                    error!(worker = index, error = %e, "worker failed");
-                    panic!("worker {index} failed: {e}");
+                    error!(worker = index, error = %e, "worker failed; stopping turnd");
+                    watch.fail();
                 }
+                drop(watch);
             })
             .context("starting a worker thread")?;
         threads.push(t);
