@@ -1340,12 +1340,13 @@ fn malformed_datagrams_are_counted_and_the_server_keeps_serving() {
 
 #[test]
 fn allocation_state_is_under_1_kib() {
-    // The core's per-allocation memory: the struct, its two index entries, and typical
-    // permission and channel vectors (4 each). The HashMap overhead is estimated at 1.5×.
-    let alloc = size_of::<Allocation>();
+    // The core's per-allocation memory: the slab slot, its index entries (the 5-tuple map,
+    // its HashMap overhead estimated at 1.5×, and two slots of the by-handle Vec), and
+    // typical permission and channel vectors (4 each).
+    let alloc = size_of::<Option<Allocation>>();
     let perms = 4 * size_of::<allocation::Permission>();
     let chans = 4 * size_of::<ChannelBinding>();
-    let index = (size_of::<(FiveTuple, u32)>() + size_of::<(SocketAddr, u32)>()) * 3 / 2;
+    let index = size_of::<(FiveTuple, u32)>() * 3 / 2 + 2 * size_of::<u32>();
     let total = alloc + perms + chans + index;
     assert!(total < 1024, "per-allocation state is {total} bytes");
 }
