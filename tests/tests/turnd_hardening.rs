@@ -11,13 +11,21 @@
 //! - a CreatePermission with 65 peers is answered.
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use turn_proto::codec::{
+    Class, MessageBuilder, MessageType, Method, TransactionId, XorPeerAddress,
+};
+use turnd_tests::client::{Incoming, MiniClient};
 use turnd_tests::peer::EchoPeer;
 use turnd_tests::server::{turnd_toml, Auth, Options, TestServer, LOCALHOST};
 use turnd_tests::tools::{find_tool, run_with_timeout, UclientSummary};
+use turnd_tests::IO_TIMEOUT;
 
 fn alice(ports: std::ops::RangeInclusive<u16>) -> Options {
     Options {
@@ -103,4 +111,249 @@ fn uclient_with_rtcp_reservations_relays_without_loss_on_2_workers() {
 #[test]
 fn uclient_with_rtcp_reservations_relays_without_loss_on_4_workers() {
     uclient_with_rtcp(4, 21200);
+}
+
+/// turnd relaying from `addresses` with `ports` on each, static user alice, 2 workers; `tcp`
+/// adds a TCP listener.
+fn relay_toml(addresses: &[&str], ports: std::ops::RangeInclusive<u16>, tcp: bool) -> String {
+    let list: Vec<String> = addresses.iter().map(|a| format!("\"{a}\"")).collect();
+    let tcp = if tcp { "\"127.0.0.1:0\"" } else { "" };
+    format!(
+        "[listen]\nudp = [\"127.0.0.1:0\"]\ntcp = [{tcp}]\n\
+         [auth]\nrealm = \"hardening\"\nusers = [{{ name = \"alice\", password = \"wonderland\" }}]\n\
+         [relay]\naddresses = [{}]\nmin_port = {}\nmax_port = {}\n\
+         [peers]\nallow = [\"127.0.0.0/8\"]\n[server]\nworkers = 2\n",
+        list.join(", "),
+        ports.start(),
+        ports.end()
+    )
+}
+
+/// Allocates until the server answers 508 (at most `cap` tries); returns the relayed
+/// addresses and the clients holding them.
+async fn allocate_until_full(server: SocketAddr, cap: usize) -> (Vec<SocketAddr>, Vec<MiniClient>) {
+    let mut relayed = Vec::new();
+    let mut held = Vec::new();
+    for _ in 0..cap {
+        let mut c = MiniClient::new(server, "alice", "wonderland")
+            .await
+            .unwrap();
+        let r = c.allocate().await.unwrap();
+        match r.error_code() {
+            None => {
+                relayed.push(r.relayed().unwrap());
+                held.push(c);
+            }
+            Some(508) => return (relayed, held),
+            Some(code) => panic!("Allocate answered {code}"),
+        }
+    }
+    panic!("no 508 after {cap} allocations: {relayed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relay_addresses_serve_twice_the_allocations_of_one() {
+    let ports = 21400..=21407;
+    let one = TestServer::turnd(
+        &relay_toml(&["127.0.0.1"], ports.clone(), false),
+        Auth::alice(),
+    )
+    .unwrap();
+    let (from_one, held) = allocate_until_full(one.addr, 40).await;
+    assert_eq!(from_one.len(), 8, "one address, 8 ports: {from_one:?}");
+    drop(held);
+    drop(one);
+
+    let two = TestServer::turnd(
+        &relay_toml(&["127.0.0.1", "127.0.0.2"], ports.clone(), false),
+        Auth::alice(),
+    )
+    .unwrap();
+    let (from_two, held2) = allocate_until_full(two.addr, 40).await;
+    assert_eq!(
+        from_two.len(),
+        2 * from_one.len(),
+        "two addresses, 8 ports each: {from_two:?}"
+    );
+    for ip in [Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2)] {
+        let on_ip = from_two.iter().filter(|a| a.ip() == IpAddr::V4(ip)).count();
+        assert_eq!(on_ip, 8, "{ip} serves its 8 ports: {from_two:?}");
+    }
+    assert!(from_two.iter().all(|a| ports.contains(&a.port())));
+    drop(held2);
+    drop(two);
+
+    // Another process holds every port of 127.0.0.1: the other address still serves.
+    let squat = |p: u16| {
+        for _ in 0..100 {
+            if let Ok(s) = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, p)) {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("127.0.0.1:{p} is still bound after the server stopped");
+    };
+    let squatters: Vec<std::net::UdpSocket> = ports.clone().map(squat).collect();
+    let crowded = TestServer::turnd(
+        &relay_toml(&["127.0.0.1", "127.0.0.2"], ports.clone(), false),
+        Auth::alice(),
+    )
+    .unwrap();
+    let (beside, _held3) = allocate_until_full(crowded.addr, 40).await;
+    assert_eq!(
+        beside.len(),
+        8,
+        "127.0.0.2 serves while 127.0.0.1 is held: {beside:?}"
+    );
+    assert!(beside
+        .iter()
+        .all(|a| a.ip() == IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))));
+    drop(squatters);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_permission_with_65_peers_is_answered() {
+    let server = TestServer::turnd(
+        &relay_toml(&["127.0.0.1"], 21410..=21419, false),
+        Auth::alice(),
+    )
+    .unwrap();
+    let mut c = MiniClient::new(server.addr, "alice", "wonderland")
+        .await
+        .unwrap();
+    c.allocate().await.unwrap().success().unwrap();
+    let peers: Vec<SocketAddr> = (0..65u16)
+        .map(|i| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 30_000 + i))
+        .collect();
+    let r = c
+        .request(Method::CREATE_PERMISSION, |b| {
+            for p in &peers {
+                b.add(&XorPeerAddress(*p));
+            }
+        })
+        .await
+        .expect("a CreatePermission with 65 peers must be answered");
+    assert_eq!(r.method(), Method::CREATE_PERMISSION);
+    // Answered with an error that says why (too many attributes, or the permission cap), or
+    // accepted; never silence.
+    if r.class() == Class::Error {
+        let code = r.error_code().unwrap();
+        assert!(matches!(code, 400 | 508), "answered {code}");
+    }
+    // The allocation still works afterwards.
+    c.create_permission(peers[0])
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+}
+
+/// A Binding request (unauthenticated, 20 bytes).
+fn binding_request(n: u32) -> Vec<u8> {
+    let mut tid = [0u8; 12];
+    tid[..4].copy_from_slice(&n.to_be_bytes());
+    let mut out = Vec::new();
+    MessageBuilder::new(
+        &mut out,
+        MessageType::new(Method::BINDING, Class::Request),
+        TransactionId(tid),
+    )
+    .finish();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_binding_flood_does_not_starve_a_udp_clients_relay() {
+    let server = TestServer::turnd(
+        &relay_toml(&["127.0.0.1"], 21420..=21429, true),
+        Auth::alice(),
+    )
+    .unwrap();
+    let tcp = server.running().unwrap().tcp[0];
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
+    let mut c = MiniClient::new(server.addr, "alice", "wonderland")
+        .await
+        .unwrap();
+    c.allocate().await.unwrap().success().unwrap();
+    c.channel_bind(0x4001, peer.addr)
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+
+    // Eight connections pour Binding requests, 100 per write, and read what comes back;
+    // each stops at 200,000 requests or when told to.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
+    let mut flooders = Vec::new();
+    for _ in 0..8 {
+        let (stop, answered) = (stop.clone(), answered.clone());
+        let s = tokio::net::TcpStream::connect(tcp).await.unwrap();
+        flooders.push(tokio::spawn(async move {
+            let (mut rd, mut wr) = s.into_split();
+            let reader = {
+                let answered = answered.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65_536];
+                    while let Ok(n) = rd.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        // Binding success responses over TCP are 32 bytes (XOR-MAPPED-ADDRESS).
+                        answered.fetch_add(n as u64 / 32, Ordering::Relaxed);
+                    }
+                })
+            };
+            let batch: Vec<u8> = (0..100).flat_map(binding_request).collect();
+            for _ in 0..2_000 {
+                if stop.load(Ordering::Relaxed) || wr.write_all(&batch).await.is_err() {
+                    break;
+                }
+            }
+            drop(wr);
+            reader.abort();
+        }));
+    }
+    // Let the flood get going.
+    let start = Instant::now();
+    while answered.load(Ordering::Relaxed) < 5_000 && start.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let flood_before = answered.load(Ordering::Relaxed);
+    assert!(
+        flood_before >= 5_000,
+        "the flood never got going ({flood_before})"
+    );
+
+    // The window: 3 s of UDP round trips through the relay, one at a time.
+    let window = Duration::from_secs(3);
+    let opened = Instant::now();
+    let mut round_trips = 0u32;
+    let mut lost = 0u32;
+    while opened.elapsed() < window {
+        let msg = format!("round trip {round_trips}");
+        c.send_channel(0x4001, msg.as_bytes()).await.unwrap();
+        match c.recv_data(Duration::from_secs(1)).await.unwrap() {
+            Some(Incoming::ChannelData { data, .. }) if data == msg.as_bytes() => round_trips += 1,
+            _ => lost += 1,
+        }
+    }
+    let flood_during = answered.load(Ordering::Relaxed) - flood_before;
+    stop.store(true, Ordering::Relaxed);
+    for f in flooders {
+        let _ = tokio::time::timeout(IO_TIMEOUT, f).await;
+    }
+    eprintln!(
+        "in the window: {round_trips} UDP round trips ({lost} lost), {flood_during} TCP Binding answers"
+    );
+    assert!(
+        flood_during > 1_000,
+        "the flood stopped during the window ({flood_during})"
+    );
+    // Starved (a connection's frames all handled before anything else), a round trip took
+    // ~0.5 s: six in the window. Served fairly, hundreds.
+    assert!(
+        round_trips >= 100,
+        "only {round_trips} UDP round trips in the window beside the flood ({lost} lost)"
+    );
 }

@@ -661,8 +661,24 @@ impl State {
                 _ => (false, false),
             };
             let start = usize::try_from(self.random() % 65_536).unwrap_or(0);
-            let (sock, next) = match relay::bind(&self.shared.ports, ip, even, pair, start, buffers)
-            {
+            // The address with the most free ports first; when none of its ports binds (held
+            // by another process), the family's other relay addresses in turn.
+            let shared = Arc::clone(&self.shared);
+            let others = shared
+                .settings
+                .relay
+                .addresses
+                .iter()
+                .copied()
+                .filter(|o| *o != ip && o.is_ipv4() == ip.is_ipv4());
+            let mut bound = Err(BindError::NoPort);
+            for candidate in std::iter::once(ip).chain(others) {
+                bound = relay::bind(&shared.ports, candidate, even, pair, start, buffers);
+                if !matches!(bound, Err(BindError::NoPort)) {
+                    break;
+                }
+            }
+            let (sock, next) = match bound {
                 Ok(x) => x,
                 Err(BindError::Descriptors(e)) => {
                     self.stats.descriptor_exhaustion += 1;
