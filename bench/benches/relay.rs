@@ -231,13 +231,14 @@ struct Run {
 impl Run {
     fn row(&mut self, r: ScenarioResult) {
         eprintln!(
-            "  {} {}: {:.0} relayed pkt/s, {:.2} us CPU/pkt ({} threads), sent {} echoed {} \
-             ({} in window), RTT p50 {} ms p99 {} ms",
+            "  {} {}: {:.0} relayed pkt/s, {:.2} us CPU/pkt ({} threads), client+echo CPU \
+             {:.2} s, sent {} echoed {} ({} in window), RTT p50 {} ms p99 {} ms",
             r.server,
             label(&r.scenario),
             r.relayed_pps(),
             r.cpu_us_per_packet(),
             r.server_threads,
+            r.client_cpu,
             r.stats.sent,
             r.stats.received,
             r.stats.received_in_window,

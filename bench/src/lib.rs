@@ -57,6 +57,9 @@ pub struct ScenarioResult {
     pub server_threads: usize,
     /// System calls of the server during the window, when probed.
     pub syscalls: Option<SyscallCounts>,
+    /// CPU seconds of the bench's own threads (clients, echo peer) over the window: the
+    /// load generator shares the cores with the server.
+    pub client_cpu: f64,
 }
 
 impl ScenarioResult {
@@ -153,6 +156,8 @@ pub fn measure(
     };
     let start_cpu = Cell::new(0.0);
     let end_cpu = Cell::new(0.0);
+    let client = CpuSource::Threads("bench-".to_owned());
+    let client_cpu = Cell::new(0.0);
     let probe_error = RefCell::new(None);
     let stats = load::run(
         &subject.target,
@@ -165,9 +170,11 @@ pub fn measure(
                 }
             }
             start_cpu.set(subject.cpu.cpu_seconds());
+            client_cpu.set(client.cpu_seconds());
         },
         || {
             end_cpu.set(subject.cpu.cpu_seconds());
+            client_cpu.set(client.cpu_seconds() - client_cpu.get());
             if let Some(p) = &probe {
                 if let Err(e) = p.borrow_mut().disable() {
                     probe_error.borrow_mut().get_or_insert(e);
@@ -189,6 +196,7 @@ pub fn measure(
         server_cpu: end_cpu.get() - start_cpu.get(),
         server_threads: subject.cpu.threads(),
         syscalls,
+        client_cpu: client_cpu.get(),
     })
 }
 

@@ -138,7 +138,7 @@ pub struct Link {
 }
 
 enum Io {
-    Udp(UdpSocket),
+    Udp(Arc<UdpSocket>),
     Stream(Box<dyn Stream>),
 }
 
@@ -155,7 +155,7 @@ impl Link {
     #[must_use]
     pub fn udp(socket: UdpSocket) -> Self {
         Self {
-            io: Io::Udp(socket),
+            io: Io::Udp(Arc::new(socket)),
             buf: vec![0; MAX_FRAME],
             consumed: 0,
             filled: 0,
@@ -168,7 +168,7 @@ impl Link {
     /// The server has no listener for `transport`, or connecting failed.
     pub async fn connect(endpoint: &Endpoint, transport: Transport) -> anyhow::Result<Self> {
         let io = match transport {
-            Transport::Udp => Io::Udp(fresh_udp(endpoint.udp)?),
+            Transport::Udp => Io::Udp(Arc::new(fresh_udp(endpoint.udp)?)),
             Transport::Tcp => {
                 let addr = endpoint.tcp.context("the server has no TCP listener")?;
                 let s = TcpStream::connect(addr).await.context("TCP connect")?;
@@ -203,6 +203,15 @@ impl Link {
         match self.io {
             Io::Udp(_) => "udp",
             Io::Stream(_) => "stream",
+        }
+    }
+
+    /// The UDP socket, shared (a thread's pacer sends on it while the flow receives).
+    #[must_use]
+    pub fn udp_socket(&self) -> Option<Arc<UdpSocket>> {
+        match &self.io {
+            Io::Udp(s) => Some(s.clone()),
+            Io::Stream(_) => None,
         }
     }
 

@@ -360,6 +360,7 @@ async fn drive(
     channel: ChannelNumber,
     (slot, slots): (usize, usize),
     shared: &Shared,
+    paced_by_thread: Option<&AtomicU64>,
 ) -> LoadStats {
     let cfg = shared.config;
     let mut stats = LoadStats::default();
@@ -407,7 +408,8 @@ async fn drive(
             }
         }
         to_send = 0;
-        if failed || (past && stats.received >= stats.sent) {
+        let sent = paced_by_thread.map_or(stats.sent, |n| n.load(Ordering::Relaxed));
+        if failed || (past && stats.received >= sent) {
             break;
         }
         tokio::select! {
@@ -427,7 +429,7 @@ async fn drive(
                 Err(_) if is_stream => failed = true,
                 Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
             },
-            _ = tick.tick(), if window == 0 && !past => {
+            _ = tick.tick(), if window == 0 && !past && paced_by_thread.is_none() => {
                 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
                 let due = (Instant::now().saturating_duration_since(first).as_secs_f64() * rate)
                     as u64
@@ -447,6 +449,44 @@ async fn drive(
                 past = true;
                 end.as_mut().reset(hard_stop.into());
             },
+        }
+    }
+    stats
+}
+
+/// A thread's pacer: `shared.config`'s rate times this thread's share of the flows,
+/// round-robin over `socks`, on a 1 ms tick; `counts[i]` counts what flow `i` was sent.
+async fn pace(
+    socks: &[(Arc<tokio::net::UdpSocket>, ChannelNumber)],
+    counts: &[AtomicU64],
+    shared: &Shared,
+) -> LoadStats {
+    let cfg = shared.config;
+    let Mode::Paced { pps } = cfg.mode else {
+        return LoadStats::default();
+    };
+    let rate = pps as f64 * socks.len() as f64 / shared.flows.max(1) as f64;
+    let mut stats = LoadStats::default();
+    let mut out = vec![0u8; ChannelData::HEADER_LEN + cfg.payload];
+    let mut tick = tokio::time::interval_at(shared.epoch.into(), Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut seq = 1u64 << 63;
+    let (mut next, mut count) = (0usize, 0u64);
+    while Instant::now() < shared.deadline {
+        tick.tick().await;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let due = (shared.epoch.elapsed().as_secs_f64() * rate) as u64;
+        while count < due && Instant::now() < shared.deadline {
+            let i = next % socks.len();
+            let (sock, channel) = &socks[i];
+            next += 1;
+            count += 1;
+            stamp(&mut out, *channel, seq, shared.epoch, cfg.payload);
+            seq += 1;
+            if sock.send(&out).await.is_ok() {
+                stats.sent += 1;
+                counts[i].fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
     stats
@@ -484,15 +524,38 @@ fn client_thread(
     let (stats, legs) = rt.block_on(async move {
         let mut set = JoinSet::new();
         let slots = legs.len();
+        // Paced UDP: one pacer per thread sends for all its flows (a timer per flow would
+        // cost the client more than the server it measures); the flows only receive.
+        let mut pacer = None;
+        if matches!(config.mode, Mode::Paced { .. }) {
+            let socks: Option<Vec<_>> = legs
+                .iter()
+                .map(|l| match l {
+                    Leg::Turn(a) => a.link.udp_socket().map(|s| (s, a.channel)),
+                    Leg::Bare(l, c) => l.udp_socket().map(|s| (s, *c)),
+                })
+                .collect();
+            if let Some(socks) = socks.filter(|s| !s.is_empty()) {
+                let counts: Arc<Vec<AtomicU64>> =
+                    Arc::new((0..socks.len()).map(|_| AtomicU64::new(0)).collect());
+                pacer = Some((socks, counts));
+            }
+        }
+        let counts = pacer.as_ref().map(|(_, c)| c.clone());
         for (k, mut leg) in legs.into_iter().enumerate() {
             let shared = shared.clone();
+            let counts = counts.clone();
             set.spawn(async move {
                 let (link, channel) = leg.parts();
-                let stats = drive(link, channel, (k, slots), &shared).await;
+                let own = counts.as_ref().and_then(|c| c.get(k));
+                let stats = drive(link, channel, (k, slots), &shared, own).await;
                 (stats, leg)
             });
         }
         let mut total = LoadStats::default();
+        if let Some((socks, counts)) = pacer {
+            total.merge(pace(&socks, &counts, &shared).await);
+        }
         let mut legs = Vec::new();
         while let Some(done) = set.join_next().await {
             let (stats, leg) = done?;
