@@ -231,7 +231,7 @@ pub(crate) enum Op {
         millis: u32,
     },
     /// Bits: 1 the primary bind fails (no port), 2 it fails (family), 4 the IPv6 one fails,
-    /// 8 answers are held until [`Op::Answer`].
+    /// 8 answers are held until [`Op::Answer`], 16 the failures are for want of descriptors.
     RelayMode(u8),
     Answer,
     Close {
@@ -782,7 +782,11 @@ impl Driver {
     fn answer(&mut self, req: RelayRequest) {
         let mode = self.relay_mode;
         let primary = if mode & 1 != 0 {
-            Err(RelayError::NoPortAvailable)
+            Err(if mode & 16 != 0 {
+                RelayError::NoDescriptors
+            } else {
+                RelayError::NoPortAvailable
+            })
         } else if mode & 2 != 0 {
             Err(RelayError::FamilyUnavailable)
         } else {
@@ -796,7 +800,11 @@ impl Driver {
         }
         let additional = req.additional_ipv6.then(|| {
             if mode & 4 != 0 {
-                Err(RelayError::NoPortAvailable)
+                Err(if mode & 16 != 0 {
+                    RelayError::NoDescriptors
+                } else {
+                    RelayError::NoPortAvailable
+                })
             } else {
                 self.bind(AddressFamily::IPV6, PortRequest::Any)
             }

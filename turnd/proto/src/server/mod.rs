@@ -258,11 +258,13 @@ pub enum Reject {
     MethodNotServed,
     /// 400: XOR-PEER-ADDRESS with port 0 in a ChannelBind (RFC 8656 §12.2).
     InvalidPeerPort,
+    /// 508: the IO layer ran out of file descriptors binding the relay socket.
+    NoDescriptors,
 }
 
 impl Reject {
     /// Every reason, in [`Reject::index`] order.
-    pub const ALL: [Self; 30] = [
+    pub const ALL: [Self; 31] = [
         Self::MissingAttribute,
         Self::MalformedAttribute,
         Self::UnknownMethod,
@@ -293,6 +295,7 @@ impl Reject {
         Self::TooManyAttributes,
         Self::MethodNotServed,
         Self::InvalidPeerPort,
+        Self::NoDescriptors,
     ];
 
     /// The position in [`Reject::ALL`], for arrays of counters.
@@ -329,9 +332,11 @@ impl Reject {
             UnsupportedTransport => ErrorCode::UNSUPPORTED_TRANSPORT_PROTOCOL,
             PeerAddressFamilyMismatch => ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH,
             UserQuotaReached => ErrorCode::ALLOCATION_QUOTA_REACHED,
-            TotalQuotaReached | NoRelayPort | PermissionQuotaReached | InvalidReservationToken => {
-                ErrorCode::INSUFFICIENT_CAPACITY
-            }
+            TotalQuotaReached
+            | NoRelayPort
+            | PermissionQuotaReached
+            | InvalidReservationToken
+            | NoDescriptors => ErrorCode::INSUFFICIENT_CAPACITY,
         }
     }
 
@@ -384,6 +389,7 @@ impl Reject {
             TooManyAttributes => "too_many_attributes",
             MethodNotServed => "method_not_served",
             InvalidPeerPort => "invalid_peer_port",
+            NoDescriptors => "no_descriptors",
         }
     }
 }
@@ -667,6 +673,9 @@ pub enum RelayError {
     NoPortAvailable,
     /// No relay address of that family is configured (→ 440).
     FamilyUnavailable,
+    /// The process is out of file descriptors (EMFILE/ENFILE) (→ 508, counted apart as
+    /// [`Reject::NoDescriptors`]).
+    NoDescriptors,
 }
 
 /// The IO layer's answer to a [`RelayRequest`].
@@ -696,6 +705,20 @@ pub enum EndReason {
 }
 
 impl EndReason {
+    /// Every reason, in [`EndReason::index`] order.
+    pub const ALL: [Self; 4] = [
+        Self::Expired,
+        Self::Deleted,
+        Self::ConnectionClosed,
+        Self::Admin,
+    ];
+
+    /// The position in [`EndReason::ALL`], for arrays of counters.
+    #[must_use]
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// A stable snake_case label.
     #[must_use]
     pub fn as_str(self) -> &'static str {
@@ -1981,6 +2004,7 @@ impl Server {
                 let reason = match e {
                     RelayError::NoPortAvailable => Reject::NoRelayPort,
                     RelayError::FamilyUnavailable => Reject::AddressFamilyNotSupported,
+                    RelayError::NoDescriptors => Reject::NoDescriptors,
                 };
                 let request = ErrorTo {
                     method: Method::ALLOCATE,
@@ -1998,7 +2022,9 @@ impl Server {
             Some(Ok(r)) => relayed[1] = Some(r),
             Some(Err(e)) => {
                 address_error = Some(match e {
-                    RelayError::NoPortAvailable => ErrorCode::INSUFFICIENT_CAPACITY,
+                    RelayError::NoPortAvailable | RelayError::NoDescriptors => {
+                        ErrorCode::INSUFFICIENT_CAPACITY
+                    }
                     RelayError::FamilyUnavailable => ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED,
                 });
             }

@@ -38,6 +38,8 @@ struct Harness {
     routes: Vec<Route>,
     events: Vec<Event>,
     fail_ipv6: bool,
+    /// Every bind fails with this.
+    fail_with: Option<RelayError>,
 }
 
 fn config() -> ServerConfig {
@@ -96,6 +98,7 @@ impl Harness {
             routes: Vec::new(),
             events: Vec::new(),
             fail_ipv6: false,
+            fail_with: None,
         }
     }
 
@@ -122,6 +125,9 @@ impl Harness {
     ) -> Result<RelayedAddress, RelayError> {
         if family == AddressFamily::IPV6 && self.fail_ipv6 {
             return Err(RelayError::NoPortAvailable);
+        }
+        if let Some(e) = self.fail_with {
+            return Err(e);
         }
         let ip = if family == AddressFamily::IPV6 {
             "[2001:db8::10]"
@@ -919,6 +925,16 @@ fn rfc8656_7_2_user_quota_486_total_quota_508() {
 }
 
 #[test]
+fn rfc8656_7_2_out_of_descriptors_is_508_counted_apart() {
+    let mut h = Harness::new();
+    h.fail_with = Some(RelayError::NoDescriptors);
+    let mut c = Client::new(udp("192.0.2.7:40000"), alice());
+    assert_eq!(error_code(&c.allocate(&mut h)), Some(508));
+    assert_eq!(h.rejections().last(), Some(&Reject::NoDescriptors));
+    assert_eq!(h.server.stats().allocations_active, 0);
+}
+
+#[test]
 fn rfc8656_7_2_port_exhaustion_is_508_and_freed_ports_are_reusable_at_once() {
     let mut h = Harness::new();
     h.ports = vec![50000];
@@ -1572,6 +1588,14 @@ fn reject_and_drop_reasons_index_their_all_arrays() {
     for (i, t) in Transport::ALL.iter().enumerate() {
         assert_eq!(t.index(), i);
     }
+    for (i, r) in EndReason::ALL.iter().enumerate() {
+        assert_eq!(r.index(), i);
+    }
+    // Labels are distinct (they are metric label values).
+    let mut labels: Vec<&str> = Reject::ALL.iter().map(|r| r.as_str()).collect();
+    labels.sort_unstable();
+    labels.dedup();
+    assert_eq!(labels.len(), Reject::ALL.len());
 }
 
 #[test]
