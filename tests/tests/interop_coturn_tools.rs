@@ -14,41 +14,11 @@ use std::time::Duration;
 use turnd_tests::client::MiniClient;
 use turnd_tests::peer::EchoPeer;
 use turnd_tests::server::{Auth, Kind, Options, TestServer, LOCALHOST};
-use turnd_tests::tools::{find_tool, run_with_timeout};
+use turnd_tests::tools::{find_tool, run_with_timeout, UclientSummary};
 
 /// Clients per uclient run, and messages per client.
 const CLIENTS: u64 = 4;
 const MESSAGES: u64 = 750;
-
-/// What uclient's summary says.
-#[derive(Debug, PartialEq, Eq)]
-struct Summary {
-    sent: u64,
-    received: u64,
-    lost: u64,
-}
-
-/// Parses `start_mclient: tot_send_msgs=S, tot_recv_msgs=R` and `Total lost packets N`.
-fn parse_summary(out: &str) -> Option<Summary> {
-    let field = |line: &str, key: &str| -> Option<u64> {
-        let rest = &line[line.find(key)? + key.len()..];
-        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        digits.parse().ok()
-    };
-    let totals = out
-        .lines()
-        .rev()
-        .find(|l| l.contains("start_mclient: tot_send_msgs="))?;
-    let lost = out
-        .lines()
-        .rev()
-        .find(|l| l.contains("Total lost packets "))?;
-    Some(Summary {
-        sent: field(totals, "tot_send_msgs=")?,
-        received: field(totals, "tot_recv_msgs=")?,
-        lost: field(lost, "Total lost packets ")?,
-    })
-}
 
 #[test]
 fn uclient_summary_parses() {
@@ -56,14 +26,14 @@ fn uclient_summary_parses() {
                7: : start_mclient: tot_send_bytes ~ 400000, tot_recv_bytes ~ 400000\n\
                7: : Total lost packets 2 (0.050000%), total send dropped 0 (0.000000%)\n";
     assert_eq!(
-        parse_summary(out),
-        Some(Summary {
+        UclientSummary::parse(out),
+        Some(UclientSummary {
             sent: 4000,
             received: 3998,
             lost: 2
         })
     );
-    assert_eq!(parse_summary("Total lost packets 0"), None);
+    assert_eq!(UclientSummary::parse("Total lost packets 0"), None);
 }
 
 /// Runs uclient against a fresh server and asserts it relayed everything.
@@ -101,12 +71,12 @@ fn uclient_relays_without_loss(auth: Auth, first_port: u16, extra: &[&str]) {
         out.status,
         server.log()
     );
-    let summary = parse_summary(&all)
+    let summary = UclientSummary::parse(&all)
         .unwrap_or_else(|| panic!("no summary in uclient output:\n{tail:#?}\n{}", server.log()));
     let expected = CLIENTS * MESSAGES;
     assert_eq!(
         summary,
-        Summary {
+        UclientSummary {
             sent: expected,
             received: expected,
             lost: 0
