@@ -132,6 +132,26 @@ fn main() {
     };
     let late = [&setup[..], &[9, 8], &tcp_alloc, &[11, 2], &[9, 1], &[10]].concat();
     write("server", "scenario-late-relay-answer", &late);
+    // The operations API (op 12): drain with an alternate, an Allocate redirected, a reload
+    // into no-STUN mode, the sessions listed, alice's allocations ended by the admin.
+    let second_alloc = {
+        let mut a = alloc_op;
+        a[1] = 3;
+        a
+    };
+    let operations = [
+        &setup[..],
+        &alloc_op,
+        &[12, 0x48],
+        &second_alloc,
+        &[12, 1],
+        &[12, 0x12],
+        &[12, 5],
+        &[12, 3],
+        &refresh_op,
+    ]
+    .concat();
+    write("server", "scenario-drain-reload-admin", &operations);
 
     // Run the first scenario and keep what the server sent: real responses, Data
     // indications and ChannelData.
