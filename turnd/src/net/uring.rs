@@ -40,6 +40,8 @@ const OUT_HEADER: usize = 16; // struct io_uring_recvmsg_out
 /// The largest datagram the ring receives whole.
 pub const MAX_DATAGRAM: usize = BUFFER_SIZE - OUT_HEADER - NAME_LEN - CONTROL_LEN;
 const GROUP: u16 = 0;
+/// Readiness events taken from the mio poll per look.
+const EVENTS: usize = 1024;
 const RING_ENTRIES: u32 = 4096;
 
 const KIND_SHIFT: u32 = 60;
@@ -222,7 +224,7 @@ impl Uring {
         let mut me = Self {
             ring,
             poll: mio::Poll::new()?,
-            events: mio::Events::with_capacity(1024),
+            events: mio::Events::with_capacity(EVENTS),
             poll_armed: false,
             bufs,
             recv_msg,
@@ -348,6 +350,12 @@ impl Uring {
                 let events = std::mem::replace(&mut self.events, mio::Events::with_capacity(0));
                 let mut events = events;
                 if self.poll.poll(&mut events, Some(Duration::ZERO)).is_ok() {
+                    // A full batch may have left readiness behind that no new wake-up will
+                    // announce: look again next pass.
+                    if events.iter().count() >= EVENTS {
+                        self.deferred
+                            .push_back((KIND_POLL << KIND_SHIFT, 0, cqueue_more_flag()));
+                    }
                     for ev in &events {
                         handler.ready(
                             ev.token(),
@@ -369,6 +377,12 @@ impl Uring {
             _ => true,
         }
     }
+}
+
+/// The flags of a completion that keeps its multishot armed.
+fn cqueue_more_flag() -> u32 {
+    // IORING_CQE_F_MORE (include/uapi/linux/io_uring.h); the crate reads it with `more()`.
+    1 << 1
 }
 
 /// Parses one multishot receive buffer and hands the datagram over.
@@ -547,6 +561,8 @@ impl Backend for Uring {
                 break;
             }
         }
+        // Completions queued while handling (a re-look at the poll) join the held ones.
+        held.append(&mut self.deferred);
         self.deferred = held;
         self.bufs.publish();
         Ok(())
