@@ -89,6 +89,23 @@ async fn sigterm_drains_redirects_new_allocations_and_exits_0_when_the_last_one_
     assert_eq!(alternate, Some(SIBLING.parse().unwrap()));
     assert!(t.running(), "exited with an allocation open:\n{}", t.log());
 
+    // A Refresh is granted, capped to the drain's time left (60 s).
+    let refreshed = c
+        .request(Method::REFRESH, &|b| {
+            b.add(&Lifetime(3600));
+        })
+        .await;
+    assert_success(&refreshed);
+    let granted = Message::decode(&refreshed)
+        .unwrap()
+        .get::<Lifetime>()
+        .unwrap()
+        .map(|l| l.0);
+    assert!(
+        granted.is_some_and(|l| l > 0 && l <= 60),
+        "Refresh while draining granted {granted:?}"
+    );
+
     // The client ends its allocation: the process exits 0.
     let bye = c
         .request(Method::REFRESH, &|b| {
@@ -226,4 +243,67 @@ fn a_low_soft_open_file_limit_is_raised_to_the_hard_limit_at_start() {
         "{raised}"
     );
     assert!(binding_answered(t.udp[0]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_stops_at_once() {
+    let mut t = Turnd::start(&base_toml(23300, "120s", 2));
+    let peer = EchoPeer::start();
+    let _c = relaying_client(t.tcp[0], peer.addr).await;
+    t.signal("TERM");
+    assert_eq!(wait_ready_status(&t, 503), 503);
+    assert!(t.running());
+    t.signal("TERM");
+    let status = t.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit {status:?} after the second SIGTERM:\n{}",
+        t.log()
+    );
+    assert!(t.log().contains("second SIGTERM"), "{}", t.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_config_file_is_reloaded_without_a_signal() {
+    let mut t = Turnd::start(&base_toml(23350, "60s", 2));
+    let peer = EchoPeer::start();
+    let mut c = relaying_client(t.tcp[0], peer.addr).await;
+    // A new user appears in the file (written to a temporary name and renamed over, as an
+    // editor or a ConfigMap update does).
+    let text = std::fs::read_to_string(&t.config).unwrap().replace(
+        "users = [{ name = \"u\", password = \"p\" }]",
+        "users = [{ name = \"u\", password = \"p\" }, { name = \"v\", password = \"q\" }]",
+    );
+    assert!(text.contains("\"v\""));
+    let tmp = t.path("turnd.toml.new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &t.config).unwrap();
+    let reloaded = t.wait_for_log(Duration::from_secs(20), |l| {
+        l.contains("reloading the configuration") && l.contains("file changed")
+    });
+    assert!(
+        reloaded.is_some(),
+        "no reload on the file change:\n{}",
+        t.log()
+    );
+    // The reload is applied before the log says so; give the workers their command.
+    let mut v = None;
+    for _ in 0..50 {
+        let mut candidate =
+            StreamClient::new(TcpStream::connect(t.tcp[0]).await.unwrap(), "v", "q");
+        let r = candidate
+            .request(Method::ALLOCATE, &|b| {
+                b.add(&RequestedTransport::UDP);
+            })
+            .await;
+        let m = Message::decode(&r).unwrap();
+        if m.typ().class == Class::Success {
+            v = Some(candidate);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(v.is_some(), "the new user is not accepted:\n{}", t.log());
+    assert_eq!(c.channel_echo(0x4001, b"kept").await, b"kept");
+    assert!(t.running());
 }
