@@ -256,7 +256,8 @@ pub enum Reject {
     /// 400: the service mode refuses this method (STUN-only: every TURN method; no-STUN:
     /// unauthenticated Binding).
     MethodNotServed,
-    /// 400: XOR-PEER-ADDRESS with port 0 in a ChannelBind (RFC 8656 §12.2).
+    /// 400: XOR-PEER-ADDRESS with port 0 in a ChannelBind (no transport address to bind;
+    /// RFC 8656 §12.2's answer to a malformed ChannelBind).
     InvalidPeerPort,
     /// 508: the IO layer ran out of file descriptors binding the relay socket.
     NoDescriptors,
@@ -2288,8 +2289,9 @@ impl Server {
             Ok(None) => return Err(Reject::MissingAttribute),
             Err(_) => return Err(Reject::MalformedAttribute),
         };
-        // A channel binds a peer transport address (RFC 8656 §12.2); port 0 is none a peer
-        // can send from, so the request fails §12.2's checks: 400, as coturn answers.
+        // A channel binds a peer transport address (RFC 8656 §12.2). Port 0 names none: no
+        // peer sends from it, and RFC 768 reserves it. The RFC lists no check for it, so we
+        // answer as §12.2 answers a malformed ChannelBind, 400 (as coturn does).
         if peer.port() == 0 {
             return Err(Reject::InvalidPeerPort);
         }
