@@ -2290,7 +2290,7 @@ impl Server {
             Err(_) => return Err(Reject::MalformedAttribute),
         };
         // A channel binds a peer transport address (RFC 8656 §12.2). Port 0 names none: no
-        // peer sends from it, and RFC 768 reserves it. The RFC lists no check for it, so we
+        // peer sends from it, and IANA reserves it. The RFC lists no check for it, so we
         // answer as §12.2 answers a malformed ChannelBind, 400 (as coturn does).
         if peer.port() == 0 {
             return Err(Reject::InvalidPeerPort);
