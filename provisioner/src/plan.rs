@@ -613,6 +613,7 @@ pub fn apply(
 ) -> Result<(), ApplyError> {
     for (i, action) in plan.actions.iter().enumerate() {
         let index = i + 1;
+        let started = Instant::now();
         tracing::info!(
             "phase {} [{}/{}] [{}] {}",
             plan.phase,
@@ -670,6 +671,15 @@ pub fn apply(
                 source,
             }),
         };
+        let elapsed = started.elapsed();
+        if result.is_ok() && elapsed >= SHOW_ELAPSED {
+            tracing::info!(
+                "[{}] {} done in {}s",
+                action.target,
+                action.summary,
+                elapsed.as_secs()
+            );
+        }
         let status = if result.is_ok() { "done" } else { "failed" };
         journal.record(serde_json::json!({
             "time": now_unix(),
@@ -684,6 +694,9 @@ pub fn apply(
     }
     Ok(())
 }
+
+/// Actions that take at least this long (apt, kubeadm, Helm's waits) log their elapsed time.
+const SHOW_ELAPSED: Duration = Duration::from_secs(3);
 
 /// How often [`ActionKind::WaitReady`] tries SSH again.
 pub const READY_POLL: Duration = Duration::from_secs(5);

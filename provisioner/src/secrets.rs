@@ -157,11 +157,15 @@ impl Secrets {
                     .unwrap_or_default(),
             })
         };
-        Ok(Self {
+        let secrets = Self {
             cf_token: need("CF_Token", None)?,
             cf_zone_id: need("CF_Zone_ID", None)?,
             turnd_auth_secret: need("TURND_AUTH_SECRET", Some("COTURN_AUTH_SECRET"))?,
-        })
+        };
+        // Masked in every `-v` log line from now on.
+        crate::exec::redact::remember(secrets.cf_token.expose());
+        crate::exec::redact::remember(secrets.turnd_auth_secret.expose());
+        Ok(secrets)
     }
 }
 

@@ -78,12 +78,15 @@ impl Transport for RecordingTransport {
     fn run(&self, cmd: &Cmd) -> Result<Output, ExecError> {
         let line = cmd.shell_line();
         lock(&self.log).push(Recorded::Run(line.clone()));
-        Ok(lock(&self.rules)
+        let out = lock(&self.rules)
             .iter()
             .rev()
             .find(|(prefix, _)| line.starts_with(prefix.as_str()))
             .map(|(_, out)| out.clone())
-            .unwrap_or_default())
+            .unwrap_or_default();
+        // Logged like the real transports, so `-v` over this fake shows what they would.
+        super::log_output(&self.target, cmd, &out);
+        Ok(out)
     }
 
     fn upload(&self, data: &[u8], path: &str, mode: u32) -> Result<(), ExecError> {

@@ -6,6 +6,7 @@
 
 mod fake;
 mod local;
+pub mod redact;
 mod ssh;
 mod sudo;
 mod virsh_shell;
@@ -237,14 +238,21 @@ impl<T: Transport + ?Sized> Transport for std::sync::Arc<T> {
     }
 }
 
-/// Logs a finished command at debug level (shown with `-v`).
+/// Logs a finished command at debug level (shown with `-v`), with every credential masked
+/// ([`redact::redact`]): the command line, its stdout and its stderr.
 pub(crate) fn log_output(target: &str, cmd: &Cmd, out: &Output) {
-    tracing::debug!(target: "provisioner::exec", "[{target}] $ {cmd} -> {}", out.status);
+    if !tracing::enabled!(target: "provisioner::exec", tracing::Level::DEBUG) {
+        return;
+    }
+    let line = redact::redact(&cmd.to_string());
+    tracing::debug!(target: "provisioner::exec", "[{target}] $ {line} -> {}", out.status);
     if !out.stdout.trim().is_empty() {
-        tracing::debug!(target: "provisioner::exec", "[{target}] stdout:\n{}", out.stdout.trim_end());
+        let stdout = redact::redact(out.stdout.trim_end());
+        tracing::debug!(target: "provisioner::exec", "[{target}] stdout:\n{stdout}");
     }
     if !out.stderr.trim().is_empty() {
-        tracing::debug!(target: "provisioner::exec", "[{target}] stderr:\n{}", out.stderr.trim_end());
+        let stderr = redact::redact(out.stderr.trim_end());
+        tracing::debug!(target: "provisioner::exec", "[{target}] stderr:\n{stderr}");
     }
 }
 

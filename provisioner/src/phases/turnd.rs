@@ -204,6 +204,7 @@ fn env_auth_secret(env: &dyn EnvSource) -> Option<Sensitive> {
     ["TURND_AUTH_SECRET", "COTURN_AUTH_SECRET"]
         .iter()
         .find_map(|n| env.var(n).filter(|v| !v.is_empty()))
+        .inspect(|v| crate::exec::redact::remember(v))
         .map(Sensitive::new)
 }
 
