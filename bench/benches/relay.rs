@@ -232,7 +232,8 @@ impl Run {
     fn row(&mut self, r: ScenarioResult) {
         eprintln!(
             "  {} {}: {:.0} relayed pkt/s, {:.2} us CPU/pkt ({} threads), client+echo CPU \
-             {:.2} s, sent {} echoed {} ({} in window), RTT p50 {} ms p99 {} ms",
+             {:.2} s, sent {} echoed {} ({} in window), RTT p50 {} ms p99 {} ms, \
+             {} UDP receive-buffer drops",
             r.server,
             label(&r.scenario),
             r.relayed_pps(),
@@ -244,6 +245,7 @@ impl Run {
             r.stats.received_in_window,
             ms(r.stats.rtt_quantile(0.5)),
             ms(r.stats.rtt_quantile(0.99)),
+            r.rcvbuf_drops,
         );
         self.loads.push(loadavg());
         self.rows.push(r);
@@ -555,8 +557,8 @@ fn report(run: &Run, k: &Knobs, took: Duration) {
         println!("note: {n}");
     }
 
-    println!("\n| server | scenario | allocations | offered | payload B | relayed pkt/s | server CPU s (threads) | CPU µs/pkt | loss | RTT p50 ms | RTT p99 ms | added p50 ms | added p99 ms |");
-    println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("\n| server | scenario | allocations | offered | payload B | relayed pkt/s | server CPU s (threads) | CPU µs/pkt | loss | RTT p50 ms | RTT p99 ms | added p50 ms | added p99 ms | client+echo CPU s | kernel rcvbuf drops |");
+    println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &run.rows {
         let s = &r.scenario;
         let bare = run.find("bare fwd", s.name, Transport::Udp);
@@ -569,7 +571,7 @@ fn report(run: &Run, k: &Knobs, took: Duration) {
                 })
         };
         println!(
-            "| {} | {} | {} | {} | {} | {:.0} | {:.2} ({}) | {:.2} | {} / {} ({:.3} %) | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.0} | {:.2} ({}) | {:.2} | {} / {} ({:.3} %) | {} | {} | {} | {} | {:.2} | {} |",
             r.server,
             label(s),
             s.allocations,
@@ -586,6 +588,8 @@ fn report(run: &Run, k: &Knobs, took: Duration) {
             ms(r.stats.rtt_quantile(0.99)),
             added(0.5),
             added(0.99),
+            r.client_cpu,
+            r.rcvbuf_drops,
         );
     }
 

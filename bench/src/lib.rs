@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 
 use crate::link::Transport;
 use crate::load::{LoadConfig, LoadStats, Mode, SetupStats, Target};
-use crate::server::{rss_kib, CpuSource, Server};
+use crate::server::{rss_kib, udp_rcvbuf_errors, CpuSource, Server};
 use crate::syscalls::{Attach, Probe, SyscallCounts};
 
 /// One scenario: how many allocations, over what, offered how.
@@ -60,6 +60,9 @@ pub struct ScenarioResult {
     /// CPU seconds of the bench's own threads (clients, echo peer) over the window: the
     /// load generator shares the cores with the server.
     pub client_cpu: f64,
+    /// UDP datagrams the kernel dropped for full receive buffers from the window's start to
+    /// the end of the drain (any socket on the machine: mostly this bench's).
+    pub rcvbuf_drops: u64,
 }
 
 impl ScenarioResult {
@@ -158,6 +161,7 @@ pub fn measure(
     let end_cpu = Cell::new(0.0);
     let client = CpuSource::Threads("bench-".to_owned());
     let client_cpu = Cell::new(0.0);
+    let drops = Cell::new(0);
     let probe_error = RefCell::new(None);
     let stats = load::run(
         &subject.target,
@@ -171,6 +175,7 @@ pub fn measure(
             }
             start_cpu.set(subject.cpu.cpu_seconds());
             client_cpu.set(client.cpu_seconds());
+            drops.set(udp_rcvbuf_errors());
         },
         || {
             end_cpu.set(subject.cpu.cpu_seconds());
@@ -197,6 +202,7 @@ pub fn measure(
         server_threads: subject.cpu.threads(),
         syscalls,
         client_cpu: client_cpu.get(),
+        rcvbuf_drops: udp_rcvbuf_errors().saturating_sub(drops.get()),
     })
 }
 

@@ -118,6 +118,23 @@ impl CpuSource {
     }
 }
 
+/// The kernel's count of UDP datagrams dropped for a full receive buffer
+/// (`/proc/net/snmp`, `Udp: RcvbufErrors`; the whole network namespace).
+#[must_use]
+pub fn udp_rcvbuf_errors() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// VmRSS of `/proc/<pid>/status` (or this process, after returning freed heap to the
 /// kernel so memory freed by earlier scenarios does not hide growth) in KiB.
 #[must_use]
