@@ -611,6 +611,10 @@ fn watch_config(
     Ok(watcher)
 }
 
+/// How long a drain runs before "no allocation left" is believed: longer than two of the
+/// workers' housekeeping ticks, which publish their allocation counts.
+const DRAIN_SETTLE: Duration = Duration::from_millis(300);
+
 /// Runs turnd until it is stopped: SIGTERM drains, SIGINT or a second SIGTERM stops at once,
 /// SIGHUP reloads, a worker's death fails the process.
 ///
@@ -644,6 +648,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         })
     };
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    // When this loop first saw the drain: the per-worker allocation counts are published
+    // every housekeeping tick (100 ms), so a zero read sooner may predate an allocation made
+    // just before the drain began.
+    let mut drain_seen: Option<Instant> = None;
     let outcome = loop {
         tokio::select! {
             _ = int.recv() => { info!("SIGINT: stopping now"); break Ok(()); }
@@ -665,8 +673,9 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             i = running.worker_failed() => break Err(anyhow::anyhow!("worker {i} died")),
             _ = tick.tick() => {
                 if control.is_draining() {
+                    let since = *drain_seen.get_or_insert_with(Instant::now);
                     let left = control.allocations();
-                    if left == 0 {
+                    if left == 0 && since.elapsed() >= DRAIN_SETTLE {
                         info!("drained: the last allocation ended; stopping");
                         break Ok(());
                     }
