@@ -2,7 +2,8 @@
 //! the worker VM whose turnd advertises it.
 //!
 //! For every `[[turnd]]` instance (public IP `P`, worker address `W`, relay range `R`):
-//! - `nat TURND-DNAT`: `P` udp/tcp 3478, tcp 5349, tcp 443 and udp `R` → `W` (ports kept);
+//! - `nat TURND-DNAT`: `P` udp/tcp 3478, tcp 5349, udp `R` and — only for an instance marked
+//!   `tcp_443` — tcp 443 → `W` (ports kept);
 //! - `nat TURND-SNAT`: relay traffic `W`:udp `R` whose *original* destination is outside the
 //!   VM network leaves as `P`:same port, so a peer sees the address turnd advertised. Matching
 //!   the original destination (conntrack) rather than the rewritten one also covers a relay on
@@ -121,6 +122,18 @@ pub struct Forward {
     pub worker_ip: Ipv4Addr,
     /// The relay port range turnd allocates from.
     pub relay_ports: RangeInclusive<u16>,
+    /// Whether tcp/443 is forwarded too (`tcp_443` in the inventory).
+    pub tcp_443: bool,
+}
+
+impl Forward {
+    /// The service ports forwarded for this instance: [`SERVICE_PORTS`], tcp/443 only when
+    /// the inventory marks the IP for it.
+    pub fn service_ports(&self) -> impl Iterator<Item = (Proto, u16)> + '_ {
+        SERVICE_PORTS
+            .into_iter()
+            .filter(|(_, port)| *port != 443 || self.tcp_443)
+    }
 }
 
 /// Everything host networking is rendered from.
@@ -316,6 +329,7 @@ impl HostNet {
                 public_ip: t.public_ip,
                 worker_ip: vm.ip,
                 relay_ports: t.relay_port_min..=t.relay_port_max,
+                tcp_443: t.tcp_443,
             });
         }
         Ok(Self {
@@ -330,7 +344,7 @@ impl HostNet {
         for f in &self.forwards {
             let (p, w) = (f.public_ip, f.worker_ip);
             let relay = port_range(&f.relay_ports);
-            for (proto, port) in SERVICE_PORTS {
+            for (proto, port) in f.service_ports() {
                 let pr = proto.as_str();
                 out.push(Rule::new(
                     Table::Nat,
@@ -362,7 +376,7 @@ impl HostNet {
         for f in &self.forwards {
             let w = f.worker_ip;
             let relay = port_range(&f.relay_ports);
-            for (proto, port) in SERVICE_PORTS {
+            for (proto, port) in f.service_ports() {
                 let pr = proto.as_str();
                 out.push(Rule::new(
                     Table::Filter,
@@ -778,6 +792,7 @@ mod tests {
                 public_ip: Ipv4Addr::new(203, 0, 113, 10),
                 worker_ip: Ipv4Addr::new(10, 10, 10, 11),
                 relay_ports: 49152..=50175,
+                tcp_443: true,
             }],
         }
     }

@@ -54,8 +54,22 @@ fn each_public_ip_goes_to_its_own_worker() {
             ("94.130.141.99".to_owned(), "10.10.10.12".to_owned())
         ]
     );
-    // 5 DNAT + 1 SNAT + 7 FORWARD rules per instance.
-    assert_eq!(h.rules().len(), 2 * 13);
+    // 5 DNAT + 1 SNAT + 7 FORWARD rules for the instance marked tcp_443; two fewer (no 443
+    // DNAT, no 443 ACCEPT) for the one on the host's main IP.
+    assert_eq!(h.rules().len(), 13 + 11);
+    let on_443: Vec<String> = h
+        .rules()
+        .iter()
+        .filter(|r| r.spec.contains("--dport 443 "))
+        .map(|r| r.spec.clone())
+        .collect();
+    assert_eq!(
+        on_443,
+        [
+            "-d 94.130.141.99/32 -p tcp -m tcp --dport 443 -j DNAT --to-destination 10.10.10.12",
+            "-d 10.10.10.12/32 -p tcp -m tcp --dport 443 -j ACCEPT"
+        ]
+    );
     let restore = h.restore_file();
     // Only our chains are declared or flushed: never a built-in or foreign chain.
     for line in restore.lines() {

@@ -164,6 +164,23 @@ fn relay_ranges_must_fit() {
 }
 
 #[test]
+fn tcp_443_on_the_host_s_main_ip_is_refused_with_line_and_key() {
+    // The old cluster forwarded 443 on the main IP and the host's own HTTPS site hung.
+    let text = example().replacen(
+        "relay_port_max = 50175\n",
+        "relay_port_max = 50175\ntcp_443 = true\n",
+        1,
+    );
+    let line = line_of(&text, "vm = \"k8s-worker1\"", "tcp_443 = true");
+    assert_eq!(
+        error_of(&text),
+        format!(
+            "<inline>:{line}: `turnd[0].tcp_443`: 94.130.141.98 is the host's main IP (host.ssh_address): forwarding its tcp/443 to turnd takes HTTPS away from the host's own services; give this instance another of host.public_ips"
+        )
+    );
+}
+
+#[test]
 fn vms_must_fit_the_host() {
     let text = example().replacen("memory_gib = 48", "memory_gib = 16", 1);
     assert!(error_of(&text)

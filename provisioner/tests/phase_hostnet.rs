@@ -261,7 +261,7 @@ fn drift_in_the_live_rules_is_reported_and_repaired_by_a_reload() {
     assert_eq!(
         p.notes,
         [
-            "drift: missing rule -t nat -A TURND-DNAT -d 94.130.141.98/32 -p tcp -m tcp --dport 443 -j DNAT --to-destination 10.10.10.11",
+            "drift: missing rule -t nat -A TURND-DNAT -d 94.130.141.99/32 -p tcp -m tcp --dport 443 -j DNAT --to-destination 10.10.10.12",
             "drift: jump -t nat -A PREROUTING -j TURND-DNAT is rule 2, not 1",
         ]
     );

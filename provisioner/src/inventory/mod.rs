@@ -110,6 +110,17 @@ pub struct Host {
     pub virt_type: crate::render::libvirt::VirtType,
 }
 
+impl Host {
+    /// The host's main IP: `ssh_address` when it is an IPv4 address, else the first of
+    /// `public_ips`. Its tcp/443 is the host's own, never turnd's.
+    pub fn main_ip(&self) -> Option<Ipv4Addr> {
+        self.ssh_address
+            .parse()
+            .ok()
+            .or_else(|| self.public_ips.first().copied())
+    }
+}
+
 fn default_libvirt_uri() -> String {
     "qemu:///system".to_owned()
 }
@@ -243,6 +254,11 @@ pub struct TurndInstance {
     pub relay_port_min: u16,
     /// Last relay port (inclusive).
     pub relay_port_max: u16,
+    /// Forward tcp/443 on `public_ip` to turnd (TURN over TLS for clients behind firewalls
+    /// that allow only HTTPS). Off by default, and refused on the host's main IP, whose 443
+    /// belongs to the host's own web services.
+    #[serde(default)]
+    pub tcp_443: bool,
 }
 
 /// The public domain.
@@ -542,6 +558,15 @@ impl Inventory {
                 return fail(
                     format!("turnd[{i}].public_ip"),
                     format!("{} is not one of host.public_ips", t.public_ip),
+                );
+            }
+            if t.tcp_443 && Some(t.public_ip) == self.host.main_ip() {
+                return fail(
+                    format!("turnd[{i}].tcp_443"),
+                    format!(
+                        "{} is the host's main IP (host.ssh_address): forwarding its tcp/443 to turnd takes HTTPS away from the host's own services; give this instance another of host.public_ips",
+                        t.public_ip
+                    ),
                 );
             }
             if let Some(first) = used_public.insert(t.public_ip, i) {
