@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use serde::Serialize;
 
-use super::{mounts, K8sError, PORTS_TLS, PORT_PLAIN};
+use super::{mounts, K8sError, PORTS_TLS, PORT_ADMIN, PORT_PLAIN};
 use crate::inventory::{Cluster, TurndInstance};
 
 /// The configuration file, as turnd reads it.
@@ -17,6 +17,7 @@ struct TurndToml {
     auth: Auth,
     relay: Relay,
     log: Log,
+    admin: Admin,
 }
 
 #[derive(Debug, Serialize)]
@@ -43,6 +44,11 @@ struct Relay {
     min_port: u16,
     max_port: u16,
     external_ips: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Admin {
+    listen: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -92,6 +98,10 @@ pub(super) fn turnd_toml(cluster: &Cluster, index: usize) -> Result<String, K8sE
         log: Log {
             level: "info",
             format: "json",
+        },
+        // On the worker's address, not loopback: Prometheus scrapes it from the pod network.
+        admin: Admin {
+            listen: format!("{ip}:{PORT_ADMIN}"),
         },
     };
     let body = toml::to_string(&file).map_err(|e| K8sError::Toml {

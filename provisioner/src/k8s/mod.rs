@@ -65,6 +65,12 @@ pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/turnd/turnd:", env!("CARGO_PKG_
 pub const PORT_PLAIN: u16 = 3478;
 /// TURN over TLS: the standard port, and 443 for clients behind firewalls.
 pub const PORTS_TLS: [u16; 2] = [5349, 443];
+/// turnd's admin listener on the worker's address: `/metrics` (Prometheus scrapes it),
+/// `/live` and `/ready` (the kubelet probes them). Not forwarded by the host: reachable from
+/// the VM network and the pods only.
+pub const PORT_ADMIN: u16 = 9641;
+/// Its container port's name (the monitoring phase's PodMonitor scrapes it by name).
+pub const PORT_ADMIN_NAME: &str = "admin";
 
 /// Where the pod mounts its files.
 pub mod mounts {
@@ -551,16 +557,29 @@ mod tests {
                 caps.add.as_deref(),
                 Some(&["NET_BIND_SERVICE".to_owned()][..])
             );
-            for probe in [&ctr.liveness_probe, &ctr.readiness_probe] {
-                let tcp = probe
+            // Probed on turnd's admin listener, which Prometheus scrapes by the port's name.
+            for (probe, path) in [
+                (&ctr.liveness_probe, "/live"),
+                (&ctr.readiness_probe, "/ready"),
+            ] {
+                let http = probe
                     .as_ref()
-                    .and_then(|p| p.tcp_socket.as_ref())
-                    .expect("tcpSocket");
+                    .and_then(|p| p.http_get.as_ref())
+                    .expect("httpGet");
                 assert_eq!(
-                    tcp.port,
-                    k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(3478)
+                    (http.path.as_deref(), &http.port),
+                    (
+                        Some(path),
+                        &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i32::from(
+                            PORT_ADMIN
+                        ))
+                    )
                 );
             }
+            assert!(ctr.ports.as_ref().expect("ports").iter().any(|p| {
+                p.name.as_deref() == Some(PORT_ADMIN_NAME)
+                    && p.container_port == i32::from(PORT_ADMIN)
+            }));
             // Every declared port is a host port: the scheduler refuses a second pod on the node.
             for port in ctr.ports.as_ref().expect("ports") {
                 assert_eq!(port.host_port, Some(port.container_port));

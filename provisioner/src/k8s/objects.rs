@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    KeyToPath, Namespace, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    HTTPGetAction, KeyToPath, Namespace, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
     ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource,
-    SecurityContext, TCPSocketAction, Volume, VolumeMount,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -20,7 +20,7 @@ use super::config::worker_ip;
 use super::{
     mounts, AuthSecret, K8sError, TlsSource, AUTH_SECRET_KEY, AUTH_SECRET_NAME, CONFIG_MAP_NAME,
     FIELD_MANAGER, NAMESPACE, PDB_NAME, PLACEHOLDER_AUTH_SECRET, PLACEHOLDER_CERT, PLACEHOLDER_KEY,
-    PORTS_TLS, PORT_PLAIN, RUN_AS, TLS_SECRET_NAME,
+    PORTS_TLS, PORT_ADMIN, PORT_ADMIN_NAME, PORT_PLAIN, RUN_AS, TLS_SECRET_NAME,
 };
 use crate::inventory::{Cluster, TurndInstance};
 
@@ -152,18 +152,21 @@ fn ports() -> Vec<ContainerPort> {
             .iter()
             .map(|p| port(&format!("turns-{p}"), *p, "TCP")),
     );
+    out.push(port(PORT_ADMIN_NAME, PORT_ADMIN, "TCP"));
     out
 }
 
-/// Liveness and readiness: a TCP connect to the TURN listener on the worker's address. turnd
-/// has no HTTP admin port yet, and the image (`scratch`) has no shell or STUN client for an
-/// `exec` probe; the TCP listener accepts only once the configuration loaded and every
-/// listener (UDP included) is bound.
-fn tcp_probe(host: &str, period: i32, failures: i32) -> Probe {
+/// Liveness and readiness: turnd's admin listener on the worker's address, `/live` (the
+/// process and its workers run) and `/ready` (listening, and not draining). The image
+/// (`scratch`) has no shell for an `exec` probe, and an HTTP probe needs none.
+fn http_probe(host: &str, path: &str, period: i32, failures: i32) -> Probe {
     Probe {
-        tcp_socket: Some(TCPSocketAction {
+        http_get: Some(HTTPGetAction {
             host: Some(host.to_owned()),
-            port: IntOrString::Int(i32::from(PORT_PLAIN)),
+            path: Some(path.to_owned()),
+            port: IntOrString::Int(i32::from(PORT_ADMIN)),
+            scheme: Some("HTTP".to_owned()),
+            ..HTTPGetAction::default()
         }),
         initial_delay_seconds: Some(2),
         period_seconds: Some(period),
@@ -216,8 +219,8 @@ pub(super) fn deployment(
             limits: Some(quantities(&[("memory", "1Gi")])),
             ..ResourceRequirements::default()
         }),
-        liveness_probe: Some(tcp_probe(&ip, 10, 3)),
-        readiness_probe: Some(tcp_probe(&ip, 5, 2)),
+        liveness_probe: Some(http_probe(&ip, "/live", 10, 3)),
+        readiness_probe: Some(http_probe(&ip, "/ready", 5, 2)),
         security_context: Some(SecurityContext {
             read_only_root_filesystem: Some(true),
             allow_privilege_escalation: Some(false),

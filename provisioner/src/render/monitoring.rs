@@ -1,7 +1,7 @@
 //! The monitoring phase's files, from the inventory's `[monitoring]` section and the sources in
 //! `deploy/monitoring/` (embedded at build time):
 //! - the Helm values of kube-prometheus-stack ([`helm_values`]): retention, storage and
-//!   resources; the PodMonitor that scrapes turnd's admin port ([`ADMIN_PORT`]) on the
+//!   resources; the PodMonitor that scrapes turnd's admin port ([`crate::k8s::PORT_ADMIN`]) on the
 //!   hostNetwork pods, relabelled so `instance` is the worker and `public_ip` its public IP;
 //!   the alert rules ([`RULES`]); the Alertmanager configuration; Grafana with its admin
 //!   password from a Secret and its dashboard sidecar;
@@ -54,10 +54,6 @@ pub const SMTP_SECRET_KEY: &str = "password";
 pub const DASHBOARD_CONFIG_MAP: &str = "turnd-dashboard";
 /// The label (and value) the Grafana sidecar loads dashboards by.
 pub const DASHBOARD_LABEL: (&str, &str) = ("grafana_dashboard", "1");
-/// turnd's admin listener port (`/metrics`, `/live`, `/ready`).
-pub const ADMIN_PORT: u16 = 9641;
-/// The container port name the PodMonitor scrapes.
-pub const ADMIN_PORT_NAME: &str = "admin";
 /// The `job` label of turnd's series.
 pub const JOB: &str = "turnd";
 /// Placeholder for secret values in rendered files.
@@ -183,7 +179,7 @@ pub fn pod_monitor(c: &Cluster) -> Value {
         "namespaceSelector": {"matchNames": [crate::k8s::NAMESPACE]},
         "selector": {"matchLabels": {"app.kubernetes.io/name": "turnd"}},
         "podMetricsEndpoints": [{
-            "port": ADMIN_PORT_NAME,
+            "port": crate::k8s::PORT_ADMIN_NAME,
             "path": "/metrics",
             "interval": "30s",
             "relabelings": relabelings,
