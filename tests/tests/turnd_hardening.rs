@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use turn_proto::codec::{
-    Class, MessageBuilder, MessageType, Method, TransactionId, XorPeerAddress,
+    Class, EvenPort, Message, MessageBuilder, MessageType, Method, RequestedTransport,
+    ReservationToken, TransactionId, XorPeerAddress,
 };
 use turnd_tests::client::{Incoming, MiniClient};
 use turnd_tests::peer::EchoPeer;
@@ -356,4 +357,83 @@ async fn a_tcp_binding_flood_does_not_starve_a_udp_clients_relay() {
         round_trips >= 100,
         "only {round_trips} UDP round trips in the window beside the flood ({lost} lost)"
     );
+}
+
+/// An Allocate carrying RESERVATION-TOKEN `token`.
+async fn redeem(c: &mut MiniClient, token: [u8; 8]) -> turnd_tests::client::Response {
+    c.request(Method::ALLOCATE, |b| {
+        b.add(&RequestedTransport::UDP);
+        b.add(&ReservationToken(token));
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_token_is_redeemed_from_any_worker_by_its_user_only() {
+    let toml = relay_toml(&["127.0.0.1"], 21430..=21479, false)
+        .replace("[server]\nworkers = 2\n", "[server]\nworkers = 4\n")
+        .replace(
+            "users = [{ name = \"alice\", password = \"wonderland\" }]",
+            "users = [{ name = \"alice\", password = \"wonderland\" }, { name = \"bob\", password = \"builder\" }]",
+        );
+    assert!(toml.contains("workers = 4") && toml.contains("bob"));
+    let server = TestServer::turnd(&toml, Auth::alice()).unwrap();
+    // Eight pairs: with four workers, most second sockets reach another worker than the
+    // first (the kernel hashes each socket's 4-tuple).
+    for round in 0..8 {
+        let mut rtp = MiniClient::new(server.addr, "alice", "wonderland")
+            .await
+            .unwrap();
+        let r = rtp
+            .request(Method::ALLOCATE, |b| {
+                b.add(&RequestedTransport::UDP);
+                b.add(&EvenPort { reserve: true });
+            })
+            .await
+            .unwrap()
+            .success()
+            .unwrap();
+        let even = r.relayed().unwrap();
+        assert_eq!(even.port() % 2, 0, "round {round}: EVEN-PORT gave {even}");
+        let token = Message::decode(r.bytes())
+            .unwrap()
+            .get::<ReservationToken>()
+            .unwrap()
+            .expect("RESERVATION-TOKEN");
+        // Another user's Allocate with the token is refused, and the reservation stays.
+        let mut thief = MiniClient::new(server.addr, "bob", "builder")
+            .await
+            .unwrap();
+        let stolen = redeem(&mut thief, token.0).await;
+        assert_eq!(
+            stolen.class(),
+            Class::Error,
+            "round {round}: bob redeemed alice's token"
+        );
+        // Its user redeems it from a second socket: the odd port after the even one.
+        let mut rtcp = MiniClient::new(server.addr, "alice", "wonderland")
+            .await
+            .unwrap();
+        let odd = redeem(&mut rtcp, token.0)
+            .await
+            .success()
+            .unwrap_or_else(|e| panic!("round {round}: {e}"))
+            .relayed()
+            .unwrap();
+        assert_eq!(
+            odd,
+            SocketAddr::new(even.ip(), even.port() + 1),
+            "round {round}"
+        );
+        // A token is good once.
+        let mut again = MiniClient::new(server.addr, "alice", "wonderland")
+            .await
+            .unwrap();
+        assert_eq!(
+            redeem(&mut again, token.0).await.class(),
+            Class::Error,
+            "round {round}: reused"
+        );
+    }
 }
