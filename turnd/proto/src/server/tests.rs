@@ -5,10 +5,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use super::policy::PeerPolicy;
 use super::*;
 use crate::auth::{
-    long_term_key_md5, long_term_key_sha256, rest_api_password, user_hash, UserSecret,
+    long_term_key_md5, long_term_key_sha256, rest_api_password, user_hash, Credentials, UserSecret,
 };
+use crate::defaults;
 
 const REALM: &str = "example.org";
 const UNIX0: u64 = 1_700_000_000;
