@@ -334,4 +334,61 @@ async fn admin_api_needs_the_token_lists_sessions_and_ends_a_users_allocation() 
     let v: serde_json::Value = serde_json::from_str(&left.body).unwrap();
     assert_eq!(v["total"], 1, "{v}");
     assert_eq!(v["sessions"][0]["user"], "bob", "{v}");
+
+    // By id: Bob's allocation ends, and a second DELETE of it finds nothing.
+    let id = v["sessions"][0]["id"].as_str().unwrap().to_owned();
+    let target = format!("/sessions/{id}");
+    let ended = http::request(admin, "DELETE", &target, Some(TOKEN)).unwrap();
+    assert_eq!(ended.status, 200, "{}", ended.body);
+    assert_eq!(bob.refresh(600).await.unwrap().error_code(), Some(437));
+    let again = http::request(admin, "DELETE", &target, Some(TOKEN)).unwrap();
+    assert_eq!(again.status, 404, "{}", again.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_drain_without_a_sibling_refuses_new_allocations_with_403_and_keeps_the_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = operations_toml(
+        dir.path(),
+        22060..=22079,
+        "users = [{ name = \"alice\", password = \"wonderland\" }]\n",
+    );
+    let server = TestServer::turnd(&toml, Auth::alice()).unwrap();
+    let admin = server.admin();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
+    let mut old = MiniClient::new(server.addr, "alice", "wonderland")
+        .await
+        .unwrap();
+    old.allocate().await.unwrap().success().unwrap();
+    old.create_permission(peer.addr)
+        .await
+        .unwrap()
+        .success()
+        .unwrap();
+    assert_eq!(http::get(admin, "/ready").unwrap().status, 200);
+
+    let drain = http::request(admin, "POST", "/drain", Some(TOKEN)).unwrap();
+    assert_eq!(drain.status, 202, "{}", drain.body);
+    let v: serde_json::Value = serde_json::from_str(&drain.body).unwrap();
+    assert_eq!(v["draining"], true, "{v}");
+    assert_eq!(http::get(admin, "/ready").unwrap().status, 503);
+    let metrics = http::get(admin, "/metrics").unwrap().body;
+    assert!(
+        metrics.lines().any(|l| l == "turnd_draining 1"),
+        "turnd_draining"
+    );
+
+    let mut newcomer = MiniClient::new(server.addr, "alice", "wonderland")
+        .await
+        .unwrap();
+    let r = newcomer.allocate().await.unwrap();
+    assert_eq!(
+        r.error_code(),
+        Some(403),
+        "a new Allocate while draining, no sibling"
+    );
+    for i in 0..5 {
+        echo(&mut old, peer.addr, &format!("draining {i}")).await;
+    }
+    old.refresh(600).await.unwrap().success().unwrap();
 }
