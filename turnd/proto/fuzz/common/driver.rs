@@ -10,9 +10,10 @@
 //! every datagram to a peer leaves from a relay socket the IO layer holds (by handle), every
 //! answer to a client carries the route its request came by, a relay socket or a reserved
 //! port is never released twice or before it was bound, and the server's gauges (allocations,
-//! permissions, channels) agree with a scan of its state. [`Driver::finish`] then checks that the server
-//! still answers a Binding request on every 5-tuple, and that once every lifetime has run out
-//! no allocation, relay socket, quota slot, permission or channel is left behind.
+//! permissions, channels) agree with a scan of its state. [`Driver::finish`] then checks that
+//! the server still answers a Binding request on every 5-tuple, and that once every lifetime
+//! has run out no allocation, relay socket, quota slot, reservation, permission or channel is
+//! left behind.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -12,16 +12,16 @@ pub enum ServiceMode {
     /// STUN Binding and TURN (the default).
     #[default]
     Turn,
-    /// STUN Binding only: every TURN request (Allocate, Refresh, CreatePermission,
-    /// ChannelBind) is answered 400 with [`Reject::MethodNotServed`](super::Reject::MethodNotServed) and a reason phrase.
-    /// coturn's `stun-only` ignores them silently; we answer, so a client fails at once
+    /// STUN Binding only: every TURN request (Allocate, Refresh, CreatePermission, ChannelBind) is
+    /// answered 400 with [`Reject::MethodNotServed`](super::Reject::MethodNotServed) and a reason
+    /// phrase. coturn's `stun-only` ignores them silently; we answer, so a client fails at once
     /// instead of after its retransmission timeout, and the refusal is counted.
     StunOnly,
     /// TURN only: a Binding request without MESSAGE-INTEGRITY is answered 400 with
-    /// [`Reject::MethodNotServed`](super::Reject::MethodNotServed) (it is not challenged: a 401 would be a larger answer to
-    /// an anonymous request); one with a valid long-term credential is answered, signed.
-    /// coturn's `no-stun` ignores every Binding request silently. Binding indications
-    /// (keepalives) are ignored as always.
+    /// [`Reject::MethodNotServed`](super::Reject::MethodNotServed) (it is not challenged: a 401
+    /// would be a larger answer to an anonymous request); one with a valid long-term credential is
+    /// answered, signed. coturn's `no-stun` ignores every Binding request silently. Binding
+    /// indications (keepalives) are ignored as always.
     NoStun,
 }
 
@@ -63,12 +63,12 @@ pub struct ServerConfig {
     pub rfc5766_channel_numbers: bool,
     /// What the server serves.
     pub mode: ServiceMode,
-    /// Most 401/438 challenges answered per second to one source (an IPv4 address, or an
-    /// IPv6 /64), with a burst of one second's worth; beyond it the request is dropped and
-    /// counted as [`DropReason::ChallengeRateLimited`](super::DropReason::ChallengeRateLimited). `None` (the default) sets no limit.
-    /// The state is a fixed table of token buckets indexed by a keyed hash of the source
-    /// (4096 slots, 64 KiB): memory never grows with the number of sources, and sources that
-    /// share a slot share its budget.
+    /// Most 401/438 challenges answered per second to one source (an IPv4 address, or an IPv6 /64),
+    /// with a burst of one second's worth; beyond it the request is dropped and counted as
+    /// [`DropReason::ChallengeRateLimited`](super::DropReason::ChallengeRateLimited). `None` (the
+    /// default) sets no limit. The state is a fixed table of token buckets indexed by a keyed hash
+    /// of the source (4096 slots, 64 KiB): memory never grows with the number of sources, and
+    /// sources that share a slot share its budget.
     pub challenges_per_source_per_second: Option<u32>,
 }
 

@@ -17,7 +17,8 @@ use super::{AllocationStats, FiveTuple, Reject, RelayHandle, RelayedAddress, Tra
 pub struct Route(pub u32);
 
 /// Identifies an allocation across the shards of one process: the shard number
-/// ([`Server::set_shard`](super::Server::set_shard)) in the top 16 bits, a per-server counter below (never reused).
+/// ([`Server::set_shard`](super::Server::set_shard)) in the top 16 bits, a per-server counter below
+/// (never reused).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
 pub struct AllocationId(pub u64);
 
@@ -55,7 +56,8 @@ pub struct Transmit<'a> {
     pub route: Route,
 }
 
-/// Identifies a [`RelayRequest`] until [`Server::handle_relay_bound`](super::Server::handle_relay_bound) answers it.
+/// Identifies a [`RelayRequest`] until
+/// [`Server::handle_relay_bound`](super::Server::handle_relay_bound) answers it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct RelayRequestId(pub u64);
 
@@ -77,7 +79,8 @@ pub enum PortRequest {
     Reserved(SocketAddr),
 }
 
-/// The IO layer must bind relay socket(s) and answer with [`Server::handle_relay_bound`](super::Server::handle_relay_bound).
+/// The IO layer must bind relay socket(s) and answer with
+/// [`Server::handle_relay_bound`](super::Server::handle_relay_bound).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct RelayRequest {
     /// Echo this back.
@@ -113,9 +116,10 @@ pub struct RelayBound {
     pub primary: Result<RelayedAddress, RelayError>,
     /// The IPv6 one, when `additional_ipv6` was asked.
     pub additional: Option<Result<RelayedAddress, RelayError>>,
-    /// The port held for a later RESERVATION-TOKEN (its local address). The core answers it
-    /// with exactly one [`Event::ReservedPortReleased`] unless an Allocate (on any shard
-    /// sharing the [`ReservationLedger`](super::ReservationLedger)) redeems it first with `PortRequest::Reserved`.
+    /// The port held for a later RESERVATION-TOKEN (its local address). The core answers it with
+    /// exactly one [`Event::ReservedPortReleased`] unless an Allocate (on any shard sharing the
+    /// [`ReservationLedger`](super::ReservationLedger)) redeems it first with
+    /// `PortRequest::Reserved`.
     pub reserved_next: Option<SocketAddr>,
 }
 
@@ -128,7 +132,8 @@ pub enum EndReason {
     Deleted,
     /// Its TCP/TLS connection closed.
     ConnectionClosed,
-    /// Ended through the operations API ([`Server::end_allocation`](super::Server::end_allocation)).
+    /// Ended through the operations API
+    /// ([`Server::end_allocation`](super::Server::end_allocation)).
     Admin,
 }
 
@@ -162,7 +167,8 @@ impl EndReason {
 /// Things the IO layer acts on or reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// Bind relay socket(s), then call [`Server::handle_relay_bound`](super::Server::handle_relay_bound).
+    /// Bind relay socket(s), then call
+    /// [`Server::handle_relay_bound`](super::Server::handle_relay_bound).
     RelayRequested(RelayRequest),
     /// Close this relay socket; its handle and port are free again. Sent exactly once for
     /// every relayed address the IO layer reported bound in a [`RelayBound`].

@@ -10,7 +10,7 @@ use super::{
     AllocationId, AllocationStats, EndReason, FiveTuple, RelayedAddress, Server, ServerConfig,
 };
 
-/// A drain in progress ([`Server::set_draining`](super::Server::set_draining)): new allocations are sent elsewhere,
+/// A drain in progress ([`Server::set_draining`]): new allocations are sent elsewhere,
 /// existing ones keep relaying and may refresh until `deadline`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Drain {
@@ -22,10 +22,10 @@ pub struct Drain {
     pub alternate_ipv6: Option<SocketAddr>,
 }
 
-/// One allocation as the operations API lists it ([`Server::sessions`](super::Server::sessions)).
+/// One allocation as the operations API lists it ([`Server::sessions`]).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct SessionInfo<'a> {
-    /// Its id (for [`Server::end_allocation`](super::Server::end_allocation)).
+    /// Its id (for [`Server::end_allocation`]).
     pub id: AllocationId,
     /// The authenticated username.
     pub username: &'a str,

@@ -332,7 +332,8 @@ impl RequestKind {
 pub struct Stats {
     /// Dropped datagrams by [`DropReason`] (index as in `DropReason::ALL`).
     pub drops: [u64; 9],
-    /// Datagrams relayed client → peer, by the client's transport ([`Transport::index`](super::Transport::index)).
+    /// Datagrams relayed client → peer, by the client's transport
+    /// ([`Transport::index`](super::Transport::index)).
     pub packets_to_peer: [u64; 3],
     /// Payload bytes relayed client → peer, by transport.
     pub bytes_to_peer: [u64; 3],
