@@ -266,7 +266,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                         "--namespace",
                         &c.monitoring.namespace,
                         "port-forward",
-                        "service/grafana",
+                        &format!("service/{}", crate::render::monitoring::GRAFANA_SERVICE),
                         &format!("{port}:80"),
                     ])
                     .shell_line(),
@@ -396,6 +396,7 @@ fn phase_settings(cli: &Cli) -> Settings {
     Settings {
         auth_secret,
         rollout_timeout: Some(std::time::Duration::from_secs(300)),
+        dotenv: Some(dotenv),
         ..Settings::default()
     }
 }
@@ -433,6 +434,17 @@ fn status(cli: &Cli, c: &Cluster) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    if c.monitoring.enabled {
+        let ctx = Context {
+            cluster: c,
+            transports: &t,
+            settings: &settings,
+        };
+        let targets_up = monitoring_targets(c, &ctx);
+        if matches!(cli.command, Command::Verify) {
+            ok &= targets_up;
+        }
+    }
     if matches!(cli.command, Command::Verify) {
         let settings = Settings::default();
         let ctx = Context {
@@ -467,6 +479,34 @@ fn status(cli: &Cli, c: &Cluster) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Prints which of the inventory's turnd instances Prometheus scrapes successfully; whether
+/// all of them are up.
+fn monitoring_targets(c: &Cluster, ctx: &Context<'_>) -> bool {
+    match phases::monitoring::targets(ctx) {
+        Ok(found) => {
+            let missing = found.missing(c);
+            println!(
+                "monitoring: turnd targets up in Prometheus: {}{}",
+                if found.up.is_empty() {
+                    "none".to_owned()
+                } else {
+                    found.up.join(", ")
+                },
+                if missing.is_empty() {
+                    String::new()
+                } else {
+                    format!("; missing: {}", missing.join(", "))
+                }
+            );
+            missing.is_empty()
+        }
+        Err(e) => {
+            println!("monitoring: cannot ask Prometheus: {e}");
+            false
+        }
+    }
 }
 
 fn preflight(cli: &Cli, c: &Cluster) -> anyhow::Result<ExitCode> {
