@@ -538,6 +538,14 @@ fn preflight(cli: &Cli, c: &Cluster) -> anyhow::Result<ExitCode> {
             .map(|_| String::new())
             .map_err(|e| e.to_string()),
     );
+    if c.monitoring.enabled {
+        check(
+            "monitoring secrets",
+            phases::monitoring::secrets(c, &ProcessEnv, Some(&dotenv))
+                .map(|_| String::new())
+                .map_err(|e| e.to_string()),
+        );
+    }
     let key = expand_home(&c.ssh.private_key);
     check(
         "ssh key",

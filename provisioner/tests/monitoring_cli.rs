@@ -74,3 +74,27 @@ fn rendered_monitoring_files_hold_placeholders_not_secrets() {
         "{secret}"
     );
 }
+
+#[test]
+fn preflight_names_a_missing_monitoring_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env_file = dir.path().join(".env");
+    std::fs::write(&env_file, "GRAFANA_ADMIN_PASSWORD=set-in-dotenv\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_provisioner"))
+        .args(["-i", EXAMPLE, "--dry-run", "preflight", "--env-file"])
+        .arg(&env_file)
+        .env_remove("GRAFANA_ADMIN_PASSWORD")
+        .env_remove("SENDGRID_API_KEY")
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "FAIL  monitoring secrets: missing secret SENDGRID_API_KEY: set it in the environment or in {}",
+            env_file.display()
+        )),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("set-in-dotenv"), "{stdout}");
+}
