@@ -14,10 +14,12 @@
 //! - [`k8s`]: turnd's Kubernetes objects (typed k8s-openapi), rendered and server-side applied.
 //! - [`hostnet`]: the host's iptables chains, systemd unit and drift check.
 //! - [`dns`] and [`acme`]: Cloudflare DNS records and the ACME DNS-01 certificate.
+//! - [`phases::monitoring`] with [`render::monitoring`]: kube-prometheus-stack by Helm, turnd's
+//!   PodMonitor, dashboard and alert rules (`deploy/monitoring/`), e-mail alerts via SendGrid.
 //!
-//! What it leaves out: the `monitoring` phase is registered but not implemented in this
-//! version; Kubernetes tools cannot run in tests, so their command lines and configs are
-//! golden-tested, and the Kubernetes API is a fake server in tests.
+//! What it leaves out: Kubernetes tools (Helm, kubeadm, the API server) and Grafana cannot run
+//! in tests, so their command lines and configs are golden-tested and the Kubernetes API is a
+//! fake server in tests; Prometheus, promtool and amtool are real.
 #![forbid(unsafe_code)]
 
 pub mod acme;
