@@ -203,6 +203,7 @@ fn fresh_host_full_plan_and_its_commands_are_golden_and_the_second_plan_is_empty
             "systemctl is-enabled turnd-hostnet.service",
             "systemctl is-active turnd-hostnet.service",
             "iptables-save",
+            "systemctl show -P FragmentPath coturn-iptables.service",
         ],
         "gathering is read-only"
     );

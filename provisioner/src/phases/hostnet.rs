@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use super::facts::{file_hashes, sha256};
 use super::{Context, PhaseError};
 use crate::exec::{Cmd, ExecError, Transport};
-use crate::hostnet::{paths, Drift, HostNet, JumpDrift, UNIT_NAME};
+use crate::hostnet::{paths, Drift, HostNet, JumpDrift, LEGACY_UNIT, UNIT_NAME};
 use crate::plan::{Action, PhaseId, Plan, Step, Target};
 
 /// What `host-networking` observed on the host.
@@ -33,6 +33,10 @@ pub struct HostNetFacts {
     pub active: bool,
     /// The live rules compared with the rendered ones.
     pub drift: Drift,
+    /// The old coturn cluster's chains still in the live rules: (table, chain).
+    pub legacy_chains: Vec<(String, String)>,
+    /// The old `coturn-iptables.service`'s unit file, when systemd knows the unit.
+    pub legacy_unit: Option<String>,
 }
 
 /// The paths of every file the phase installs.
@@ -67,6 +71,8 @@ fn gather_unit(t: &dyn Transport) -> Result<HostNetFacts, ExecError> {
         enabled: unit_is(t, "is-enabled", "enabled")?,
         active: unit_is(t, "is-active", "active")?,
         drift: Drift::default(),
+        legacy_chains: Vec::new(),
+        legacy_unit: None,
     })
 }
 
@@ -97,6 +103,13 @@ pub fn gather(ctx: &Context<'_>, want: &HostNet) -> Result<HostNetFacts, PhaseEr
         .map_err(gather)?
         .stdout;
     facts.drift = want.verify(&saved);
+    facts.legacy_chains = crate::hostnet::legacy_chains(&saved);
+    let show = Cmd::new("systemctl").args(["show", "-P", "FragmentPath", LEGACY_UNIT]);
+    facts.legacy_unit = match host.run(&show) {
+        Ok(o) if o.success() && !o.stdout.trim().is_empty() => Some(o.stdout.trim().to_owned()),
+        Ok(_) | Err(ExecError::Spawn { .. }) => None,
+        Err(e) => return Err(gather(e)),
+    };
     Ok(facts)
 }
 
@@ -214,7 +227,50 @@ pub fn plan(want: &HostNet, facts: &HostNetFacts) -> Plan {
             }
         }
     }
+    plan_legacy(facts, &mut p);
     p
+}
+
+/// Removes the old coturn cluster's forwarding after ours is in place: its unit stopped,
+/// disabled and (when it lives in `/etc/systemd/system`) deleted, then its chains.
+fn plan_legacy(facts: &HostNetFacts, p: &mut Plan) {
+    if facts.legacy_chains.is_empty() && facts.legacy_unit.is_none() {
+        return;
+    }
+    let mut steps = Vec::new();
+    let mut what = Vec::new();
+    if let Some(file) = &facts.legacy_unit {
+        what.push(LEGACY_UNIT.to_owned());
+        steps.push(Step::Run(Cmd::new("systemctl").args([
+            "disable",
+            "--now",
+            LEGACY_UNIT,
+        ])));
+        if file.starts_with("/etc/systemd/system/") {
+            steps.push(Step::Run(Cmd::new("rm").args(["-f", file])));
+        }
+        steps.push(Step::Run(Cmd::new("systemctl").arg("daemon-reload")));
+    }
+    if !facts.legacy_chains.is_empty() {
+        what.extend(
+            facts
+                .legacy_chains
+                .iter()
+                .map(|(t, c)| format!("chain -t {t} {c}")),
+        );
+        steps.push(Step::Run(Cmd::new("sh").args([
+            "-c".to_owned(),
+            crate::hostnet::legacy_removal_script(&facts.legacy_chains),
+        ])));
+    }
+    p.push_disruptive(
+        Action::steps(
+            Target::Host,
+            format!("remove the old coturn forwarding: {}", what.join(", ")),
+            steps,
+        ),
+        "the old coturn relays stop being reachable; turnd's forwarding takes over",
+    );
 }
 
 /// Observes what teardown removes: the files and the unit (not the rules: `ExecStop` removes
