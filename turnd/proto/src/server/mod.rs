@@ -43,7 +43,7 @@ mod reservation;
 mod stats;
 mod timer;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -191,12 +191,12 @@ pub struct Server {
     by_tuple: FxHashMap<FiveTuple, u32>,
     /// Allocation slab index by [`RelayHandle`]; `NO_ALLOCATION` where none.
     by_relay: Vec<u32>,
-    pending: HashMap<RelayRequestId, (FiveTuple, Pending)>,
+    pending: FxHashMap<RelayRequestId, (FiveTuple, Pending)>,
     pending_tuples: FxHashMap<FiveTuple, RelayRequestId>,
     next_request: u64,
     reservations: Box<dyn ReservationLedger>,
     tokens: TokenSource,
-    tx_cache: HashMap<u64, (FiveTuple, TransactionId, Vec<u8>)>,
+    tx_cache: FxHashMap<u64, (FiveTuple, TransactionId, Vec<u8>)>,
     tx_cache_index: FxHashMap<(FiveTuple, TransactionId), u64>,
     next_tx: u64,
     deadlines: Deadlines,
@@ -289,12 +289,12 @@ impl Server {
             free: Vec::new(),
             by_tuple: FxHashMap::default(),
             by_relay: Vec::new(),
-            pending: HashMap::new(),
+            pending: FxHashMap::default(),
             pending_tuples: FxHashMap::default(),
             next_request: 0,
             reservations,
             tokens: TokenSource::new(seed),
-            tx_cache: HashMap::new(),
+            tx_cache: FxHashMap::default(),
             tx_cache_index: FxHashMap::default(),
             next_tx: 0,
             deadlines: Deadlines::default(),
