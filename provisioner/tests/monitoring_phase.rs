@@ -391,3 +391,21 @@ fn status_reads_which_turnd_targets_prometheus_has_up() {
         Some("/api/v1/namespaces/monitoring/services/http:monitoring-prometheus:9090/proxy/api/v1/query?query=up%7Bjob%3D%22turnd%22%7D")
     );
 }
+
+#[test]
+fn a_cluster_created_earlier_in_the_run_is_planned_fresh_without_asking() {
+    let c = example();
+    let mut r = rig(&c);
+    r.settings.ahead.cluster = true;
+    let p = r.plan(&c);
+    assert_eq!(
+        summaries(&p),
+        [
+            "server-side apply Namespace/monitoring (create), Secret/grafana-admin (create), \
+             Secret/alertmanager-smtp (create), ConfigMap/turnd-dashboard (create)",
+            "install kube-prometheus-stack 61.3.0 with Helm (monitoring not installed)",
+        ]
+    );
+    assert!(r.master.calls().is_empty(), "{:?}", r.master.calls());
+    assert!(take(&r.api.state).is_empty());
+}

@@ -14,7 +14,9 @@
 //! version, or was installed with other values. With `enabled = false` the phase gathers
 //! nothing and plans nothing, and removes nothing either.
 //!
-//! Helm runs on the master with its `admin.conf`, like Cilium's chart in `k8s-master`.
+//! Helm runs on the master with its `admin.conf`, like Cilium's chart in `k8s-master`. When an
+//! earlier phase of the same run creates the master or the cluster ([`Settings::ahead`]),
+//! gather asks neither and plans everything as new.
 
 use std::path::Path;
 
@@ -141,6 +143,25 @@ pub fn gather(
         api,
         objects: files::objects(&c.monitoring, &secrets),
     };
+    let ahead = &ctx.settings.ahead;
+    if ahead.cluster || ahead.vms.contains(c.master().name.as_str()) {
+        // The master or the cluster is created earlier in this run: nothing is installed yet.
+        let objects = set
+            .ids()
+            .into_iter()
+            .map(|object| Change {
+                object,
+                kind: ChangeKind::Create,
+            })
+            .collect();
+        let facts = MonitoringFacts {
+            releases: Some(Vec::new()),
+            values_sha256: None,
+            objects,
+            asked: true,
+        };
+        return Ok((set, facts));
+    }
     let master = Target::Vm(c.master().name.to_string());
     let t: &dyn Transport =
         ctx.transports
