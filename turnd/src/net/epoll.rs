@@ -30,6 +30,7 @@ pub struct Epoll {
     backlog: Vec<usize>,
     next_backlog: Vec<usize>,
     recv: Box<RecvBatch>,
+    messages: udp::Messages,
 }
 
 impl std::fmt::Debug for Epoll {
@@ -53,6 +54,7 @@ impl Epoll {
             backlog: Vec::new(),
             next_backlog: Vec::new(),
             recv: Box::default(),
+            messages: udp::Messages::default(),
         })
     }
 
@@ -184,12 +186,8 @@ impl Backend for Epoll {
             return out;
         }
         let (items, data) = queue.grouped();
-        let mut rest = items;
-        while let Some(first) = rest.first() {
-            let n = rest.iter().take_while(|d| d.fd == first.fd).count();
-            udp::sendmmsg_all(first.fd, &rest[..n], data, &mut out);
-            rest = &rest[n..];
-        }
+        self.messages.build(items, data);
+        self.messages.sendmmsg(&mut out);
         queue.clear();
         out
     }

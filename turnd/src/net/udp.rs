@@ -160,6 +160,11 @@ impl SendQueue {
         self.items.is_empty()
     }
 
+    /// Keeps only the datagrams whose socket passes `keep` (their bytes stay in place).
+    pub fn retain(&mut self, mut keep: impl FnMut(RawFd) -> bool) {
+        self.items.retain(|d| keep(d.fd));
+    }
+
     /// How many datagrams are queued.
     #[must_use]
     pub fn len(&self) -> usize {
@@ -255,39 +260,6 @@ pub struct Flushed {
     pub syscalls: u64,
 }
 
-/// Sends `items` (all on one socket `fd`) with as few `sendmmsg` calls as possible.
-pub fn sendmmsg_all(fd: RawFd, items: &[OutDatagram], data: &[u8], out: &mut Flushed) {
-    let mut rest = items;
-    while !rest.is_empty() {
-        // A datagram that must carry DF on a socket that normally does not goes alone, with
-        // the option toggled around it.
-        if rest[0].force_dont_fragment {
-            let d = rest[0];
-            let sock = BorrowedSocket(fd);
-            let v6 = d.destination.is_ipv6();
-            let _ = set_dont_fragment(&sock, v6, true);
-            send_chunk(fd, &rest[..1], data, out);
-            let _ = set_dont_fragment(&sock, v6, false);
-            rest = &rest[1..];
-            continue;
-        }
-        let n = rest
-            .iter()
-            .take(SEND_BATCH)
-            .take_while(|d| !d.force_dont_fragment)
-            .count();
-        send_chunk(fd, &rest[..n], data, out);
-        rest = &rest[n..];
-    }
-}
-
-struct BorrowedSocket(RawFd);
-impl AsRawFd for BorrowedSocket {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
-    }
-}
-
 /// Whether UDP GSO (`UDP_SEGMENT`, Linux ≥ 4.18) is used; turned off for good the first time
 /// the kernel refuses a segmented send.
 static GSO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
@@ -351,102 +323,240 @@ unsafe fn write_segment_size(
     used + space
 }
 
-fn send_chunk(fd: RawFd, chunk: &[OutDatagram], data: &[u8], out: &mut Flushed) {
-    let n = chunk.len().min(SEND_BATCH);
-    let mut names: [(libc::sockaddr_storage, libc::socklen_t); SEND_BATCH] =
-        // SAFETY: all-zero is a valid sockaddr_storage.
-        unsafe { std::mem::zeroed() };
-    let mut iovs: [libc::iovec; SEND_BATCH] =
-        // SAFETY: all-zero iovecs are valid (null, 0).
-        unsafe { std::mem::zeroed() };
-    let mut ctrl = [[0u8; PKTINFO_SPACE]; SEND_BATCH];
-    // SAFETY: all-zero mmsghdrs are valid.
-    let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
-    // Message j covers items segs[j].0 .. segs[j].0 + segs[j].1.
-    let mut segs = [(0usize, 0usize); SEND_BATCH];
-    for (i, d) in chunk.iter().take(n).enumerate() {
-        let payload = SendQueue::payload(data, d);
-        iovs[i] = libc::iovec {
-            iov_base: payload.as_ptr().cast_mut().cast(),
-            iov_len: payload.len(),
-        };
+/// The kernel-visible form of a pass's datagrams: one `msghdr` per message, where a message
+/// is one datagram or a GSO run of datagrams to one destination. Built once per flush and
+/// sent by either backend (`sendmmsg` per socket on epoll, one `SendMsg` per message on
+/// io_uring); its memory stays put until the next build, so io_uring may read it after the
+/// flush returns.
+#[derive(Default)]
+pub struct Messages {
+    names: Vec<libc::sockaddr_storage>,
+    iovs: Vec<libc::iovec>,
+    ctrl: Vec<[u8; PKTINFO_SPACE]>,
+    hdrs: Vec<libc::mmsghdr>,
+    /// Per message: the socket, how many datagrams it carries, whether it needs DF forced.
+    meta: Vec<(RawFd, usize, bool)>,
+}
+
+// SAFETY: the raw pointers inside point into the struct's own vectors and the queue it was
+// built from; it is used by one thread at a time.
+unsafe impl Send for Messages {}
+
+impl std::fmt::Debug for Messages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Messages")
+            .field("messages", &self.hdrs.len())
+            .finish()
     }
-    let mut m = 0;
-    let mut i = 0;
-    while i < n {
-        let k = gso_run(&chunk[i..n]);
-        let d = &chunk[i];
-        names[m] = sockaddr(&d.destination);
-        let msg = &mut hdrs[m].msg_hdr;
-        msg.msg_name = std::ptr::addr_of_mut!(names[m].0).cast();
-        msg.msg_namelen = names[m].1;
-        msg.msg_iov = std::ptr::addr_of_mut!(iovs[i]);
-        msg.msg_iovlen = k;
-        // SAFETY: the control buffer is ctrl[m], PKTINFO_SPACE bytes, owned for the call.
-        let mut used = unsafe { write_pktinfo(msg, &mut ctrl[m], d.src_ip) };
-        if k > 1 {
-            let size = u16::try_from(d.end - d.start).unwrap_or(u16::MAX);
-            // SAFETY: as above; the UDP_SEGMENT message follows the PKTINFO one.
-            used = unsafe { write_segment_size(msg, &mut ctrl[m], used, size) };
+}
+
+impl Messages {
+    /// Builds the messages for `items` (grouped by [`SendQueue::grouped`]) over `data`.
+    /// The messages point into `data`: keep it unchanged until they are sent.
+    pub fn build(&mut self, items: &[OutDatagram], data: &[u8]) {
+        let n = items.len();
+        self.names.clear();
+        self.iovs.clear();
+        self.ctrl.clear();
+        self.hdrs.clear();
+        self.meta.clear();
+        // Sized up front: the headers point into these vectors, which must not move.
+        // SAFETY: all-zero sockaddr_storage, iovec and mmsghdr values are valid.
+        self.names.resize_with(n, || unsafe { std::mem::zeroed() });
+        self.ctrl.resize(n, [0; PKTINFO_SPACE]);
+        self.hdrs.resize_with(n, || unsafe { std::mem::zeroed() });
+        for d in items {
+            let payload = SendQueue::payload(data, d);
+            self.iovs.push(libc::iovec {
+                iov_base: payload.as_ptr().cast_mut().cast(),
+                iov_len: payload.len(),
+            });
         }
-        if used == 0 {
-            msg.msg_control = std::ptr::null_mut();
-            msg.msg_controllen = 0;
+        let mut m = 0;
+        let mut i = 0;
+        while i < n {
+            let k = if items[i].force_dont_fragment {
+                1
+            } else {
+                gso_run(&items[i..])
+            };
+            let d = &items[i];
+            let (name, len) = sockaddr(&d.destination);
+            self.names[m] = name;
+            let msg = &mut self.hdrs[m].msg_hdr;
+            msg.msg_name = std::ptr::addr_of_mut!(self.names[m]).cast();
+            msg.msg_namelen = len;
+            msg.msg_iov = std::ptr::addr_of_mut!(self.iovs[i]);
+            msg.msg_iovlen = k;
+            // SAFETY: the control buffer is ctrl[m], PKTINFO_SPACE bytes, owned by self.
+            let mut used = unsafe { write_pktinfo(msg, &mut self.ctrl[m], d.src_ip) };
+            if k > 1 {
+                let size = u16::try_from(d.end - d.start).unwrap_or(u16::MAX);
+                // SAFETY: as above; the UDP_SEGMENT message follows the PKTINFO one.
+                used = unsafe { write_segment_size(msg, &mut self.ctrl[m], used, size) };
+            }
+            if used == 0 {
+                msg.msg_control = std::ptr::null_mut();
+                msg.msg_controllen = 0;
+            }
+            self.meta.push((d.fd, k, d.force_dont_fragment));
+            m += 1;
+            i += k;
         }
-        segs[m] = (i, k);
-        m += 1;
-        i += k;
+        self.hdrs.truncate(m);
     }
-    let mut done = 0;
-    while done < m {
-        out.syscalls += 1;
-        // SAFETY: hdrs[done..m] point at names, iovs and ctrl, all alive for the call; the
-        // payload slices borrow `data`, alive too.
-        let rc = unsafe {
-            libc::sendmmsg(
-                fd,
-                hdrs.as_mut_ptr().add(done),
-                (m - done) as libc::c_uint,
-                0,
-            )
-        };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
+
+    /// How many messages were built.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.hdrs.len()
+    }
+
+    /// Whether none was built.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.hdrs.is_empty()
+    }
+
+    /// Message `j`'s socket, datagram count and whether DF must be forced.
+    #[must_use]
+    pub fn meta(&self, j: usize) -> (RawFd, usize, bool) {
+        self.meta[j]
+    }
+
+    /// Whether message `j` goes to an IPv6 destination.
+    #[must_use]
+    pub fn is_ipv6(&self, j: usize) -> bool {
+        self.names[j].ss_family == libc::AF_INET6 as libc::sa_family_t
+    }
+
+    /// Message `j`'s header (for io_uring's `SendMsg`).
+    #[must_use]
+    pub fn msghdr(&self, j: usize) -> *const libc::msghdr {
+        std::ptr::addr_of!(self.hdrs[j].msg_hdr)
+    }
+
+    /// Sends every message with `sendmmsg`, one call per socket (up to [`SEND_BATCH`]
+    /// messages each), forcing DF around the messages that need it.
+    pub fn sendmmsg(&mut self, out: &mut Flushed) {
+        let m = self.hdrs.len();
+        let mut j = 0;
+        while j < m {
+            let (fd, _, df) = self.meta[j];
+            if df {
+                let sock = BorrowedSocket(fd);
+                let v6 = self.is_ipv6(j);
+                let _ = set_dont_fragment(&sock, v6, true);
+                self.send_range(j, j + 1, out);
+                let _ = set_dont_fragment(&sock, v6, false);
+                j += 1;
                 continue;
             }
-            let (start, k) = segs[done];
-            if k > 1
-                && matches!(
-                    e.raw_os_error(),
-                    Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
+            let end = (j..m)
+                .take(SEND_BATCH)
+                .take_while(|&x| self.meta[x].0 == fd && !self.meta[x].2)
+                .last()
+                .map_or(j + 1, |x| x + 1);
+            self.send_range(j, end, out);
+            j = end;
+        }
+    }
+
+    fn send_range(&mut self, start: usize, end: usize, out: &mut Flushed) {
+        let fd = self.meta[start].0;
+        let mut done = start;
+        while done < end {
+            out.syscalls += 1;
+            // SAFETY: hdrs[done..end] point at names, iovs and ctrl of self and at the
+            // queue's bytes, all alive for the call.
+            let rc = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.hdrs.as_mut_ptr().add(done),
+                    (end - done) as libc::c_uint,
+                    0,
                 )
-            {
-                // The path cannot segment: send these one by one, and never segment again.
-                GSO.store(false, std::sync::atomic::Ordering::Relaxed);
-                let mut one = Flushed::default();
-                for d in &chunk[start..start + k] {
-                    send_chunk(fd, std::slice::from_ref(d), data, &mut one);
+            };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
                 }
-                out.sent += one.sent;
-                out.failed += one.failed;
-                out.syscalls += one.syscalls;
-            } else {
-                // Full buffer, EHOSTUNREACH, EMSGSIZE …: drop this message, go on.
-                out.failed += k as u64;
+                let k = self.meta[done].1;
+                if k > 1
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
+                    )
+                {
+                    // The path cannot segment: send this run's datagrams one by one, and
+                    // never segment again.
+                    GSO.store(false, std::sync::atomic::Ordering::Relaxed);
+                    out.syscalls += self.send_unsegmented(done, out);
+                } else {
+                    // Full buffer, EHOSTUNREACH, EMSGSIZE …: drop this message, go on.
+                    out.failed += k as u64;
+                }
+                done += 1;
+                continue;
             }
-            done += 1;
-            continue;
+            let sent = usize::try_from(rc).unwrap_or(0);
+            for x in done..done + sent {
+                out.sent += self.meta[x].1 as u64;
+            }
+            if sent == 0 {
+                out.failed += self.meta[done].1 as u64;
+                done += 1;
+            }
+            done += sent;
         }
-        let sent = usize::try_from(rc).unwrap_or(0);
-        for (_, k) in &segs[done..done + sent] {
-            out.sent += *k as u64;
+    }
+
+    /// Sends message `j`'s datagrams one `sendmsg` each (GSO refused); returns the calls made.
+    fn send_unsegmented(&mut self, j: usize, out: &mut Flushed) -> u64 {
+        let (fd, k, _) = self.meta[j];
+        let hdr = self.hdrs[j].msg_hdr;
+        let mut calls = 0;
+        for x in 0..k {
+            let mut one = hdr;
+            // SAFETY: msg_iov points at k consecutive iovecs of self.iovs.
+            one.msg_iov = unsafe { hdr.msg_iov.add(x) };
+            one.msg_iovlen = 1;
+            // Keep the PKTINFO message only (it comes first); drop UDP_SEGMENT.
+            if !one.msg_control.is_null() {
+                // SAFETY: msg_control points at this message's control buffer.
+                let first = unsafe { libc::CMSG_FIRSTHDR(&one) };
+                one.msg_controllen = if first.is_null()
+                    // SAFETY: `first` is a valid cmsghdr inside the buffer.
+                    || unsafe { (*first).cmsg_level } == libc::SOL_UDP
+                {
+                    0
+                } else {
+                    // SAFETY: as above.
+                    unsafe { libc::CMSG_SPACE((*first).cmsg_len as u32 - libc::CMSG_LEN(0)) as _ }
+                };
+                if one.msg_controllen == 0 {
+                    one.msg_control = std::ptr::null_mut();
+                }
+            }
+            calls += 1;
+            // SAFETY: `one` points at live buffers.
+            if unsafe { libc::sendmsg(fd, &one, 0) } < 0 {
+                out.failed += 1;
+            } else {
+                out.sent += 1;
+            }
         }
-        if sent == 0 {
-            out.failed += segs[done].1 as u64;
-            done += 1;
-        }
-        done += sent;
+        calls
+    }
+}
+
+/// A descriptor borrowed for a socket option.
+#[derive(Debug)]
+pub struct BorrowedSocket(pub RawFd);
+impl AsRawFd for BorrowedSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
     }
 }
 
@@ -550,8 +660,11 @@ mod tests {
         }
         q.push(tx.as_raw_fd(), aa, None, false, &[42; 5]);
         let (items, data) = q.grouped();
+        let mut msgs = Messages::default();
+        msgs.build(items, data);
+        assert_eq!(msgs.len(), 2, "one segmented message per destination");
         let mut out = Flushed::default();
-        sendmmsg_all(tx.as_raw_fd(), items, data, &mut out);
+        msgs.sendmmsg(&mut out);
         assert_eq!(out.sent, 15);
         assert_eq!(out.failed, 0);
         assert!(

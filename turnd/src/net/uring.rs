@@ -28,7 +28,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use slab::Slab;
 
 use super::io::{Backend, Handler, UdpKey, UDP_BUDGET};
-use super::udp::{self, Datagram, Flushed, SendQueue, PKTINFO_SPACE};
+use super::udp::{self, Datagram, Flushed, SendQueue};
 
 /// Buffers in the provided-buffer ring (a power of two).
 pub const BUFFERS: u16 = 4096;
@@ -59,6 +59,9 @@ struct Entry {
     user: u64,
     generation: u32,
     armed: bool,
+    /// Datagrams delivered in pass `pass` (the per-socket budget).
+    pass: u64,
+    delivered: usize,
     /// Removed by the worker: the socket is kept until the kernel lets go of it.
     closing: Option<std::net::UdpSocket>,
 }
@@ -132,15 +135,6 @@ impl Drop for BufRing {
     }
 }
 
-/// One send's kernel-visible memory.
-#[repr(C)]
-struct SendSlot {
-    msg: libc::msghdr,
-    iov: libc::iovec,
-    name: libc::sockaddr_storage,
-    ctrl: [u8; PKTINFO_SPACE],
-}
-
 /// See the [module docs](self).
 pub struct Uring {
     ring: IoUring,
@@ -156,9 +150,15 @@ pub struct Uring {
     /// Datagrams of the last flush still owned by the kernel.
     inflight: usize,
     inflight_data: SendQueue,
-    slots: Vec<SendSlot>,
+    messages: udp::Messages,
     send_failed: u64,
     rearm: Vec<usize>,
+    /// The pass counter (per-socket budgets).
+    pass: u64,
+    /// Reused buffers: completions of one look, held completions.
+    batch: Vec<(u64, i32, u32)>,
+    held: VecDeque<(u64, i32, u32)>,
+    entries: Vec<squeue::Entry>,
 }
 
 // SAFETY: every raw pointer inside (msghdrs, the buffer ring) points into memory this struct
@@ -233,9 +233,13 @@ impl Uring {
             deferred: VecDeque::new(),
             inflight: 0,
             inflight_data: SendQueue::default(),
-            slots: Vec::new(),
+            messages: udp::Messages::default(),
             send_failed: 0,
             rearm: Vec::new(),
+            pass: 0,
+            batch: Vec::with_capacity(1024),
+            held: VecDeque::new(),
+            entries: Vec::new(),
         };
         me.arm_poll()?;
         me.ring.submit()?;
@@ -278,14 +282,7 @@ impl Uring {
     }
 
     /// Handles one completion; returns false when it must wait for the next pass (budget).
-    fn complete(
-        &mut self,
-        data: u64,
-        result: i32,
-        flags: u32,
-        handler: &mut dyn Handler,
-        counts: &mut Vec<(usize, usize)>,
-    ) -> bool {
+    fn complete(&mut self, data: u64, result: i32, flags: u32, handler: &mut dyn Handler) -> bool {
         match data >> KIND_SHIFT {
             KIND_RECV => {
                 let key = (data & 0xFFFF_FFFF) as usize;
@@ -305,20 +302,22 @@ impl Uring {
                     return true;
                 }
                 if result >= 0 && en.closing.is_none() {
-                    let n = match counts.iter_mut().find(|(k, _)| *k == key) {
-                        Some((_, n)) => {
-                            *n += 1;
-                            *n
-                        }
-                        None => {
-                            counts.push((key, 1));
-                            1
-                        }
+                    let pass = self.pass;
+                    let Some(en) = self.udp.get_mut(key) else {
+                        return true;
                     };
-                    if n > UDP_BUDGET {
+                    if en.pass != pass {
+                        en.pass = pass;
+                        en.delivered = 0;
+                    }
+                    if en.delivered >= UDP_BUDGET {
                         return false;
                     }
+                    en.delivered += 1;
                 }
+                let Some(en) = self.udp.get(key) else {
+                    return true;
+                };
                 let user = en.user;
                 if result >= 0 {
                     if let Some(b) = bid {
@@ -370,7 +369,7 @@ impl Uring {
             KIND_SEND => {
                 self.inflight = self.inflight.saturating_sub(1);
                 if result < 0 {
-                    self.send_failed += 1;
+                    self.send_failed += data & 0xFFFF_FFFF;
                 }
                 true
             }
@@ -485,6 +484,8 @@ impl Backend for Uring {
             user,
             generation: self.generation,
             armed: false,
+            pass: 0,
+            delivered: 0,
             closing: None,
         });
         self.arm_recv(key)?;
@@ -502,10 +503,59 @@ impl Backend for Uring {
         }
         let data = recv_data(key.0, en.generation);
         en.closing = Some(socket);
-        let e = opcode::AsyncCancel::new(data)
-            .build()
-            .user_data(KIND_CANCEL << KIND_SHIFT);
-        let _ = self.push(&e);
+        // The receive's last completion may already wait in the held queue: then the
+        // kernel has let go of the socket.
+        if self
+            .deferred
+            .iter()
+            .any(|&(d, _, f)| d == data && !cqueue::more(f))
+        {
+            self.udp.remove(key.0);
+            return;
+        }
+        let cancel = (KIND_CANCEL << KIND_SHIFT) | key.0 as u64;
+        let e = opcode::AsyncCancel::new(data).build().user_data(cancel);
+        if self.push(&e).is_err() {
+            return;
+        }
+        // Wait (briefly: a cancel completes at once) for the receive to let go of the
+        // socket, then close it: its port must be free before the answer that freed it
+        // leaves.
+        for _ in 0..64 {
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            let mut done = false;
+            let mut batch = std::mem::take(&mut self.batch);
+            batch.clear();
+            batch.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            for &(d, result, flags) in &batch {
+                if d == data && !cqueue::more(flags) {
+                    if let Some(b) = cqueue::buffer_select(flags) {
+                        self.bufs.push(b);
+                    }
+                    done = true;
+                } else if d == cancel {
+                    // 0: found and cancelled (its last completion follows); otherwise
+                    // (-ENOENT, -EALREADY) it had already ended.
+                    if result != 0 {
+                        done = true;
+                    }
+                } else if d >> KIND_SHIFT != KIND_CANCEL {
+                    self.deferred.push_back((d, result, flags));
+                }
+            }
+            self.batch = batch;
+            if done {
+                self.udp.remove(key.0);
+                self.bufs.publish();
+                return;
+            }
+        }
     }
 
     fn poll(&mut self, timeout: Option<Duration>, handler: &mut dyn Handler) -> io::Result<()> {
@@ -535,35 +585,40 @@ impl Backend for Uring {
             Err(e) => return Err(e),
         }
         handler.woke();
-        let mut counts: Vec<(usize, usize)> = Vec::new();
-        let mut held = VecDeque::new();
+        self.pass = self.pass.wrapping_add(1);
+        let mut held = std::mem::take(&mut self.held);
+        held.clear();
         let deferred = std::mem::take(&mut self.deferred);
         for (data, result, flags) in deferred {
-            if !self.complete(data, result, flags, handler, &mut counts) {
+            if !self.complete(data, result, flags, handler) {
                 held.push_back((data, result, flags));
             }
         }
         loop {
-            let batch: Vec<(u64, i32, u32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result(), c.flags()))
-                .collect();
+            let mut batch = std::mem::take(&mut self.batch);
+            batch.clear();
+            batch.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
             if batch.is_empty() {
+                self.batch = batch;
                 break;
             }
-            for (data, result, flags) in batch {
-                if !self.complete(data, result, flags, handler, &mut counts) {
+            for &(data, result, flags) in &batch {
+                if !self.complete(data, result, flags, handler) {
                     held.push_back((data, result, flags));
                 }
             }
+            self.batch = batch;
             if held.len() > usize::from(BUFFERS) / 2 {
                 break;
             }
         }
         // Completions queued while handling (a re-look at the poll) join the held ones.
         held.append(&mut self.deferred);
-        self.deferred = held;
+        self.held = std::mem::replace(&mut self.deferred, held);
         self.bufs.publish();
         Ok(())
     }
@@ -592,7 +647,7 @@ impl Backend for Uring {
                 if data >> KIND_SHIFT == KIND_SEND {
                     self.inflight = self.inflight.saturating_sub(1);
                     if result < 0 {
-                        out.failed += 1;
+                        out.failed += data & 0xFFFF_FFFF;
                     }
                 } else {
                     self.deferred.push_back((data, result, flags));
@@ -605,54 +660,44 @@ impl Backend for Uring {
         std::mem::swap(&mut self.inflight_data, queue);
         queue.clear();
         let (items, data) = self.inflight_data.grouped();
-        let n = items.len();
-        // SAFETY: all-zero send slots are valid; they are filled below.
-        self.slots.clear();
-        self.slots
-            .resize_with(n, || unsafe { std::mem::zeroed::<SendSlot>() });
-        let mut entries = Vec::with_capacity(n);
-        for (i, d) in items.iter().enumerate() {
-            let slot = &mut self.slots[i];
-            let (name, len) = udp::sockaddr(&d.destination);
-            slot.name = name;
-            let payload = SendQueue::payload(data, d);
-            slot.iov = libc::iovec {
-                iov_base: payload.as_ptr().cast_mut().cast(),
-                iov_len: payload.len(),
-            };
-            slot.msg.msg_name = std::ptr::addr_of_mut!(slot.name).cast();
-            slot.msg.msg_namelen = len;
-            slot.msg.msg_iov = std::ptr::addr_of_mut!(slot.iov);
-            slot.msg.msg_iovlen = 1;
-            // SAFETY: the control buffer is the slot's own, PKTINFO_SPACE bytes.
-            let clen = unsafe { udp::write_pktinfo(&mut slot.msg, &mut slot.ctrl, d.src_ip) };
-            if clen == 0 {
-                slot.msg.msg_control = std::ptr::null_mut();
-                slot.msg.msg_controllen = 0;
-            }
-            if d.force_dont_fragment {
-                // Rare: set DF around a synchronous send instead.
-                let mut f = Flushed::default();
-                udp::sendmmsg_all(d.fd, std::slice::from_ref(d), data, &mut f);
-                out.sent += f.sent;
-                out.failed += f.failed;
+        self.messages.build(items, data);
+        let mut entries = std::mem::take(&mut self.entries);
+        entries.clear();
+        for j in 0..self.messages.len() {
+            let (fd, k, df) = self.messages.meta(j);
+            if df {
+                // Rare: DF forced on a socket that normally sends without; done
+                // synchronously with the option toggled around it.
+                let v6 = self.messages.is_ipv6(j);
+                let sock = udp::BorrowedSocket(fd);
+                let _ = udp::set_dont_fragment(&sock, v6, true);
+                // SAFETY: the header points at live buffers of `messages` and the queue.
+                let rc = unsafe { libc::sendmsg(fd, self.messages.msghdr(j), 0) };
+                let _ = udp::set_dont_fragment(&sock, v6, false);
+                if rc < 0 {
+                    out.failed += k as u64;
+                } else {
+                    out.sent += k as u64;
+                }
                 continue;
             }
             entries.push(
-                opcode::SendMsg::new(types::Fd(d.fd), std::ptr::addr_of!(slot.msg))
+                opcode::SendMsg::new(types::Fd(fd), self.messages.msghdr(j))
                     .flags(libc::MSG_DONTWAIT as u32)
                     .build()
-                    .user_data(KIND_SEND << KIND_SHIFT),
+                    .user_data((KIND_SEND << KIND_SHIFT) | k as u64),
             );
         }
         for e in &entries {
+            let k = e.get_user_data() & 0xFFFF_FFFF;
             if self.push(e).is_err() {
-                out.failed += 1;
+                out.failed += k;
             } else {
                 self.inflight += 1;
-                out.sent += 1;
+                out.sent += k;
             }
         }
+        self.entries = entries;
         out.syscalls += 1;
         if self.ring.submit().is_err() {
             // Nothing went out; the entries stay queued for the next submit.

@@ -363,9 +363,12 @@ impl Worker {
         st.commands();
         st.register_relays(&mut *self.backend);
         st.write_streams();
+        // Released relay sockets close before the pass's datagrams leave: the port must be
+        // free again before the answer that freed it reaches the client (who may Allocate
+        // at once, through another worker).
+        st.close_released(&mut *self.backend);
         let flushed = self.backend.flush(&mut st.send);
         st.stats.send_errors += flushed.failed;
-        st.close_released(&mut *self.backend);
         Ok(())
     }
 }
@@ -734,6 +737,17 @@ impl State {
     }
 
     fn close_released(&mut self, backend: &mut dyn Backend) {
+        if self.to_close.is_empty() {
+            return;
+        }
+        // Datagrams queued to a released socket's peers this pass are dropped with it (the
+        // allocation is gone, as if they had been in flight).
+        let closing: Vec<_> = self
+            .to_close
+            .iter()
+            .map(|(_, s, _)| s.as_raw_fd())
+            .collect();
+        self.send.retain(|fd| !closing.contains(&fd));
         for (key, sock, local) in self.to_close.drain(..) {
             match key {
                 Some(k) => backend.remove_udp(k, sock),
