@@ -45,7 +45,10 @@ fn main() -> ExitCode {
 
 fn load_settings(config: Option<&Path>) -> anyhow::Result<Settings> {
     Ok(match config {
-        Some(path) => Config::load(path)?.validate(&ProcessEnv)?,
+        // Every mistake in the file at once, as `check-config` reports them.
+        Some(path) => Config::load(path)?
+            .validate_all(&ProcessEnv, Checks::default())
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
         None => Settings::embedded_default(&ProcessEnv)?,
     })
 }
