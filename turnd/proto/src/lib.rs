@@ -22,6 +22,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+// The shared test support (`fuzz/common/`) names the crate as its users do.
+#[cfg(test)]
+extern crate self as turn_proto;
+
 pub mod auth;
 pub mod codec;
 pub mod defaults;

@@ -20,15 +20,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use turn_proto::auth::{
-    long_term_key_md5, long_term_key_sha256, rest_api_password, user_hash, Credentials, UserSecret,
-};
+use turn_proto::auth::{long_term_key_md5, rest_api_password, Credentials, UserSecret};
 use turn_proto::codec::{
     AdditionalAddressFamily, AddressFamily, AttrType, ChannelData, ChannelNumber, Class, Data,
     DontFragment, ErrorCode, ErrorCodeAttr, EvenPort, Lifetime, Message, MessageBuilder,
-    MessageType, Method, Nonce, PasswordAlgorithm, PasswordAlgorithmId, PasswordAlgorithms, Realm,
-    RequestedAddressFamily, RequestedTransport, ReservationToken, TransactionId, UserHash,
-    Username, XorMappedAddress, XorPeerAddress,
+    MessageType, Method, Nonce, RequestedAddressFamily, RequestedTransport, ReservationToken,
+    TransactionId, XorMappedAddress, XorPeerAddress,
 };
 use turn_proto::server::policy::PeerPolicy;
 use turn_proto::server::{
@@ -36,6 +33,10 @@ use turn_proto::server::{
     RelayError, RelayHandle, RelayRequest, RelayedAddress, Route, Server, ServerConfig,
     ServiceMode, SharedQuota, SharedReservations, Transport,
 };
+
+#[path = "signer.rs"]
+mod signer;
+use signer::Signing;
 
 pub(crate) const REALM: &str = "example.org";
 pub(crate) const UNIX0: u64 = 1_700_000_000;
@@ -614,54 +615,27 @@ impl Driver {
             let password = rest_api_password(SECRET, &user);
             (user, password)
         };
-        match cred {
-            Cred::None => {}
-            Cred::Alice | Cred::Wrong => {
-                let password = if cred == Cred::Alice {
-                    "wonderland"
-                } else {
-                    "wrong"
-                };
-                b.add(&Username("alice"))
-                    .add(&Realm(REALM))
-                    .add(&Nonce(nonce));
-                b.add_message_integrity(&long_term_key_md5("alice", REALM, password));
+        let (how, user, password) = match cred {
+            Cred::None => return,
+            Cred::Alice => (Signing::Md5, "alice".to_owned(), "wonderland".to_owned()),
+            Cred::Wrong => (Signing::Md5, "alice".to_owned(), "wrong".to_owned()),
+            Cred::AliceSha256 => (Signing::Sha256, "alice".to_owned(), "wonderland".to_owned()),
+            Cred::AliceUserHash => (
+                Signing::UserHash,
+                "alice".to_owned(),
+                "wonderland".to_owned(),
+            ),
+            Cred::Bob => (Signing::Md5, "bob".to_owned(), "builder".to_owned()),
+            Cred::Rest => {
+                let (user, password) = rest(self.unix_now() + 3600);
+                (Signing::Md5, user, password)
             }
-            Cred::AliceSha256 => {
-                b.add(&Username("alice"))
-                    .add(&Realm(REALM))
-                    .add(&Nonce(nonce));
-                b.add(&PasswordAlgorithms::SERVER);
-                b.add(&PasswordAlgorithm {
-                    algorithm: PasswordAlgorithmId::SHA256,
-                    params: &[],
-                });
-                b.add_message_integrity_sha256(&long_term_key_sha256("alice", REALM, "wonderland"));
+            Cred::RestExpired => {
+                let (user, password) = rest(self.unix_now().saturating_sub(60));
+                (Signing::Md5, user, password)
             }
-            Cred::AliceUserHash => {
-                b.add(&UserHash(&user_hash("alice", REALM)))
-                    .add(&Realm(REALM))
-                    .add(&Nonce(nonce));
-                b.add_message_integrity_sha256(&long_term_key_md5("alice", REALM, "wonderland"));
-            }
-            Cred::Bob => {
-                b.add(&Username("bob"))
-                    .add(&Realm(REALM))
-                    .add(&Nonce(nonce));
-                b.add_message_integrity(&long_term_key_md5("bob", REALM, "builder"));
-            }
-            Cred::Rest | Cred::RestExpired => {
-                let (user, password) = if cred == Cred::Rest {
-                    rest(self.unix_now() + 3600)
-                } else {
-                    rest(self.unix_now().saturating_sub(60))
-                };
-                b.add(&Username(&user))
-                    .add(&Realm(REALM))
-                    .add(&Nonce(nonce));
-                b.add_message_integrity(&long_term_key_md5(&user, REALM, &password));
-            }
-        }
+        };
+        signer::sign(b, how, &user, &password, REALM, nonce);
     }
 
     pub(crate) fn client_sends(&mut self, ft: FiveTuple, bytes: &[u8]) {

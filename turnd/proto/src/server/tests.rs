@@ -5,12 +5,16 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+#[path = "../../fuzz/common/signer.rs"]
+mod signer;
+
 use super::policy::PeerPolicy;
 use super::*;
 use crate::auth::{
-    long_term_key_md5, long_term_key_sha256, rest_api_password, user_hash, Credentials, UserSecret,
+    long_term_key_md5, long_term_key_sha256, rest_api_password, Credentials, UserSecret,
 };
 use crate::defaults;
+use signer::Signing;
 
 const REALM: &str = "example.org";
 const UNIX0: u64 = 1_700_000_000;
@@ -335,27 +339,12 @@ impl Client {
         let mut b = MessageBuilder::new(&mut out, MessageType::new(method, Class::Request), tid);
         body(&mut b);
         if let Some(nonce) = &self.nonce {
-            match &self.cred {
-                Cred::Password { user, password } => {
-                    b.add(&Username(user)).add(&Realm(REALM)).add(&Nonce(nonce));
-                    b.add_message_integrity(&long_term_key_md5(user, REALM, password));
-                }
-                Cred::UserHash { user, password } => {
-                    b.add(&UserHash(&user_hash(user, REALM)))
-                        .add(&Realm(REALM))
-                        .add(&Nonce(nonce));
-                    b.add_message_integrity_sha256(&long_term_key_md5(user, REALM, password));
-                }
-                Cred::Sha256 { user, password } => {
-                    b.add(&Username(user)).add(&Realm(REALM)).add(&Nonce(nonce));
-                    b.add(&PasswordAlgorithms::SERVER);
-                    b.add(&PasswordAlgorithm {
-                        algorithm: PasswordAlgorithmId::SHA256,
-                        params: &[],
-                    });
-                    b.add_message_integrity_sha256(&long_term_key_sha256(user, REALM, password));
-                }
-            }
+            let (how, user, password) = match &self.cred {
+                Cred::Password { user, password } => (Signing::Md5, user, password),
+                Cred::UserHash { user, password } => (Signing::UserHash, user, password),
+                Cred::Sha256 { user, password } => (Signing::Sha256, user, password),
+            };
+            signer::sign(&mut b, how, user, password, REALM, nonce);
         }
         b.add_fingerprint();
         b.finish();
