@@ -307,3 +307,101 @@ async fn an_edited_config_file_is_reloaded_without_a_signal() {
     assert_eq!(c.channel_echo(0x4001, b"kept").await, b"kept");
     assert!(t.running());
 }
+
+/// The value of an unlabelled sample in a Prometheus exposition.
+fn sample(exposition: &str, name: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find(|l| l.split(' ').next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_an_allocate_gets_508_and_is_counted() {
+    let Some(prlimit) = ["/usr/bin/prlimit", "/bin/prlimit"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        eprintln!("SKIPPED: prlimit is missing (apt-get install -y util-linux)");
+        return;
+    };
+    // A hard limit of 64: the raise at start cannot go above it.
+    let mut t = Turnd::spawn(&base_toml(23450, "60s", 1), &[prlimit, "--nofile=64:64"]);
+    t.wait_started();
+    assert_eq!(nofile(t.pid()), (64, 64));
+    let mut held = Vec::new();
+    let mut refused = None;
+    for i in 0..49 {
+        let mut c = StreamClient::new(UdpStream::connect(t.udp[0]).await, "u", "p");
+        let r = tokio::time::timeout(
+            Duration::from_secs(4),
+            c.request(Method::ALLOCATE, &|b| {
+                b.add(&RequestedTransport::UDP);
+            }),
+        )
+        .await;
+        let Ok(r) = r else {
+            let log = t.log();
+            let tail: Vec<&str> = log.lines().rev().take(8).collect();
+            panic!(
+                "Allocate {i} unanswered (running: {}):\n{tail:#?}",
+                t.running()
+            );
+        };
+        let m = Message::decode(&r).unwrap();
+        match m.get::<ErrorCodeAttr<'_>>().unwrap().map(|e| e.code.0) {
+            None => held.push(c),
+            Some(code) => {
+                refused = Some(code);
+                break;
+            }
+        }
+    }
+    assert!(!held.is_empty(), "no allocation at all:\n{}", t.log());
+    assert_eq!(
+        refused,
+        Some(508),
+        "{} allocations, then {refused:?} (the relay range holds 50)",
+        held.len()
+    );
+    eprintln!("{} allocations, then 508", held.len());
+    assert!(t.running(), "out of descriptors, turnd died:\n{}", t.log());
+    // Give two descriptors back, then read the count over the admin listener.
+    for (i, mut c) in held.drain(..2).enumerate() {
+        let r = tokio::time::timeout(
+            Duration::from_secs(4),
+            c.request(Method::REFRESH, &|b| {
+                b.add(&Lifetime(0));
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("Refresh {i} unanswered:\n{}", t.log()));
+        assert_success(&r);
+    }
+    let mut counted = None;
+    for _ in 0..50 {
+        let (status, body) = t.admin_get("/metrics");
+        counted = sample(&body, "turnd_descriptor_exhaustion_total").filter(|_| status == 200);
+        if counted.is_some_and(|v| v >= 1.0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        counted.is_some_and(|v| v >= 1.0),
+        "turnd_descriptor_exhaustion_total {counted:?}:\n{}",
+        t.log()
+            .lines()
+            .rev()
+            .take(12)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // The allocations it holds still relay (a payload of 4n bytes: ChannelData over UDP
+    // is not padded, and the stream client reads padded frames).
+    let peer = EchoPeer::start();
+    let c = &mut held[0];
+    c.bind_channel(0x4001, peer.addr).await;
+    assert_eq!(c.channel_echo(0x4001, b"relaying").await, b"relaying");
+}

@@ -84,6 +84,51 @@ impl Drop for EchoPeer {
     }
 }
 
+/// A connected UDP socket as a byte stream, one datagram per write and per read, so the
+/// [`StreamClient`] drives a UDP client too (every datagram is one whole frame).
+pub struct UdpStream(pub tokio::net::UdpSocket);
+
+impl UdpStream {
+    /// A socket on 127.0.0.1 connected to `server`.
+    pub async fn connect(server: SocketAddr) -> Self {
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.connect(server).await.unwrap();
+        Self(s)
+    }
+}
+
+impl AsyncRead for UdpStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.0.poll_recv(cx, buf)
+    }
+}
+
+impl AsyncWrite for UdpStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.0.poll_send(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// A TURN client over a byte stream (TCP or TLS), RFC 8656 §3.1 framing.
 pub struct StreamClient<S> {
     pub io: S,
