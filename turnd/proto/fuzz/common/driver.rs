@@ -34,6 +34,8 @@ use turn_proto::server::{
     ServiceMode, SharedQuota, SharedReservations, Transport,
 };
 
+#[path = "invariants.rs"]
+mod invariants;
 #[path = "signer.rs"]
 mod signer;
 use signer::Signing;
@@ -882,30 +884,10 @@ impl Driver {
                 Event::Rejected { .. } => {}
             }
         }
-        self.check_gauges();
+        invariants::check_gauges(&self.server);
         if self.sent.len() > 64 {
             self.sent.clear();
         }
-    }
-
-    /// The server's O(1) gauges agree with a scan of its state.
-    fn check_gauges(&self) {
-        let stats = self.server.stats();
-        assert_eq!(
-            stats.allocations_active,
-            self.server.allocation_count() as u64,
-            "allocations_active gauge"
-        );
-        let (permissions, channels) = self.server.permission_and_channel_count();
-        assert_eq!(
-            stats.permissions_active, permissions as u64,
-            "permissions_active gauge"
-        );
-        assert!(
-            stats.channels_active <= channels as u64,
-            "channels_active gauge {} above the {channels} bindings held",
-            stats.channels_active
-        );
     }
 
     /// Checks one outgoing datagram and learns nonces and reservation tokens from replies.

@@ -5,6 +5,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+#[path = "../../fuzz/common/invariants.rs"]
+mod invariants;
 #[path = "../../fuzz/common/signer.rs"]
 mod signer;
 
@@ -225,6 +227,7 @@ impl Harness {
             }
             self.events.push(ev);
         }
+        invariants::check_gauges(&self.server);
     }
 
     fn client_sends(&mut self, ft: FiveTuple, bytes: &[u8]) {
