@@ -1,0 +1,67 @@
+//! The monitoring phase's plain Kubernetes objects (namespace, Secrets, dashboard ConfigMap),
+//! as `render --out` writes them, pass `kubernetes-validate --strict` (PyPI, installed by
+//! `.ci/k8s-tools`) for the cluster's Kubernetes version. The chart's own objects (the
+//! PodMonitor and PrometheusRule it makes from our values) are custom resources that validator
+//! has no schema for; Helm cannot run here.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use provisioner::inventory::Inventory;
+use provisioner::render::monitoring as files;
+
+const KUBERNETES_VERSION: &str = "1.29.0";
+
+fn have_validator() -> bool {
+    let ok = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("TURND_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "kubernetes-validate is required (TURND_REQUIRE_TOOLS=1): run .ci/k8s-tools"
+        );
+        eprintln!("SKIPPED: kubernetes-validate not found; run .ci/k8s-tools to install it");
+    }
+    ok
+}
+
+#[test]
+fn rendered_monitoring_objects_pass_strict_schema_validation() {
+    if !have_validator() {
+        return;
+    }
+    let c = Inventory::load(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/cluster.example.toml"
+    )))
+    .expect("valid");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut paths: Vec<PathBuf> = Vec::new();
+    for f in files::all(&c)
+        .into_iter()
+        .filter(|f| f.path.starts_with("monitoring/k8s/"))
+    {
+        let p = dir.path().join(f.path.replace('/', "_"));
+        std::fs::write(&p, &f.contents).expect("write");
+        paths.push(p);
+    }
+    assert_eq!(paths.len(), 4);
+    let out = Command::new("kubernetes-validate")
+        .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+        .args(&paths)
+        .output()
+        .expect("kubernetes-validate runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "kubernetes-validate refused:\n{text}");
+    let passed = text
+        .lines()
+        .filter(|l| l.contains(" passed for resource "))
+        .count();
+    assert_eq!(passed, paths.len(), "{text}");
+}
