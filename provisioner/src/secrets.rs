@@ -120,21 +120,27 @@ pub fn parse_dotenv(text: &str, file: &str) -> Result<BTreeMap<String, String>, 
     Ok(out)
 }
 
+/// The variables of the `.env` file at `dotenv`; none when the file does not exist.
+///
+/// # Errors
+/// [`SecretError::Read`] when it exists but cannot be read, [`SecretError::DotenvSyntax`].
+pub fn read_dotenv(dotenv: &Path) -> Result<BTreeMap<String, String>, SecretError> {
+    match std::fs::read_to_string(dotenv) {
+        Ok(text) => parse_dotenv(&text, &dotenv.display().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(source) => Err(SecretError::Read {
+            path: dotenv.to_owned(),
+            source,
+        }),
+    }
+}
+
 impl Secrets {
     /// Loads the secrets from `env`, falling back to the `.env` file at `dotenv` (which may be
     /// absent). `TURND_AUTH_SECRET` also accepts the old name `COTURN_AUTH_SECRET`.
     pub fn load(env: &dyn EnvSource, dotenv: &Path) -> Result<Self, SecretError> {
         let file = dotenv.display().to_string();
-        let from_file = match std::fs::read_to_string(dotenv) {
-            Ok(text) => parse_dotenv(&text, &file)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(source) => {
-                return Err(SecretError::Read {
-                    path: dotenv.to_owned(),
-                    source,
-                })
-            }
-        };
+        let from_file = read_dotenv(dotenv)?;
         let get = |names: &[&str]| {
             names
                 .iter()

@@ -55,22 +55,6 @@ pub struct MonitoringFacts {
     pub asked: bool,
 }
 
-fn read_dotenv(
-    dotenv: Option<&Path>,
-) -> Result<std::collections::BTreeMap<String, String>, SecretError> {
-    let Some(path) = dotenv else {
-        return Ok(std::collections::BTreeMap::new());
-    };
-    match std::fs::read_to_string(path) {
-        Ok(text) => crate::secrets::parse_dotenv(&text, &path.display().to_string()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(std::collections::BTreeMap::new()),
-        Err(source) => Err(SecretError::Read {
-            path: path.to_owned(),
-            source,
-        }),
-    }
-}
-
 /// The phase's secrets from `env`, else the `.env` file: Grafana's admin password always, the
 /// SendGrid API key when the inventory configures e-mail.
 ///
@@ -81,7 +65,10 @@ pub fn secrets(
     env: &dyn EnvSource,
     dotenv: Option<&Path>,
 ) -> Result<Secrets, SecretError> {
-    let file = read_dotenv(dotenv)?;
+    let file = dotenv
+        .map(crate::secrets::read_dotenv)
+        .transpose()?
+        .unwrap_or_default();
     let get = |name: &str| {
         env.var(name)
             .filter(|v| !v.is_empty())
