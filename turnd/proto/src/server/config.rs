@@ -70,6 +70,11 @@ pub struct ServerConfig {
     /// of the source (4096 slots, 64 KiB): memory never grows with the number of sources, and
     /// sources that share a slot share its budget.
     pub challenges_per_source_per_second: Option<u32>,
+    /// The name in the certificate of the alternate servers a drain redirects to, when it
+    /// differs from ours: sent in ALTERNATE-DOMAIN with the 300 to TLS clients that
+    /// authenticated with MESSAGE-INTEGRITY-SHA256, as RFC 8489 §10 requires. `None` when the
+    /// alternates share our certificate.
+    pub alternate_domain: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +97,7 @@ impl Default for ServerConfig {
             rfc5766_channel_numbers: false,
             mode: ServiceMode::Turn,
             challenges_per_source_per_second: None,
+            alternate_domain: None,
         }
     }
 }

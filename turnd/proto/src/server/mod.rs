@@ -1077,9 +1077,17 @@ impl Server {
             } else {
                 d.alternate_ipv6
             };
+            // RFC 8489 §10: over TLS with MESSAGE-INTEGRITY-SHA256, name the alternate's
+            // certificate when it is not ours.
+            let domain = (ft.transport == Transport::Tls && signer.sha256)
+                .then(|| self.config.alternate_domain.clone())
+                .flatten();
             return match alternate {
                 Some(to) => self.reject(ft, msg, Reject::TryAlternate, Some(&auth), |b| {
                     b.add(&AlternateServer(to));
+                    if let Some(d) = &domain {
+                        b.add(&AlternateDomain(d));
+                    }
                 }),
                 None => self.reject(ft, msg, Reject::Draining, Some(&auth), |_| {}),
             };

@@ -2128,3 +2128,35 @@ fn rfc8656_7_2_an_unredeemed_reservation_is_released_once_whichever_shard_remove
     a.advance(Duration::from_secs(31));
     assert_eq!((reserved_releases(&a), reserved_releases(&b)), (0, 1));
 }
+
+#[test]
+fn rfc8489_10_tls_sha256_redirect_names_the_alternate_domain() {
+    let mut h = with_config(|c| c.alternate_domain = Some("turn2.example.org".into()));
+    let drain = drain_at(&h, 120, Some("198.51.100.2:5349"));
+    h.server.set_draining(Some(drain));
+    let mut ft = udp("192.0.2.7:40000");
+    ft.transport = Transport::Tls;
+    let sha = Cred::Sha256 {
+        user: "alice".into(),
+        password: "wonderland".into(),
+    };
+    let r = Client::new(ft, sha).allocate(&mut h);
+    assert_eq!(error_code(&r), Some(300));
+    let m = Message::decode(&r).unwrap();
+    assert_eq!(
+        m.get::<AlternateDomain<'_>>().unwrap(),
+        Some(AlternateDomain("turn2.example.org"))
+    );
+    // MESSAGE-INTEGRITY (SHA-1) over TLS, or SHA-256 over UDP: no ALTERNATE-DOMAIN.
+    let r = Client::new(ft, alice()).allocate(&mut h);
+    let m = Message::decode(&r).unwrap();
+    assert_eq!(m.get::<AlternateDomain<'_>>().unwrap(), None);
+    let sha = Cred::Sha256 {
+        user: "alice".into(),
+        password: "wonderland".into(),
+    };
+    let r = Client::new(udp("192.0.2.7:40001"), sha).allocate(&mut h);
+    let m = Message::decode(&r).unwrap();
+    assert_eq!(error_code(&r), Some(300));
+    assert_eq!(m.get::<AlternateDomain<'_>>().unwrap(), None);
+}
