@@ -233,7 +233,7 @@ impl Run {
         eprintln!(
             "  {} {}: {:.0} relayed pkt/s, {:.2} us CPU/pkt ({} threads), client+echo CPU \
              {:.2} s, sent {} echoed {} ({} in window), RTT p50 {} ms p99 {} ms, \
-             {} UDP receive-buffer drops",
+             {} UDP receive-buffer drops ({:?} in the window)",
             r.server,
             label(&r.scenario),
             r.relayed_pps(),
@@ -246,6 +246,7 @@ impl Run {
             ms(r.stats.rtt_quantile(0.5)),
             ms(r.stats.rtt_quantile(0.99)),
             r.rcvbuf_drops,
+            r.drops_by_role,
         );
         self.loads.push(loadavg());
         self.rows.push(r);
@@ -557,7 +558,7 @@ fn report(run: &Run, k: &Knobs, took: Duration) {
         println!("note: {n}");
     }
 
-    println!("\n| server | scenario | allocations | offered | payload B | relayed pkt/s | server CPU s (threads) | CPU µs/pkt | loss | RTT p50 ms | RTT p99 ms | added p50 ms | added p99 ms | client+echo CPU s | kernel rcvbuf drops |");
+    println!("\n| server | scenario | allocations | offered | payload B | relayed pkt/s | server CPU s (threads) | CPU µs/pkt | loss | RTT p50 ms | RTT p99 ms | added p50 ms | added p99 ms | client+echo CPU s | rcvbuf drops: all (client/listener/relay/echo) |");
     println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &run.rows {
         let s = &r.scenario;
@@ -589,7 +590,14 @@ fn report(run: &Run, k: &Knobs, took: Duration) {
             added(0.5),
             added(0.99),
             r.client_cpu,
-            r.rcvbuf_drops,
+            format!(
+                "{} ({}/{}/{}/{})",
+                r.rcvbuf_drops,
+                r.drops_by_role.client,
+                r.drops_by_role.listener,
+                r.drops_by_role.relay,
+                r.drops_by_role.echo
+            ),
         );
     }
 

@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 
 use crate::link::Transport;
 use crate::load::{LoadConfig, LoadStats, Mode, SetupStats, Target};
-use crate::server::{rss_kib, udp_rcvbuf_errors, CpuSource, Server};
+use crate::server::{rss_kib, udp_rcvbuf_errors, CpuSource, DropsByRole, Server};
 use crate::syscalls::{Attach, Probe, SyscallCounts};
 
 /// One scenario: how many allocations, over what, offered how.
@@ -63,6 +63,8 @@ pub struct ScenarioResult {
     /// UDP datagrams the kernel dropped for full receive buffers from the window's start to
     /// the end of the drain (any socket on the machine: mostly this bench's).
     pub rcvbuf_drops: u64,
+    /// The same drops by the socket that dropped them (sockets alive at both ends).
+    pub drops_by_role: DropsByRole,
 }
 
 impl ScenarioResult {
@@ -162,6 +164,12 @@ pub fn measure(
     let client = CpuSource::Threads("bench-".to_owned());
     let client_cpu = Cell::new(0.0);
     let drops = Cell::new(0);
+    let (listener_port, echo_port) = match &subject.target {
+        Target::Bare(addr) => (addr.port(), 0),
+        Target::Turn { endpoint, peer, .. } => (endpoint.udp.port(), peer.port()),
+    };
+    let roles = Cell::new(DropsByRole::default());
+    let roles_after = Cell::new(DropsByRole::default());
     let probe_error = RefCell::new(None);
     let stats = load::run(
         &subject.target,
@@ -176,9 +184,11 @@ pub fn measure(
             start_cpu.set(subject.cpu.cpu_seconds());
             client_cpu.set(client.cpu_seconds());
             drops.set(udp_rcvbuf_errors());
+            roles.set(DropsByRole::read(listener_port, echo_port));
         },
         || {
             end_cpu.set(subject.cpu.cpu_seconds());
+            roles_after.set(DropsByRole::read(listener_port, echo_port));
             client_cpu.set(client.cpu_seconds() - client_cpu.get());
             if let Some(p) = &probe {
                 if let Err(e) = p.borrow_mut().disable() {
@@ -203,6 +213,7 @@ pub fn measure(
         syscalls,
         client_cpu: client_cpu.get(),
         rcvbuf_drops: udp_rcvbuf_errors().saturating_sub(drops.get()),
+        drops_by_role: roles_after.get().since(&roles.get()),
     })
 }
 

@@ -135,6 +135,74 @@ pub fn udp_rcvbuf_errors() -> u64 {
         .unwrap_or(0)
 }
 
+/// UDP receive-buffer drops by socket, summed by role: which stage of the path overflowed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DropsByRole {
+    /// Client sockets (127.1.x.y).
+    pub client: u64,
+    /// The server's listener (or the bare forwarder's).
+    pub listener: u64,
+    /// Relay sockets (127.0.0.1, [`RELAY_PORTS`]).
+    pub relay: u64,
+    /// The echo peer.
+    pub echo: u64,
+    /// Anything else.
+    pub other: u64,
+}
+
+impl DropsByRole {
+    /// Per-role difference `self - before` (sockets closed in between are not seen).
+    #[must_use]
+    pub fn since(&self, before: &Self) -> Self {
+        Self {
+            client: self.client.saturating_sub(before.client),
+            listener: self.listener.saturating_sub(before.listener),
+            relay: self.relay.saturating_sub(before.relay),
+            echo: self.echo.saturating_sub(before.echo),
+            other: self.other.saturating_sub(before.other),
+        }
+    }
+
+    /// Reads `/proc/net/udp` (the drops column per socket). `listener` and `echo` are the
+    /// ports of those sockets on 127.0.0.1.
+    #[must_use]
+    pub fn read(listener: u16, echo: u16) -> Self {
+        let mut d = Self::default();
+        let text = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(drops)) = (f.get(1), f.last()) else {
+                continue;
+            };
+            let Ok(drops) = drops.parse::<u64>() else {
+                continue;
+            };
+            let Some((ip, port)) = local.split_once(':') else {
+                continue;
+            };
+            let (Ok(ip), Ok(port)) = (u32::from_str_radix(ip, 16), u16::from_str_radix(port, 16))
+            else {
+                continue;
+            };
+            // /proc prints the address in host order of the network-order bytes.
+            let ip = std::net::Ipv4Addr::from(u32::from_be(ip));
+            let slot = if ip.octets()[..2] == [127, 1] {
+                &mut d.client
+            } else if port == listener {
+                &mut d.listener
+            } else if port == echo {
+                &mut d.echo
+            } else if (RELAY_PORTS.0..=RELAY_PORTS.1).contains(&port) {
+                &mut d.relay
+            } else {
+                &mut d.other
+            };
+            *slot += drops;
+        }
+        d
+    }
+}
+
 /// VmRSS of `/proc/<pid>/status` (or this process, after returning freed heap to the
 /// kernel so memory freed by earlier scenarios does not hide growth) in KiB.
 #[must_use]
