@@ -481,32 +481,14 @@ fn status(cli: &Cli, c: &Cluster) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Prints which of the inventory's turnd instances Prometheus scrapes successfully; whether
-/// all of them are up.
+/// Prints the monitoring release and which of the inventory's turnd instances Prometheus
+/// scrapes; whether the release is deployed and all of them are up.
 fn monitoring_targets(c: &Cluster, ctx: &Context<'_>) -> bool {
-    match phases::monitoring::targets(ctx) {
-        Ok(found) => {
-            let missing = found.missing(c);
-            println!(
-                "monitoring: turnd targets up in Prometheus: {}{}",
-                if found.up.is_empty() {
-                    "none".to_owned()
-                } else {
-                    found.up.join(", ")
-                },
-                if missing.is_empty() {
-                    String::new()
-                } else {
-                    format!("; missing: {}", missing.join(", "))
-                }
-            );
-            missing.is_empty()
-        }
-        Err(e) => {
-            println!("monitoring: cannot ask Prometheus: {e}");
-            false
-        }
+    let health = phases::monitoring::health(ctx);
+    for line in health.lines(c) {
+        println!("monitoring: {line}");
     }
+    health.ok(c)
 }
 
 fn preflight(cli: &Cli, c: &Cluster) -> anyhow::Result<ExitCode> {

@@ -385,6 +385,34 @@ fn status_reads_which_turnd_targets_prometheus_has_up() {
     let t = monitoring::targets(&ctx).expect("answers");
     assert_eq!(t.up, ["k8s-worker1"]);
     assert_eq!(t.missing(&c), ["k8s-worker2"]);
+    r.master.respond(
+        "helm list",
+        Output::ok(
+            r#"[{"name":"monitoring","status":"deployed","chart":"kube-prometheus-stack-61.3.0"}]"#,
+        ),
+    );
+    let h = monitoring::health(&ctx);
+    assert_eq!(
+        h.lines(&c),
+        [
+            "release monitoring: kube-prometheus-stack-61.3.0 deployed",
+            "turnd targets up in Prometheus: k8s-worker1; missing: k8s-worker2",
+        ]
+    );
+    assert!(!h.ok(&c), "a missing target fails verify");
+    r.master.respond(
+        "kubectl --kubeconfig /etc/kubernetes/admin.conf get --raw",
+        Output::ok(
+            r#"{"status":"success","data":{"resultType":"vector","result":[
+                {"metric":{"instance":"k8s-worker1"},"value":[1764417600,"1"]},
+                {"metric":{"instance":"k8s-worker2"},"value":[1764417600,"1"]}]}}"#,
+        ),
+    );
+    assert!(monitoring::health(&ctx).ok(&c));
+    r.master.respond("helm list", Output::ok("[]"));
+    let h = monitoring::health(&ctx);
+    assert_eq!(h.lines(&c)[0], "release monitoring: not installed");
+    assert!(!h.ok(&c));
     // Through the API server's service proxy, so nothing but the master needs to be reachable.
     assert_eq!(
         monitoring::targets_command(&c).args.last().map(String::as_str),

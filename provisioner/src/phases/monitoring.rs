@@ -400,6 +400,80 @@ pub fn targets(ctx: &Context<'_>) -> Result<Targets, String> {
     Targets::parse(&out.stdout)
 }
 
+/// What `status` and `verify` report about monitoring: the Helm release and turnd's targets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// The release as `helm list` shows it (`None`: not installed), or why it cannot be told.
+    pub release: Result<Option<HelmRelease>, String>,
+    /// turnd's targets in Prometheus, or why they cannot be told.
+    pub targets: Result<Targets, String>,
+}
+
+/// Asks the master for the release (`helm list`) and Prometheus for turnd's targets.
+pub fn health(ctx: &Context<'_>) -> Health {
+    let c = ctx.cluster;
+    let master = Target::Vm(c.master().name.to_string());
+    let release = ctx
+        .transports
+        .get(&master)
+        .map_err(|e| e.to_string())
+        .and_then(|t| {
+            let list = helm(&[
+                "list",
+                "--namespace",
+                &c.monitoring.namespace,
+                "--output",
+                "json",
+            ]);
+            let out = t.run_ok(&list).map_err(|e| e.to_string())?;
+            let releases = parse_helm_list(&out.stdout).map_err(|e| e.to_string())?;
+            Ok(releases.into_iter().find(|r| r.name == RELEASE))
+        });
+    Health {
+        release,
+        targets: targets(ctx),
+    }
+}
+
+impl Health {
+    /// One line each for the release and the targets.
+    pub fn lines(&self, c: &Cluster) -> Vec<String> {
+        let release = match &self.release {
+            Ok(Some(r)) => format!("release {RELEASE}: {} {}", r.chart, r.status),
+            Ok(None) => format!("release {RELEASE}: not installed"),
+            Err(e) => format!("release {RELEASE}: cannot tell: {e}"),
+        };
+        let targets = match &self.targets {
+            Ok(t) => {
+                let missing = t.missing(c);
+                format!(
+                    "turnd targets up in Prometheus: {}{}",
+                    if t.up.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        t.up.join(", ")
+                    },
+                    if missing.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; missing: {}", missing.join(", "))
+                    }
+                )
+            }
+            Err(e) => format!("turnd targets: cannot ask Prometheus: {e}"),
+        };
+        vec![release, targets]
+    }
+
+    /// Whether the release is deployed at the pinned chart and every turnd instance is up.
+    pub fn ok(&self, c: &Cluster) -> bool {
+        let chart = format!("{CHART_NAME}-{}", c.monitoring.chart_version);
+        let release_ok =
+            matches!(&self.release, Ok(Some(r)) if r.chart == chart && r.status == "deployed");
+        release_ok && self.targets.as_ref().is_ok_and(|t| t.missing(c).is_empty())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
