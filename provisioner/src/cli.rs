@@ -150,7 +150,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     UsageError(format!("phase {p} is not implemented in this version")).into(),
                 );
             }
-            let settings = phase_settings(cli);
+            let settings = phase_settings(cli, &c);
             let ctx = Context {
                 cluster: &c,
                 transports: &t,
@@ -179,7 +179,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             };
             let _lock = run_lock(cli)?;
             let mut journal = Journal::at(journal_path(cli));
-            let mut settings = phase_settings(cli);
+            let mut settings = phase_settings(cli, &c);
             for p in list {
                 let plan = plan_one(&c, &t, &settings, p)?;
                 print!("{}", plan.render(cli.verbose));
@@ -383,7 +383,7 @@ fn transports(c: &Cluster) -> anyhow::Result<Transports> {
 /// Phase settings for this invocation: turnd's auth secret from the environment or `.env`
 /// (when the secrets load; phases that need it say so otherwise), the Kubernetes API from
 /// `$KUBECONFIG`, and a 5-minute rollout wait.
-fn phase_settings(cli: &Cli) -> Settings {
+fn phase_settings(cli: &Cli, c: &Cluster) -> Settings {
     let dotenv = cli.env_file.clone().unwrap_or_else(|| {
         cli.inventory
             .parent()
@@ -393,12 +393,36 @@ fn phase_settings(cli: &Cli) -> Settings {
     let auth_secret = Secrets::load(&ProcessEnv, &dotenv)
         .ok()
         .map(|s| crate::k8s::Sensitive::from(&s.turnd_auth_secret));
+    let user_passwords = user_passwords(c, &dotenv);
     Settings {
         auth_secret,
+        user_passwords,
         rollout_timeout: Some(std::time::Duration::from_secs(300)),
         dotenv: Some(dotenv),
         ..Settings::default()
     }
+}
+
+/// The static users' passwords (`auth.users[].password_env`) from the environment, else
+/// `.env`; each one is masked in `-v` logs from now on.
+fn user_passwords(c: &Cluster, dotenv: &Path) -> BTreeMap<String, crate::k8s::Sensitive> {
+    let file = std::fs::read_to_string(dotenv)
+        .ok()
+        .and_then(|t| crate::secrets::parse_dotenv(&t, &dotenv.display().to_string()).ok())
+        .unwrap_or_default();
+    c.auth
+        .users
+        .iter()
+        .filter_map(|u| {
+            let var = u.password_env.as_deref()?;
+            let pw = std::env::var(var)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .or_else(|| file.get(var).filter(|v| !v.is_empty()).cloned())?;
+            crate::exec::redact::remember(&pw);
+            Some((u.name.clone(), crate::k8s::Sensitive::new(pw)))
+        })
+        .collect()
 }
 
 fn plan_one(c: &Cluster, t: &Transports, settings: &Settings, p: PhaseId) -> anyhow::Result<Plan> {
@@ -416,7 +440,7 @@ fn plan_one(c: &Cluster, t: &Transports, settings: &Settings, p: PhaseId) -> any
 fn status(cli: &Cli, c: &Cluster) -> anyhow::Result<ExitCode> {
     let t = transports(c)?;
     let mut ok = true;
-    let mut settings = phase_settings(cli);
+    let mut settings = phase_settings(cli, c);
     for p in implemented() {
         match plan_one(c, &t, &settings, p) {
             Ok(plan) if plan.is_empty() => println!("{p}: up to date"),

@@ -206,3 +206,148 @@ fn host_networking_removes_the_old_coturn_chain_and_unit_and_keeps_everything_el
         again.render(true)
     );
 }
+
+const REALM: &str = "turn.old-cluster.example";
+
+/// `turnadmin -k`: the key coturn's own tool derives for a user.
+fn turnadmin_key(turnadmin: &std::path::Path, user: &str, password: &str) -> String {
+    let out = Command::new(turnadmin)
+        .args(["-k", "-u", user, "-r", REALM, "-p", password])
+        .output()
+        .expect("turnadmin runs");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .rfind(|l| l.starts_with("0x"))
+        .expect("a 0x key")
+        .to_owned()
+}
+
+/// Runs `turnutils_uclient` as `user`/`password` against `server`; its summary when it relayed.
+fn uclient(
+    tool: &std::path::Path,
+    server: std::net::SocketAddr,
+    peer: std::net::SocketAddr,
+    user: &str,
+    password: &str,
+) -> (bool, Option<turnd_tests::tools::UclientSummary>, String) {
+    let mut cmd = Command::new(tool);
+    cmd.args(["-p", &server.port().to_string()])
+        .args(["-e", &peer.ip().to_string(), "-r", &peer.port().to_string()])
+        .args(["-m", "1", "-n", "20", "-l", "120", "-z", "2", "-c", "-X"])
+        .args(["-u", user, "-w", password])
+        .arg(server.ip().to_string());
+    let out = turnd_tests::tools::run_with_timeout(&mut cmd, std::time::Duration::from_secs(30))
+        .expect("uclient finishes");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        out.status.success(),
+        turnd_tests::tools::UclientSummary::parse(&all),
+        all,
+    )
+}
+
+#[test]
+fn coturn_users_authenticate_against_turnd_with_the_rendered_config() {
+    let (Some(tool), Some(turnadmin)) = (
+        turnd_tests::tools::find_tool("turnutils_uclient"),
+        turnd_tests::tools::find_tool("turnadmin"),
+    ) else {
+        return;
+    };
+    // The old cluster's realm and users: alice as `turnadmin -k` printed her key, bob's
+    // password in .env.
+    let alice_key = turnadmin_key(&turnadmin, "alice", "alice-in-coturn");
+    let text = format!(
+        "{}\n[auth]\nrealm = \"{REALM}\"\n\n[[auth.users]]\nname = \"alice\"\nkey = \"{alice_key}\"\n\n[[auth.users]]\nname = \"bob\"\npassword_env = \"TURN_PASSWORD_BOB\"\n",
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/cluster.example.toml"
+        ))
+        .expect("example")
+    );
+    let c = Inventory::from_toml(&text)
+        .and_then(|i| i.validate(&text))
+        .expect("inventory with [auth] is valid");
+    let passwords = BTreeMap::from([(
+        "bob".to_owned(),
+        provisioner::k8s::Sensitive::new("bob-from-dotenv"),
+    )]);
+    let rendered =
+        provisioner::k8s::turnd_toml_with_passwords(&c, 0, &passwords).expect("turnd.toml renders");
+    let bob_key = turnadmin_key(&turnadmin, "bob", "bob-from-dotenv");
+    for want in [
+        format!("realm = \"{REALM}\""),
+        format!("name = \"alice\"\nkey = \"{alice_key}\""),
+        format!("name = \"bob\"\nkey = \"{bob_key}\""),
+    ] {
+        assert!(rendered.contains(&want), "{want} missing from:\n{rendered}");
+    }
+    assert!(
+        !rendered.contains("bob-from-dotenv"),
+        "no password in the ConfigMap"
+    );
+    let err = provisioner::k8s::turnd_toml_with_passwords(&c, 0, &BTreeMap::new())
+        .expect_err("bob's password is required");
+    assert_eq!(
+        err.to_string(),
+        "auth user `bob`: its password variable TURN_PASSWORD_BOB is not set (environment or .env)"
+    );
+
+    // The rendered file, moved onto loopback for this test only: the worker's address becomes
+    // 127.0.0.1 with ports chosen by the kernel, a test certificate, loopback peers allowed,
+    // one worker and RFC 5766 channel numbers (for uclient). [auth] is untouched.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    std::fs::write(dir.path().join("tls.crt"), cert.cert.pem()).expect("write cert");
+    std::fs::write(dir.path().join("tls.key"), cert.key_pair.serialize_pem()).expect("write key");
+    let worker = c.vm("k8s-worker1").expect("worker").ip.to_string();
+    let mut cfg: String = rendered
+        .lines()
+        .filter(|l| !l.starts_with("external_ips"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    // The two TLS listeners on distinct addresses (both port 0).
+    cfg = cfg.replace(&format!("{worker}:443"), "127.0.0.2:0");
+    for port in [":3478", ":5349", ":9641"] {
+        cfg = cfg.replace(&format!("{worker}{port}"), "127.0.0.1:0");
+    }
+    cfg = cfg
+        .replace(&worker, "127.0.0.1")
+        .replace(
+            provisioner::k8s::mounts::TLS_DIR,
+            &dir.path().display().to_string(),
+        )
+        .replace("format = \"json\"", "format = \"text\"");
+    cfg.push_str("\n[peers]\nallow = [\"127.0.0.0/8\"]\n\n[server]\nworkers = 1\nrfc5766_channel_numbers = true\n");
+    let settings = turnd::config::Config::from_toml(&cfg)
+        .unwrap_or_else(|e| panic!("{e}\n{cfg}"))
+        .validate(&turnd::config::MapEnv(BTreeMap::new()))
+        .unwrap_or_else(|e| panic!("{e}\n{cfg}"));
+    let running = turnd::run::start(settings).expect("turnd starts");
+    let server = running.udp[0];
+    let peer = turnd_tests::peer::EchoPeer::start(std::net::Ipv4Addr::LOCALHOST.into())
+        .expect("echo peer");
+
+    for (user, password) in [("alice", "alice-in-coturn"), ("bob", "bob-from-dotenv")] {
+        let (ok, summary, out) = uclient(&tool, server, peer.addr, user, password);
+        let tail: Vec<&str> = out.lines().rev().take(12).collect();
+        assert!(ok, "{user} was refused: {tail:#?}");
+        let s = summary.unwrap_or_else(|| panic!("no summary: {tail:#?}"));
+        assert!(
+            s.sent > 0 && s.received == s.sent,
+            "{user}: {s:?} {tail:#?}"
+        );
+    }
+    let (ok, summary, out) = uclient(&tool, server, peer.addr, "alice", "not-her-password");
+    assert!(
+        !ok || summary.is_none_or(|s| s.received == 0),
+        "a wrong password relayed:\n{out}"
+    );
+    running.shutdown();
+}

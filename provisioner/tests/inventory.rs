@@ -181,6 +181,28 @@ fn tcp_443_on_the_host_s_main_ip_is_refused_with_line_and_key() {
 }
 
 #[test]
+fn static_users_need_exactly_one_of_key_and_password_env() {
+    let with = |users: &str| format!("{}\n[auth]\nrealm = \"old.example\"\n{users}", example());
+    let text = with("[[auth.users]]\nname = \"alice\"\nkey = \"0x1234\"\n");
+    let line = line_of(&text, "name = \"alice\"", "key =");
+    assert_eq!(
+        error_of(&text),
+        format!("<inline>:{line}: `auth.users[0].key`: must be `0x` and 32 hex digits, as `turnadmin -k` prints it")
+    );
+    let text = with("[[auth.users]]\nname = \"bob\"\n");
+    assert!(
+        error_of(&text).ends_with("`auth.users[0]`: give exactly one of `key` and `password_env`"),
+        "{}",
+        error_of(&text)
+    );
+    let ok = with("[[auth.users]]\nname = \"bob\"\npassword_env = \"TURN_PASSWORD_BOB\"\n");
+    let c = Inventory::from_toml(&ok)
+        .and_then(|i| i.validate(&ok))
+        .expect("valid");
+    assert_eq!(c.realm(), "old.example");
+}
+
+#[test]
 fn vms_must_fit_the_host() {
     let text = example().replacen("memory_gib = 48", "memory_gib = 16", 1);
     assert!(error_of(&text)

@@ -75,6 +75,9 @@ pub struct Inventory {
     /// The turnd instances.
     #[serde(default)]
     pub turnd: Vec<TurndInstance>,
+    /// Long-term credentials carried over from the coturn cluster.
+    #[serde(default)]
+    pub auth: Auth,
     /// The public domain.
     pub domain: Domain,
     /// ACME (certificate) settings.
@@ -261,6 +264,35 @@ pub struct TurndInstance {
     pub tcp_443: bool,
 }
 
+/// Long-term credentials (RFC 8489 §9.2) carried into every `turnd.toml`, so the users and
+/// realm of the old coturn cluster keep working.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    /// The realm (coturn's `realm`): part of every static user's key. Default: `domain.turn`.
+    #[serde(default)]
+    pub realm: Option<String>,
+    /// Static users (coturn's `user=`).
+    #[serde(default)]
+    pub users: Vec<StaticUser>,
+}
+
+/// One static long-term user: its key, or the name of the variable (environment or `.env`)
+/// that holds its password. Exactly one of the two.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticUser {
+    /// The username.
+    pub name: String,
+    /// `0x` and 32 hex digits: what `turnadmin -k -u NAME -r REALM -p PASSWORD` (or
+    /// `turnd key`) prints; tied to the realm.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The variable holding the password, e.g. `TURN_PASSWORD_KIOSK`.
+    #[serde(default)]
+    pub password_env: Option<String>,
+}
+
 /// The public domain.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -297,6 +329,15 @@ impl std::ops::Deref for Cluster {
 }
 
 impl Cluster {
+    /// The realm of long-term credentials: `auth.realm`, else `domain.turn`.
+    pub fn realm(&self) -> &str {
+        self.inv
+            .auth
+            .realm
+            .as_deref()
+            .unwrap_or(&self.inv.domain.turn)
+    }
+
     /// The control-plane VM.
     pub fn master(&self) -> &Vm {
         // validate() guarantees exactly one master.
@@ -436,6 +477,54 @@ impl Inventory {
         }
 
         self.monitoring.check()?;
+        if self.auth.realm.as_deref().is_some_and(str::is_empty) {
+            return fail("auth.realm".into(), "must not be empty".into());
+        }
+        let mut user_names: HashMap<&str, usize> = HashMap::new();
+        for (i, u) in self.auth.users.iter().enumerate() {
+            if u.name.is_empty() || u.name.contains(':') {
+                return fail(
+                    format!("auth.users[{i}].name"),
+                    "must be non-empty and without `:` (REST-API usernames have one)".into(),
+                );
+            }
+            if let Some(first) = user_names.insert(u.name.as_str(), i) {
+                return fail(
+                    format!("auth.users[{i}].name"),
+                    format!("`{}` is already auth.users[{first}]", u.name),
+                );
+            }
+            match (&u.key, &u.password_env) {
+                (Some(key), None) => {
+                    let hex = key.strip_prefix("0x").unwrap_or_default();
+                    if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                        return fail(
+                            format!("auth.users[{i}].key"),
+                            "must be `0x` and 32 hex digits, as `turnadmin -k` prints it".into(),
+                        );
+                    }
+                }
+                (None, Some(var)) => {
+                    let ok = var
+                        .chars()
+                        .next()
+                        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                        && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                    if !ok {
+                        return fail(
+                            format!("auth.users[{i}].password_env"),
+                            format!("`{var}` is not a variable name"),
+                        );
+                    }
+                }
+                _ => {
+                    return fail(
+                        format!("auth.users[{i}]"),
+                        "give exactly one of `key` and `password_env`".into(),
+                    )
+                }
+            }
+        }
         if self.vms.is_empty() {
             return fail("vms".into(), "at least one VM is needed".into());
         }

@@ -2,11 +2,12 @@
 //! (see `deploy/turnd.example.toml`). Keys left out take turnd's defaults. A test parses and
 //! validates every generated file with turnd's own `Config::validate`.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use serde::Serialize;
 
-use super::{mounts, K8sError, PORTS_TLS, PORT_ADMIN, PORT_PLAIN};
+use super::{mounts, K8sError, Sensitive, PORTS_TLS, PORT_ADMIN, PORT_PLAIN};
 use crate::inventory::{Cluster, TurndInstance};
 
 /// The configuration file, as turnd reads it.
@@ -36,6 +37,60 @@ struct Tls {
 #[derive(Debug, Serialize)]
 struct Auth {
     realm: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    users: Vec<User>,
+}
+
+#[derive(Debug, Serialize)]
+struct User {
+    name: String,
+    key: String,
+}
+
+/// A review placeholder for a user whose key comes from a password at apply time.
+const PLACEHOLDER_KEY: &str = "0x00000000000000000000000000000000";
+
+/// The long-term key of RFC 8489 §9.2.2 as `turnadmin -k` prints it:
+/// `0x` + hex(MD5(username ":" realm ":" password)).
+pub(super) fn long_term_key(name: &str, realm: &str, password: &str) -> String {
+    use md5::Digest as _;
+    let digest = md5::Md5::digest(format!("{name}:{realm}:{password}").as_bytes());
+    format!("0x{}", crate::render::cloudinit::hex(&digest))
+}
+
+/// The `[[auth.users]]` of `turnd.toml`: inventory keys as they are, passwords turned into
+/// keys; `passwords: None` writes placeholders (review).
+fn users(
+    cluster: &Cluster,
+    passwords: Option<&BTreeMap<String, Sensitive>>,
+) -> Result<Vec<User>, K8sError> {
+    let realm = cluster.realm();
+    cluster
+        .auth
+        .users
+        .iter()
+        .map(|u| {
+            let key = match (&u.key, &u.password_env, passwords) {
+                (Some(key), _, _) => key.to_ascii_lowercase(),
+                (None, Some(_), None) => PLACEHOLDER_KEY.to_owned(),
+                (None, Some(var), Some(p)) => match p.get(&u.name) {
+                    Some(pw) => long_term_key(&u.name, realm, pw.expose()),
+                    None => {
+                        return Err(K8sError::MissingUserPassword {
+                            user: u.name.clone(),
+                            var: var.clone(),
+                        })
+                    }
+                },
+                // A validated inventory gives exactly one of the two.
+                (None, None, _) => PLACEHOLDER_KEY.to_owned(),
+            };
+            Ok(User {
+                name: u.name.clone(),
+                key,
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, Serialize)]
@@ -70,7 +125,11 @@ pub(super) fn worker_ip(cluster: &Cluster, t: &TurndInstance) -> Result<Ipv4Addr
 /// `turnd.toml` for instance `index` of the inventory: it binds the worker's address (the pod
 /// runs with `hostNetwork`), advertises the public IP that the host forwards to it, reads the
 /// certificate from the mounted TLS Secret and the REST-API secret from `TURND_AUTH_SECRET`.
-pub(super) fn turnd_toml(cluster: &Cluster, index: usize) -> Result<String, K8sError> {
+pub(super) fn turnd_toml(
+    cluster: &Cluster,
+    index: usize,
+    passwords: Option<&BTreeMap<String, Sensitive>>,
+) -> Result<String, K8sError> {
     let t = cluster
         .turnd
         .get(index)
@@ -87,7 +146,8 @@ pub(super) fn turnd_toml(cluster: &Cluster, index: usize) -> Result<String, K8sE
             key: format!("{}/tls.key", mounts::TLS_DIR),
         },
         auth: Auth {
-            realm: cluster.domain.turn.clone(),
+            realm: cluster.realm().to_owned(),
+            users: users(cluster, passwords)?,
         },
         relay: Relay {
             addresses: vec![ip.to_string()],

@@ -86,6 +86,14 @@ pub mod mounts {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum K8sError {
+    /// A static user's password variable is not set.
+    #[error("auth user `{user}`: its password variable {var} is not set (environment or .env)")]
+    MissingUserPassword {
+        /// The user.
+        user: String,
+        /// The variable named by `password_env`.
+        var: String,
+    },
     /// The inventory names a VM for a turnd instance that it does not list (a validated
     /// inventory never does).
     #[error("turnd instance on `{vm}`: no such VM in the inventory")]
@@ -230,6 +238,10 @@ pub struct Inputs {
     pub auth_secret: AuthSecret,
     /// The certificate.
     pub tls: TlsSource,
+    /// The passwords of the `auth.users` given by `password_env`, by user name (their keys go
+    /// into `turnd.toml`, never the passwords); `None` when rendering for review (a
+    /// placeholder key is written).
+    pub user_passwords: Option<BTreeMap<String, Sensitive>>,
 }
 
 impl Inputs {
@@ -240,6 +252,7 @@ impl Inputs {
             image: DEFAULT_IMAGE.to_owned(),
             auth_secret: AuthSecret::Placeholder,
             tls: TlsSource::Placeholder,
+            user_passwords: None,
         }
     }
 
@@ -249,6 +262,7 @@ impl Inputs {
             image: DEFAULT_IMAGE.to_owned(),
             auth_secret: AuthSecret::Value(auth_secret),
             tls: TlsSource::External,
+            user_passwords: Some(BTreeMap::new()),
         }
     }
 }
@@ -356,7 +370,7 @@ impl Manifests {
             }
         }
         let configs = (0..cluster.turnd.len())
-            .map(|i| config::turnd_toml(cluster, i))
+            .map(|i| config::turnd_toml(cluster, i, inputs.user_passwords.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
         let deployments = cluster
             .turnd
@@ -427,7 +441,20 @@ impl Manifests {
 /// # Errors
 /// [`K8sError::NoInstance`] or [`K8sError::UnknownVm`].
 pub fn turnd_toml(cluster: &Cluster, index: usize) -> Result<String, K8sError> {
-    config::turnd_toml(cluster, index)
+    config::turnd_toml(cluster, index, None)
+}
+
+/// The `turnd.toml` of instance `index` with the static users' passwords from `passwords`
+/// (user name → password) turned into their keys.
+///
+/// # Errors
+/// As [`turnd_toml`], and [`K8sError::MissingUserPassword`].
+pub fn turnd_toml_with_passwords(
+    cluster: &Cluster,
+    index: usize,
+    passwords: &BTreeMap<String, Sensitive>,
+) -> Result<String, K8sError> {
+    config::turnd_toml(cluster, index, Some(passwords))
 }
 
 /// Builds the objects and writes one YAML file per object into `out_dir` (created if needed);

@@ -44,6 +44,9 @@ pub struct Settings {
     /// What earlier phases of this run will have done by the time this one applies (set by
     /// `plan` over several phases on a fresh host).
     pub ahead: Ahead,
+    /// Passwords of the inventory's `auth.users` given by `password_env`, by user name (from
+    /// `.env`; the process environment is asked too).
+    pub user_passwords: std::collections::BTreeMap<String, crate::k8s::Sensitive>,
 }
 
 /// What the earlier phases of one `plan` run will have done when a later phase applies: a
@@ -99,6 +102,7 @@ impl Default for Settings {
             dotenv: None,
             vm_ready_timeout: Some(VM_READY_TIMEOUT),
             ahead: Ahead::default(),
+            user_passwords: std::collections::BTreeMap::new(),
         }
     }
 }

@@ -208,6 +208,29 @@ fn env_auth_secret(env: &dyn EnvSource) -> Option<Sensitive> {
         .map(Sensitive::new)
 }
 
+/// The passwords of the static users given by `password_env`: from `settings` (the `.env`),
+/// else from `env`. A missing one is reported when the objects are built.
+pub fn user_passwords(
+    c: &crate::inventory::Cluster,
+    settings: &Settings,
+    env: &dyn EnvSource,
+) -> std::collections::BTreeMap<String, Sensitive> {
+    c.auth
+        .users
+        .iter()
+        .filter_map(|u| {
+            let var = u.password_env.as_deref()?;
+            let pw = settings.user_passwords.get(&u.name).cloned().or_else(|| {
+                env.var(var)
+                    .filter(|v| !v.is_empty())
+                    .inspect(|v| crate::exec::redact::remember(v))
+                    .map(Sensitive::new)
+            })?;
+            Some((u.name.clone(), pw))
+        })
+        .collect()
+}
+
 /// The API server and the auth secret: from `settings`, else from `env`.
 ///
 /// # Errors
@@ -246,7 +269,11 @@ pub fn gather(
     let phase = PhaseId::Turnd;
     let k8s_err = |source| PhaseError::K8s { phase, source };
     let (api, secret) = inputs(ctx.settings, env)?;
-    let manifests = Manifests::build(ctx.cluster, &Inputs::for_apply(secret)).map_err(k8s_err)?;
+    let inputs = Inputs {
+        user_passwords: Some(user_passwords(ctx.cluster, ctx.settings, env)),
+        ..Inputs::for_apply(secret)
+    };
+    let manifests = Manifests::build(ctx.cluster, &inputs).map_err(k8s_err)?;
     if ctx.settings.ahead.cluster {
         // `k8s-master` creates the cluster earlier in this run: every object is new.
         let changes = manifests
