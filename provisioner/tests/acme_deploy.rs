@@ -233,7 +233,7 @@ async fn a_running_turnd_serves_the_deployed_certificate_without_restarting() {
         .expect("turnd config")
         .validate(&turnd::config::MapEnv(Default::default()))
         .expect("valid");
-    let running = turnd::driver::start(settings).expect("turnd starts");
+    let running = turnd::run::start(settings).expect("turnd starts");
     let endpoint = running.tls[0].to_string();
     let served = |store: &CertStore| {
         let store = store.clone();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use turnd::config::{Config, IoBackend, MapEnv};
-use turnd::driver::Running;
+use turnd::run::Running;
 
 use crate::client::rest_credential;
 use crate::tools::find_tool;
@@ -161,7 +161,7 @@ impl TestServer {
         if let Some(io) = io_from_env() {
             settings.io = io;
         }
-        let running = turnd::driver::start(settings)?;
+        let running = turnd::run::start(settings)?;
         let addr = *running.udp.first().context("no UDP listener")?;
         eprintln!(
             "server under test: turnd at {addr} ({} backend)",

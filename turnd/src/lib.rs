@@ -12,8 +12,3 @@ pub mod metrics;
 pub mod net;
 pub mod run;
 pub mod worker;
-
-/// The old name of [`run`], kept for callers of `turnd::driver::start`.
-pub mod driver {
-    pub use crate::run::{serve, start, Running};
-}

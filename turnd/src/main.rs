@@ -1,5 +1,5 @@
 //! The `turnd` binary: parses the command line, loads the configuration, sets up
-//! logging and hands over to [`turnd::driver::serve`].
+//! logging and hands over to [`turnd::run::serve`].
 
 use std::io::Write as _;
 use std::net::{IpAddr, UdpSocket};
@@ -85,7 +85,7 @@ fn run_server(config: Option<&Path>) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(turnd::driver::serve(settings))?;
+    runtime.block_on(turnd::run::serve(settings))?;
     Ok(ExitCode::SUCCESS)
 }
 

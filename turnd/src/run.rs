@@ -17,7 +17,6 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context as _;
 use tracing::{error, info, warn};
 use turn_proto::server::{Drain, SharedQuota, SharedReservations};
 
@@ -100,6 +99,70 @@ impl std::fmt::Debug for ProcessControl {
             .field("draining", &self.draining.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
+}
+
+/// Why turnd could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A listener could not be bound (another process holds the port, say).
+    #[error(transparent)]
+    Listen(#[from] listener::ListenError),
+    /// The TLS certificate or key is unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The certificate files cannot be watched.
+    #[error(transparent)]
+    Watch(#[from] tls::WatchError),
+    /// The io backend could not be created for a worker.
+    #[error("creating the {backend} backend for worker {worker}: {source}")]
+    Backend {
+        /// `epoll` or `io_uring`.
+        backend: &'static str,
+        /// Which worker.
+        worker: usize,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A worker could not set up its sockets.
+    #[error(transparent)]
+    Worker(#[from] crate::worker::WorkerError),
+    /// The admin listener could not start.
+    #[error("starting the admin listener on {listen}: {source}")]
+    Admin {
+        /// Its address.
+        listen: SocketAddr,
+        /// Why.
+        source: admin::AdminError,
+    },
+    /// A thread or runtime could not be started.
+    #[error("starting {what}: {source}")]
+    Thread {
+        /// Which.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Why [`serve`] stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// Start-up failed.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// A signal handler could not be installed.
+    #[error("installing the {signal} handler: {source}")]
+    Signal {
+        /// Which signal.
+        signal: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A worker died (a panic or a failed wait); the process must not go on half-alive.
+    #[error("worker {0} died")]
+    WorkerDied(usize),
 }
 
 /// How long a worker may take to answer a command.
@@ -313,9 +376,9 @@ impl Drop for Reloader {
     }
 }
 
-fn start_reloader(tls: Arc<Tls>, metrics: Arc<Metrics>) -> anyhow::Result<Reloader> {
+fn start_reloader(tls: Arc<Tls>, metrics: Arc<Metrics>) -> Result<Reloader, StartError> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StartError>>();
     let thread = std::thread::Builder::new()
         .name("turnd-tls-reload".into())
         .spawn(move || {
@@ -324,8 +387,11 @@ fn start_reloader(tls: Arc<Tls>, metrics: Arc<Metrics>) -> anyhow::Result<Reload
                 .build()
             {
                 Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.into()));
+                Err(source) => {
+                    let _ = ready_tx.send(Err(StartError::Thread {
+                        what: "the certificate reloader's runtime",
+                        source,
+                    }));
                     return;
                 }
             };
@@ -344,14 +410,19 @@ fn start_reloader(tls: Arc<Tls>, metrics: Arc<Metrics>) -> anyhow::Result<Reload
                         drop(watcher);
                     }
                     Err(e) => {
-                        let _ = ready_tx.send(Err(e));
+                        let _ = ready_tx.send(Err(e.into()));
                     }
                 }
             });
+        })
+        .map_err(|source| StartError::Thread {
+            what: "the certificate reloader",
+            source,
         })?;
-    ready_rx
-        .recv()
-        .context("certificate reloader did not start")??;
+    ready_rx.recv().map_err(|_| StartError::Thread {
+        what: "the certificate reloader",
+        source: std::io::Error::other("it stopped before it was ready"),
+    })??;
     Ok(Reloader {
         stop: Some(stop),
         thread: Some(thread),
@@ -386,7 +457,7 @@ impl Drop for DeathWatch {
 /// # Errors
 /// A listener could not be bound (another process holds the port, say), the io backend is
 /// unavailable, or a worker could not start.
-pub fn start(settings: Settings) -> anyhow::Result<Running> {
+pub fn start(settings: Settings) -> Result<Running, StartError> {
     start_with_env(settings, Box::new(ProcessEnv))
 }
 
@@ -397,7 +468,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
 pub fn start_with_env(
     settings: Settings,
     env: Box<dyn Env + Send + Sync>,
-) -> anyhow::Result<Running> {
+) -> Result<Running, StartError> {
     match listener::raise_nofile_limit() {
         Ok((before, after)) if before != after => {
             info!(from = before, to = after, "raised the open-file limit");
@@ -498,8 +569,11 @@ pub fn start_with_env(
     let mut threads = Vec::new();
     let mut handles = Vec::new();
     for (index, (udp, tcp)) in per_worker_udp.into_iter().zip(per_worker_tcp).enumerate() {
-        let backend = io::create(backend_kind)
-            .with_context(|| format!("creating the {backend_name} backend for worker {index}"))?;
+        let backend = io::create(backend_kind).map_err(|source| StartError::Backend {
+            backend: backend_name,
+            worker: index,
+            source,
+        })?;
         let (w, handle) = Worker::new(index, shared.clone(), config.clone(), backend, udp, tcp)?;
         handles.push(handle);
         let watch = DeathWatch {
@@ -516,7 +590,10 @@ pub fn start_with_env(
                 }
                 drop(watch);
             })
-            .context("starting a worker thread")?;
+            .map_err(|source| StartError::Thread {
+                what: "a worker thread",
+                source,
+            })?;
         threads.push(t);
     }
     let control = Arc::new(ProcessControl {
@@ -538,7 +615,10 @@ pub fn start_with_env(
                 control.clone(),
                 metrics.clone(),
             )
-            .with_context(|| format!("starting the admin listener on {}", a.listen))?,
+            .map_err(|source| StartError::Admin {
+                listen: a.listen,
+                source,
+            })?,
         ),
         None => None,
     };
@@ -588,7 +668,7 @@ impl Running {
 fn watch_config(
     path: PathBuf,
     tx: tokio::sync::mpsc::Sender<()>,
-) -> anyhow::Result<notify::RecommendedWatcher> {
+) -> Result<notify::RecommendedWatcher, notify::Error> {
     use notify::Watcher as _;
     let name = path.file_name().map(ToOwned::to_owned);
     let dir = match path.parent() {
@@ -620,12 +700,15 @@ const DRAIN_SETTLE: Duration = Duration::from_millis(300);
 ///
 /// # Errors
 /// Start-up failed, or a worker died.
-pub async fn serve(settings: Settings) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
+pub async fn serve(settings: Settings) -> Result<(), ServeError> {
+    use tokio::signal::unix::SignalKind;
     // Installed before anything else, so a SIGHUP can never kill the process.
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let sig = |kind, signal| {
+        tokio::signal::unix::signal(kind).map_err(|source| ServeError::Signal { signal, source })
+    };
+    let mut hup = sig(SignalKind::hangup(), "SIGHUP")?;
+    let mut term = sig(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = sig(SignalKind::interrupt(), "SIGINT")?;
     let config_path = settings.config_path.clone();
     let running = start(settings)?;
     let (file_tx, mut file_rx) = tokio::sync::mpsc::channel::<()>(8);
@@ -670,7 +753,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
                 while file_rx.try_recv().is_ok() {}
                 let _ = reload("file changed").await;
             }
-            i = running.worker_failed() => break Err(anyhow::anyhow!("worker {i} died")),
+            i = running.worker_failed() => break Err(ServeError::WorkerDied(i)),
             _ = tick.tick() => {
                 if control.is_draining() {
                     let since = *drain_seen.get_or_insert_with(Instant::now);
@@ -687,8 +770,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             }
         }
     };
-    tokio::task::spawn_blocking(move || running.shutdown())
+    if tokio::task::spawn_blocking(move || running.shutdown())
         .await
-        .context("stopping workers")?;
+        .is_err()
+    {
+        error!("stopping the workers panicked");
+    }
     outcome
 }

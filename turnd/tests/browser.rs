@@ -267,7 +267,7 @@ async fn chromium_relays_data_channel_messages_through_turnd_over_udp_tcp_and_tl
         dir.path().join("tls.crt").display(),
         dir.path().join("tls.key").display()
     ));
-    let running = turnd::driver::start(settings).unwrap();
+    let running = turnd::run::start(settings).unwrap();
     // Each URL with the relay protocol Chromium must report for its selected candidate pair.
     let cases = [
         (

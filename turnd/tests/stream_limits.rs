@@ -32,7 +32,7 @@ async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Durat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_frame_is_cut_off_by_the_frame_timeout() {
-    let running = turnd::driver::start(settings(
+    let running = turnd::run::start(settings(
         "[streams]\nidle_timeout = \"1s\"\nhandshake_timeout = \"30s\"\n",
     ))
     .unwrap();
@@ -75,7 +75,7 @@ async fn a_trickled_frame_is_cut_off_by_the_frame_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_closes_when_its_allocation_expires_or_is_deleted() {
-    let running = turnd::driver::start(settings(
+    let running = turnd::run::start(settings(
         "[lifetimes]\nallocation = \"2s\"\nmax_allocation = \"2s\"\n[streams]\nidle_timeout = \"60s\"\n",
     ))
     .unwrap();

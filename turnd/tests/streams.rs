@@ -109,7 +109,7 @@ async fn relay_through<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 
 #[tokio::test]
 async fn rfc8656_3_1_tcp_allocation_relays_channel_data_and_send_to_udp_peer() {
-    let running = turnd::driver::start(settings("")).unwrap();
+    let running = turnd::run::start(settings("")).unwrap();
     let peer = EchoPeer::start();
     let tcp = TcpStream::connect(running.tcp[0]).await.unwrap();
     let mut c = StreamClient::new(tcp, "u", "p");
@@ -119,7 +119,7 @@ async fn rfc8656_3_1_tcp_allocation_relays_channel_data_and_send_to_udp_peer() {
 
 #[tokio::test]
 async fn data_indication_over_tcp_for_a_peer_without_channel() {
-    let running = turnd::driver::start(settings("")).unwrap();
+    let running = turnd::run::start(settings("")).unwrap();
     let peer = EchoPeer::start();
     let tcp = TcpStream::connect(running.tcp[0]).await.unwrap();
     let mut c = StreamClient::new(tcp, "u", "p");
@@ -155,7 +155,7 @@ async fn tls_allocation_relays_and_tls_and_tcp_share_every_port() {
     let dir = tempfile::tempdir().unwrap();
     let a = make_cert();
     k8s_secret_write(dir.path(), "v1", &a.pem, &a.key);
-    let running = turnd::driver::start(tls_settings(dir.path())).unwrap();
+    let running = turnd::run::start(tls_settings(dir.path())).unwrap();
     let peer = EchoPeer::start();
     for port in [running.tls[0], running.tcp[0]] {
         let tls = tls_connect(port, &[&a.der]).await.unwrap();
@@ -179,7 +179,7 @@ async fn certificate_hot_reload_keeps_sessions_and_refuses_a_broken_cert() {
     let a = make_cert();
     let b = make_cert();
     k8s_secret_write(dir.path(), "v1", &a.pem, &a.key);
-    let running = turnd::driver::start(tls_settings(dir.path())).unwrap();
+    let running = turnd::run::start(tls_settings(dir.path())).unwrap();
     let addr = running.tls[0];
     let peer = EchoPeer::start();
     let tls = tls_connect(addr, &[&a.der]).await.unwrap();
@@ -227,14 +227,14 @@ async fn bad_certificate_at_start_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("tls.crt"), "garbage").unwrap();
     std::fs::write(dir.path().join("tls.key"), "garbage").unwrap();
-    let err = turnd::driver::start(tls_settings(dir.path())).unwrap_err();
+    let err = turnd::run::start(tls_settings(dir.path())).unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("tls.crt"), "{msg}");
 }
 
 #[tokio::test]
 async fn slow_loris_and_garbage_do_not_stop_other_clients() {
-    let running = turnd::driver::start(settings(
+    let running = turnd::run::start(settings(
         "[streams]\nidle_timeout = 1\nhandshake_timeout = 1\nmax_connections_per_ip = 8\n",
     ))
     .unwrap();
@@ -295,7 +295,7 @@ async fn slow_loris_and_garbage_do_not_stop_other_clients() {
 
 #[tokio::test]
 async fn allocation_dies_with_its_connection() {
-    let running = turnd::driver::start(settings("")).unwrap();
+    let running = turnd::run::start(settings("")).unwrap();
     let peer = EchoPeer::start();
     let mut c = StreamClient::new(TcpStream::connect(running.tcp[0]).await.unwrap(), "u", "p");
     let relayed = c.allocate().await;

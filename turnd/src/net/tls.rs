@@ -4,7 +4,7 @@
 //! affects only handshakes that start afterwards; established sessions keep their keys and
 //! their allocations. turnd reloads when the files' directory changes (a Kubernetes Secret
 //! volume swaps a `..data` symlink, so the files themselves are never written in place) and
-//! on SIGHUP. A new certificate that fails to load is refused and logged; the old one stays.
+//! on SIGHUP (through the process reload). A new certificate that fails to load is refused and logged; the old one stays.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -106,6 +106,16 @@ impl ResolvesServerCert for Resolver {
             Err(p) => p.into_inner().clone(),
         })
     }
+}
+
+/// A directory could not be watched for certificate changes.
+#[derive(Debug, thiserror::Error)]
+#[error("watching {} for certificate changes: {source}", dir.display())]
+pub struct WatchError {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Why.
+    pub source: notify::Error,
 }
 
 /// The TLS side of turnd: the acceptor new connections use and the certificate behind it.
@@ -237,12 +247,13 @@ impl Tls {
     }
 }
 
-/// Reloads `tls` whenever its files' directories change or SIGHUP arrives, until the returned
-/// watcher is dropped. Runs on the caller's tokio runtime.
+/// Reloads `tls` whenever its files' directories change, until the returned watcher is
+/// dropped (SIGHUP reloads it through the process's reload, `run::serve`). Runs on the
+/// caller's tokio runtime.
 ///
 /// # Errors
 /// The directory watch could not be set up.
-pub fn spawn_reloader(tls: Arc<Tls>) -> anyhow::Result<notify::RecommendedWatcher> {
+pub fn spawn_reloader(tls: Arc<Tls>) -> Result<notify::RecommendedWatcher, WatchError> {
     use notify::Watcher as _;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
     let fs_tx = tx.clone();
@@ -263,21 +274,28 @@ pub fn spawn_reloader(tls: Arc<Tls>) -> anyhow::Result<notify::RecommendedWatche
         if relevant {
             let _ = fs_tx.try_send(());
         }
+    })
+    .map_err(|source| WatchError {
+        dir: PathBuf::from("."),
+        source,
     })?;
     for dir in tls.watch_dirs() {
-        watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+        watcher
+            .watch(&dir, notify::RecursiveMode::NonRecursive)
+            .map_err(|source| WatchError {
+                dir: dir.clone(),
+                source,
+            })?;
     }
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     tokio::spawn(async move {
         loop {
-            let from_signal = tokio::select! {
-                r = rx.recv() => if r.is_none() { return } else { false },
-                _ = hup.recv() => { info!("SIGHUP: reloading the TLS certificate"); true }
-            };
+            if rx.recv().await.is_none() {
+                return;
+            }
             // A Secret update is a burst of events: let it settle, then load once.
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             while rx.try_recv().is_ok() {}
-            if from_signal || tls.files_changed() {
+            if tls.files_changed() {
                 let _ = tls.reload();
             }
         }

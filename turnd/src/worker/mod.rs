@@ -686,7 +686,7 @@ impl State {
                 Err(BindError::Descriptors(e)) => {
                     self.stats.descriptor_exhaustion += 1;
                     warn!(worker = self.index, error = %e, "out of file descriptors: relay socket refused (508)");
-                    return Err(RelayError::NoPortAvailable);
+                    return Err(RelayError::NoDescriptors);
                 }
                 Err(_) => return Err(RelayError::NoPortAvailable),
             };
