@@ -571,6 +571,11 @@ fn report(run: &Run, k: &Knobs, took: Duration) {
                     format!("{:+.3}", d * 1e3)
                 })
         };
+        let d = &r.drops_by_role;
+        let drops = format!(
+            "{} ({}/{}/{}/{})",
+            r.rcvbuf_drops, d.client, d.listener, d.relay, d.echo
+        );
         println!(
             "| {} | {} | {} | {} | {} | {:.0} | {:.2} ({}) | {:.2} | {} / {} ({:.3} %) | {} | {} | {} | {} | {:.2} | {} |",
             r.server,
@@ -590,14 +595,7 @@ fn report(run: &Run, k: &Knobs, took: Duration) {
             added(0.5),
             added(0.99),
             r.client_cpu,
-            format!(
-                "{} ({}/{}/{}/{})",
-                r.rcvbuf_drops,
-                r.drops_by_role.client,
-                r.drops_by_role.listener,
-                r.drops_by_role.relay,
-                r.drops_by_role.echo
-            ),
+            drops,
         );
     }
 

@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 /// Datagrams per system call.
-const BATCH: usize = 32;
+pub(crate) const BATCH: usize = 32;
 /// Largest datagram handled.
 const MTU: usize = 2048;
 /// Channel numbers routed (0x4000 + index).
@@ -69,14 +69,14 @@ fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddrV4 {
 }
 
 /// Batch buffers for one thread: datagrams, their addresses and the mmsghdr arrays.
-struct Batch {
+pub(crate) struct Batch {
     data: Vec<[u8; MTU]>,
     addrs: Vec<libc::sockaddr_in>,
     lens: [usize; BATCH],
 }
 
 impl Batch {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         // SAFETY: zeroed sockaddr_in is valid.
         let zero: libc::sockaddr_in = unsafe { std::mem::zeroed() };
         Self {
@@ -88,7 +88,7 @@ impl Batch {
 
     /// recvmmsg: waits for one datagram (up to the socket's timeout), takes what else is
     /// queued. Returns the count.
-    fn recv(&mut self, sock: &UdpSocket) -> usize {
+    pub(crate) fn recv(&mut self, sock: &UdpSocket) -> usize {
         let mut iov: [libc::iovec; BATCH] = std::array::from_fn(|i| libc::iovec {
             iov_base: self.data[i].as_mut_ptr().cast(),
             iov_len: MTU,
@@ -119,7 +119,7 @@ impl Batch {
     }
 
     /// sendmmsg of `self.data[i][..lens[i]]` to `addrs[i]` for the listed indices.
-    fn send(&mut self, sock: &UdpSocket, which: &[usize]) {
+    pub(crate) fn send(&mut self, sock: &UdpSocket, which: &[usize]) {
         if which.is_empty() {
             return;
         }

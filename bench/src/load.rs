@@ -17,6 +17,7 @@ use anyhow::{anyhow, Context as _};
 use tokio::task::JoinSet;
 use turn_proto::codec::{ChannelData, ChannelNumber};
 
+use crate::bare::{Batch, BATCH};
 use crate::client::{Allocation, Credentials};
 use crate::link::{bind_udp, fresh_udp, Endpoint, Link, Transport};
 use crate::server::SECRET;
@@ -138,7 +139,8 @@ impl LoadStats {
     }
 }
 
-/// A UDP echo peer on 127.0.0.1: threads that send every datagram back to its sender.
+/// A UDP echo peer on 127.0.0.1: threads that send every datagram back to its sender, in
+/// batches (recvmmsg/sendmmsg).
 #[derive(Debug)]
 pub struct EchoPeer {
     /// The peer's address.
@@ -165,11 +167,13 @@ impl EchoPeer {
                 std::thread::Builder::new()
                     .name(format!("bench-echo-{i}"))
                     .spawn(move || {
-                        let mut buf = [0u8; 2048];
+                        // Batched both ways (recvmmsg/sendmmsg, each reply to its sender):
+                        // the echo is the bench's apparatus and must not be the bottleneck.
+                        let mut batch = Batch::new();
+                        let all: Vec<usize> = (0..BATCH).collect();
                         while !stop.load(Ordering::Relaxed) {
-                            if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                                let _ = sock.send_to(&buf[..n], from);
-                            }
+                            let n = batch.recv(&sock);
+                            batch.send(&sock, &all[..n]);
                         }
                     })?,
             );
