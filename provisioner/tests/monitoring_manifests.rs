@@ -1,8 +1,11 @@
-//! The monitoring phase's plain Kubernetes objects (namespace, Secrets, dashboard ConfigMap),
-//! as `render --out` writes them, pass `kubernetes-validate --strict` (PyPI, installed by
-//! `.ci/k8s-tools`) for the cluster's Kubernetes version. The chart's own objects (the
-//! PodMonitor and PrometheusRule it makes from our values) are custom resources that validator
-//! has no schema for; Helm cannot run here.
+//! The monitoring phase's files as the repository keeps them for review: the copies in
+//! `deploy/monitoring/example/` are exactly what `render --out` writes for the example
+//! inventory (regenerate with `UPDATE_GOLDEN=1 cargo test -p provisioner --test
+//! monitoring_manifests`). Its plain Kubernetes objects (namespace, Secrets, dashboard
+//! ConfigMap) pass `kubernetes-validate --strict` (PyPI, installed by `.ci/k8s-tools`) for the
+//! cluster's Kubernetes version. The chart's own objects (the PodMonitor and PrometheusRule it
+//! makes from our values) are custom resources that validator has no schema for; Helm cannot
+//! run here.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -64,4 +67,47 @@ fn rendered_monitoring_objects_pass_strict_schema_validation() {
         .filter(|l| l.contains(" passed for resource "))
         .count();
     assert_eq!(passed, paths.len(), "{text}");
+}
+
+#[test]
+fn deploy_monitoring_example_is_what_render_writes_for_the_example_inventory() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let c = Inventory::load(&root.join("deploy/cluster.example.toml")).expect("valid");
+    let golden = root.join("deploy/monitoring/example");
+    // The sources (rules, their tests, the dashboard) live one level up, not copied.
+    let rendered: Vec<_> = files::all(&c)
+        .into_iter()
+        .filter(|f| {
+            ![
+                "turnd.rules.yaml",
+                "turnd.rules.test.yaml",
+                "turnd-dashboard.json",
+            ]
+            .iter()
+            .any(|s| f.path.ends_with(s))
+        })
+        .collect();
+    if std::env::var("UPDATE_GOLDEN").as_deref() == Ok("1") {
+        let _ = std::fs::remove_dir_all(&golden);
+        for f in &rendered {
+            let p = golden.join(f.path.trim_start_matches("monitoring/"));
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&p, &f.contents).expect("write");
+        }
+    }
+    for f in &rendered {
+        let p = golden.join(f.path.trim_start_matches("monitoring/"));
+        let kept = std::fs::read_to_string(&p).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; UPDATE_GOLDEN=1 cargo test -p provisioner --test monitoring_manifests",
+                p.display()
+            )
+        });
+        assert_eq!(
+            kept,
+            f.contents,
+            "{} is stale; UPDATE_GOLDEN=1 cargo test -p provisioner --test monitoring_manifests",
+            p.display()
+        );
+    }
 }
