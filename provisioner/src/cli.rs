@@ -330,10 +330,7 @@ fn confirm_plan(cli: &Cli, plan: &Plan) -> Result<(), NotConfirmed> {
 }
 
 fn journal_path(cli: &Cli) -> PathBuf {
-    cli.inventory
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join(".provisioner/journal.jsonl")
+    crate::acme::renew_state_dir(&cli.inventory).join("journal.jsonl")
 }
 
 fn expand_home(p: &Path) -> PathBuf {

@@ -33,6 +33,47 @@ fn renew_units_match_golden_files() {
 }
 
 #[test]
+fn the_renewal_service_may_write_everything_its_commands_write_and_nothing_else() {
+    let inventory = Path::new("/etc/turnd-provisioner/cluster.toml");
+    let u = acme::render_renew_units(
+        Path::new("/usr/local/bin/provisioner"),
+        Path::new("/etc/turnd-provisioner"),
+        inventory,
+    );
+    let values = |key: &str| -> Vec<String> {
+        u.service
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .flat_map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .collect()
+    };
+    // Everything is read-only (/etc included) except ReadWritePaths.
+    assert_eq!(values("ProtectSystem"), ["strict"]);
+    let writable = values("ReadWritePaths");
+    // What `cert renew` and `cert deploy` write: the store (certificate, key, ACME account),
+    // the run lock and the journal, all under the state directory.
+    let store = acme::default_store_dir(inventory);
+    let state = acme::renew_state_dir(inventory);
+    for written in [
+        store.join("tls.crt"),
+        store.join("tls.key"),
+        store.join("account.json"),
+        state.join("lock"),
+        state.join("journal.jsonl"),
+    ] {
+        assert!(
+            writable.iter().any(|w| written.starts_with(w)),
+            "{} is not under ReadWritePaths {writable:?}",
+            written.display()
+        );
+    }
+    assert!(
+        !writable.iter().any(|w| Path::new(w) == Path::new("/etc")),
+        "only the state directory: {writable:?}"
+    );
+}
+
+#[test]
 fn renew_units_pass_systemd_analyze_verify() {
     if std::process::Command::new("systemd-analyze")
         .arg("--version")

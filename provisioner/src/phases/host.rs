@@ -306,7 +306,15 @@ fn plan_renew(renew: &RenewFacts, p: &mut Plan) {
     let enable =
         Step::Run(Cmd::new("systemctl").args(["enable", "--now", crate::acme::RENEW_TIMER]));
     if !stale.is_empty() {
-        let mut steps = vec![Step::Run(Cmd::new("mkdir").args(["-p", RENEW_DIR]))];
+        // The unit may write only there (ReadWritePaths): it must exist before it starts.
+        let state =
+            crate::acme::renew_state_dir(&std::path::Path::new(RENEW_DIR).join("cluster.toml"));
+        let mut steps = vec![Step::Run(Cmd::new("mkdir").args([
+            "-p",
+            "-m",
+            "0700",
+            &state.display().to_string(),
+        ]))];
         steps.extend(stale.iter().map(|(path, data)| Step::Upload {
             path: path.clone(),
             data: data.clone(),
