@@ -663,23 +663,32 @@ impl Running {
     }
 }
 
-/// Watches the configuration file's directory; sends on `tx` when the file changes (a
-/// Kubernetes ConfigMap update swaps a `..data` symlink, which is seen too).
-fn watch_config(
-    path: PathBuf,
+/// Watches the directories of `files` (the configuration file, secret files, the admin token
+/// file); sends on `tx` when one of them changes (a Kubernetes ConfigMap or Secret update
+/// swaps a `..data` symlink, which is seen too).
+fn watch_files(
+    files: &[PathBuf],
     tx: tokio::sync::mpsc::Sender<()>,
 ) -> Result<notify::RecommendedWatcher, notify::Error> {
     use notify::Watcher as _;
-    let name = path.file_name().map(ToOwned::to_owned);
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
+    let names: Vec<std::ffi::OsString> = files
+        .iter()
+        .filter_map(|p| p.file_name().map(ToOwned::to_owned))
+        .collect();
+    let mut dirs: Vec<PathBuf> = files
+        .iter()
+        .map(|p| match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => PathBuf::from("."),
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let relevant = res.is_ok_and(|ev| {
             ev.paths.iter().any(|p| {
                 p.file_name().is_some_and(|n| {
-                    name.as_deref() == Some(n) || n.to_string_lossy().starts_with("..")
+                    names.iter().any(|m| m == n) || n.to_string_lossy().starts_with("..")
                 })
             })
         });
@@ -687,7 +696,9 @@ fn watch_config(
             let _ = tx.try_send(());
         }
     })?;
-    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    for dir in &dirs {
+        watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+    }
     Ok(watcher)
 }
 
@@ -709,18 +720,20 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     let mut hup = sig(SignalKind::hangup(), "SIGHUP")?;
     let mut term = sig(SignalKind::terminate(), "SIGTERM")?;
     let mut int = sig(SignalKind::interrupt(), "SIGINT")?;
-    let config_path = settings.config_path.clone();
+    let mut watched: Vec<PathBuf> = settings.config_path.iter().cloned().collect();
+    watched.extend(settings.watched_files.iter().cloned());
     let running = start(settings)?;
     let (file_tx, mut file_rx) = tokio::sync::mpsc::channel::<()>(8);
-    let _watch = match config_path {
-        Some(p) => match watch_config(p.clone(), file_tx) {
+    let _watch = if watched.is_empty() {
+        None
+    } else {
+        match watch_files(&watched, file_tx) {
             Ok(w) => Some(w),
             Err(e) => {
-                warn!(file = %p.display(), error = %e, "cannot watch the configuration file; SIGHUP and POST /reload still reload it");
+                warn!(files = ?watched, error = %e, "cannot watch the configuration files; SIGHUP and POST /reload still reload them");
                 None
             }
-        },
-        None => None,
+        }
     };
     let control = running.control.clone();
     let reload = |why: &str| {

@@ -405,3 +405,89 @@ async fn out_of_descriptors_an_allocate_gets_508_and_is_counted() {
     c.bind_channel(0x4001, peer.addr).await;
     assert_eq!(c.channel_echo(0x4001, b"relaying").await, b"relaying");
 }
+
+/// A REST API credential (`expiry:user`, HMAC-SHA1 password) under `secret`, valid an hour.
+fn rest(secret: &str, user: &str) -> (String, String) {
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let name = format!("{expiry}:{user}");
+    let pass = turn_proto::auth::rest_api_password(secret.as_bytes(), &name);
+    (name, pass)
+}
+
+/// Whether an Allocate over a new TCP connection with `cred` succeeds.
+async fn allocates(server: SocketAddr, cred: &(String, String)) -> bool {
+    let mut c = StreamClient::new(TcpStream::connect(server).await.unwrap(), &cred.0, &cred.1);
+    let r = c
+        .request(Method::ALLOCATE, &|b| {
+            b.add(&RequestedTransport::UDP);
+        })
+        .await;
+    Message::decode(&r).unwrap().typ().class == Class::Success
+}
+
+/// Rotating the REST API secret the way Kubernetes updates a mounted Secret (a new
+/// `..<timestamp>` directory, then the `..data` symlink swapped over it) reaches the running
+/// server without a signal or a restart: the new secret's credentials are accepted, the old
+/// one's refused, and an allocation made before keeps relaying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secret_file_reaches_the_running_server_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("auth");
+    std::fs::create_dir(&vol).unwrap();
+    let publish = |stamp: &str, secret: &str| {
+        let data = vol.join(stamp);
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("secret"), format!("{secret}\n")).unwrap();
+        let tmp = vol.join("..data_tmp");
+        std::os::unix::fs::symlink(stamp, &tmp).unwrap();
+        std::fs::rename(&tmp, vol.join("..data")).unwrap();
+    };
+    publish("..2026_11_29_a", "old-secret-0123456789");
+    std::os::unix::fs::symlink("..data/secret", vol.join("secret")).unwrap();
+    let toml = base_toml(23500, "60s", 2).replace(
+        "users = [{ name = \"u\", password = \"p\" }]",
+        &format!(
+            "users = [{{ name = \"u\", password = \"p\" }}]\nsecret_files = [\"{}\"]",
+            vol.join("secret").display()
+        ),
+    );
+    let mut t = Turnd::start(&toml);
+    let peer = EchoPeer::start();
+    let mut c = relaying_client(t.tcp[0], peer.addr).await;
+    let old = rest("old-secret-0123456789", "alice");
+    let new = rest("new-secret-9876543210", "alice");
+    assert!(allocates(t.tcp[0], &old).await, "the first secret works");
+    assert!(
+        !allocates(t.tcp[0], &new).await,
+        "the second is not known yet"
+    );
+
+    publish("..2026_11_29_b", "new-secret-9876543210");
+    let reloaded = t.wait_for_log(Duration::from_secs(20), |l| {
+        l.contains("reloading the configuration") && l.contains("file changed")
+    });
+    assert!(
+        reloaded.is_some(),
+        "no reload on the Secret update:\n{}",
+        t.log()
+    );
+    let mut accepted = false;
+    for _ in 0..50 {
+        if allocates(t.tcp[0], &new).await {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(accepted, "the rotated secret is not accepted:\n{}", t.log());
+    assert!(
+        !allocates(t.tcp[0], &old).await,
+        "the old secret is refused"
+    );
+    assert_eq!(c.channel_echo(0x4001, b"kept").await, b"kept");
+    assert!(t.running());
+}

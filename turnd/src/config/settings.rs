@@ -27,6 +27,9 @@ pub struct Settings {
     /// The file the settings were loaded from; `None` for the embedded default (and for
     /// settings built from text).
     pub config_path: Option<PathBuf>,
+    /// The other files the settings were read from (secret files, `TURND_AUTH_SECRET_FILE`,
+    /// the admin token file): a change to any of them reloads, like a change of the file.
+    pub watched_files: Vec<PathBuf>,
     /// Listening sockets.
     pub listeners: Listeners,
     /// Certificate and key for TLS listeners; `None` means TLS is off.

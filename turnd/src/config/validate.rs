@@ -114,9 +114,14 @@ pub(super) fn validate(
     if let Some(errors) = ConfigErrors::from_vec(ck.errors) {
         return Err(errors);
     }
+    let mut watched_files: Vec<PathBuf> =
+        config.auth.secret_files.iter().map(PathBuf::from).collect();
+    watched_files.extend(ck.env.var(ENV_AUTH_SECRET_FILE).map(PathBuf::from));
+    watched_files.extend(config.admin.token_file.as_ref().map(PathBuf::from));
     Ok(Settings {
         source: origin.name.clone(),
         config_path: origin.path.clone(),
+        watched_files,
         listeners,
         tls,
         auth,
