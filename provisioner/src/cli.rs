@@ -632,11 +632,38 @@ fn render(c: &Cluster, out: &Path) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("writing {}", path.display()))?;
         println!("{}", path.display());
     }
+    for (path, contents) in host_files(c)? {
+        let path = out.join(path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
+    }
     let review = crate::k8s::Inputs::for_review();
     for path in crate::k8s::render_manifests(c, &review, &out.join("k8s"))? {
         println!("{}", path.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The files the `host` and `host-networking` phases install on the host, under `host/` at
+/// their absolute paths: the iptables restore and teardown files, the jump script, the
+/// hostnet unit and sysctl file, and the certificate renewal service and timer.
+pub fn host_files(c: &Cluster) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let hostnet = crate::hostnet::HostNet::from_cluster(c)?;
+    let files = hostnet.files();
+    let mut out: Vec<(String, Vec<u8>)> = files
+        .list()
+        .iter()
+        .map(|(path, contents, _)| (format!("host{path}"), contents.as_bytes().to_vec()))
+        .collect();
+    out.extend(
+        crate::phases::host::renew_files()
+            .into_iter()
+            .map(|(path, data)| (format!("host{path}"), data)),
+    );
+    Ok(out)
 }
 
 fn exec_interactive(cli: &Cli, program: &str, args: &[String]) -> anyhow::Result<ExitCode> {

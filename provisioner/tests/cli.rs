@@ -117,7 +117,30 @@ fn render_writes_every_generated_file() {
     let k8s = provisioner::k8s::Manifests::build(&cluster, &provisioner::k8s::Inputs::for_review())
         .and_then(|m| m.rendered(&provisioner::k8s::Inputs::for_review()))
         .expect("k8s objects render");
-    assert_eq!(text(&out.stdout).lines().count(), files.len() + k8s.len());
+    let host = provisioner::cli::host_files(&cluster).expect("host files");
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        files.len() + host.len() + k8s.len()
+    );
+    // The host's files: iptables restore and teardown, jump script, units, sysctl.
+    for name in [
+        "host/etc/turnd-hostnet/rules.v4",
+        "host/etc/turnd-hostnet/teardown.v4",
+        "host/etc/turnd-hostnet/jumps.sh",
+        "host/etc/systemd/system/turnd-hostnet.service",
+        "host/etc/sysctl.d/90-turnd-hostnet.conf",
+        "host/etc/systemd/system/turnd-cert-renew.service",
+        "host/etc/systemd/system/turnd-cert-renew.timer",
+    ] {
+        assert!(out_dir.join(name).is_file(), "{name} not written");
+    }
+    for (path, contents) in host {
+        assert_eq!(
+            std::fs::read(out_dir.join(&path)).expect("written"),
+            contents,
+            "{path}"
+        );
+    }
     for f in k8s {
         assert_eq!(
             std::fs::read_to_string(out_dir.join("k8s").join(&f.path)).expect("written"),
