@@ -659,7 +659,7 @@ pub fn host_files(c: &Cluster) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         .map(|(path, contents, _)| (format!("host{path}"), contents.as_bytes().to_vec()))
         .collect();
     out.extend(
-        crate::phases::host::renew_files()
+        phases::host::renew_files()
             .into_iter()
             .map(|(path, data)| (format!("host{path}"), data)),
     );
