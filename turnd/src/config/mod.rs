@@ -42,6 +42,10 @@ pub const ENV_AUTH_SECRET_FILE: &str = "TURND_AUTH_SECRET_FILE";
 /// Environment variable holding the admin API's bearer token. `[admin] token_file`, when
 /// set, wins over it.
 pub const ENV_ADMIN_TOKEN: &str = "TURND_ADMIN_TOKEN";
+/// Environment variable naming a file that holds the admin API's bearer token (a mounted
+/// Kubernetes Secret key: a change reloads). Used when `[admin] token_file` is not set; wins
+/// over [`ENV_ADMIN_TOKEN`].
+pub const ENV_ADMIN_TOKEN_FILE: &str = "TURND_ADMIN_TOKEN_FILE";
 
 /// Read access to environment variables. The server uses [`ProcessEnv`]; tests pass a
 /// [`MapEnv`] so they never call `std::env::set_var`.

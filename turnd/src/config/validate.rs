@@ -24,7 +24,8 @@ use super::settings::{
 };
 use super::source::Origin;
 use super::{
-    defaults, Config, DurationValue, Env, ENV_ADMIN_TOKEN, ENV_AUTH_SECRET, ENV_AUTH_SECRET_FILE,
+    defaults, Config, DurationValue, Env, ENV_ADMIN_TOKEN, ENV_ADMIN_TOKEN_FILE, ENV_AUTH_SECRET,
+    ENV_AUTH_SECRET_FILE,
 };
 use crate::net::stream::StreamLimits;
 
@@ -118,6 +119,9 @@ pub(super) fn validate(
         config.auth.secret_files.iter().map(PathBuf::from).collect();
     watched_files.extend(ck.env.var(ENV_AUTH_SECRET_FILE).map(PathBuf::from));
     watched_files.extend(config.admin.token_file.as_ref().map(PathBuf::from));
+    if config.admin.token_file.is_none() {
+        watched_files.extend(ck.env.var(ENV_ADMIN_TOKEN_FILE).map(PathBuf::from));
+    }
     Ok(Settings {
         source: origin.name.clone(),
         config_path: origin.path.clone(),
@@ -609,7 +613,7 @@ fn log(ck: &mut Checker<'_>, config: &Config) -> Logging {
     }
 }
 
-/// `[admin]` and `TURND_ADMIN_TOKEN`. The token file, when set, wins over the variable.
+/// `[admin]`, `TURND_ADMIN_TOKEN_FILE` and `TURND_ADMIN_TOKEN`, in that order of precedence.
 fn admin(ck: &mut Checker<'_>, config: &Config) -> Option<AdminSettings> {
     let a = &config.admin;
     let token = match &a.token_file {
@@ -620,6 +624,16 @@ fn admin(ck: &mut Checker<'_>, config: &Config) -> Option<AdminSettings> {
                 None
             }
         },
+        None if ck.env.var(ENV_ADMIN_TOKEN_FILE).is_some() => {
+            let file = ck.env.var(ENV_ADMIN_TOKEN_FILE).unwrap_or_default();
+            match read_token(&file) {
+                Ok(t) => Some(t),
+                Err(r) => {
+                    ck.env_error(ENV_ADMIN_TOKEN_FILE, r);
+                    None
+                }
+            }
+        }
         None => match ck.env.var(ENV_ADMIN_TOKEN) {
             Some(t) => match token(&t, ENV_ADMIN_TOKEN) {
                 Ok(t) => Some(t),
@@ -1501,6 +1515,38 @@ mod tests {
         ))
         .expect_err("missing");
         assert!(e.to_string().contains("/nonexistent/token"), "{e}");
+    }
+
+    #[test]
+    fn admin_token_file_from_the_environment_is_read_and_watched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("admin-token");
+        std::fs::write(&f, "mounted-token-0123456789\n").expect("write");
+        let path = f.to_str().expect("utf8");
+        let env: MapEnv = [
+            (ENV_ADMIN_TOKEN_FILE, path),
+            (ENV_ADMIN_TOKEN, "env-token-0123456789"),
+        ]
+        .into_iter()
+        .collect();
+        let s = Config::parse_named(WITH_SECRET, "t.toml")
+            .expect("parses")
+            .validate(&env)
+            .expect("valid");
+        assert_eq!(
+            s.admin.expect("on").token.expect("token").expose(),
+            "mounted-token-0123456789",
+            "the file wins over the value"
+        );
+        assert!(s.watched_files.contains(&f), "a change of it reloads");
+        let missing: MapEnv = [(ENV_ADMIN_TOKEN_FILE, "/nonexistent/admin-token")]
+            .into_iter()
+            .collect();
+        let e = Config::parse_named(WITH_SECRET, "t.toml")
+            .expect("parses")
+            .validate(&missing)
+            .expect_err("missing file");
+        assert_eq!(e.location.key.as_deref(), Some(ENV_ADMIN_TOKEN_FILE));
     }
 
     #[test]
