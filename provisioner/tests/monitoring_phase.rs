@@ -437,3 +437,27 @@ fn a_cluster_created_earlier_in_the_run_is_planned_fresh_without_asking() {
     assert!(r.master.calls().is_empty(), "{:?}", r.master.calls());
     assert!(take(&r.api.state).is_empty());
 }
+
+#[test]
+fn an_unreachable_api_plans_offline_and_applying_names_the_action() {
+    let c = example();
+    let mut r = rig(&c);
+    // Nothing listens on port 1 of loopback.
+    r.settings.kube_api = Some(KubeApi::Url("http://127.0.0.1:1".into()));
+    let p = r.plan(&c);
+    assert_eq!(p.actions.len(), 2, "{}", p.render(true));
+    assert!(p.actions[0]
+        .summary
+        .contains("Namespace/monitoring (unverified)"));
+    assert_eq!(
+        p.notes,
+        ["the Kubernetes API (http://127.0.0.1:1) did not answer: the objects were not compared with the cluster"]
+    );
+    let err = apply(&p, &r.transports, &mut Journal::in_memory()).expect_err("no API");
+    assert!(
+        err.to_string().starts_with(
+            "phase 09-monitoring, action 1 `server-side apply Namespace/monitoring (unverified)"
+        ),
+        "{err}"
+    );
+}
