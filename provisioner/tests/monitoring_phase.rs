@@ -449,9 +449,11 @@ fn an_unreachable_api_plans_offline_and_applying_names_the_action() {
     assert!(p.actions[0]
         .summary
         .contains("Namespace/monitoring (unverified)"));
-    assert_eq!(
-        p.notes,
-        ["the Kubernetes API (http://127.0.0.1:1) did not answer: the objects were not compared with the cluster"]
+    assert!(
+        p.notes.iter().any(|n| n
+            == "the Kubernetes API (http://127.0.0.1:1) did not answer: the objects were not compared with the cluster"),
+        "{:?}",
+        p.notes
     );
     let err = apply(&p, &r.transports, &mut Journal::in_memory()).expect_err("no API");
     assert!(
@@ -459,5 +461,30 @@ fn an_unreachable_api_plans_offline_and_applying_names_the_action() {
             "phase 09-monitoring, action 1 `server-side apply Namespace/monitoring (unverified)"
         ),
         "{err}"
+    );
+}
+
+#[test]
+fn a_storage_class_gives_prometheus_a_volume_of_storage_size() {
+    let mut inv = (*example()).clone();
+    inv.monitoring.storage_class = Some("local-path".into());
+    inv.monitoring.storage_size = "50Gi".into();
+    let c = inv.validate("").expect("valid");
+    let values = files::helm_values(&c);
+    let spec =
+        &values["prometheus"]["prometheusSpec"]["storageSpec"]["volumeClaimTemplate"]["spec"];
+    assert_eq!(spec["storageClassName"], "local-path");
+    assert_eq!(spec["resources"]["requests"]["storage"], "50Gi");
+    let r = rig(&c);
+    assert!(
+        r.plan(&c).notes.iter().all(|n| !n.contains("emptyDir")),
+        "no emptyDir note with a volume"
+    );
+    // Without a class: an emptyDir of the same size, and the plan says so.
+    let c = example();
+    let values = files::helm_values(&c);
+    assert_eq!(
+        values["prometheus"]["prometheusSpec"]["storageSpec"]["emptyDir"]["sizeLimit"],
+        "20Gi"
     );
 }

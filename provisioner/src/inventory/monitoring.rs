@@ -25,7 +25,8 @@ pub struct Monitoring {
     /// Prometheus' volume size, e.g. `20Gi`.
     #[serde(default = "default_storage_size")]
     pub storage_size: String,
-    /// The StorageClass of Prometheus' volume; `None`: the cluster's default class.
+    /// The StorageClass of Prometheus' volume; `None`: no volume, an `emptyDir` of
+    /// `storage_size` (the data does not survive the pod).
     #[serde(default)]
     pub storage_class: Option<String>,
     /// Memory requested by and limit of Prometheus, e.g. `2Gi`.

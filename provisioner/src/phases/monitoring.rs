@@ -248,6 +248,12 @@ pub fn plan(c: &Cluster, set: ObjectSet, facts: &MonitoringFacts) -> Plan {
         .filter(|o| o.kind != ChangeKind::Unchanged)
         .map(|o| format!("{} ({})", o.object, kind_word(o.kind)))
         .collect();
+    if c.monitoring.storage_class.is_none() {
+        p.notes.push(
+            "monitoring.storage_class is not set: Prometheus keeps its data in an emptyDir, lost when its pod is replaced"
+                .to_owned(),
+        );
+    }
     if !facts.asked {
         p.notes.push(format!(
             "the Kubernetes API ({}) did not answer: the objects were not compared with the cluster",

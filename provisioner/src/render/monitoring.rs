@@ -198,13 +198,16 @@ fn resources(cpu: Option<&str>, memory: &str) -> Value {
 /// kube-prometheus-stack's values.
 pub fn helm_values(c: &Cluster) -> Value {
     let m = &c.monitoring;
-    let mut pvc = json!({
-        "accessModes": ["ReadWriteOnce"],
-        "resources": {"requests": {"storage": m.storage_size}},
-    });
-    if let Some(class) = &m.storage_class {
-        pvc["storageClassName"] = json!(class);
-    }
+    // A volume only with a StorageClass to provision it: a kubeadm cluster has none by
+    // default, and a claim nothing provisions keeps Prometheus (and `helm --wait`) pending.
+    let storage = match &m.storage_class {
+        Some(class) => json!({"volumeClaimTemplate": {"spec": {
+            "storageClassName": class,
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": m.storage_size}},
+        }}}),
+        None => json!({"emptyDir": {"sizeLimit": m.storage_size}}),
+    };
     let (label, label_value) = DASHBOARD_LABEL;
     json!({
         "fullnameOverride": RELEASE,
@@ -219,7 +222,7 @@ pub fn helm_values(c: &Cluster) -> Value {
             "prometheusSpec": {
                 "retention": m.retention,
                 "resources": resources(Some(&m.prometheus_cpu), &m.prometheus_memory),
-                "storageSpec": {"volumeClaimTemplate": {"spec": pvc}},
+                "storageSpec": storage,
                 "podMonitorSelectorNilUsesHelmValues": false,
                 "serviceMonitorSelectorNilUsesHelmValues": false,
                 "ruleSelectorNilUsesHelmValues": false,
