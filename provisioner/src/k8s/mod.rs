@@ -5,8 +5,9 @@
 //! The objects, all in namespace [`NAMESPACE`]:
 //! - the Namespace;
 //! - ConfigMap [`CONFIG_MAP_NAME`] with one key `<vm>.toml` per inventory `[[turnd]]` instance;
-//! - Secret [`AUTH_SECRET_NAME`] (key [`AUTH_SECRET_KEY`]): the REST-API shared secret, handed to
-//!   the pod as `TURND_AUTH_SECRET`. Its value is a parameter ([`Inputs`]), never the inventory;
+//! - Secret [`AUTH_SECRET_NAME`] (keys [`AUTH_SECRET_KEY`] and [`ADMIN_TOKEN_KEY`]): the REST-API
+//!   shared secret and the admin API's token, mounted as files (`TURND_AUTH_SECRET_FILE`,
+//!   `TURND_ADMIN_TOKEN_FILE`) so that a rotation reaches running pods by reload. Its value is a parameter ([`Inputs`]), never the inventory;
 //! - Secret [`TLS_SECRET_NAME`] of type `kubernetes.io/tls`, mounted as a directory (no
 //!   `subPath`) so turnd's certificate reload sees the kubelet's updates;
 //! - one Deployment `turnd-<vm>` per instance, pinned to its worker with `nodeSelector`,
@@ -80,7 +81,18 @@ pub mod mounts {
     pub const CONFIG_FILE: &str = "/etc/turnd/config/turnd.toml";
     /// The TLS Secret, mounted whole as a directory (`tls.crt`, `tls.key`).
     pub const TLS_DIR: &str = "/etc/turnd/tls";
+    /// The auth Secret, mounted whole as a directory (the REST-API secret and the admin
+    /// token): a rotated Secret reaches the running turnd by reload (it watches the files
+    /// named by `TURND_AUTH_SECRET_FILE` and `TURND_ADMIN_TOKEN_FILE`), never by restart.
+    pub const AUTH_DIR: &str = "/etc/turnd/auth";
 }
+
+/// Key of the admin API's bearer token in the auth Secret.
+pub const ADMIN_TOKEN_KEY: &str = "admin-token";
+
+/// How long a turnd pod drains after SIGTERM (`[drain] timeout`): its allocations keep
+/// relaying while new ones go to the sibling instance.
+pub const DRAIN_TIMEOUT_SECONDS: u64 = 120;
 
 /// Why the objects could not be built, rendered or applied.
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +232,9 @@ pub enum TlsSource {
     External,
 }
 
+/// Placeholder value of the admin token in rendered files.
+pub const PLACEHOLDER_ADMIN_TOKEN: &str =
+    "PLACEHOLDER: derived from TURND_AUTH_SECRET at apply time";
 /// Placeholder value of the auth secret in rendered files.
 pub const PLACEHOLDER_AUTH_SECRET: &str = "PLACEHOLDER: set from TURND_AUTH_SECRET at apply time";
 /// Placeholder `tls.crt` in rendered files.
@@ -618,18 +633,34 @@ mod tests {
                 .all(|m| m.sub_path.is_none() && m.sub_path_expr.is_none()));
             let tls = mounts.iter().find(|m| m.name == "tls").expect("tls mount");
             assert_eq!(tls.mount_path, mounts::TLS_DIR);
+            // The auth Secret is a directory mount too, and turnd reads it as files (which it
+            // watches), never as environment values (which a running pod never sees change).
+            let auth = mounts
+                .iter()
+                .find(|m| m.name == "auth")
+                .expect("auth mount");
+            assert_eq!(auth.mount_path, mounts::AUTH_DIR);
             let env = ctr.env.as_ref().expect("env");
-            let secret_ref = env[0]
-                .value_from
-                .as_ref()
-                .and_then(|v| v.secret_key_ref.as_ref())
-                .expect("from the Secret");
-            assert_eq!(env[0].name, "TURND_AUTH_SECRET");
-            assert_eq!(
-                (secret_ref.name.as_str(), secret_ref.key.as_str()),
-                (AUTH_SECRET_NAME, AUTH_SECRET_KEY)
+            assert!(
+                env.iter().all(|e| e.value_from.is_none()),
+                "no secret values in env"
             );
-            assert!(env[0].value.is_none());
+            let var = |name: &str| {
+                env.iter()
+                    .find(|e| e.name == name)
+                    .and_then(|e| e.value.clone())
+            };
+            assert_eq!(
+                var("TURND_AUTH_SECRET_FILE"),
+                Some(format!("{}/{AUTH_SECRET_KEY}", mounts::AUTH_DIR))
+            );
+            assert_eq!(
+                var("TURND_ADMIN_TOKEN_FILE"),
+                Some(format!("{}/{ADMIN_TOKEN_KEY}", mounts::AUTH_DIR))
+            );
+            // The kubelet waits for the whole drain before SIGKILL.
+            let grace = p.termination_grace_period_seconds.expect("grace");
+            assert!(grace > i64::try_from(DRAIN_TIMEOUT_SECONDS).expect("fits"));
         }
     }
 
@@ -669,6 +700,29 @@ mod tests {
     }
 
     #[test]
+    fn each_instance_drains_to_its_sibling_and_the_file_validates() {
+        let c = example();
+        for (i, other) in [(0, 1), (1, 0)] {
+            let text = turnd_toml(&c, i).expect("renders");
+            let sibling = format!("{}:{PORT_PLAIN}", c.turnd[other].public_ip);
+            assert!(
+                text.contains(&format!("alternate_servers = [\"{sibling}\"]")),
+                "{text}"
+            );
+            let env = turnd::config::MapEnv(
+                [("TURND_AUTH_SECRET".to_owned(), "s3cret".to_owned())]
+                    .into_iter()
+                    .collect(),
+            );
+            let s = turnd::config::Config::from_toml(&text)
+                .and_then(|cfg| cfg.validate(&env))
+                .unwrap_or_else(|e| panic!("{e}\n{text}"));
+            assert_eq!(s.drain.alternate_ipv4, Some(sibling.parse().expect("addr")));
+            assert_eq!(s.drain.timeout.as_secs(), DRAIN_TIMEOUT_SECONDS);
+        }
+    }
+
+    #[test]
     fn secrets_come_from_inputs_and_never_show_in_debug() {
         let c = example();
         let inputs = Inputs {
@@ -681,6 +735,12 @@ mod tests {
         let m = Manifests::build(&c, &inputs).expect("builds");
         let data = m.auth_secret.data.as_ref().expect("data");
         assert_eq!(data[AUTH_SECRET_KEY].0, b"the-real-secret");
+        // The admin token is derived from the secret (sha256sum of a fixed prefix + secret),
+        // long enough for turnd, and rotates with it.
+        let token = String::from_utf8(data[ADMIN_TOKEN_KEY].0.clone()).expect("utf8");
+        assert_eq!(token.len(), 64);
+        assert_eq!(token, objects::admin_token("the-real-secret"));
+        assert_ne!(token, objects::admin_token("another-secret"));
         let tls = m.tls_secret.as_ref().expect("tls secret");
         assert_eq!(tls.type_.as_deref(), Some("kubernetes.io/tls"));
         let debug = format!("{m:?} {inputs:?}");

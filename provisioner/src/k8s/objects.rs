@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
     HTTPGetAction, KeyToPath, Namespace, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource,
-    SecurityContext, Volume, VolumeMount,
+    ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -18,9 +18,10 @@ use sha2::{Digest, Sha256};
 
 use super::config::worker_ip;
 use super::{
-    mounts, AuthSecret, K8sError, TlsSource, AUTH_SECRET_KEY, AUTH_SECRET_NAME, CONFIG_MAP_NAME,
-    FIELD_MANAGER, NAMESPACE, PDB_NAME, PLACEHOLDER_AUTH_SECRET, PLACEHOLDER_CERT, PLACEHOLDER_KEY,
-    PORTS_TLS, PORT_ADMIN, PORT_ADMIN_NAME, PORT_PLAIN, RUN_AS, TLS_SECRET_NAME,
+    mounts, AuthSecret, K8sError, TlsSource, ADMIN_TOKEN_KEY, AUTH_SECRET_KEY, AUTH_SECRET_NAME,
+    CONFIG_MAP_NAME, DRAIN_TIMEOUT_SECONDS, FIELD_MANAGER, NAMESPACE, PDB_NAME,
+    PLACEHOLDER_ADMIN_TOKEN, PLACEHOLDER_AUTH_SECRET, PLACEHOLDER_CERT, PLACEHOLDER_KEY, PORTS_TLS,
+    PORT_ADMIN, PORT_ADMIN_NAME, PORT_PLAIN, RUN_AS, TLS_SECRET_NAME,
 };
 use crate::inventory::{Cluster, TurndInstance};
 
@@ -33,9 +34,10 @@ const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
 pub(super) const CONFIG_HASH_ANNOTATION: &str = "turnd.io/config-sha256";
 /// The node label the kubelet sets to the node's name.
 const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
-/// Seconds turnd gets to stop after SIGTERM. TURN allocations cannot move to another process,
-/// so waiting longer buys clients nothing and keeps the node's ports from the next pod.
-const TERMINATION_GRACE_SECONDS: i64 = 15;
+/// Seconds turnd gets to stop after SIGTERM: its drain (during which its allocations keep
+/// relaying and new ones go to the sibling) plus a margin to exit, so the kubelet never cuts
+/// a drain short with SIGKILL.
+const TERMINATION_GRACE_SECONDS: i64 = DRAIN_TIMEOUT_SECONDS as i64 + 15;
 
 fn labels(instance: Option<&str>) -> BTreeMap<String, String> {
     let mut l = BTreeMap::from([
@@ -93,18 +95,28 @@ pub(super) fn config_map(cluster: &Cluster, configs: &[String]) -> ConfigMap {
     }
 }
 
+/// The admin API's bearer token, derived from the auth secret (so one secret in `.env` is
+/// enough, and rotating it rotates the token): hex SHA-256 of `turnd-admin-token:` + secret,
+/// what `printf 'turnd-admin-token:%s' "$TURND_AUTH_SECRET" | sha256sum` prints.
+pub(super) fn admin_token(auth_secret: &str) -> String {
+    sha256_hex(&format!("turnd-admin-token:{auth_secret}"))
+}
+
 pub(super) fn auth_secret(value: &AuthSecret) -> Secret {
-    let v = match value {
-        AuthSecret::Value(s) => s.expose(),
-        AuthSecret::Placeholder => PLACEHOLDER_AUTH_SECRET,
+    let (v, token) = match value {
+        AuthSecret::Value(s) => (s.expose(), admin_token(s.expose())),
+        AuthSecret::Placeholder => (PLACEHOLDER_AUTH_SECRET, PLACEHOLDER_ADMIN_TOKEN.to_owned()),
     };
     Secret {
         metadata: meta(AUTH_SECRET_NAME, true, None),
         type_: Some("Opaque".to_owned()),
-        data: Some(BTreeMap::from([(
-            AUTH_SECRET_KEY.to_owned(),
-            ByteString(v.as_bytes().to_vec()),
-        )])),
+        data: Some(BTreeMap::from([
+            (
+                AUTH_SECRET_KEY.to_owned(),
+                ByteString(v.as_bytes().to_vec()),
+            ),
+            (ADMIN_TOKEN_KEY.to_owned(), ByteString(token.into_bytes())),
+        ])),
         ..Secret::default()
     }
 }
@@ -201,18 +213,19 @@ pub(super) fn deployment(
         image: Some(image.to_owned()),
         image_pull_policy: Some("IfNotPresent".to_owned()),
         args: Some(vec!["--config".to_owned(), mounts::CONFIG_FILE.to_owned()]),
-        env: Some(vec![EnvVar {
-            name: "TURND_AUTH_SECRET".to_owned(),
-            value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector {
-                    name: AUTH_SECRET_NAME.to_owned(),
-                    key: AUTH_SECRET_KEY.to_owned(),
-                    optional: Some(false),
-                }),
-                ..EnvVarSource::default()
-            }),
-            ..EnvVar::default()
-        }]),
+        // Files of the mounted auth Secret, not values: turnd watches them and reloads.
+        env: Some(vec![
+            EnvVar {
+                name: "TURND_AUTH_SECRET_FILE".to_owned(),
+                value: Some(format!("{}/{AUTH_SECRET_KEY}", mounts::AUTH_DIR)),
+                ..EnvVar::default()
+            },
+            EnvVar {
+                name: "TURND_ADMIN_TOKEN_FILE".to_owned(),
+                value: Some(format!("{}/{ADMIN_TOKEN_KEY}", mounts::AUTH_DIR)),
+                ..EnvVar::default()
+            },
+        ]),
         ports: Some(ports()),
         resources: Some(ResourceRequirements {
             requests: Some(quantities(&[("cpu", "500m"), ("memory", "256Mi")])),
@@ -243,6 +256,12 @@ pub(super) fn deployment(
             VolumeMount {
                 name: "tls".to_owned(),
                 mount_path: mounts::TLS_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "auth".to_owned(),
+                mount_path: mounts::AUTH_DIR.to_owned(),
                 read_only: Some(true),
                 ..VolumeMount::default()
             },
@@ -292,6 +311,15 @@ pub(super) fn deployment(
                 name: "tls".to_owned(),
                 secret: Some(SecretVolumeSource {
                     secret_name: Some(TLS_SECRET_NAME.to_owned()),
+                    default_mode: Some(0o440),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "auth".to_owned(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(AUTH_SECRET_NAME.to_owned()),
                     default_mode: Some(0o440),
                     ..SecretVolumeSource::default()
                 }),
