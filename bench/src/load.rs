@@ -23,7 +23,7 @@ use crate::link::{bind_udp, fresh_udp, Endpoint, Link, Transport};
 use crate::server::SECRET;
 
 /// How long the loops wait for stragglers after the deadline.
-pub const DRAIN: Duration = Duration::from_millis(300);
+pub const DRAIN: Duration = Duration::from_secs(1);
 /// The longest any set-up phase may take before the run is abandoned.
 pub const SETUP_LIMIT: Duration = Duration::from_secs(180);
 /// Allocations being set up at once, over all client threads.
