@@ -802,35 +802,55 @@ fn join_worker(
     let m = transports
         .get(&master_target)
         .map_err(|source| ApplyError::Transport { phase, source })?;
-    let out = m
-        .run_ok(&Cmd::new("kubeadm").args([
-            "token",
-            "create",
-            "--print-join-command",
-            "--ttl",
-            "15m",
-        ]))
-        .map_err(step_err(master_target.clone()))?;
-    let join = JoinCommand::parse(&out.stdout).map_err(|source| ApplyError::Join {
-        phase,
-        index,
-        action: action.summary.clone(),
-        source,
-    })?;
-    let config = k8s::kubeadm_join(vm, &join);
-    run_steps(
-        worker,
-        &[
-            Step::Upload {
-                path: k8s::paths::KUBEADM_JOIN.into(),
-                data: config.into_bytes(),
-                mode: 0o600,
-            },
-            Step::Run(Cmd::new("kubeadm").args(["join", "--config", k8s::paths::KUBEADM_JOIN])),
-        ],
-    )
-    .map_err(step_err(action.target.clone()))
+    // A failed join is reset on the worker and retried once with a fresh token.
+    let mut attempt = 1;
+    loop {
+        let out = m
+            .run_ok(&Cmd::new("kubeadm").args([
+                "token",
+                "create",
+                "--print-join-command",
+                "--ttl",
+                "15m",
+            ]))
+            .map_err(step_err(master_target.clone()))?;
+        let join = JoinCommand::parse(&out.stdout).map_err(|source| ApplyError::Join {
+            phase,
+            index,
+            action: action.summary.clone(),
+            source,
+        })?;
+        let config = k8s::kubeadm_join(vm, &join);
+        let joined = run_steps(
+            worker,
+            &[
+                Step::Upload {
+                    path: k8s::paths::KUBEADM_JOIN.into(),
+                    data: config.into_bytes(),
+                    mode: 0o600,
+                },
+                Step::Run(Cmd::new("kubeadm").args(["join", "--config", k8s::paths::KUBEADM_JOIN])),
+            ],
+        );
+        match joined {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < JOIN_ATTEMPTS => {
+                tracing::warn!(
+                    "[{}] kubeadm join failed ({e}); resetting the node and retrying with a fresh token",
+                    worker.target()
+                );
+                worker
+                    .run_ok(&Cmd::new("kubeadm").args(["reset", "--force"]))
+                    .map_err(step_err(action.target.clone()))?;
+                attempt += 1;
+            }
+            Err(e) => return Err(step_err(action.target.clone())(e)),
+        }
+    }
 }
+
+/// How many times a worker's `kubeadm join` is tried (a failed one is reset in between).
+pub const JOIN_ATTEMPTS: u32 = 2;
 
 #[cfg(test)]
 mod tests {
@@ -917,6 +937,60 @@ mod tests {
             Plan::new(PhaseId::Vms).render(false),
             "phase 02-vms: up to date\n"
         );
+    }
+
+    #[test]
+    fn a_failed_join_is_reset_and_retried_once_with_a_fresh_token() {
+        let toml = include_str!("../../deploy/cluster.example.toml");
+        let c = crate::inventory::Inventory::from_toml(toml)
+            .and_then(|i| i.validate(toml))
+            .expect("example");
+        let master = std::sync::Arc::new(RecordingTransport::new("k8s-master"));
+        master.respond(
+            "kubeadm token create",
+            Output::ok(format!(
+                "kubeadm join 10.10.10.10:6443 --token abcdef.0123456789abcdef --discovery-token-ca-cert-hash sha256:{}\n",
+                "0".repeat(64)
+            )),
+        );
+        let worker = std::sync::Arc::new(RecordingTransport::new("k8s-worker1"));
+        worker.respond(
+            "kubeadm join",
+            Output::failed(1, "error execution phase kubelet-start: timed out\n"),
+        );
+        let transports = Transports {
+            host: Box::new(RecordingTransport::new("host")),
+            vms: BTreeMap::from([
+                (
+                    "k8s-master".to_owned(),
+                    Box::new(std::sync::Arc::clone(&master)) as Box<dyn Transport>,
+                ),
+                (
+                    "k8s-worker1".to_owned(),
+                    Box::new(std::sync::Arc::clone(&worker)) as Box<dyn Transport>,
+                ),
+            ]),
+        };
+        let mut plan = Plan::new(PhaseId::K8sWorkers);
+        plan.actions.push(Action {
+            target: Target::Vm("k8s-worker1".into()),
+            summary: "join k8s-worker1 to the cluster".into(),
+            kind: ActionKind::JoinWorker {
+                master: "k8s-master".into(),
+                worker: Box::new(c.vm("k8s-worker1").expect("worker").clone()),
+            },
+        });
+        let err = apply(&plan, &transports, &mut Journal::in_memory()).expect_err("join fails");
+        assert!(err.to_string().contains("timed out"), "{err}");
+        assert_eq!(
+            worker.commands(),
+            [
+                "kubeadm join --config /etc/kubernetes/provisioner/kubeadm-join.yaml",
+                "kubeadm reset --force",
+                "kubeadm join --config /etc/kubernetes/provisioner/kubeadm-join.yaml",
+            ]
+        );
+        assert_eq!(master.commands().len(), 2, "a fresh token for the retry");
     }
 
     #[test]

@@ -97,3 +97,45 @@ fn unreachable_host_is_a_clear_error() {
     );
     assert!(msg.contains("Connection refused"), "{msg}");
 }
+
+#[test]
+fn a_refused_host_key_names_the_fix_and_the_fix_works() {
+    let Some(sshd) = Sshd::start() else { return };
+    let opts = sshd.options();
+    let known = sshd.known_hosts();
+    // Someone else's key recorded for this host:port (the host was rebuilt).
+    let other = sshd.scratch().join("other_key");
+    std::fs::create_dir_all(sshd.scratch()).expect("scratch");
+    assert!(std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", ""])
+        .arg("-f")
+        .arg(&other)
+        .status()
+        .expect("ssh-keygen")
+        .success());
+    let public = std::fs::read_to_string(other.with_extension("pub")).expect("pub");
+    let host = format!("[127.0.0.1]:{}", sshd.port);
+    std::fs::write(&known, format!("{host} {public}")).expect("known_hosts");
+
+    let t = SshTransport::new("host", opts.clone()).expect("transport");
+    let err = t.run(&Cmd::new("true")).expect_err("refused");
+    let msg = err.to_string();
+    let fix = format!("ssh-keygen -R '{host}' -f {}", known.display());
+    assert!(
+        msg.contains(&format!("remove the old key with `{fix}` and run again")),
+        "{msg}"
+    );
+    // The named fix, then a fresh transport connects (the new key is accepted and recorded).
+    assert!(std::process::Command::new("sh")
+        .args(["-c", &fix])
+        .output()
+        .expect("ssh-keygen -R")
+        .status
+        .success());
+    let t = SshTransport::new("host", opts).expect("transport");
+    assert!(
+        t.run(&Cmd::new("true")).expect("runs").success(),
+        "{}",
+        sshd.log()
+    );
+}

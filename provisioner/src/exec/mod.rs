@@ -15,7 +15,7 @@ use std::fmt;
 
 pub use fake::{Recorded, RecordingTransport};
 pub use local::LocalTransport;
-pub use ssh::{SshOptions, SshTransport};
+pub use ssh::{host_key_hint, SshOptions, SshTransport};
 pub use sudo::Sudo;
 pub use virsh_shell::VirshShellTransport;
 

@@ -104,6 +104,29 @@ impl SshOptions {
     }
 }
 
+/// When ssh refused the destination's host key (a rebuilt VM or host), the fix: which entry
+/// to remove from which known-hosts file.
+pub fn host_key_hint(stderr: &str, opts: &SshOptions) -> Option<String> {
+    let refused = stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+        || stderr.contains("Host key verification failed");
+    refused.then(|| {
+        let host = if opts.port == 22 {
+            opts.host.clone()
+        } else {
+            format!("[{}]:{}", opts.host, opts.port)
+        };
+        let file = opts
+            .known_hosts
+            .as_ref()
+            .map(|p| format!(" -f {}", shell_quote(&p.display().to_string())))
+            .unwrap_or_default();
+        format!(
+            "the SSH host key of {host} is not the one recorded (was it rebuilt?): if so, remove the old key with `ssh-keygen -R {}{file}` and run again",
+            shell_quote(&host)
+        )
+    })
+}
+
 /// Runs commands over SSH. The first command opens a ControlMaster connection that later
 /// commands reuse; it is closed when the transport is dropped.
 #[derive(Debug)]
@@ -180,14 +203,21 @@ impl SshTransport {
             source,
         })?;
         if !status.success() {
+            let stderr = std::fs::read_to_string(&log_path)
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            if let Some(hint) = host_key_hint(&stderr, &self.opts) {
+                return Err(ExecError::Protocol {
+                    target: self.name.clone(),
+                    reason: format!("{hint} ({stderr})"),
+                });
+            }
             return Err(ExecError::Failed {
                 target: self.name.clone(),
                 command: shown.shell_line(),
                 status: status.code().unwrap_or(-1),
-                stderr: std::fs::read_to_string(&log_path)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_owned(),
+                stderr,
             });
         }
         *started = true;
@@ -237,10 +267,14 @@ impl Transport for SshTransport {
             .arg(cmd.shell_line());
         let out = run_process(&self.name, c, cmd)?;
         if out.status == 255 {
-            // ssh's own failure (connection lost), not the command's.
+            // ssh's own failure (connection lost, host key refused), not the command's.
+            let reason = match host_key_hint(&out.stderr, &self.opts) {
+                Some(hint) => format!("{hint} ({})", out.stderr.trim()),
+                None => format!("ssh failed running `{cmd}`: {}", out.stderr.trim()),
+            };
             return Err(ExecError::Protocol {
                 target: self.name.clone(),
-                reason: format!("ssh failed running `{cmd}`: {}", out.stderr.trim()),
+                reason,
             });
         }
         Ok(out)

@@ -318,6 +318,9 @@ pub struct MasterFacts {
     pub files: BTreeMap<String, String>,
     /// Helm releases in kube-system.
     pub releases: Vec<HelmRelease>,
+    /// Initialised, but the API server does not answer `/readyz`: a `kubeadm init` that
+    /// failed half-way (or a control plane that is down).
+    pub api_down: bool,
 }
 
 fn kubectl(args: &[&str]) -> Cmd {
@@ -345,7 +348,12 @@ pub fn gather_master(ctx: &Context<'_>) -> Result<MasterFacts, PhaseError> {
         .success();
     let files = file_hashes(t, &[paths::KUBEADM_INIT, paths::CILIUM_VALUES]).map_err(gather)?;
     let mut releases = Vec::new();
-    if initialized {
+    let api_down = initialized
+        && !t
+            .run(&kubectl(&["get", "--raw", "/readyz"]))
+            .map_err(gather)?
+            .success();
+    if initialized && !api_down {
         let cmd = Cmd::new("helm").args([
             "list",
             "--namespace",
@@ -366,6 +374,7 @@ pub fn gather_master(ctx: &Context<'_>) -> Result<MasterFacts, PhaseError> {
         initialized,
         files,
         releases,
+        api_down,
     })
 }
 
@@ -375,7 +384,27 @@ pub fn plan_master(c: &Cluster, f: &MasterFacts) -> Plan {
     let m = Target::Vm(c.master().name.to_string());
     let init = files::kubeadm_init(c);
     let init_changed = differs(&f.files, paths::KUBEADM_INIT, &init);
-    if f.initialized {
+    let init_steps = |init: String| {
+        vec![
+            write(paths::KUBEADM_INIT, init, 0o600),
+            Step::Run(Cmd::new("kubeadm").args(["init", "--config", paths::KUBEADM_INIT])),
+        ]
+    };
+    if f.initialized && f.api_down {
+        let mut steps = vec![
+            Step::Run(Cmd::new("kubeadm").args(["reset", "--force"])),
+            Step::Run(Cmd::new("rm").args(["-rf", "/etc/cni/net.d"])),
+        ];
+        steps.extend(init_steps(init));
+        p.push_disruptive(
+            Action::steps(
+                m.clone(),
+                "kubeadm reset and init again (initialised, but the API server does not answer /readyz)",
+                steps,
+            ),
+            "resets the control plane: every node must join again",
+        );
+    } else if f.initialized {
         if init_changed.is_some() {
             p.notes.push(format!(
                 "the cluster was initialised from a different {}; kubeadm does not re-apply it (reset with `teardown --keep-vms` to change it)",
@@ -386,10 +415,7 @@ pub fn plan_master(c: &Cluster, f: &MasterFacts) -> Plan {
         p.actions.push(Action::steps(
             m.clone(),
             "kubeadm init (kube-proxy skipped)",
-            vec![
-                write(paths::KUBEADM_INIT, init, 0o600),
-                Step::Run(Cmd::new("kubeadm").args(["init", "--config", paths::KUBEADM_INIT])),
-            ],
+            init_steps(init),
         ));
     }
     let values = files::cilium_values(c);
@@ -741,4 +767,33 @@ pub fn plan_reset(c: &Cluster, joined: &BTreeMap<String, bool>) -> Plan {
         }
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_half_failed_kubeadm_init_is_reset_and_run_again_as_a_disruptive_action() {
+        let toml = include_str!("../../../deploy/cluster.example.toml");
+        let c = crate::inventory::Inventory::from_toml(toml)
+            .and_then(|i| i.validate(toml))
+            .expect("example");
+        let f = MasterFacts {
+            initialized: true,
+            api_down: true,
+            ..MasterFacts::default()
+        };
+        let p = plan_master(&c, &f);
+        let text = p.render(true);
+        assert_eq!(p.disruptive.len(), 1, "{text}");
+        let reset = text.find("$ kubeadm reset --force").expect("reset");
+        let init = text.find("$ kubeadm init --config").expect("init");
+        assert!(reset < init, "{text}");
+        let healthy = MasterFacts {
+            api_down: false,
+            ..f
+        };
+        assert!(plan_master(&c, &healthy).disruptive.is_empty());
+    }
 }

@@ -301,6 +301,13 @@ impl Machine {
                 }
                 ok("")
             }
+            ("kubectl", ["--kubeconfig", _, "get", "--raw", "/readyz"]) => {
+                if kube.inits > 0 {
+                    ok("ok")
+                } else {
+                    fail(1, "The connection to the server was refused\n")
+                }
+            }
             ("kubectl", ["version", "--client", "--output=json"]) => ok(serde_json::json!({
                 "clientVersion": {"gitVersion": self.versions.get("kubectl").cloned().unwrap_or_default()}
             })
