@@ -709,12 +709,12 @@ mod tests {
                 text.contains(&format!("alternate_servers = [\"{sibling}\"]")),
                 "{text}"
             );
-            let env = turnd::config::MapEnv(
+            let env = MapEnv(
                 [("TURND_AUTH_SECRET".to_owned(), "s3cret".to_owned())]
                     .into_iter()
                     .collect(),
             );
-            let s = turnd::config::Config::from_toml(&text)
+            let s = Config::from_toml(&text)
                 .and_then(|cfg| cfg.validate(&env))
                 .unwrap_or_else(|e| panic!("{e}\n{text}"));
             assert_eq!(s.drain.alternate_ipv4, Some(sibling.parse().expect("addr")));
