@@ -312,3 +312,48 @@ async fn allocation_dies_with_its_connection() {
     }
     running.shutdown();
 }
+
+/// A TLS client that stops reading while relayed data piles up (well over rustls' own 64 KiB
+/// buffer, under turnd's write limit) gets every frame once it reads again: the connection
+/// stays up and the stream stays whole.
+#[tokio::test]
+async fn a_tls_client_that_reads_late_gets_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = make_cert();
+    k8s_secret_write(dir.path(), "v1", &a.pem, &a.key);
+    let running = turnd::run::start(tls_settings(dir.path())).unwrap();
+    let peer = EchoPeer::start();
+    // A small receive buffer, so the server's socket blocks and frames wait on its side.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let tcp = sock.connect(running.tls[0]).await.unwrap();
+    let tls = connector(&[&a.der])
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut c = StreamClient::new(tls, "u", "p");
+    c.allocate().await;
+    c.bind_channel(0x4003, peer.addr).await;
+    const N: usize = 200;
+    const LEN: usize = 1000;
+    for i in 0..N {
+        let mut frame = vec![0x40, 0x03];
+        frame.extend_from_slice(&u16::try_from(LEN).unwrap().to_be_bytes());
+        frame.extend((0..LEN).map(|k| ((i + k) % 251) as u8));
+        c.send_raw(&frame).await;
+        // Paced, so the UDP legs (peer and relay socket buffers) never overflow: only the
+        // TLS leg toward the client backs up.
+        if i % 10 == 9 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // Let the echoes pile up on the server's side before reading any.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..N {
+        let f = c.read_frame().await;
+        assert_eq!(&f[..2], &[0x40, 0x03], "frame {i} is ChannelData");
+        let want: Vec<u8> = (0..LEN).map(|k| ((i + k) % 251) as u8).collect();
+        assert_eq!(&f[4..4 + LEN], &want[..], "frame {i} intact and in order");
+    }
+    running.shutdown();
+}

@@ -354,6 +354,10 @@ impl Connection {
                         let Ok(mut tls) = rustls::ServerConnection::new(cfg.clone()) else {
                             return ReadOutcome::Closed;
                         };
+                        // The bound is ours (`queue`'s limit, and at most 64 KiB of frames
+                        // handed over, only when rustls has written everything): rustls' own
+                        // 64 KiB limit would refuse part of a frame, breaking the stream.
+                        tls.set_buffer_limit(None);
                         let mut fed = &chunk[..n];
                         while !fed.is_empty() {
                             if tls.read_tls(&mut fed).is_err() {
