@@ -150,7 +150,8 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     UsageError(format!("phase {p} is not implemented in this version")).into(),
                 );
             }
-            let settings = phase_settings(cli, &c);
+            let mut settings = phase_settings(cli, &c);
+            let _api = api_through_host(&c, &t, &mut settings);
             let ctx = Context {
                 cluster: &c,
                 transports: &t,
@@ -180,7 +181,12 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             let _lock = run_lock(cli)?;
             let mut journal = Journal::at(journal_path(cli));
             let mut settings = phase_settings(cli, &c);
+            let mut api = None;
             for p in list {
+                if api.is_none() && needs_api(p) {
+                    // Opened once the cluster exists (an earlier phase of this run may create it).
+                    api = api_through_host(&c, &t, &mut settings);
+                }
                 let plan = plan_one(&c, &t, &settings, p)?;
                 print!("{}", plan.render(cli.verbose));
                 if cli.dry_run {
@@ -299,6 +305,62 @@ fn implemented() -> Vec<PhaseId> {
 
 fn load(cli: &Cli) -> anyhow::Result<Cluster> {
     Inventory::load(&cli.inventory).map_err(|e| UsageError(e.to_string()).into())
+}
+
+/// Whether `phase` talks to the Kubernetes API.
+fn needs_api(phase: PhaseId) -> bool {
+    matches!(phase, PhaseId::Turnd | PhaseId::Monitoring)
+}
+
+/// A tunnel to the API server through the host and the kubeconfig that uses it, kept open for
+/// the rest of the run.
+struct ApiTunnel {
+    _tunnel: crate::exec::tunnel::Tunnel,
+    _dir: tempfile::TempDir,
+}
+
+/// Without `KUBECONFIG`, reaches the API through the host: reads the master's `admin.conf`
+/// (once the cluster exists), forwards a loopback port to the master's 6443 over SSH through
+/// the host, and points [`Settings::kube_api`] at a kubeconfig (0600, in a private temporary
+/// directory) that goes through it. `None` (and the settings unchanged) when `KUBECONFIG` is
+/// set or the cluster cannot be reached that way yet; the phases then say what is missing.
+fn api_through_host(c: &Cluster, t: &Transports, settings: &mut Settings) -> Option<ApiTunnel> {
+    if settings.kube_api.is_some() || std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty())
+    {
+        return None;
+    }
+    let master = t.vms.get(c.master().name.as_str())?;
+    let admin = master
+        .run(&Cmd::new("cat").arg(crate::render::k8s::paths::ADMIN_CONF))
+        .ok()
+        .filter(crate::exec::Output::success)?
+        .stdout;
+    let remote = std::net::SocketAddr::from((c.master().ip, 6443));
+    let tunnel = match crate::exec::tunnel::Tunnel::open(&host_ssh(c), remote) {
+        Ok(tunnel) => tunnel,
+        Err(e) => {
+            tracing::warn!("cannot reach the Kubernetes API through the host: {e}");
+            return None;
+        }
+    };
+    let config = crate::exec::tunnel::kubeconfig_through(&admin, tunnel.local).ok()?;
+    let dir = tempfile::Builder::new()
+        .prefix("provisioner-kube-")
+        .tempdir()
+        .ok()?;
+    let path = dir.path().join("kubeconfig");
+    crate::exec::LocalTransport::new()
+        .upload(config.as_bytes(), &path.display().to_string(), 0o600)
+        .ok()?;
+    tracing::info!(
+        "Kubernetes API through the host: 127.0.0.1:{} -> {remote}",
+        tunnel.local.port()
+    );
+    settings.kube_api = Some(phases::turnd::KubeApi::Kubeconfig(path));
+    Some(ApiTunnel {
+        _tunnel: tunnel,
+        _dir: dir,
+    })
 }
 
 /// Takes the run lock next to the journal; none for `--dry-run`, which changes nothing.
@@ -438,6 +500,7 @@ fn status(cli: &Cli, c: &Cluster) -> anyhow::Result<ExitCode> {
     let t = transports(c)?;
     let mut ok = true;
     let mut settings = phase_settings(cli, c);
+    let _api = api_through_host(c, &t, &mut settings);
     for p in implemented() {
         match plan_one(c, &t, &settings, p) {
             Ok(plan) if plan.is_empty() => println!("{p}: up to date"),

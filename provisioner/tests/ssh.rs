@@ -139,3 +139,31 @@ fn a_refused_host_key_names_the_fix_and_the_fix_works() {
         sshd.log()
     );
 }
+
+#[test]
+fn a_tunnel_through_the_host_reaches_a_port_only_the_host_can_reach() {
+    let Some(sshd) = Sshd::start() else { return };
+    // "The API server": a listener that greets every connection.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let remote = server.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in server.incoming().flatten() {
+            let mut conn = conn;
+            let _ = std::io::Write::write_all(&mut conn, b"hello from the API\n");
+        }
+    });
+    let tunnel = provisioner::exec::tunnel::Tunnel::open(&sshd.options(), remote)
+        .unwrap_or_else(|e| panic!("{e}\n{}", sshd.log()));
+    assert_ne!(tunnel.local, remote);
+    let mut got = String::new();
+    let mut conn = std::net::TcpStream::connect(tunnel.local).expect("connect");
+    std::io::Read::read_to_string(&mut conn, &mut got).expect("read");
+    assert_eq!(got, "hello from the API\n");
+    let local = tunnel.local;
+    drop(tunnel);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        std::net::TcpStream::connect(local).is_err(),
+        "closed when dropped"
+    );
+}

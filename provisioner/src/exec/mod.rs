@@ -9,6 +9,7 @@ mod local;
 pub mod redact;
 mod ssh;
 mod sudo;
+pub mod tunnel;
 mod virsh_shell;
 
 use std::fmt;

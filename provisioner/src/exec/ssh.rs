@@ -59,6 +59,12 @@ impl SshOptions {
         self.args(true)
     }
 
+    /// The `ssh` arguments before the destination for a batch connection of its own (a port
+    /// forward): no ControlMaster.
+    pub fn tunnel_args(&self) -> Vec<String> {
+        self.args(true)
+    }
+
     fn args(&self, batch: bool) -> Vec<String> {
         let mut a = vec!["-p".to_owned(), self.port.to_string()];
         if batch {

@@ -248,6 +248,14 @@ pub fn inputs(
                 .filter(|v| !v.is_empty())
                 .map(|p| KubeApi::Kubeconfig(PathBuf::from(p)))
         })
+        // The cluster does not exist yet (planned by an earlier phase of this run): nothing is
+        // asked; applying plans again once it exists and the tunnel can open.
+        .or_else(|| {
+            settings
+                .ahead
+                .cluster
+                .then(|| KubeApi::Url("the cluster's API (not created yet)".to_owned()))
+        })
         .ok_or(PhaseError::NoKubeApi { phase })?;
     let secret = settings
         .auth_secret
