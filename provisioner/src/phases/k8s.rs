@@ -710,14 +710,25 @@ pub fn plan_host_kubectl(c: &Cluster, f: &HostKubectlFacts) -> Plan {
             .push("the master has no admin.conf yet: apply k8s-master first".into()),
         Some(conf) if f.kubeconfig_sha256.as_deref() != Some(sha256(conf.as_bytes()).as_str()) => {
             let path = host_kubeconfig(c);
+            let mut steps = vec![Step::Upload {
+                path: path.clone(),
+                data: conf.clone().into_bytes(),
+                mode: 0o600,
+            }];
+            // Uploads land as root (through sudo): the operator must be able to read it.
+            if c.ssh.host_user != "root" {
+                let user = &c.ssh.host_user;
+                let dir = path.trim_end_matches("/config");
+                steps.push(Step::Run(Cmd::new("chown").args([
+                    "-R",
+                    &format!("{user}:"),
+                    dir,
+                ])));
+            }
             p.actions.push(Action::steps(
                 Target::Host,
                 format!("write {path} from the master's admin.conf"),
-                vec![Step::Upload {
-                    path,
-                    data: conf.clone().into_bytes(),
-                    mode: 0o600,
-                }],
+                steps,
             ));
         }
         Some(_) => {}
