@@ -233,7 +233,7 @@ impl Run {
         eprintln!(
             "  {} {}: {:.0} relayed pkt/s, {:.2} us CPU/pkt ({} threads), client+echo CPU \
              {:.2} s, sent {} echoed {} ({} in window), RTT p50 {} ms p99 {} ms, \
-             {} UDP receive-buffer drops ({:?} in the window)",
+             {} UDP receive-buffer drops machine-wide ({:?} at own sockets in the window)",
             r.server,
             label(&r.scenario),
             r.relayed_pps(),
@@ -558,7 +558,7 @@ fn report(run: &Run, k: &Knobs, took: Duration) {
         println!("note: {n}");
     }
 
-    println!("\n| server | scenario | allocations | offered | payload B | relayed pkt/s | server CPU s (threads) | CPU µs/pkt | loss | RTT p50 ms | RTT p99 ms | added p50 ms | added p99 ms | client+echo CPU s | rcvbuf drops: all (client/listener/relay/echo) |");
+    println!("\n| server | scenario | allocations | offered | payload B | relayed pkt/s | server CPU s (threads) | CPU µs/pkt | loss | RTT p50 ms | RTT p99 ms | added p50 ms | added p99 ms | client+echo CPU s | own sockets' rcvbuf drops: client/listener/relay/echo/other |");
     println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &run.rows {
         let s = &r.scenario;
@@ -573,8 +573,8 @@ fn report(run: &Run, k: &Knobs, took: Duration) {
         };
         let d = &r.drops_by_role;
         let drops = format!(
-            "{} ({}/{}/{}/{})",
-            r.rcvbuf_drops, d.client, d.listener, d.relay, d.echo
+            "{}/{}/{}/{}/{}",
+            d.client, d.listener, d.relay, d.echo, d.other
         );
         println!(
             "| {} | {} | {} | {} | {} | {:.0} | {:.2} ({}) | {:.2} | {} / {} ({:.3} %) | {} | {} | {} | {} | {:.2} | {} |",

@@ -61,9 +61,10 @@ pub struct ScenarioResult {
     /// load generator shares the cores with the server.
     pub client_cpu: f64,
     /// UDP datagrams the kernel dropped for full receive buffers from the window's start to
-    /// the end of the drain (any socket on the machine: mostly this bench's).
+    /// the end of the drain, machine-wide (`/proc/net/snmp`: other processes' too).
     pub rcvbuf_drops: u64,
-    /// The same drops by the socket that dropped them (sockets alive at both ends).
+    /// Drops in the window at this bench's and the server's own sockets, by role (sockets
+    /// alive at both ends of the window).
     pub drops_by_role: DropsByRole,
 }
 
@@ -121,6 +122,8 @@ pub struct Subject {
     pub cpu: CpuSource,
     /// What `perf stat` attaches to.
     pub attach: Attach,
+    /// The echo peer's port (for telling its drops apart).
+    pub echo_port: u16,
 }
 
 impl Subject {
@@ -140,6 +143,7 @@ impl Subject {
             },
             cpu: server.cpu.clone(),
             attach,
+            echo_port: peer.port(),
         }
     }
 }
@@ -165,8 +169,12 @@ pub fn measure(
     let client_cpu = Cell::new(0.0);
     let drops = Cell::new(0);
     let (listener_port, echo_port) = match &subject.target {
-        Target::Bare(addr) => (addr.port(), 0),
+        Target::Bare(addr) => (addr.port(), subject.echo_port),
         Target::Turn { endpoint, peer, .. } => (endpoint.udp.port(), peer.port()),
+    };
+    let child = match subject.attach {
+        Attach::Process(pid) => Some(pid),
+        Attach::Threads(_) => None,
     };
     let roles = Cell::new(DropsByRole::default());
     let roles_after = Cell::new(DropsByRole::default());
@@ -184,11 +192,11 @@ pub fn measure(
             start_cpu.set(subject.cpu.cpu_seconds());
             client_cpu.set(client.cpu_seconds());
             drops.set(udp_rcvbuf_errors());
-            roles.set(DropsByRole::read(listener_port, echo_port));
+            roles.set(DropsByRole::read(listener_port, echo_port, child));
         },
         || {
             end_cpu.set(subject.cpu.cpu_seconds());
-            roles_after.set(DropsByRole::read(listener_port, echo_port));
+            roles_after.set(DropsByRole::read(listener_port, echo_port, child));
             client_cpu.set(client.cpu_seconds() - client_cpu.get());
             if let Some(p) = &probe {
                 if let Err(e) = p.borrow_mut().disable() {
@@ -235,6 +243,7 @@ pub fn measure_bare(
         target: Target::Bare(fwd.addr),
         attach: Attach::Threads(cpu.tids()),
         cpu,
+        echo_port: peer.port(),
     };
     let r = measure(&subject, scenario, probe);
     fwd.stop();

@@ -139,6 +139,29 @@ impl LoadStats {
     }
 }
 
+/// The echo peer's receive buffer: above `net.core.rmem_max` when the bench may
+/// (`SO_RCVBUFFORCE`, root), so a neighbour's burst on the shared cores does not make the
+/// apparatus drop what the server relayed.
+const ECHO_BUFFER: usize = 32 << 20;
+
+#[allow(unsafe_code)]
+fn force_recv_buffer(sock: &std::net::UdpSocket, bytes: usize) {
+    use std::os::fd::AsRawFd as _;
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket and a c_int option value of the stated size. Failure (not root)
+    // leaves the buffer as bind_udp set it.
+    #[allow(clippy::cast_possible_truncation)]
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            std::ptr::from_ref(&v).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// A UDP echo peer on 127.0.0.1: threads that send every datagram back to its sender, in
 /// batches (recvmmsg/sendmmsg).
 #[derive(Debug)]
@@ -156,6 +179,7 @@ impl EchoPeer {
     /// The socket could not be bound.
     pub fn start(threads: usize) -> anyhow::Result<Self> {
         let sock = bind_udp(SocketAddr::from(([127, 0, 0, 1], 0))).context("echo peer")?;
+        force_recv_buffer(&sock, ECHO_BUFFER);
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
         let addr = sock.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));

@@ -163,17 +163,43 @@ impl DropsByRole {
         }
     }
 
-    /// Reads `/proc/net/udp` (the drops column per socket). `listener` and `echo` are the
-    /// ports of those sockets on 127.0.0.1.
+    /// The sum over the roles.
     #[must_use]
-    pub fn read(listener: u16, echo: u16) -> Self {
+    pub fn total(&self) -> u64 {
+        self.client + self.listener + self.relay + self.echo + self.other
+    }
+
+    /// Reads `/proc/net/udp` (the drops column per socket), counting only the sockets of
+    /// this process and of `child` (other processes on the machine share the table).
+    /// `listener` and `echo` are the ports of those sockets.
+    #[must_use]
+    pub fn read(listener: u16, echo: u16, child: Option<u32>) -> Self {
+        let mut ours = std::collections::HashSet::new();
+        let dirs = std::iter::once("/proc/self/fd".to_owned())
+            .chain(child.map(|p| format!("/proc/{p}/fd")));
+        for dir in dirs {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if let Ok(link) = std::fs::read_link(e.path()) {
+                    let link = link.to_string_lossy().into_owned();
+                    if let Some(inode) = link
+                        .strip_prefix("socket:[")
+                        .and_then(|l| l.strip_suffix(']'))
+                    {
+                        ours.insert(inode.to_owned());
+                    }
+                }
+            }
+        }
         let mut d = Self::default();
         let text = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(drops)) = (f.get(1), f.last()) else {
+            let (Some(local), Some(inode), Some(drops)) = (f.get(1), f.get(9), f.last()) else {
                 continue;
             };
+            if !ours.contains(*inode) {
+                continue;
+            }
             let Ok(drops) = drops.parse::<u64>() else {
                 continue;
             };
