@@ -86,9 +86,28 @@ fn rendered_secrets_are_placeholders_and_say_so() {
             f.path
         );
     }
+    // Not .yaml, .yml or .json: `kubectl apply -f DIR` skips them, so a placeholder is never
+    // applied by accident; every other object is a .yaml file.
+    for f in &files {
+        let is_secret = f.path.contains("-secret-");
+        assert_eq!(
+            f.path.ends_with(".yaml.placeholder"),
+            is_secret,
+            "{}",
+            f.path
+        );
+        assert_eq!(
+            [".yaml", ".yml", ".json"]
+                .iter()
+                .any(|e| f.path.ends_with(e)),
+            !is_secret,
+            "{}",
+            f.path
+        );
+    }
     let auth = files
         .iter()
-        .find(|f| f.path.ends_with("secret-turnd-auth.yaml"))
+        .find(|f| f.path.ends_with("secret-turnd-auth.yaml.placeholder"))
         .expect("auth secret file");
     // Secret data is base64 in YAML, as k8s-openapi encodes it.
     let encoded = serde_json::to_value(k8s_openapi::ByteString(

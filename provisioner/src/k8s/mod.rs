@@ -235,6 +235,9 @@ pub enum TlsSource {
 /// Placeholder value of the admin token in rendered files.
 pub const PLACEHOLDER_ADMIN_TOKEN: &str =
     "PLACEHOLDER: derived from TURND_AUTH_SECRET at apply time";
+/// Appended to the file name of a rendered placeholder Secret
+/// (`02-secret-turnd-auth.yaml.placeholder`).
+pub const PLACEHOLDER_SUFFIX: &str = ".placeholder";
 /// Placeholder value of the auth secret in rendered files.
 pub const PLACEHOLDER_AUTH_SECRET: &str = "PLACEHOLDER: set from TURND_AUTH_SECRET at apply time";
 /// Placeholder `tls.crt` in rendered files.
@@ -438,11 +441,15 @@ impl Manifests {
                 );
             }
             contents.push_str(&o.to_yaml()?);
+            // A placeholder Secret is not a `.yaml` file, so `kubectl apply -f DIR` (which
+            // reads only .yaml, .yml and .json) never applies it by accident.
+            let placeholder = placeholders && matches!(o, Object::Secret(_));
             out.push(Rendered {
                 path: format!(
-                    "{i:02}-{kind}-{name}.yaml",
+                    "{i:02}-{kind}-{name}.yaml{suffix}",
                     kind = o.kind().to_ascii_lowercase(),
-                    name = o.name()
+                    name = o.name(),
+                    suffix = if placeholder { PLACEHOLDER_SUFFIX } else { "" }
                 ),
                 contents,
             });
