@@ -37,6 +37,9 @@ pub const DEFAULT_PER_PAGE: u32 = 100;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DnsError {
+    /// The command line asks for something impossible.
+    #[error("{0}")]
+    Usage(String),
     /// The request did not get an HTTP answer (connection, TLS, timeout).
     #[error("Cloudflare API {op}: request failed: {source}")]
     Transport {
@@ -202,6 +205,9 @@ pub struct DnsRecord {
     /// Whether Cloudflare proxies it.
     #[serde(default)]
     pub proxied: bool,
+    /// MX (and SRV) priority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u16>,
 }
 
 /// A record to create or the new value of one (the body of POST and PUT).
@@ -218,6 +224,37 @@ pub struct NewRecord {
     pub ttl: u32,
     /// Always false for what we create.
     pub proxied: bool,
+    /// MX priority (required by Cloudflare for MX records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u16>,
+}
+
+/// The fields `dns update` changes (the body of a PATCH): only those given; the others,
+/// `proxied` included, stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RecordPatch {
+    /// New name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// New content.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// New TTL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<u32>,
+    /// New priority.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u16>,
+    /// New proxied flag.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxied: Option<bool>,
+}
+
+impl RecordPatch {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl NewRecord {
@@ -229,6 +266,7 @@ impl NewRecord {
             content: content.to_owned(),
             ttl: 1,
             proxied: false,
+            priority: None,
         }
     }
 
@@ -466,6 +504,15 @@ impl CloudflareClient {
             .http
             .put(format!("{}/{id}", self.records_url()))
             .json(rec);
+        Ok(self.send("update record", req).await?.0)
+    }
+
+    /// Changes only the fields `patch` gives of the record `id` (PATCH).
+    pub async fn patch(&self, id: &str, patch: &RecordPatch) -> Result<DnsRecord, DnsError> {
+        let req = self
+            .http
+            .patch(format!("{}/{id}", self.records_url()))
+            .json(patch);
         Ok(self.send("update record", req).await?.0)
     }
 
@@ -881,20 +928,30 @@ pub enum DnsCommand {
         /// TTL in seconds (1 = automatic).
         #[arg(long, default_value_t = 1)]
         ttl: u32,
+        /// Priority (MX records need one).
+        #[arg(long)]
+        priority: Option<u16>,
     },
-    /// Replace the record with this id.
+    /// Change the record with this id: only the fields given (a proxied record stays proxied
+    /// unless --proxied says otherwise).
     Update {
         /// Record id (see `dns list`).
         id: String,
-        /// Type.
-        record_type: String,
-        /// Name.
-        name: String,
-        /// Content.
-        content: String,
-        /// TTL in seconds (1 = automatic).
-        #[arg(long, default_value_t = 1)]
-        ttl: u32,
+        /// New name.
+        #[arg(long)]
+        name: Option<String>,
+        /// New content.
+        #[arg(long)]
+        content: Option<String>,
+        /// New TTL in seconds (1 = automatic).
+        #[arg(long)]
+        ttl: Option<u32>,
+        /// New priority (MX).
+        #[arg(long)]
+        priority: Option<u16>,
+        /// Proxied through Cloudflare or not.
+        #[arg(long)]
+        proxied: Option<bool>,
     },
     /// Delete the record with this id.
     Delete {
@@ -949,11 +1006,18 @@ pub async fn run_command(
             name,
             content,
             ttl,
+            priority,
         } => {
             let rec = NewRecord {
                 ttl: *ttl,
+                priority: *priority,
                 ..NewRecord::new(record_type, &fqdn(name, zone), content)
             };
+            if rec.record_type == "MX" && rec.priority.is_none() {
+                return Err(DnsError::Usage(
+                    "an MX record needs --priority (e.g. --priority 10)".into(),
+                ));
+            }
             if dry_run {
                 return Ok(format!(
                     "would add {} {} {}\n",
@@ -973,25 +1037,37 @@ pub async fn run_command(
         }
         DnsCommand::Update {
             id,
-            record_type,
             name,
             content,
             ttl,
+            priority,
+            proxied,
         } => {
-            let rec = NewRecord {
+            let patch = RecordPatch {
+                name: name.as_deref().map(|n| fqdn(n, zone)),
+                content: content.clone(),
                 ttl: *ttl,
-                ..NewRecord::new(record_type, &fqdn(name, zone), content)
+                priority: *priority,
+                proxied: *proxied,
             };
-            if dry_run {
-                return Ok(format!(
-                    "would update {id} to {} {} {}\n",
-                    rec.record_type, rec.name, rec.content
+            if patch.is_empty() {
+                return Err(DnsError::Usage(
+                    "nothing to change: give --name, --content, --ttl, --priority or --proxied"
+                        .into(),
                 ));
             }
-            let r = client.update(id, &rec).await?;
+            let body = serde_json::to_string(&patch).unwrap_or_default();
+            if dry_run {
+                return Ok(format!("would update {id}: {body}\n"));
+            }
+            let r = client.patch(id, &patch).await?;
             Ok(format!(
-                "updated {} {} {} (id {})\n",
-                r.record_type, r.name, r.content, r.id
+                "updated {} {} {} (id {}{})\n",
+                r.record_type,
+                r.name,
+                r.content,
+                r.id,
+                if r.proxied { ", proxied" } else { "" }
             ))
         }
         DnsCommand::Delete { id } => {

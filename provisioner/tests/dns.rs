@@ -183,3 +183,82 @@ async fn sync_shows_plan_applies_it_then_plans_nothing() {
     assert_eq!(again.render(), "dns: up to date\n");
     assert!(cf.records().iter().any(|r| r.record_type == "MX"));
 }
+
+fn example_inventory() -> provisioner::inventory::Inventory {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/cluster.example.toml"
+    ))
+    .expect("example")
+    .replace("example.net", "example.com");
+    provisioner::inventory::Inventory::from_toml(&text).expect("parses")
+}
+
+#[tokio::test]
+async fn add_takes_an_mx_priority_and_update_changes_only_the_fields_given() {
+    use provisioner::dns::{run_command, DnsCommand};
+    let cf = FakeCloudflare::start(None).await;
+    let client = cf.client();
+    let inv = example_inventory();
+
+    let mx = |priority| DnsCommand::Add {
+        record_type: "MX".into(),
+        name: "@".into(),
+        content: "mail.example.com".into(),
+        ttl: 1,
+        priority,
+    };
+    let err = run_command(&mx(None), &client, &inv, false)
+        .await
+        .expect_err("MX without a priority");
+    assert_eq!(
+        err.to_string(),
+        "an MX record needs --priority (e.g. --priority 10)"
+    );
+    let out = run_command(&mx(Some(10)), &client, &inv, false)
+        .await
+        .expect("adds");
+    assert!(
+        out.starts_with("created MX example.com mail.example.com"),
+        "{out}"
+    );
+    let stored = cf.records();
+    assert_eq!(stored[0].priority, Some(10));
+
+    // A record someone proxies in Cloudflare's dashboard: updating its content keeps it
+    // proxied, and only the content is sent.
+    let id = cf.insert("A", "www.example.com", "192.0.2.1");
+    cf.set_proxied(&id);
+    let update = DnsCommand::Update {
+        id: id.clone(),
+        name: None,
+        content: Some("192.0.2.2".into()),
+        ttl: None,
+        priority: None,
+        proxied: None,
+    };
+    let out = run_command(&update, &client, &inv, false)
+        .await
+        .expect("updates");
+    assert_eq!(
+        out,
+        format!("updated A www.example.com 192.0.2.2 (id {id}, proxied)\n")
+    );
+    assert_eq!(cf.patches(), [serde_json::json!({"content": "192.0.2.2"})]);
+    let r = cf.records().into_iter().find(|r| r.id == id).expect("kept");
+    assert!(r.proxied && r.content == "192.0.2.2" && r.name == "www.example.com");
+
+    let nothing = DnsCommand::Update {
+        id,
+        name: None,
+        content: None,
+        ttl: None,
+        priority: None,
+        proxied: None,
+    };
+    assert!(run_command(&nothing, &client, &inv, false)
+        .await
+        .expect_err("nothing to change")
+        .to_string()
+        .starts_with("nothing to change"));
+}
