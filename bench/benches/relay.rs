@@ -223,7 +223,7 @@ struct Run {
     rows: Vec<ScenarioResult>,
     probes: Vec<ScenarioResult>,
     setups: Vec<SetupResult>,
-    metrics: Vec<(ScenarioResult, u64)>,
+    metrics: Vec<(ScenarioResult, u64, bool)>,
     loads: Vec<f64>,
     notes: Vec<String>,
 }
@@ -471,32 +471,46 @@ fn main() -> anyhow::Result<()> {
         let metrics = k.metrics();
         if !metrics.is_empty() {
             if admin_support == Support::Yes {
+                // Off and on alternate, twice, so drift in the neighbours' load hits both.
                 let io = started_backends.first().copied().flatten();
-                let mut turnd = Server::turnd(&TurndOptions {
-                    workers: k.workers,
-                    io,
-                    admin: true,
-                    tls: None,
-                })?;
-                turnd.name = format!("turnd {} +metrics", turnd.io_backend);
-                eprintln!("{} (admin on {:?})...", turnd.name, turnd.admin);
-                for sc in metrics {
-                    let scraper = match turnd.admin {
-                        Some(a) => Some(Scraper::start(a)?),
-                        None => None,
-                    };
-                    let r = measure(
-                        &Subject::server(&turnd, sc.transport, echo.addr),
-                        &sc,
-                        false,
-                    );
-                    let scrapes = scraper.map_or(0, Scraper::finish);
-                    let r = r?;
-                    eprintln!("  ({scrapes} good scrapes)");
-                    run.loads.push(loadavg());
-                    run.metrics.push((r, scrapes));
+                for round in 0..2 {
+                    for admin in [false, true] {
+                        let mut turnd = Server::turnd(&TurndOptions {
+                            workers: k.workers,
+                            io,
+                            admin,
+                            tls: None,
+                        })?;
+                        turnd.name = format!(
+                            "turnd {} admin {}",
+                            turnd.io_backend,
+                            if admin { "on" } else { "off" }
+                        );
+                        eprintln!("{} (round {round}, {:?})...", turnd.name, turnd.admin);
+                        for sc in &metrics {
+                            let scraper = match turnd.admin {
+                                Some(a) => Some(Scraper::start(a)?),
+                                None => None,
+                            };
+                            let r = measure(
+                                &Subject::server(&turnd, sc.transport, echo.addr),
+                                sc,
+                                false,
+                            );
+                            let scrapes = scraper.map_or(0, Scraper::finish);
+                            let r = r?;
+                            eprintln!(
+                                "  {} {}: {:.2} us CPU/pkt, {scrapes} good scrapes",
+                                r.server,
+                                label(&r.scenario),
+                                r.cpu_us_per_packet()
+                            );
+                            run.loads.push(loadavg());
+                            run.metrics.push((r, scrapes, admin));
+                        }
+                        turnd.stop();
+                    }
                 }
-                turnd.stop();
             } else {
                 run.notes
                     .push("turnd has no `[admin] listen` yet: no metrics-cost rows".into());
@@ -682,7 +696,7 @@ fn report(run: &Run, k: &Knobs, took: Duration) {
     }
 
     if !run.probes.is_empty() {
-        println!("\nSystem calls per relayed packet (perf stat, syscalls:sys_enter_* tracepoints, server threads only, a window of its own):\n");
+        println!("\nSystem calls per relayed packet (perf stat on the syscalls:sys_enter_<call> tracepoints of the calls in turnd_bench::syscalls::COUNTED, server threads only, a window of its own):\n");
         println!("| server | scenario | relayed pkts | all | send | recv | wait | top calls per packet |");
         println!("|---|---|---:|---:|---:|---:|---:|---|");
         for r in &run.probes {
@@ -713,20 +727,49 @@ fn report(run: &Run, k: &Knobs, took: Duration) {
     }
 
     if !run.metrics.is_empty() {
-        println!("\nMetrics cost (admin listener on and scraped every second, against the same backend with it off):\n");
-        println!("| server | scenario | CPU µs/pkt off | CPU µs/pkt on | on/off | good scrapes |");
+        println!("\nMetrics cost (turnd with the admin listener on and scraped every second, against off; off and on alternate, two rounds each, figures are the means):\n");
+        println!("| backend | scenario | CPU µs/pkt off (rounds) | CPU µs/pkt on (rounds) | on/off | good scrapes |");
         println!("|---|---|---:|---:|---:|---:|");
-        for (r, scrapes) in &run.metrics {
-            let base = r.server.trim_end_matches(" +metrics");
-            let off = cpu(base, r.scenario.name, r.scenario.transport);
+        let mut seen = Vec::new();
+        for (r, _, _) in &run.metrics {
+            let key = (r.scenario.name, r.scenario.transport);
+            if seen.contains(&key) {
+                continue;
+            }
+            seen.push(key);
+            let pick = |on: bool| -> Vec<f64> {
+                run.metrics
+                    .iter()
+                    .filter(|(m, _, a)| *a == on && (m.scenario.name, m.scenario.transport) == key)
+                    .map(|(m, _, _)| m.cpu_us_per_packet())
+                    .collect()
+            };
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+            let show = |v: &[f64]| {
+                v.iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let (off, on) = (pick(false), pick(true));
+            let scrapes: u64 = run
+                .metrics
+                .iter()
+                .filter(|(m, _, a)| *a && (m.scenario.name, m.scenario.transport) == key)
+                .map(|(_, s, _)| s)
+                .sum();
+            let backend = r
+                .server
+                .trim_end_matches(" admin on")
+                .trim_end_matches(" admin off");
             println!(
-                "| {} | {} | {:.2} | {:.2} | {} | {} |",
-                r.server,
+                "| {backend} | {} | {:.2} ({}) | {:.2} ({}) | {} | {scrapes} |",
                 label(&r.scenario),
-                off,
-                r.cpu_us_per_packet(),
-                ratio(r.cpu_us_per_packet(), off),
-                scrapes
+                mean(&off),
+                show(&off),
+                mean(&on),
+                show(&on),
+                ratio(mean(&on), mean(&off)),
             );
         }
     }
