@@ -352,9 +352,11 @@ async fn a_tcp_binding_flood_does_not_starve_a_udp_clients_relay() {
         "the flood stopped during the window ({flood_during})"
     );
     // Starved (a connection's frames all handled before anything else), a round trip took
-    // ~0.5 s: six in the window. Served fairly, hundreds.
+    // ~0.5 s: six in the window. Served fairly, hundreds on a quiet machine; the bar leaves
+    // room for a loaded CI machine (the test's own client shares two cores with the flood)
+    // while staying five times above starvation.
     assert!(
-        round_trips >= 100,
+        round_trips >= 30,
         "only {round_trips} UDP round trips in the window beside the flood ({lost} lost)"
     );
 }

@@ -148,7 +148,6 @@ pub struct Uring {
     /// Completions held over to the next pass (budget reached, or seen during a flush).
     deferred: VecDeque<(u64, i32, u32)>,
     /// Datagrams of the last flush still owned by the kernel.
-    inflight: usize,
     inflight_data: SendQueue,
     messages: udp::Messages,
     send_failed: u64,
@@ -231,7 +230,6 @@ impl Uring {
             udp: Slab::new(),
             generation: 0,
             deferred: VecDeque::new(),
-            inflight: 0,
             inflight_data: SendQueue::default(),
             messages: udp::Messages::default(),
             send_failed: 0,
@@ -367,7 +365,6 @@ impl Uring {
                 true
             }
             KIND_SEND => {
-                self.inflight = self.inflight.saturating_sub(1);
                 if result < 0 {
                     self.send_failed += data & 0xFFFF_FFFF;
                 }
@@ -632,28 +629,9 @@ impl Backend for Uring {
             failed: std::mem::take(&mut self.send_failed),
             ..Flushed::default()
         };
-        // The last flush's memory must be free before it is reused.
-        while self.inflight > 0 {
-            out.syscalls += 1;
-            if self.ring.submit_and_wait(1).is_err() {
-                break;
-            }
-            let batch: Vec<(u64, i32, u32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result(), c.flags()))
-                .collect();
-            for (data, result, flags) in batch {
-                if data >> KIND_SHIFT == KIND_SEND {
-                    self.inflight = self.inflight.saturating_sub(1);
-                    if result < 0 {
-                        out.failed += data & 0xFFFF_FFFF;
-                    }
-                } else {
-                    self.deferred.push_back((data, result, flags));
-                }
-            }
-        }
+        // The last flush's memory (the queue's bytes, the message headers) is free: its
+        // sends were `MSG_DONTWAIT`, so each completed (or failed) inside the submission that
+        // carried it, and every SQE queued since has been submitted by this pass's wait.
         if queue.is_empty() {
             return out;
         }
@@ -681,10 +659,12 @@ impl Backend for Uring {
                 }
                 continue;
             }
+            // Only a failure posts a completion (counted in the next flush's `failed`).
             entries.push(
                 opcode::SendMsg::new(types::Fd(fd), self.messages.msghdr(j))
                     .flags(libc::MSG_DONTWAIT as u32)
                     .build()
+                    .flags(squeue::Flags::SKIP_SUCCESS)
                     .user_data((KIND_SEND << KIND_SHIFT) | k as u64),
             );
         }
@@ -693,7 +673,6 @@ impl Backend for Uring {
             if self.push(e).is_err() {
                 out.failed += k;
             } else {
-                self.inflight += 1;
                 out.sent += k;
             }
         }
