@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// Open allocations logged one by one at exit, per worker.
+const SHUTDOWN_LOG_LIMIT: usize = 100;
+
 impl State {
     pub(super) fn timers(&mut self) {
         if self.core.poll_timeout().is_some_and(|t| t <= self.now) {
@@ -96,6 +99,20 @@ impl State {
                 allocations = open,
                 "stopping with allocations open"
             );
+            // What was cut, one line each (bounded: a busy server logs the first ones only).
+            for s in self.core.sessions(self.now).take(SHUTDOWN_LOG_LIMIT) {
+                info!(
+                    worker = self.index,
+                    id = s.id.0,
+                    user = %s.username,
+                    client = %s.five_tuple.client,
+                    transport = s.five_tuple.transport.as_str(),
+                    lifetime_left_s = s.lifetime_left.as_secs(),
+                    bytes_to_peer = s.stats.bytes_to_peer,
+                    bytes_from_peer = s.stats.bytes_from_peer,
+                    "allocation open at exit"
+                );
+            }
         }
         let idxs: Vec<usize> = self.streams.iter().map(|(i, _)| i).collect();
         for idx in idxs {
