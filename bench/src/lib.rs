@@ -238,6 +238,11 @@ pub fn measure_bare(
 ) -> anyhow::Result<ScenarioResult> {
     let fwd = bare::BareForwarder::start(workers, peer)?;
     let cpu = CpuSource::Threads("bare-fwd-".to_owned());
+    // A new thread names itself once it runs: wait (bounded) until all are visible.
+    let named = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while cpu.threads() < 2 * workers.max(1) && std::time::Instant::now() < named {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let subject = Subject {
         name: "bare fwd".to_owned(),
         target: Target::Bare(fwd.addr),
