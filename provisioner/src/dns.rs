@@ -1235,6 +1235,7 @@ mod tests {
             content: c.into(),
             ttl: 1,
             proxied: false,
+            priority: None,
         }
     }
 

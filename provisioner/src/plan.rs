@@ -74,7 +74,7 @@ pub enum ActionKind {
         worker: Box<Vm>,
     },
     /// Server-side apply of turnd's Kubernetes objects (phase `turnd`).
-    KubeApply(Box<crate::phases::turnd::KubeApply>),
+    KubeApply(Box<crate::k8s::applier::KubeApply>),
     /// Server-side apply of plain objects (phase `monitoring`: namespace, Secrets, dashboard).
     KubeObjects(Box<crate::k8s::ObjectSet>),
     /// Wait until the VM (the action's target) answers over SSH, then until cloud-init has
@@ -454,7 +454,7 @@ pub enum ApplyError {
         /// The action's summary.
         action: String,
         /// What failed.
-        source: crate::phases::turnd::KubeApplyError,
+        source: crate::k8s::applier::KubeApplyError,
     },
     /// The journal could not be written.
     #[error("cannot write the journal {path}: {source}")]

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use monitoring::{Email, EmailRoute, Monitoring, DEFAULT_CHART_VERSION};
-pub use types::{HostName, Ipv4Cidr, MacAddr, Version};
+pub use types::{HostName, Ipv4Cidr, MacAddr, Version, VirtType};
 
 /// Why an inventory could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +110,7 @@ pub struct Host {
     pub image_dir: String,
     /// `kvm` (default) or `qemu` (software emulation, for hosts without /dev/kvm).
     #[serde(default)]
-    pub virt_type: crate::render::libvirt::VirtType,
+    pub virt_type: VirtType,
 }
 
 impl Host {

@@ -269,6 +269,27 @@ impl fmt::Display for Version {
     }
 }
 
+/// How the guest is virtualised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VirtType {
+    /// Hardware virtualisation (needs /dev/kvm); the CPU is passed through.
+    #[default]
+    Kvm,
+    /// Software emulation (TCG), for hosts without KVM; QEMU's default CPU model.
+    Qemu,
+}
+
+impl VirtType {
+    /// The libvirt domain type (`<domain type=…>`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Qemu => "qemu",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,7 @@
 //! What it leaves out: issuing the certificate (ACME), the host's DNAT rules, and a container
 //! registry: the image reference is a parameter with a default ([`DEFAULT_IMAGE`]).
 
+pub mod applier;
 mod apply;
 mod config;
 mod dynamic;

@@ -93,25 +93,7 @@ pub fn seed_path(image_dir: &str, vm: &str) -> String {
     format!("{image_dir}/{vm}-seed.iso")
 }
 
-/// How the guest is virtualised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VirtType {
-    /// Hardware virtualisation (needs /dev/kvm); the CPU is passed through.
-    #[default]
-    Kvm,
-    /// Software emulation (TCG), for hosts without KVM; QEMU's default CPU model.
-    Qemu,
-}
-
-impl VirtType {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Kvm => "kvm",
-            Self::Qemu => "qemu",
-        }
-    }
-}
+pub use crate::inventory::VirtType;
 
 /// Boot a kernel directly instead of the disk's boot loader (used for test guests built with
 /// debootstrap, whose root file system has no boot loader).
