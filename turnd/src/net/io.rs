@@ -194,7 +194,7 @@ mod tests {
             let flooded = bound();
             let quiet = bound();
             let sender = UdpSocket::bind("127.0.0.1:0").expect("bind");
-            const FLOOD: usize = 1_000;
+            const FLOOD: usize = 3_000;
             for i in 0..FLOOD {
                 sender
                     .send_to(&(i as u32).to_be_bytes(), flooded.local_addr().unwrap())
