@@ -9,7 +9,9 @@
 //! over TCP / TLS client legs), `setup` (server CPU per allocation with 32 in flight, and the
 //! memory of 10,000 allocations held), `syscalls` (perf tracepoint counts per packet in a
 //! window of their own, saturated and audio), `metrics` (turnd with its admin listener on
-//! and scraped every second against off: saturated, paced, audio).
+//! and scraped every second against off, alternating for two rounds: saturated, paced,
+//! audio). Each row also gives the client's CPU and the kernel's receive-buffer drops at
+//! the bench's and the server's own sockets, by role. bench/RESULTS.md reads a run.
 //!
 //! Servers (`BENCH_SERVERS`, default `bare,turnd,coturn`). turnd backends (`BENCH_IO`,
 //! default `io_uring,epoll` when turnd's config has `[server] io`, else the one backend it
