@@ -98,6 +98,14 @@ fn world(c: &Cluster) -> World {
         &master_ip,
     );
     host.downloads.insert(c.image.url.clone(), IMAGE.to_vec());
+    // What the renewal timer runs, copied by the operator (step 1 of the README's sequence).
+    for path in phases::host::renew_prerequisites() {
+        host.state
+            .lock()
+            .expect("state")
+            .files
+            .insert(path, b"copied by the operator".to_vec());
+    }
     host.versions
         .insert("kubectl".into(), format!("v{}", c.versions.kubernetes));
     let host = Arc::new(host);
@@ -229,6 +237,13 @@ fn a_fresh_host_plans_applies_in_install_order_and_converges() {
         host_plan
             .summary
             .starts_with("install packages qemu-kvm libvirt-daemon-system"),
+        "{text}"
+    );
+    assert!(
+        plans[0]
+            .actions
+            .iter()
+            .any(|a| a.summary == "install the certificate renewal timer (turnd-cert-renew.timer)"),
         "{text}"
     );
     let vms = &plans[1];

@@ -38,6 +38,18 @@ pub struct RenewFacts {
     pub files: BTreeMap<String, String>,
     /// `systemctl is-enabled` said `enabled`.
     pub enabled: bool,
+    /// What the timer runs that is not on the host (of [`renew_prerequisites`]).
+    pub missing: Vec<String>,
+}
+
+/// What the renewal service needs on the host besides its units: the provisioner binary, the
+/// inventory, and the `.env` with the Cloudflare token.
+pub fn renew_prerequisites() -> [String; 3] {
+    [
+        PROVISIONER_ON_HOST.to_owned(),
+        format!("{RENEW_DIR}/cluster.toml"),
+        format!("{RENEW_DIR}/.env"),
+    ]
 }
 
 /// The renewal timer's two unit files, rendered.
@@ -76,7 +88,21 @@ fn gather_renew(t: &dyn crate::exec::Transport) -> Result<RenewFacts, PhaseError
         Err(crate::exec::ExecError::Spawn { .. }) => false,
         Err(e) => return Err(gather(e)),
     };
-    Ok(RenewFacts { files, enabled })
+    let mut missing = Vec::new();
+    for (path, test) in renew_prerequisites().iter().zip(["-x", "-f", "-f"]) {
+        if !t
+            .run(&Cmd::new("test").args([test, path.as_str()]))
+            .map_err(gather)?
+            .success()
+        {
+            missing.push(path.clone());
+        }
+    }
+    Ok(RenewFacts {
+        files,
+        enabled,
+        missing,
+    })
 }
 
 /// What `host` observed.
@@ -298,6 +324,15 @@ pub fn plan(c: &Cluster, settings: &Settings, facts: &HostFacts) -> Plan {
 
 /// Installs (or repairs) the daily certificate renewal timer.
 fn plan_renew(renew: &RenewFacts, p: &mut Plan) {
+    if !renew.missing.is_empty() {
+        // A timer that cannot work would fail silently every night: say what is missing.
+        p.notes.push(format!(
+            "the certificate renewal timer is {}: missing on the host: {}; put the provisioner binary at {PROVISIONER_ON_HOST} and the inventory (cluster.toml) and .env (mode 0600) in {RENEW_DIR}/, then apply host again",
+            if renew.enabled { "enabled but cannot work" } else { "not installed" },
+            renew.missing.join(", ")
+        ));
+        return;
+    }
     let files = renew_files();
     let stale: Vec<&(String, Vec<u8>)> = files
         .iter()
@@ -345,8 +380,34 @@ mod tests {
 
     fn renew_plan(files: BTreeMap<String, String>, enabled: bool) -> Plan {
         let mut p = Plan::new(PhaseId::Host);
-        plan_renew(&RenewFacts { files, enabled }, &mut p);
+        plan_renew(
+            &RenewFacts {
+                files,
+                enabled,
+                missing: Vec::new(),
+            },
+            &mut p,
+        );
         p
+    }
+
+    #[test]
+    fn no_timer_is_installed_that_cannot_work() {
+        let mut p = Plan::new(PhaseId::Host);
+        let missing = vec![format!("{RENEW_DIR}/.env")];
+        plan_renew(
+            &RenewFacts {
+                files: BTreeMap::new(),
+                enabled: false,
+                missing,
+            },
+            &mut p,
+        );
+        assert!(p.is_empty());
+        assert_eq!(
+            p.notes,
+            ["the certificate renewal timer is not installed: missing on the host: /etc/turnd-provisioner/.env; put the provisioner binary at /usr/local/bin/provisioner and the inventory (cluster.toml) and .env (mode 0600) in /etc/turnd-provisioner/, then apply host again"]
+        );
     }
 
     fn cluster(toml: &str) -> Cluster {
