@@ -456,6 +456,7 @@ fn phase_settings(cli: &Cli, c: &Cluster) -> Settings {
     Settings {
         auth_secret,
         user_passwords,
+        cert_store: Some(crate::acme::default_store_dir(&cli.inventory)),
         rollout_timeout: Some(std::time::Duration::from_secs(300)),
         dotenv: Some(dotenv),
         ..Settings::default()

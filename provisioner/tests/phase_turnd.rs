@@ -329,3 +329,40 @@ fn the_api_and_the_secret_come_from_settings_or_the_environment_never_the_invent
     assert_eq!(api, KubeApi::Url("http://x".into()));
     assert_eq!(secret.expose(), SECRET);
 }
+
+#[test]
+fn a_stored_certificate_is_deployed_with_the_objects_so_the_pods_start_in_the_same_run() {
+    let api = api();
+    let c = example();
+    let store_dir = tempfile::tempdir().expect("tempdir");
+    let store = provisioner::acme::CertStore::new(store_dir.path());
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert =
+        rcgen::CertificateParams::new(vec!["example.net".to_owned(), "*.example.net".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+    std::fs::write(store.cert_path(), cert.pem()).expect("write cert");
+    std::fs::write(store.key_path(), key.serialize_pem()).expect("write key");
+    let s = Settings {
+        cert_store: Some(store_dir.path().to_owned()),
+        // The fake API server runs no controllers: nothing would ever roll out.
+        rollout_timeout: None,
+        ..settings(KubeApi::Url(format!("http://{}", api.addr)))
+    };
+    let p = plan(&c, &s).expect("plans");
+    assert_eq!(p.actions.len(), 1, "{}", p.render(true));
+    assert!(
+        p.actions[0]
+            .summary
+            .ends_with(", deploy the stored certificate as Secret turnd/turnd-tls"),
+        "{}",
+        p.actions[0].summary
+    );
+    apply(&p, &transports(), &mut Journal::in_memory()).expect("applies");
+    let stored = api.state.lock().expect("lock").stored.clone();
+    let tls = &stored["/api/v1/namespaces/turnd/secrets/turnd-tls"];
+    assert_eq!(tls["type"], "kubernetes.io/tls");
+    let again = plan(&c, &s).expect("plans");
+    assert!(again.is_empty(), "{}", again.render(true));
+}

@@ -54,6 +54,9 @@ pub enum KubeApplyError {
     /// The API server refused, or could not be reached.
     #[error(transparent)]
     K8s(#[from] K8sError),
+    /// The stored certificate could not be deployed as the TLS Secret.
+    #[error("deploying the stored certificate: {0}")]
+    Certificate(String),
     /// A Deployment did not finish rolling out in time.
     #[error("Deployment/{deployment} did not finish its rollout within {waited:?}: {state} (see `provisioner kubectl -- -n {NAMESPACE} describe deployment/{deployment}`)")]
     Rollout {
@@ -75,6 +78,9 @@ pub struct KubeApply {
     pub manifests: Manifests,
     /// Wait this long for every Deployment's rollout; `None`: do not wait.
     pub rollout_timeout: Option<Duration>,
+    /// After the objects, deploy the certificate stored in this directory as the TLS Secret
+    /// (the one the pods mount), so they can start in the same run.
+    pub tls_from_store: Option<PathBuf>,
 }
 
 // The objects hold no floating-point fields: equality is total.
@@ -90,6 +96,13 @@ impl KubeApply {
         k8s::block_on(async {
             let client = self.api.client().await?;
             k8s::apply(&client, &self.manifests, Mode::Apply).await?;
+            if let Some(dir) = &self.tls_from_store {
+                let store = crate::acme::CertStore::new(dir);
+                let deployed = crate::acme::deploy(&client, &store, false)
+                    .await
+                    .map_err(|e| KubeApplyError::Certificate(e.to_string()))?;
+                tracing::info!("{deployed}");
+            }
             if let Some(timeout) = self.rollout_timeout {
                 let api = Api::<Deployment>::namespaced(client, NAMESPACE);
                 for d in &self.manifests.deployments {

@@ -47,6 +47,9 @@ pub struct Settings {
     /// Passwords of the inventory's `auth.users` given by `password_env`, by user name (from
     /// `.env`; the process environment is asked too).
     pub user_passwords: std::collections::BTreeMap<String, crate::k8s::Sensitive>,
+    /// The certificate store (`cert issue` writes it): the `turnd` phase deploys its
+    /// certificate as the TLS Secret when the Secret is missing; `None`: it does not.
+    pub cert_store: Option<std::path::PathBuf>,
 }
 
 /// What the earlier phases of one `plan` run will have done when a later phase applies: a
@@ -103,6 +106,7 @@ impl Default for Settings {
             vm_ready_timeout: Some(VM_READY_TIMEOUT),
             ahead: Ahead::default(),
             user_passwords: std::collections::BTreeMap::new(),
+            cert_store: None,
         }
     }
 }

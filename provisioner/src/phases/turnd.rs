@@ -52,6 +52,8 @@ pub struct TurndFacts {
     pub asked: bool,
     /// Whether the TLS Secret the pods mount exists (`None`: the server was not asked).
     pub tls_secret: Option<bool>,
+    /// The certificate store, when it holds a certificate ([`Settings::cert_store`]).
+    pub stored_cert: Option<PathBuf>,
 }
 
 fn env_auth_secret(env: &dyn EnvSource) -> Option<Sensitive> {
@@ -150,11 +152,13 @@ pub fn gather(
             api,
             manifests,
             rollout_timeout: None,
+            tls_from_store: None,
         };
         let facts = TurndFacts {
             changes,
             asked: true,
             tls_secret: None,
+            stored_cert: stored_cert(ctx.settings),
         };
         return Ok((apply, facts));
     }
@@ -188,6 +192,7 @@ pub fn gather(
         api,
         manifests,
         rollout_timeout: None,
+        tls_from_store: None,
     };
     Ok((
         apply,
@@ -195,8 +200,19 @@ pub fn gather(
             changes,
             asked,
             tls_secret,
+            stored_cert: stored_cert(ctx.settings),
         },
     ))
+}
+
+/// The certificate store of [`Settings::cert_store`], when it holds a certificate.
+fn stored_cert(settings: &Settings) -> Option<PathBuf> {
+    let dir = settings.cert_store.as_ref()?;
+    crate::acme::CertStore::new(dir)
+        .load()
+        .ok()
+        .flatten()
+        .map(|_| dir.clone())
 }
 
 fn kind_word(k: ChangeKind) -> &'static str {
@@ -218,7 +234,10 @@ pub fn plan(mut apply: KubeApply, facts: &TurndFacts, rollout_timeout: Option<Du
         .filter(|c| c.kind != ChangeKind::Unchanged)
         .map(|c| format!("{} ({})", c.object, kind_word(c.kind)))
         .collect();
-    if pending.is_empty() {
+    // The Secret is missing (or the cluster is new) and a certificate is stored: deploy it
+    // right after the objects, so the pods start in this run.
+    let deploy_cert = facts.tls_secret != Some(true) && facts.stored_cert.is_some();
+    if pending.is_empty() && !deploy_cert {
         return p;
     }
     if !facts.asked {
@@ -228,7 +247,9 @@ pub fn plan(mut apply: KubeApply, facts: &TurndFacts, rollout_timeout: Option<Du
         ));
     }
     apply.rollout_timeout = rollout_timeout;
-    if facts.tls_secret == Some(false) {
+    if deploy_cert {
+        apply.tls_from_store.clone_from(&facts.stored_cert);
+    } else if facts.tls_secret == Some(false) {
         apply.rollout_timeout = None;
         p.notes.push(format!(
             "Secret {NAMESPACE}/{TLS_SECRET_NAME} does not exist: the pods cannot start until `provisioner cert deploy`; not waiting for the rollout"
@@ -238,9 +259,19 @@ pub fn plan(mut apply: KubeApply, facts: &TurndFacts, rollout_timeout: Option<Du
         Some(t) => format!(", then wait up to {}s for the rollout", t.as_secs()),
         None => String::new(),
     };
+    let objects = if pending.is_empty() {
+        "every object (unchanged)".to_owned()
+    } else {
+        pending.join(", ")
+    };
+    let cert = if deploy_cert {
+        format!(", deploy the stored certificate as Secret {NAMESPACE}/{TLS_SECRET_NAME}")
+    } else {
+        String::new()
+    };
     p.actions.push(Action {
         target: Target::KubeApi,
-        summary: format!("server-side apply {}{wait}", pending.join(", ")),
+        summary: format!("server-side apply {objects}{cert}{wait}"),
         kind: ActionKind::KubeApply(Box::new(apply)),
     });
     p
