@@ -203,6 +203,29 @@ fn static_users_need_exactly_one_of_key_and_password_env() {
 }
 
 #[test]
+fn a_registry_image_needs_a_digest_and_a_loaded_one_needs_pull_never() {
+    let with = |c: &str| format!("{}\n[container]\n{c}", example());
+    let text = with("image = \"ghcr.io/turnd/turnd:0.1.0\"\n");
+    let line = line_of(&text, "[container]", "image =");
+    assert_eq!(
+        error_of(&text),
+        format!("<inline>:{line}: `container.image`: `ghcr.io/turnd/turnd:0.1.0`: an image from a registry must name its digest (REPO@sha256:<64 hex digits>); an image loaded on the nodes needs pull = \"never\"")
+    );
+    for ok in [
+        format!(
+            "image = \"ghcr.io/turnd/turnd@sha256:{}\"\n",
+            "a".repeat(64)
+        ),
+        "image = \"localhost/turnd:dev\"\npull = \"never\"\n".to_owned(),
+    ] {
+        let text = with(&ok);
+        Inventory::from_toml(&text)
+            .and_then(|i| i.validate(&text))
+            .unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+}
+
+#[test]
 fn vms_must_fit_the_host() {
     let text = example().replacen("memory_gib = 48", "memory_gib = 16", 1);
     assert!(error_of(&text)

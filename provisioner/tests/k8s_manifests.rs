@@ -222,3 +222,25 @@ fn each_rendered_file_reads_back_as_exactly_its_typed_object() {
         assert_eq!(from_yaml, typed, "{}", f.path);
     }
 }
+
+#[test]
+fn the_inventory_names_the_image_and_a_loaded_image_is_never_pulled() {
+    let text = format!(
+        "{}\n[container]\nimage = \"localhost/turnd:dev\"\npull = \"never\"\n",
+        std::fs::read_to_string(root().join("deploy/cluster.example.toml")).expect("example")
+    );
+    let c = Inventory::from_toml(&text)
+        .and_then(|i| i.validate(&text))
+        .expect("valid");
+    let m = k8s::Manifests::build(&c, &Inputs::for_review()).expect("builds");
+    for d in &m.deployments {
+        let container = &d
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec")
+            .containers[0];
+        assert_eq!(container.image.as_deref(), Some("localhost/turnd:dev"));
+        assert_eq!(container.image_pull_policy.as_deref(), Some("Never"));
+    }
+}

@@ -78,6 +78,9 @@ pub struct Inventory {
     /// Long-term credentials carried over from the coturn cluster.
     #[serde(default)]
     pub auth: Auth,
+    /// turnd's container image; absent: the release image of this provisioner's version.
+    #[serde(default)]
+    pub container: Option<Container>,
     /// The public domain.
     pub domain: Domain,
     /// ACME (certificate) settings.
@@ -262,6 +265,41 @@ pub struct TurndInstance {
     /// belongs to the host's own web services.
     #[serde(default)]
     pub tcp_443: bool,
+}
+
+/// turnd's container image.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Container {
+    /// The image. From a registry it must name a digest (`REPO@sha256:…`), so every node runs
+    /// the same bytes; with `pull = "never"` it is an image already loaded into each worker's
+    /// containerd.
+    pub image: String,
+    /// `if-not-present` (default): pulled from the registry once per node; `never`: only the
+    /// image loaded on the node is used.
+    #[serde(default)]
+    pub pull: PullPolicy,
+}
+
+/// When the kubelet pulls the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    /// Pull when the node lacks it.
+    #[default]
+    IfNotPresent,
+    /// Never pull: the image must be loaded on the node.
+    Never,
+}
+
+impl PullPolicy {
+    /// Kubernetes' `imagePullPolicy` value.
+    pub fn as_k8s(self) -> &'static str {
+        match self {
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
 }
 
 /// Long-term credentials (RFC 8489 §9.2) carried into every `turnd.toml`, so the users and
@@ -477,6 +515,20 @@ impl Inventory {
         }
 
         self.monitoring.check()?;
+        if let Some(c) = &self.container {
+            let digest_ok = c.image.split_once("@sha256:").is_some_and(|(repo, d)| {
+                !repo.is_empty() && d.len() == 64 && d.chars().all(|x| x.is_ascii_hexdigit())
+            });
+            if c.image.is_empty() || (c.pull != PullPolicy::Never && !digest_ok) {
+                return fail(
+                    "container.image".into(),
+                    format!(
+                        "`{}`: an image from a registry must name its digest (REPO@sha256:<64 hex digits>); an image loaded on the nodes needs pull = \"never\"",
+                        c.image
+                    ),
+                );
+            }
+        }
         if self.auth.realm.as_deref().is_some_and(str::is_empty) {
             return fail("auth.realm".into(), "must not be empty".into());
         }

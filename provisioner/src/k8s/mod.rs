@@ -395,7 +395,17 @@ impl Manifests {
             .turnd
             .iter()
             .zip(&configs)
-            .map(|(t, toml)| objects::deployment(cluster, t, toml, &inputs.image))
+            .map(|(t, toml)| {
+                // The inventory's image wins over the release default.
+                let (image, pull) = cluster.container.as_ref().map_or(
+                    (
+                        inputs.image.as_str(),
+                        crate::inventory::PullPolicy::IfNotPresent,
+                    ),
+                    |c| (c.image.as_str(), c.pull),
+                );
+                objects::deployment(cluster, t, toml, image, pull)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             namespace: objects::namespace(),

@@ -201,6 +201,7 @@ pub(super) fn deployment(
     t: &TurndInstance,
     toml: &str,
     image: &str,
+    pull: crate::inventory::PullPolicy,
 ) -> Result<Deployment, K8sError> {
     let name = instance_name(t);
     let ip = worker_ip(cluster, t)?.to_string();
@@ -211,7 +212,7 @@ pub(super) fn deployment(
     let container = Container {
         name: "turnd".to_owned(),
         image: Some(image.to_owned()),
-        image_pull_policy: Some("IfNotPresent".to_owned()),
+        image_pull_policy: Some(pull.as_k8s().to_owned()),
         args: Some(vec!["--config".to_owned(), mounts::CONFIG_FILE.to_owned()]),
         // Files of the mounted auth Secret, not values: turnd watches them and reloads.
         env: Some(vec![
