@@ -206,7 +206,7 @@ fn static_users_need_exactly_one_of_key_and_password_env() {
 fn a_registry_image_needs_a_digest_and_a_loaded_one_needs_pull_never() {
     let with = |c: &str| format!("{}\n[container]\n{c}", example());
     let text = with("image = \"ghcr.io/turnd/turnd:0.1.0\"\n");
-    let line = line_of(&text, "[container]", "image =");
+    let line = line_of(&text, "\n[container]\n", "image =");
     assert_eq!(
         error_of(&text),
         format!("<inline>:{line}: `container.image`: `ghcr.io/turnd/turnd:0.1.0`: an image from a registry must name its digest (REPO@sha256:<64 hex digits>); an image loaded on the nodes needs pull = \"never\"")
