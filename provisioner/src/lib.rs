@@ -6,12 +6,16 @@
 //! - [`inventory`]: the typed `cluster.toml`, parsed with unknown keys refused, then validated
 //!   with file, line and key in every error; [`secrets`] come from the environment or `.env`.
 //! - [`exec`]: the [`exec::Transport`] trait — local, SSH (ControlMaster, jump through the
-//!   host), a recording fake, and a persistent `virsh` session for libvirt's test driver.
+//!   host), a recording fake, and a persistent `virsh` session for libvirt's test driver;
+//!   [`exec::redact`] masks credentials in the `-v` log, [`exec::tunnel`] forwards a port to
+//!   the API server through the host.
 //! - [`render`]: every generated file from typed data (libvirt XML, cloud-init, containerd,
 //!   kubeadm, Cilium values, sysctl/modules).
-//! - [`plan`]: typed actions, plans, and the applier that records progress.
+//! - [`plan`]: typed actions, plans (disruptive actions marked and confirmed), the run lock,
+//!   and the applier that records progress.
 //! - [`phases`]: each phase as gather (observe) → plan (pure) → apply.
-//! - [`k8s`]: turnd's Kubernetes objects (typed k8s-openapi), rendered and server-side applied.
+//! - [`k8s`]: turnd's Kubernetes objects (typed k8s-openapi), rendered and server-side applied
+//!   ([`k8s::applier`]).
 //! - [`hostnet`]: the host's iptables chains, systemd unit and drift check.
 //! - [`dns`] and [`acme`]: Cloudflare DNS records and the ACME DNS-01 certificate.
 //! - [`phases::monitoring`] with [`render::monitoring`]: kube-prometheus-stack by Helm, turnd's
