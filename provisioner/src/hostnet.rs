@@ -18,7 +18,7 @@
 //! libvirt insert their own jumps at the top when they restart).
 //! [`HostNet::systemd_unit`] applies both at boot and again whenever `docker.service` or
 //! `libvirtd.service` restarts; its `ExecStop` removes exactly ours ([`HostNet::teardown_file`]).
-//! [`verify`] compares `iptables-save` output with what we render and reports [`Drift`].
+//! [`HostNet::verify`] compares `iptables-save` output with what we render and reports [`Drift`].
 //!
 //! What it leaves out: IPv6 (the inventory's public IPs are IPv4), and running anything — the
 //! caller ships the [`Files`] and runs the commands.
