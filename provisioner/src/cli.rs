@@ -151,7 +151,11 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             let mut settings = phase_settings(cli, &c);
-            let _api = api_through_host(&c, &t, &mut settings);
+            let _api = if list.iter().any(|p| needs_api(*p)) {
+                api_through_host(&c, &t, &mut settings)
+            } else {
+                None
+            };
             let ctx = Context {
                 cluster: &c,
                 transports: &t,
