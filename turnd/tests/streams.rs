@@ -357,3 +357,47 @@ async fn a_tls_client_that_reads_late_gets_everything() {
     }
     running.shutdown();
 }
+
+/// Allocations relaying to the same peer at the same moment each get only their own echoes,
+/// every one of them: a relay's datagrams leave from its own relayed address even when a
+/// pass batches several relays' datagrams to one destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocations_sharing_a_peer_get_only_their_own_echoes() {
+    let running = turnd::run::start(settings("")).unwrap();
+    let peer = EchoPeer::start();
+    const CLIENTS: usize = 6;
+    const EACH: usize = 40;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut c = StreamClient::new(UdpStream::connect(running.udp[0]).await, "u", "p");
+        c.allocate().await;
+        c.bind_channel(0x4005, peer.addr).await;
+        clients.push(c);
+    }
+    // Everyone sends a burst at once, then reads its echoes.
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(id, mut c)| {
+            tokio::spawn(async move {
+                let id = u8::try_from(id).unwrap();
+                for n in 0..EACH {
+                    let mut frame = vec![0x40, 0x05, 0, 8];
+                    frame.extend_from_slice(&[id, u8::try_from(n).unwrap(), 0, 0, 0, 0, 0, 0]);
+                    c.send_raw(&frame).await;
+                }
+                let mut seen = vec![false; EACH];
+                for _ in 0..EACH {
+                    let f = c.read_frame().await;
+                    assert_eq!(f[4], id, "client {id} got another allocation's echo");
+                    seen[usize::from(f[5])] = true;
+                }
+                assert!(seen.iter().all(|s| *s), "client {id} missed echoes");
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    running.shutdown();
+}

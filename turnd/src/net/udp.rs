@@ -268,8 +268,8 @@ const GSO_SEGMENTS: usize = 64;
 /// Most bytes in one GSO send.
 const GSO_BYTES: usize = 65_000;
 
-/// How many of `items` (starting at the first) can leave as one GSO send: same destination
-/// and source, every segment the first one's size except a shorter last one.
+/// How many of `items` (starting at the first) can leave as one GSO send: same socket, same
+/// destination and source, every segment the first one's size except a shorter last one.
 fn gso_run(items: &[OutDatagram]) -> usize {
     let Some(first) = items.first() else { return 0 };
     if !GSO.load(std::sync::atomic::Ordering::Relaxed) {
@@ -281,6 +281,7 @@ fn gso_run(items: &[OutDatagram]) -> usize {
     for d in &items[1..] {
         let len = d.end - d.start;
         if n >= GSO_SEGMENTS
+            || d.fd != first.fd
             || d.destination != first.destination
             || d.src_ip != first.src_ip
             || d.force_dont_fragment
@@ -637,6 +638,50 @@ impl RecvBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd as _;
+
+    /// Datagrams from different sockets to one destination never share a segmented send:
+    /// each leaves from its own socket (a relay's traffic must come from its own relayed
+    /// address).
+    #[test]
+    fn gso_never_merges_sockets() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let socks: Vec<_> = (0..3)
+            .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let mut q = SendQueue::default();
+        for _ in 0..2 {
+            for (i, s) in socks.iter().enumerate() {
+                q.push(
+                    s.as_raw_fd(),
+                    rx.local_addr().unwrap(),
+                    None,
+                    false,
+                    &[u8::try_from(i).unwrap(); 64],
+                );
+            }
+        }
+        let (items, data) = q.grouped();
+        let mut msgs = Messages::default();
+        msgs.build(items, data);
+        assert_eq!(msgs.len(), 3, "one message per socket");
+        let mut out = Flushed::default();
+        msgs.sendmmsg(&mut out);
+        assert_eq!(out.sent, 6);
+        let mut buf = [0u8; 128];
+        for _ in 0..6 {
+            let (n, from) = rx.recv_from(&mut buf).unwrap();
+            let i = usize::from(buf[0]);
+            assert_eq!(n, 64);
+            assert_eq!(
+                from,
+                socks[i].local_addr().unwrap(),
+                "sent from its own socket"
+            );
+        }
+    }
 
     /// Several datagrams to one destination leave as one segmented send (GSO) and arrive as
     /// separate datagrams, in order, with a shorter last one intact; other destinations in
