@@ -638,7 +638,6 @@ impl RecvBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd as _;
 
     /// Datagrams from different sockets to one destination never share a segmented send:
     /// each leaves from its own socket (a relay's traffic must come from its own relayed
