@@ -386,7 +386,7 @@ async fn allocations_sharing_a_peer_get_only_their_own_echoes() {
                     frame.extend_from_slice(&[id, u8::try_from(n).unwrap(), 0, 0, 0, 0, 0, 0]);
                     c.send_raw(&frame).await;
                 }
-                let mut seen = vec![false; EACH];
+                let mut seen = [false; EACH];
                 for _ in 0..EACH {
                     let f = c.read_frame().await;
                     assert_eq!(f[4], id, "client {id} got another allocation's echo");
