@@ -230,7 +230,7 @@ impl Uring {
         let mut recv_msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         recv_msg.msg_namelen = NAME_LEN as libc::socklen_t;
         recv_msg.msg_controllen = CONTROL_LEN as _;
-        let mut me = Self {
+        let me = Self {
             ring,
             poll: mio::Poll::new()?,
             events: mio::Events::with_capacity(EVENTS),
@@ -249,8 +249,9 @@ impl Uring {
             held: VecDeque::new(),
             entries: Vec::new(),
         };
-        me.arm_poll()?;
-        me.ring.submit()?;
+        // Nothing is submitted here: the ring is built on the starting thread, and io_uring
+        // runs a request's completion work on the task that submitted it. The worker's first
+        // wait arms the poll (and every receive), so their completions wake the worker.
         Ok(me)
     }
 
