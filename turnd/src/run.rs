@@ -663,45 +663,6 @@ impl Running {
     }
 }
 
-/// Watches the directories of `files` (the configuration file, secret files, the admin token
-/// file); sends on `tx` when one of them changes (a Kubernetes ConfigMap or Secret update
-/// swaps a `..data` symlink, which is seen too).
-fn watch_files(
-    files: &[PathBuf],
-    tx: tokio::sync::mpsc::Sender<()>,
-) -> Result<notify::RecommendedWatcher, notify::Error> {
-    use notify::Watcher as _;
-    let names: Vec<std::ffi::OsString> = files
-        .iter()
-        .filter_map(|p| p.file_name().map(ToOwned::to_owned))
-        .collect();
-    let mut dirs: Vec<PathBuf> = files
-        .iter()
-        .map(|p| match p.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-            _ => PathBuf::from("."),
-        })
-        .collect();
-    dirs.sort();
-    dirs.dedup();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        let relevant = res.is_ok_and(|ev| {
-            ev.paths.iter().any(|p| {
-                p.file_name().is_some_and(|n| {
-                    names.iter().any(|m| m == n) || n.to_string_lossy().starts_with("..")
-                })
-            })
-        });
-        if relevant {
-            let _ = tx.try_send(());
-        }
-    })?;
-    for dir in &dirs {
-        watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
-    }
-    Ok(watcher)
-}
-
 /// How long a drain runs before "no allocation left" is believed: longer than two of the
 /// workers' housekeeping ticks, which publish their allocation counts.
 const DRAIN_SETTLE: Duration = Duration::from_millis(300);
@@ -727,7 +688,7 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     let _watch = if watched.is_empty() {
         None
     } else {
-        match watch_files(&watched, file_tx) {
+        match tls::watch_files(&watched, file_tx) {
             Ok(w) => Some(w),
             Err(e) => {
                 warn!(files = ?watched, error = %e, "cannot watch the configuration files; SIGHUP and POST /reload still reload them");

@@ -226,25 +226,56 @@ impl Tls {
         let now = files_fingerprint(&self.cert, &self.key);
         self.fingerprint.swap(now, Ordering::Relaxed) != now
     }
+}
 
-    /// The directories to watch: those of the certificate and the key.
-    fn watch_dirs(&self) -> Vec<PathBuf> {
-        let mut dirs: Vec<PathBuf> = [&self.cert, &self.key]
-            .iter()
-            .filter_map(|p| {
-                p.parent().map(|d| {
-                    if d.as_os_str().is_empty() {
-                        PathBuf::from(".")
-                    } else {
-                        d.to_owned()
-                    }
+/// Watches the directories of `files`; sends on `tx` when one of the files changes. Only
+/// those files count, or the `..data` / `..<timestamp>` entries of a Kubernetes Secret or
+/// ConfigMap volume (the kubelet swaps a symlink, never writing the files in place): other
+/// files in the directories (logs, say) do not. The one file watcher of turnd: certificates
+/// here, the configuration and secret files in `run`.
+///
+/// # Errors
+/// A directory could not be watched.
+pub fn watch_files(
+    files: &[PathBuf],
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> Result<notify::RecommendedWatcher, WatchError> {
+    use notify::Watcher as _;
+    let names: Vec<std::ffi::OsString> = files
+        .iter()
+        .filter_map(|p| p.file_name().map(ToOwned::to_owned))
+        .collect();
+    let mut dirs: Vec<PathBuf> = files
+        .iter()
+        .map(|p| match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => PathBuf::from("."),
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let relevant = res.is_ok_and(|ev| {
+            ev.paths.iter().any(|p| {
+                p.file_name().is_some_and(|n| {
+                    names.iter().any(|m| m == n) || n.to_string_lossy().starts_with("..")
                 })
             })
-            .collect();
-        dirs.sort();
-        dirs.dedup();
-        dirs
+        });
+        if relevant {
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(|source| WatchError {
+        dir: PathBuf::from("."),
+        source,
+    })?;
+    for dir in dirs {
+        watcher
+            .watch(&dir, notify::RecursiveMode::NonRecursive)
+            .map_err(|source| WatchError { dir, source })?;
     }
+    Ok(watcher)
 }
 
 /// Reloads `tls` whenever its files' directories change, until the returned watcher is
@@ -254,39 +285,8 @@ impl Tls {
 /// # Errors
 /// The directory watch could not be set up.
 pub fn spawn_reloader(tls: Arc<Tls>) -> Result<notify::RecommendedWatcher, WatchError> {
-    use notify::Watcher as _;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
-    let fs_tx = tx.clone();
-    let names: Vec<std::ffi::OsString> = [&tls.cert, &tls.key]
-        .iter()
-        .filter_map(|p| p.file_name().map(ToOwned::to_owned))
-        .collect();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        // Only our files, or the `..data` / `..<timestamp>` entries of a Kubernetes Secret
-        // volume: other files in the directory (logs, say) must not trigger reloads.
-        let relevant = res.is_ok_and(|ev| {
-            ev.paths.iter().any(|p| {
-                p.file_name().is_some_and(|n| {
-                    names.iter().any(|m| m == n) || n.to_string_lossy().starts_with("..")
-                })
-            })
-        });
-        if relevant {
-            let _ = fs_tx.try_send(());
-        }
-    })
-    .map_err(|source| WatchError {
-        dir: PathBuf::from("."),
-        source,
-    })?;
-    for dir in tls.watch_dirs() {
-        watcher
-            .watch(&dir, notify::RecursiveMode::NonRecursive)
-            .map_err(|source| WatchError {
-                dir: dir.clone(),
-                source,
-            })?;
-    }
+    let watcher = watch_files(&[tls.cert.clone(), tls.key.clone()], tx)?;
     tokio::spawn(async move {
         loop {
             if rx.recv().await.is_none() {
