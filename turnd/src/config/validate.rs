@@ -118,10 +118,7 @@ pub(super) fn validate(
     let mut watched_files: Vec<PathBuf> =
         config.auth.secret_files.iter().map(PathBuf::from).collect();
     watched_files.extend(ck.env.var(ENV_AUTH_SECRET_FILE).map(PathBuf::from));
-    watched_files.extend(config.admin.token_file.as_ref().map(PathBuf::from));
-    if config.admin.token_file.is_none() {
-        watched_files.extend(ck.env.var(ENV_ADMIN_TOKEN_FILE).map(PathBuf::from));
-    }
+    watched_files.extend(admin_token_file(config, ck.env).map(|(file, _)| PathBuf::from(file)));
     Ok(Settings {
         source: origin.name.clone(),
         config_path: origin.path.clone(),
@@ -616,24 +613,17 @@ fn log(ck: &mut Checker<'_>, config: &Config) -> Logging {
 /// `[admin]`, `TURND_ADMIN_TOKEN_FILE` and `TURND_ADMIN_TOKEN`, in that order of precedence.
 fn admin(ck: &mut Checker<'_>, config: &Config) -> Option<AdminSettings> {
     let a = &config.admin;
-    let token = match &a.token_file {
-        Some(file) => match read_token(file) {
+    let token = match admin_token_file(config, ck.env) {
+        Some((file, from)) => match read_token(&file) {
             Ok(t) => Some(t),
             Err(r) => {
-                ck.error("admin.token_file", r);
+                match from {
+                    TokenFileFrom::Config => ck.error("admin.token_file", r),
+                    TokenFileFrom::Env => ck.env_error(ENV_ADMIN_TOKEN_FILE, r),
+                }
                 None
             }
         },
-        None if ck.env.var(ENV_ADMIN_TOKEN_FILE).is_some() => {
-            let file = ck.env.var(ENV_ADMIN_TOKEN_FILE).unwrap_or_default();
-            match read_token(&file) {
-                Ok(t) => Some(t),
-                Err(r) => {
-                    ck.env_error(ENV_ADMIN_TOKEN_FILE, r);
-                    None
-                }
-            }
-        }
         None => match ck.env.var(ENV_ADMIN_TOKEN) {
             Some(t) => match token(&t, ENV_ADMIN_TOKEN) {
                 Ok(t) => Some(t),
@@ -660,6 +650,25 @@ fn admin(ck: &mut Checker<'_>, config: &Config) -> Option<AdminSettings> {
             );
             None
         }
+    }
+}
+
+/// Where the admin token file was named.
+enum TokenFileFrom {
+    /// `admin.token_file`.
+    Config,
+    /// `TURND_ADMIN_TOKEN_FILE`.
+    Env,
+}
+
+/// The file that holds the admin token, if one is named: `admin.token_file`, else
+/// `TURND_ADMIN_TOKEN_FILE` (the one rule both the token and the watched files follow).
+fn admin_token_file(config: &Config, env: &dyn Env) -> Option<(String, TokenFileFrom)> {
+    match &config.admin.token_file {
+        Some(file) => Some((file.clone(), TokenFileFrom::Config)),
+        None => env
+            .var(ENV_ADMIN_TOKEN_FILE)
+            .map(|file| (file, TokenFileFrom::Env)),
     }
 }
 
@@ -883,6 +892,18 @@ mod tests {
 
     const WITH_SECRET: &str = "[auth]\nsecrets = [\"s3cret\"]\n";
 
+    /// [`WITH_SECRET`] followed by `body`.
+    fn check_with_secret(body: &str) -> Result<Settings, ConfigError> {
+        check(&format!("{WITH_SECRET}{body}"))
+    }
+
+    /// The first error of [`WITH_SECRET`] followed by `body`, which must name `key`.
+    fn refused_at(body: &str, key: &str) -> ConfigError {
+        let e = check_with_secret(body).expect_err(body);
+        assert_eq!(e.location.key.as_deref(), Some(key), "{e}");
+        e
+    }
+
     #[test]
     fn defaults_match_the_issue() {
         let s = check(WITH_SECRET).expect("valid");
@@ -1059,15 +1080,11 @@ mod tests {
             "2001:db8::1".parse::<IpAddr>().expect("ip")
         );
 
-        let e = check(&format!(
-            "{WITH_SECRET}[relay]\nexternal_ips = [\"94.130.141.98/fd00::1\"]\n"
-        ))
-        .expect_err("mixed families");
-        assert_eq!(e.location.key.as_deref(), Some("relay.external_ips[0]"));
-        let e = check(&format!(
-            "{WITH_SECRET}[relay]\naddresses = [\"0.0.0.0\"]\n"
-        ))
-        .expect_err("unspecified");
+        refused_at(
+            "[relay]\nexternal_ips = [\"94.130.141.98/fd00::1\"]\n",
+            "relay.external_ips[0]",
+        );
+        let e = check_with_secret("[relay]\naddresses = [\"0.0.0.0\"]\n").expect_err("unspecified");
         assert_eq!(e.location.line, Some(4));
     }
 
@@ -1085,10 +1102,9 @@ mod tests {
 
     #[test]
     fn peer_policy_denies_special_purpose_unless_allowed() {
-        let s = check(&format!(
-            "{WITH_SECRET}[peers]\nallow = [\"127.0.0.1\"]\ndeny = [\"203.0.114.0/24\"]\n"
-        ))
-        .expect("valid");
+        let s =
+            check_with_secret("[peers]\nallow = [\"127.0.0.1\"]\ndeny = [\"203.0.114.0/24\"]\n")
+                .expect("valid");
         let ok = |ip: &str| s.peers.is_allowed(ip.parse().expect("ip"));
         assert!(ok("127.0.0.1"), "explicit allow wins");
         assert!(!ok("127.0.0.2"));
@@ -1115,71 +1131,53 @@ mod tests {
 
     #[test]
     fn lifetimes_and_durations_are_checked() {
-        let s = check(&format!(
-            "{WITH_SECRET}[lifetimes]\nallocation = \"5m\"\nnonce = \"1h\"\n"
-        ))
-        .expect("valid");
+        let s =
+            check_with_secret("[lifetimes]\nallocation = \"5m\"\nnonce = \"1h\"\n").expect("valid");
         assert_eq!(s.lifetimes.allocation, Duration::from_secs(300));
         assert_eq!(s.lifetimes.nonce, Duration::from_secs(3600));
-        let e = check(&format!(
-            "{WITH_SECRET}[lifetimes]\nchannel = \"ten minutes\"\n"
-        ))
-        .expect_err("bad");
+        let e = check_with_secret("[lifetimes]\nchannel = \"ten minutes\"\n").expect_err("bad");
         assert_eq!(
             (e.location.line, e.location.key.as_deref()),
             (Some(4), Some("lifetimes.channel"))
         );
-        let e =
-            check(&format!("{WITH_SECRET}[lifetimes]\nallocation = 7200\n")).expect_err("over max");
-        assert_eq!(e.location.key.as_deref(), Some("lifetimes.allocation"));
-        let e = check(&format!("{WITH_SECRET}[lifetimes]\npermission = 0\n")).expect_err("zero");
+        refused_at("[lifetimes]\nallocation = 7200\n", "lifetimes.allocation");
+        let e = check_with_secret("[lifetimes]\npermission = 0\n").expect_err("zero");
         assert!(matches!(e.reason(), Reason::BadDuration { .. }));
     }
 
     #[test]
     fn tls_listeners_need_a_certificate() {
-        let e = check(&format!("{WITH_SECRET}[listen]\ntls = [\"0.0.0.0:443\"]\n"))
-            .expect_err("no cert");
-        assert_eq!(e.location.key.as_deref(), Some("listen.tls"));
-        let s = check(&format!(
-            "{WITH_SECRET}[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n"
-        ))
-        .expect("valid");
+        refused_at("[listen]\ntls = [\"0.0.0.0:443\"]\n", "listen.tls");
+        let s = check_with_secret("[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n").expect("valid");
         assert_eq!(s.listeners.tls.len(), 4, "5349 and 443 on IPv4 and IPv6");
         assert_eq!(s.tls.expect("tls").cert, PathBuf::from("/c.pem"));
-        let e = check(&format!("{WITH_SECRET}[tls]\ncert = \"/c.pem\"\n")).expect_err("no key");
-        assert_eq!(e.location.key.as_deref(), Some("tls.cert"));
+        refused_at("[tls]\ncert = \"/c.pem\"\n", "tls.cert");
     }
 
     #[test]
     fn listeners_must_parse_and_be_unique() {
-        let e = check(&format!(
-            "{WITH_SECRET}[listen]\nudp = [\"0.0.0.0:3478\", \"3478\"]\n"
-        ))
-        .expect_err("bad");
-        assert_eq!(e.location.key.as_deref(), Some("listen.udp[1]"));
-        let e = check(&format!(
-            "{WITH_SECRET}[listen]\nudp = [\"0.0.0.0:3478\", \"0.0.0.0:3478\"]\n"
-        ))
-        .expect_err("dup");
+        refused_at(
+            "[listen]\nudp = [\"0.0.0.0:3478\", \"3478\"]\n",
+            "listen.udp[1]",
+        );
+        let e = check_with_secret("[listen]\nudp = [\"0.0.0.0:3478\", \"0.0.0.0:3478\"]\n")
+            .expect_err("dup");
         assert!(matches!(e.reason(), Reason::Duplicate(_)));
-        let s = check(&format!("{WITH_SECRET}[listen]\nudp = []\n")).expect("valid");
+        let s = check_with_secret("[listen]\nudp = []\n").expect("valid");
         assert!(s.listeners.udp.is_empty());
     }
 
     #[test]
     fn a_config_without_any_listener_is_refused() {
-        let e = check(&format!("{WITH_SECRET}[listen]\nudp = []\ntcp = []\n"))
-            .expect_err("serves nothing");
+        let e = check_with_secret("[listen]\nudp = []\ntcp = []\n").expect_err("serves nothing");
         assert!(matches!(e.reason(), Reason::NoListener), "{e}");
         assert_eq!(
             (e.location.line, e.location.key.as_deref()),
             (Some(3), Some("listen"))
         );
-        let s = check(&format!(
-            "{WITH_SECRET}[listen]\nudp = []\ntcp = []\n[tls]\ncert = \"/c\"\nkey = \"/k\"\n"
-        ))
-        .expect("the default TLS listeners remain");
+        let s =
+            check_with_secret("[listen]\nudp = []\ntcp = []\n[tls]\ncert = \"/c\"\nkey = \"/k\"\n")
+                .expect("the default TLS listeners remain");
         assert_eq!(s.listeners.tls.len(), 4);
     }
 
@@ -1347,9 +1345,7 @@ mod tests {
         assert_eq!(s.sockets.recv, Some(4 << 20));
         assert_eq!(s.sockets.send, None);
         assert_eq!(s.workers.get(), 3);
-        let e =
-            check(&format!("{WITH_SECRET}[log]\nlevel = \"info,[[\"\n")).expect_err("bad filter");
-        assert_eq!(e.location.key.as_deref(), Some("log.level"));
+        refused_at("[log]\nlevel = \"info,[[\"\n", "log.level");
     }
 
     #[test]
@@ -1375,9 +1371,9 @@ mod tests {
 
         assert_eq!(c.mode, ServiceMode::Turn);
         assert_eq!(c.challenges_per_source_per_second, None);
-        let c = check(&format!(
-            "{WITH_SECRET}[server]\nno_stun = true\n[quotas]\nchallenges_per_source_per_second = 5\n"
-        ))
+        let c = check_with_secret(
+            "[server]\nno_stun = true\n[quotas]\nchallenges_per_source_per_second = 5\n",
+        )
         .expect("valid")
         .server_config([0; 32]);
         assert_eq!(c.mode, ServiceMode::NoStun);
@@ -1421,7 +1417,7 @@ mod tests {
             assert_eq!(s.io, io);
             assert_eq!(io.as_str(), text);
         }
-        let e = check(&format!("{WITH_SECRET}[server]\nio = \"kqueue\"\n")).expect_err("bad");
+        let e = check_with_secret("[server]\nio = \"kqueue\"\n").expect_err("bad");
         assert_eq!(
             (e.location.line, e.location.key.as_deref()),
             (Some(4), Some("server.io"))
@@ -1430,14 +1426,12 @@ mod tests {
 
     #[test]
     fn stun_only_and_no_stun_exclude_each_other() {
-        let s = check(&format!("{WITH_SECRET}[server]\nstun_only = true\n")).expect("valid");
+        let s = check_with_secret("[server]\nstun_only = true\n").expect("valid");
         assert_eq!(s.mode, ServiceMode::StunOnly);
-        let s = check(&format!("{WITH_SECRET}[server]\nno_stun = true\n")).expect("valid");
+        let s = check_with_secret("[server]\nno_stun = true\n").expect("valid");
         assert_eq!(s.mode, ServiceMode::NoStun);
-        let e = check(&format!(
-            "{WITH_SECRET}[server]\nstun_only = true\nno_stun = true\n"
-        ))
-        .expect_err("both");
+        let e =
+            check_with_secret("[server]\nstun_only = true\nno_stun = true\n").expect_err("both");
         assert_eq!(
             (e.location.line, e.location.key.as_deref()),
             (Some(5), Some("server.no_stun"))
@@ -1446,14 +1440,14 @@ mod tests {
 
     #[test]
     fn admin_listen_can_be_turned_off_or_moved() {
-        let s = check(&format!("{WITH_SECRET}[admin]\nlisten = \"\"\n")).expect("valid");
+        let s = check_with_secret("[admin]\nlisten = \"\"\n").expect("valid");
         assert_eq!(s.admin, None);
-        let s = check(&format!("{WITH_SECRET}[admin]\nlisten = \"[::]:9000\"\n")).expect("valid");
+        let s = check_with_secret("[admin]\nlisten = \"[::]:9000\"\n").expect("valid");
         assert_eq!(
             s.admin.expect("on").listen,
             "[::]:9000".parse().expect("addr")
         );
-        let e = check(&format!("{WITH_SECRET}[admin]\nlisten = \"9641\"\n")).expect_err("bad");
+        let e = check_with_secret("[admin]\nlisten = \"9641\"\n").expect_err("bad");
         assert_eq!(
             (e.location.line, e.location.key.as_deref()),
             (Some(4), Some("admin.listen"))
@@ -1510,10 +1504,8 @@ mod tests {
             .validate(&short)
             .expect_err("short");
         assert_eq!(e.location.key.as_deref(), Some(ENV_ADMIN_TOKEN));
-        let e = check(&format!(
-            "{WITH_SECRET}[admin]\ntoken_file = \"/nonexistent/token\"\n"
-        ))
-        .expect_err("missing");
+        let e = check_with_secret("[admin]\ntoken_file = \"/nonexistent/token\"\n")
+            .expect_err("missing");
         assert!(e.to_string().contains("/nonexistent/token"), "{e}");
     }
 
@@ -1551,9 +1543,7 @@ mod tests {
 
     #[test]
     fn drain_takes_one_alternate_per_family() {
-        let s = check(&format!(
-            "{WITH_SECRET}[drain]\ntimeout = \"30s\"\n             alternate_servers = [\"192.0.2.10:3478\", \"[2001:db8::10]:3478\"]\n"
-        ))
+        let s = check_with_secret("[drain]\ntimeout = \"30s\"\n             alternate_servers = [\"192.0.2.10:3478\", \"[2001:db8::10]:3478\"]\n")
         .expect("valid");
         assert_eq!(s.drain.timeout, Duration::from_secs(30));
         assert_eq!(
@@ -1564,18 +1554,16 @@ mod tests {
             s.drain.alternate_for(false),
             Some("[2001:db8::10]:3478".parse().expect("addr"))
         );
-        let e = check(&format!(
-            "{WITH_SECRET}[drain]\nalternate_servers = [\n  \"192.0.2.10:3478\",\n  \"192.0.2.11:3478\",\n]\n"
-        ))
+        let e = check_with_secret(
+            "[drain]\nalternate_servers = [\n  \"192.0.2.10:3478\",\n  \"192.0.2.11:3478\",\n]\n",
+        )
         .expect_err("two IPv4");
         assert_eq!(
             (e.location.line, e.location.key.as_deref()),
             (Some(6), Some("drain.alternate_servers[1]"))
         );
-        let e = check(&format!(
-            "{WITH_SECRET}[drain]\nalternate_servers = [\"turn2:3478\"]\n"
-        ))
-        .expect_err("a name");
+        let e = check_with_secret("[drain]\nalternate_servers = [\"turn2:3478\"]\n")
+            .expect_err("a name");
         assert_eq!(
             e.location.key.as_deref(),
             Some("drain.alternate_servers[0]")
