@@ -114,6 +114,42 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::acme::CertCommand,
     },
+    /// turnd's container image without a registry: build it here, load it into the workers.
+    Image {
+        /// What to do.
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+/// `image` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build the image from the Dockerfile with podman (or buildah) on this machine, save it
+    /// as an OCI archive, and print the digest to pin in `[container] image`.
+    Build {
+        /// The Dockerfile.
+        #[arg(long, default_value = "Dockerfile", value_name = "FILE")]
+        dockerfile: PathBuf,
+        /// The build context (the Dockerfile's stage `runtime-prebuilt` copies
+        /// `target/x86_64-unknown-linux-gnu/release/turnd` from it).
+        #[arg(long, default_value = ".", value_name = "DIR")]
+        context: PathBuf,
+        /// The Dockerfile stage.
+        #[arg(long, default_value = crate::image::DEFAULT_TARGET)]
+        target: String,
+        /// The tag, `REPO:TAG` (default: the repository of `[container] image` when it has an
+        /// archive, else `localhost/turnd`, and this provisioner's version).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Where to write the archive (default: `[container] archive`, else
+        /// `.provisioner/image/turnd.oci.tar` next to the inventory).
+        #[arg(long, value_name = "FILE")]
+        archive: Option<PathBuf>,
+    },
+    /// Import `[container] archive` into the containerd of every worker that lacks its digest
+    /// (`ctr -n k8s.io images import` over SSH), then check that `ctr images ls` lists it.
+    Load,
 }
 
 /// Services `tunnel` can reach.
@@ -294,6 +330,91 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             let env = cli.env_file.as_deref();
             let out = crate::acme::run_blocking(command, &c, &cli.inventory, env, cli.dry_run)?;
             print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Image { command } => image(cli, &c, command),
+    }
+}
+
+fn image(cli: &Cli, c: &Cluster, command: &ImageCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ImageCommand::Build {
+            dockerfile,
+            context,
+            target,
+            tag,
+            archive,
+        } => {
+            let local = crate::image::LocalImage::of(c);
+            let tag = tag.clone().unwrap_or_else(|| {
+                let repo = local
+                    .as_ref()
+                    .map_or(crate::image::DEFAULT_REPO, |l| l.repo());
+                format!("{repo}:{}", env!("CARGO_PKG_VERSION"))
+            });
+            let archive = archive
+                .clone()
+                .or_else(|| local.map(|l| l.archive))
+                .unwrap_or_else(|| {
+                    cli.inventory
+                        .parent()
+                        .unwrap_or(Path::new("."))
+                        .join(crate::image::DEFAULT_ARCHIVE)
+                });
+            let opts = crate::image::BuildOptions {
+                dockerfile: dockerfile.clone(),
+                context: context.clone(),
+                target: target.clone(),
+                tag,
+                archive,
+            };
+            if cli.dry_run {
+                let b = crate::image::Builder::detect(&crate::exec::LocalTransport::new())?;
+                println!(
+                    "would run:\n  $ {}\n  $ {}",
+                    b.build_cmd(&opts),
+                    b.save_cmd(&opts.tag, &opts.archive)
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let built = crate::image::build(&crate::exec::LocalTransport::new(), &opts)?;
+            println!(
+                "built {} ({}), archive {}\n\nPin it in the inventory, then run `provisioner image load` (or `apply turnd`):\n\n[container]\nimage = \"{}\"\narchive = \"{}\"\npull = \"never\"",
+                built.name,
+                built.digest,
+                opts.archive.display(),
+                built.pinned(),
+                opts.archive.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageCommand::Load => {
+            let t = transports(c)?;
+            let settings = phase_settings(cli, c);
+            let ctx = Context {
+                cluster: c,
+                transports: &t,
+                settings: &settings,
+            };
+            let facts = phases::turnd::gather_image(&ctx)?.ok_or_else(|| {
+                UsageError(format!(
+                    "{}: [container] archive is not set: nothing to load (run `provisioner image build` and pin what it prints)",
+                    cli.inventory.display()
+                ))
+            })?;
+            let mut plan = Plan::new(PhaseId::Turnd);
+            phases::turnd::plan_image(&facts, &mut plan);
+            print!("{}", plan.render(cli.verbose));
+            if cli.dry_run || plan.is_empty() {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let _lock = run_lock(cli)?;
+            apply(&plan, &t, &mut Journal::at(journal_path(cli)))?;
+            println!(
+                "{} present on {} worker(s)",
+                facts.image.image,
+                facts.workers.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -17,6 +17,8 @@
 //! - [`k8s`]: turnd's Kubernetes objects (typed k8s-openapi), rendered and server-side applied
 //!   ([`k8s::applier`]).
 //! - [`hostnet`]: the host's iptables chains, systemd unit and drift check.
+//! - [`image`]: turnd's image without a registry: built with podman or buildah, saved as an
+//!   OCI archive, imported into the workers' containerd.
 //! - [`dns`] and [`acme`]: Cloudflare DNS records and the ACME DNS-01 certificate.
 //! - [`phases::monitoring`] with [`render::monitoring`]: kube-prometheus-stack by Helm, turnd's
 //!   PodMonitor, dashboard and alert rules (`deploy/monitoring/`), e-mail alerts via SendGrid.
@@ -31,6 +33,7 @@ pub mod cli;
 pub mod dns;
 pub mod exec;
 pub mod hostnet;
+pub mod image;
 pub mod inventory;
 pub mod k8s;
 pub mod phases;

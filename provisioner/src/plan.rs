@@ -77,6 +77,9 @@ pub enum ActionKind {
     KubeApply(Box<crate::k8s::applier::KubeApply>),
     /// Server-side apply of plain objects (phase `monitoring`: namespace, Secrets, dashboard).
     KubeObjects(Box<crate::k8s::ObjectSet>),
+    /// Stream a locally built image's archive into the target VM's containerd
+    /// (`ctr images import`), then check that `ctr images ls` lists its digest.
+    ImportImage(Box<crate::image::LocalImage>),
     /// Wait until the VM (the action's target) answers over SSH, then until cloud-init has
     /// finished (`cloud-init status --wait`), both within `timeout`, logging progress.
     WaitReady {
@@ -288,6 +291,13 @@ impl Plan {
                         READY_POLL.as_secs(),
                         timeout.as_secs(),
                         cloud_init_wait(*timeout)
+                    )),
+                    ActionKind::ImportImage(image) => out.push_str(&format!(
+                        "        $ {} < {}\n        $ {} (lists {})\n",
+                        image.import_cmd(),
+                        image.archive.display(),
+                        crate::image::list_cmd(),
+                        image.image
                     )),
                     ActionKind::KubeObjects(set) => {
                         out.push_str(&format!(
@@ -658,6 +668,14 @@ pub fn apply(
                     source: Box::new(source),
                 })
             }
+            ActionKind::ImportImage(image) => crate::image::import(transport()?, image)
+                .map_err(|source| ApplyError::Step {
+                    phase: plan.phase,
+                    index,
+                    action: action.summary.clone(),
+                    target: action.target.clone(),
+                    source: Box::new(source),
+                }),
             ActionKind::KubeObjects(set) => set.run().map_err(|source| ApplyError::Kube {
                 phase: plan.phase,
                 index,

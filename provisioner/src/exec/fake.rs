@@ -26,6 +26,8 @@ pub enum Recorded {
 pub struct RecordingTransport {
     target: String,
     rules: Mutex<Vec<(String, Output)>>,
+    /// Rules that take effect once a command with the first prefix has run.
+    later: Mutex<Vec<(String, String, Output)>>,
     log: Mutex<Vec<Recorded>>,
 }
 
@@ -35,6 +37,7 @@ impl RecordingTransport {
         Self {
             target: target.to_owned(),
             rules: Mutex::new(Vec::new()),
+            later: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
         }
     }
@@ -42,6 +45,12 @@ impl RecordingTransport {
     /// Answers every command whose shell line starts with `prefix` with `output`.
     pub fn respond(&self, prefix: &str, output: Output) {
         lock(&self.rules).push((prefix.to_owned(), output));
+    }
+
+    /// Once a command whose shell line starts with `after` has run, answers commands starting
+    /// with `prefix` with `output` (a state change: an import makes an image appear).
+    pub fn respond_after(&self, after: &str, prefix: &str, output: Output) {
+        lock(&self.later).push((after.to_owned(), prefix.to_owned(), output));
     }
 
     /// Everything recorded so far.
@@ -78,12 +87,21 @@ impl Transport for RecordingTransport {
     fn run(&self, cmd: &Cmd) -> Result<Output, ExecError> {
         let line = cmd.shell_line();
         lock(&self.log).push(Recorded::Run(line.clone()));
+        let fired: Vec<(String, Output)> = {
+            let mut later = lock(&self.later);
+            let (now, wait): (Vec<_>, Vec<_>) = later
+                .drain(..)
+                .partition(|(after, _, _)| line.starts_with(after.as_str()));
+            *later = wait;
+            now.into_iter().map(|(_, p, o)| (p, o)).collect()
+        };
         let out = lock(&self.rules)
             .iter()
             .rev()
             .find(|(prefix, _)| line.starts_with(prefix.as_str()))
             .map(|(_, out)| out.clone())
             .unwrap_or_default();
+        lock(&self.rules).extend(fired);
         // Logged like the real transports, so `-v` over this fake shows what they would.
         super::log_output(&self.target, cmd, &out);
         Ok(out)

@@ -1,6 +1,6 @@
 //! Runs commands on this machine.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -21,13 +21,22 @@ impl LocalTransport {
 }
 
 /// Spawns `cmd`, feeds its stdin, and collects its output. Shared with the SSH transport.
-pub(crate) fn run_process(
+pub(crate) fn run_process(target: &str, command: Command, cmd: &Cmd) -> Result<Output, ExecError> {
+    let mut stdin = cmd.stdin.as_deref();
+    let input: Option<&mut (dyn Read + Send)> = stdin.as_mut().map(|s| s as &mut (dyn Read + Send));
+    run_process_with(target, command, cmd, input)
+}
+
+/// Like [`run_process`], with stdin copied from `input` while the command runs (the command's
+/// own `stdin` is ignored): for data too big to hold in memory, like an image archive.
+pub(crate) fn run_process_with(
     target: &str,
     mut command: Command,
     cmd: &Cmd,
+    input: Option<&mut (dyn Read + Send)>,
 ) -> Result<Output, ExecError> {
     command
-        .stdin(if cmd.stdin.is_some() {
+        .stdin(if input.is_some() {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -40,17 +49,18 @@ pub(crate) fn run_process(
         source,
     };
     let mut child = command.spawn().map_err(spawn_err)?;
-    let writer = match (child.stdin.take(), cmd.stdin.clone()) {
-        (Some(mut pipe), Some(data)) => Some(std::thread::spawn(move || {
-            // A child that exits without reading stdin closes the pipe; that is its business.
-            let _ = pipe.write_all(&data);
-        })),
-        _ => None,
-    };
-    let out = child.wait_with_output().map_err(spawn_err)?;
-    if let Some(w) = writer {
-        let _ = w.join();
-    }
+    let pipe = child.stdin.take();
+    let out = std::thread::scope(|s| {
+        if let (Some(mut pipe), Some(input)) = (pipe, input) {
+            s.spawn(move || {
+                // A child that exits without reading stdin closes the pipe; that is its
+                // business (its status says what went wrong).
+                let _ = std::io::copy(input, &mut pipe);
+            });
+        }
+        child.wait_with_output()
+    })
+    .map_err(spawn_err)?;
     let output = Output {
         status: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -69,6 +79,16 @@ impl Transport for LocalTransport {
         let mut command = Command::new(&cmd.program);
         command.args(&cmd.args);
         run_process(self.target(), command, cmd)
+    }
+
+    fn run_streaming(
+        &self,
+        cmd: &Cmd,
+        input: &mut (dyn Read + Send),
+    ) -> Result<Output, ExecError> {
+        let mut command = Command::new(&cmd.program);
+        command.args(&cmd.args);
+        run_process_with(self.target(), command, cmd, Some(input))
     }
 
     fn upload(&self, data: &[u8], path: &str, mode: u32) -> Result<(), ExecError> {

@@ -199,6 +199,26 @@ pub trait Transport: Send + Sync {
     /// replacing the file atomically.
     fn upload(&self, data: &[u8], path: &str, mode: u32) -> Result<(), ExecError>;
 
+    /// Runs `cmd` with its stdin copied from `input` as the command reads it (`cmd.stdin` is
+    /// ignored): for data too big to hold in memory, like an image archive. The default reads
+    /// `input` whole and calls [`Transport::run`]; the local and SSH transports stream.
+    fn run_streaming(
+        &self,
+        cmd: &Cmd,
+        input: &mut (dyn std::io::Read + Send),
+    ) -> Result<Output, ExecError> {
+        let mut data = Vec::new();
+        input
+            .read_to_end(&mut data)
+            .map_err(|source| ExecError::Io {
+                target: self.target().to_owned(),
+                what: "cannot read the input of",
+                path: cmd.shell_line(),
+                source,
+            })?;
+        self.run(&cmd.clone().stdin(data))
+    }
+
     /// Runs `cmd` and turns a non-zero exit into [`ExecError::Failed`].
     fn run_ok(&self, cmd: &Cmd) -> Result<Output, ExecError> {
         let out = self.run(cmd)?;
@@ -222,6 +242,13 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     fn run(&self, cmd: &Cmd) -> Result<Output, ExecError> {
         (**self).run(cmd)
     }
+    fn run_streaming(
+        &self,
+        cmd: &Cmd,
+        input: &mut (dyn std::io::Read + Send),
+    ) -> Result<Output, ExecError> {
+        (**self).run_streaming(cmd, input)
+    }
     fn upload(&self, data: &[u8], path: &str, mode: u32) -> Result<(), ExecError> {
         (**self).upload(data, path, mode)
     }
@@ -233,6 +260,13 @@ impl<T: Transport + ?Sized> Transport for std::sync::Arc<T> {
     }
     fn run(&self, cmd: &Cmd) -> Result<Output, ExecError> {
         (**self).run(cmd)
+    }
+    fn run_streaming(
+        &self,
+        cmd: &Cmd,
+        input: &mut (dyn std::io::Read + Send),
+    ) -> Result<Output, ExecError> {
+        (**self).run_streaming(cmd, input)
     }
     fn upload(&self, data: &[u8], path: &str, mode: u32) -> Result<(), ExecError> {
         (**self).upload(data, path, mode)

@@ -1,11 +1,12 @@
 //! Runs commands over the system `ssh` client, one ControlMaster connection per transport,
 //! optionally jumping through another host (the VMs are reached through the libvirt host).
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
-use super::local::run_process;
+use super::local::run_process_with;
 use super::{shell_quote, Cmd, ExecError, Output, Transport};
 
 /// How to reach one SSH destination.
@@ -260,18 +261,18 @@ impl Drop for SshTransport {
     }
 }
 
-impl Transport for SshTransport {
-    fn target(&self) -> &str {
-        &self.name
-    }
-
-    fn run(&self, cmd: &Cmd) -> Result<Output, ExecError> {
+impl SshTransport {
+    fn run_with(
+        &self,
+        cmd: &Cmd,
+        input: Option<&mut (dyn Read + Send)>,
+    ) -> Result<Output, ExecError> {
         self.ensure_master()?;
         let mut c = self.ssh("no");
         c.arg(self.opts.destination())
             .arg("--")
             .arg(cmd.shell_line());
-        let out = run_process(&self.name, c, cmd)?;
+        let out = run_process_with(&self.name, c, cmd, input)?;
         if out.status == 255 {
             // ssh's own failure (connection lost, host key refused), not the command's.
             let reason = match host_key_hint(&out.stderr, &self.opts) {
@@ -284,6 +285,25 @@ impl Transport for SshTransport {
             });
         }
         Ok(out)
+    }
+}
+
+impl Transport for SshTransport {
+    fn target(&self) -> &str {
+        &self.name
+    }
+
+    fn run(&self, cmd: &Cmd) -> Result<Output, ExecError> {
+        let mut stdin = cmd.stdin.as_deref();
+        self.run_with(cmd, stdin.as_mut().map(|s| s as &mut (dyn Read + Send)))
+    }
+
+    fn run_streaming(
+        &self,
+        cmd: &Cmd,
+        input: &mut (dyn Read + Send),
+    ) -> Result<Output, ExecError> {
+        self.run_with(cmd, Some(input))
     }
 
     fn upload(&self, data: &[u8], path: &str, mode: u32) -> Result<(), ExecError> {

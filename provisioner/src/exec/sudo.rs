@@ -21,18 +21,30 @@ impl<T: Transport> Sudo<T> {
     }
 }
 
+fn sudo(cmd: &Cmd) -> Cmd {
+    Cmd::new("sudo")
+        .arg("-n")
+        .arg(&cmd.program)
+        .args(cmd.args.iter().cloned())
+}
+
 impl<T: Transport> Transport for Sudo<T> {
     fn target(&self) -> &str {
         self.inner.target()
     }
 
     fn run(&self, cmd: &Cmd) -> Result<Output, ExecError> {
-        let mut wrapped = Cmd::new("sudo")
-            .arg("-n")
-            .arg(&cmd.program)
-            .args(cmd.args.iter().cloned());
+        let mut wrapped = sudo(cmd);
         wrapped.stdin.clone_from(&cmd.stdin);
         self.inner.run(&wrapped)
+    }
+
+    fn run_streaming(
+        &self,
+        cmd: &Cmd,
+        input: &mut (dyn std::io::Read + Send),
+    ) -> Result<Output, ExecError> {
+        self.inner.run_streaming(&sudo(cmd), input)
     }
 
     fn upload(&self, data: &[u8], path: &str, mode: u32) -> Result<(), ExecError> {

@@ -279,6 +279,26 @@ pub struct Container {
     /// image loaded on the node is used.
     #[serde(default)]
     pub pull: PullPolicy,
+    /// A locally built image: the OCI archive `provisioner image build` wrote (relative to the
+    /// inventory's directory). `image` must then name the digest the build printed and `pull`
+    /// must be `never`; `image load` and the `turnd` phase import the archive into every
+    /// worker's containerd that lacks the digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<PathBuf>,
+}
+
+impl Container {
+    /// The repository and the digest (`sha256:…`) of [`Container::image`], when it names one.
+    pub fn pinned(&self) -> Option<(&str, &str)> {
+        pinned_image(&self.image)
+    }
+}
+
+/// Splits `REPO@sha256:<64 hex digits>` into the repository and the digest (`sha256:…`).
+pub fn pinned_image(image: &str) -> Option<(&str, &str)> {
+    let (repo, hex) = image.split_once("@sha256:")?;
+    let ok = !repo.is_empty() && hex.len() == 64 && hex.chars().all(|x| x.is_ascii_hexdigit());
+    ok.then(|| (repo, &image[repo.len() + 1..]))
 }
 
 /// When the kubelet pulls the image.
@@ -410,7 +430,14 @@ impl Inventory {
             source,
         })?;
         let file = path.display().to_string();
-        Self::from_toml_named(&text, &file)?.validate_named(&text, &file)
+        let mut c = Self::from_toml_named(&text, &file)?.validate_named(&text, &file)?;
+        // A relative image archive lives next to the inventory.
+        if let Some(archive) = c.inv.container.as_mut().and_then(|c| c.archive.as_mut()) {
+            if archive.is_relative() {
+                *archive = path.parent().unwrap_or(Path::new(".")).join(&*archive);
+            }
+        }
+        Ok(c)
     }
 
     /// Parses `text` (unknown keys are errors). Call [`Inventory::validate`] next.
@@ -516,9 +543,27 @@ impl Inventory {
 
         self.monitoring.check()?;
         if let Some(c) = &self.container {
-            let digest_ok = c.image.split_once("@sha256:").is_some_and(|(repo, d)| {
-                !repo.is_empty() && d.len() == 64 && d.chars().all(|x| x.is_ascii_hexdigit())
-            });
+            let digest_ok = c.pinned().is_some();
+            if let Some(archive) = &c.archive {
+                if archive.as_os_str().is_empty() {
+                    return fail("container.archive".into(), "must not be empty".into());
+                }
+                if !digest_ok {
+                    return fail(
+                        "container.image".into(),
+                        format!(
+                            "`{}`: an image loaded from container.archive is referred to by its digest: set it to the REPO@sha256:<64 hex digits> that `provisioner image build` printed",
+                            c.image
+                        ),
+                    );
+                }
+                if c.pull != PullPolicy::Never {
+                    return fail(
+                        "container.pull".into(),
+                        "an image loaded from container.archive is never pulled: set pull = \"never\"".into(),
+                    );
+                }
+            }
             if c.image.is_empty() || (c.pull != PullPolicy::Never && !digest_ok) {
                 return fail(
                     "container.image".into(),

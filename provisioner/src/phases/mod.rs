@@ -190,6 +190,14 @@ pub enum PhaseError {
         /// Which one.
         source: crate::secrets::SecretError,
     },
+    /// The locally built image's archive is missing, unreadable or holds another image.
+    #[error("phase {phase}: {source}")]
+    Image {
+        /// The phase.
+        phase: PhaseId,
+        /// What is wrong.
+        source: crate::image::ImageError,
+    },
     /// A VM has no transport.
     #[error("phase {phase}: {source}")]
     Transport {

@@ -20,6 +20,12 @@
 //! provisioner on the host. This is the same kubeconfig `cert deploy --kubeconfig` uses, so
 //! one tunnel serves both; the provisioner opens no tunnel by itself.
 //!
+//! A locally built image (`container.archive`, see [`crate::image`]): gather asks each
+//! worker's containerd (`ctr -n k8s.io images ls`) whether it has the pinned digest — a
+//! missing `ctr` is a fact, "not installed", and a VM that `vms` creates in this run is not
+//! asked — and the plan imports the archive into every worker that lacks it, before the
+//! objects are applied. `provisioner image load` applies just those imports.
+//!
 //! After applying, the action waits for each Deployment's rollout ([`Settings::rollout_timeout`],
 //! polling like `kubectl rollout status`: the controller has seen the new generation, and every
 //! replica is updated and available). A rollout cannot finish before `cert deploy` has created
@@ -36,6 +42,7 @@ use super::{Context, PhaseError, Settings};
 use crate::k8s::{
     self, Change, ChangeKind, Inputs, K8sError, Manifests, Sensitive, NAMESPACE, TLS_SECRET_NAME,
 };
+use crate::image::{LocalImage, NodeImage};
 use crate::plan::{Action, ActionKind, PhaseId, Plan, Target};
 use crate::secrets::EnvSource;
 
@@ -54,6 +61,70 @@ pub struct TurndFacts {
     pub tls_secret: Option<bool>,
     /// The certificate store, when it holds a certificate ([`Settings::cert_store`]).
     pub stored_cert: Option<PathBuf>,
+    /// The locally built image and whether each worker has it (`None`: a registry image).
+    pub image: Option<ImageFacts>,
+}
+
+/// Whether each worker's containerd has the locally built image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageFacts {
+    /// The image and its archive.
+    pub image: LocalImage,
+    /// Each worker, in inventory order, and what its containerd has.
+    pub workers: Vec<(String, NodeImage)>,
+}
+
+/// Asks each worker's containerd for the inventory's locally built image, after checking that
+/// the archive holds it; `None` when the image comes from a registry.
+///
+/// # Errors
+/// [`PhaseError::Image`] (archive missing or holding another image), [`PhaseError::Transport`],
+/// or [`PhaseError::Gather`] when `ctr` fails for another reason than not being installed.
+pub fn gather_image(ctx: &Context<'_>) -> Result<Option<ImageFacts>, PhaseError> {
+    let phase = PhaseId::Turnd;
+    let Some(image) = LocalImage::of(ctx.cluster) else {
+        return Ok(None);
+    };
+    image
+        .check_archive()
+        .map_err(|source| PhaseError::Image { phase, source })?;
+    let mut workers = Vec::new();
+    for w in ctx.cluster.workers() {
+        let name = w.name.to_string();
+        let state = if ctx.settings.ahead.vms.contains(&name) {
+            NodeImage::NewVm
+        } else {
+            let t = ctx
+                .transports
+                .get(&Target::Vm(name.clone()))
+                .map_err(|source| PhaseError::Transport { phase, source })?;
+            crate::image::node_image(t, &image.image)
+                .map_err(|source| PhaseError::Gather { phase, source })?
+        };
+        workers.push((name, state));
+    }
+    Ok(Some(ImageFacts { image, workers }))
+}
+
+/// Appends an import of the image to `p` for every worker that lacks it.
+pub fn plan_image(facts: &ImageFacts, p: &mut Plan) {
+    for (worker, state) in &facts.workers {
+        let why = match state {
+            NodeImage::Present => continue,
+            NodeImage::Missing => "missing",
+            NodeImage::NotInstalled => "containerd not installed yet",
+            NodeImage::NewVm => "new VM",
+        };
+        p.actions.push(Action {
+            target: Target::Vm(worker.clone()),
+            summary: format!(
+                "import image {} from {} ({why})",
+                facts.image.image,
+                facts.image.archive.display()
+            ),
+            kind: ActionKind::ImportImage(Box::new(facts.image.clone())),
+        });
+    }
 }
 
 fn env_auth_secret(env: &dyn EnvSource) -> Option<Sensitive> {
@@ -133,6 +204,7 @@ pub fn gather(
     let phase = PhaseId::Turnd;
     let k8s_err = |source| PhaseError::K8s { phase, source };
     let (api, secret) = inputs(ctx.settings, env)?;
+    let image = gather_image(ctx)?;
     let inputs = Inputs {
         user_passwords: Some(user_passwords(ctx.cluster, ctx.settings, env)),
         ..Inputs::for_apply(secret)
@@ -159,6 +231,7 @@ pub fn gather(
             asked: true,
             tls_secret: None,
             stored_cert: stored_cert(ctx.settings),
+            image,
         };
         return Ok((apply, facts));
     }
@@ -201,6 +274,7 @@ pub fn gather(
             asked,
             tls_secret,
             stored_cert: stored_cert(ctx.settings),
+            image,
         },
     ))
 }
@@ -226,8 +300,12 @@ fn kind_word(k: ChangeKind) -> &'static str {
 
 /// Plans `turnd`: one server-side apply of every object when any would change, waiting up to
 /// `rollout_timeout` for the rollouts unless the TLS Secret is known to be missing.
+/// Workers that lack a locally built image import it first.
 pub fn plan(mut apply: KubeApply, facts: &TurndFacts, rollout_timeout: Option<Duration>) -> Plan {
     let mut p = Plan::new(PhaseId::Turnd);
+    if let Some(image) = &facts.image {
+        plan_image(image, &mut p);
+    }
     let pending: Vec<String> = facts
         .changes
         .iter()
