@@ -42,7 +42,9 @@ pub enum ImageError {
         target: String,
     },
     /// The build tool ran and failed.
-    #[error("on {target}: `{command}` failed with status {status}; the end of its output:\n{tail}")]
+    #[error(
+        "on {target}: `{command}` failed with status {status}; the end of its output:\n{tail}"
+    )]
     ToolFailed {
         /// Where.
         target: String,
@@ -254,8 +256,8 @@ pub fn read_archive(path: &Path) -> Result<ArchiveImage, ImageError> {
     let index = tar_member(std::io::BufReader::new(file), "index.json")
         .map_err(|e| err(format!("cannot read it as a tar archive: {e}")))?
         .ok_or_else(|| err("no index.json: not an OCI image archive".into()))?;
-    let v: serde_json::Value = serde_json::from_slice(&index)
-        .map_err(|e| err(format!("index.json is not JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&index).map_err(|e| err(format!("index.json is not JSON: {e}")))?;
     let manifests = v["manifests"]
         .as_array()
         .ok_or_else(|| err("index.json has no manifests".into()))?;
@@ -576,7 +578,10 @@ mod tests {
         let missing = read_archive(&dir.path().join("nope.tar"))
             .expect_err("missing")
             .to_string();
-        assert!(missing.contains("`provisioner image build` writes it"), "{missing}");
+        assert!(
+            missing.contains("`provisioner image build` writes it"),
+            "{missing}"
+        );
     }
 
     #[test]
@@ -588,7 +593,10 @@ mod tests {
         };
         assert!(listed(&format!("{head}{}", row(&image, D)), &image));
         // The tag alone, or the name pointing elsewhere, is not the image.
-        assert!(!listed(&format!("{head}{}", row("localhost/turnd:0.1.0", D)), &image));
+        assert!(!listed(
+            &format!("{head}{}", row("localhost/turnd:0.1.0", D)),
+            &image
+        ));
         let other = format!("sha256:{}", "c".repeat(64));
         assert!(!listed(&format!("{head}{}", row(&image, &other)), &image));
         assert!(!listed(head, &image));

@@ -668,14 +668,15 @@ pub fn apply(
                     source: Box::new(source),
                 })
             }
-            ActionKind::ImportImage(image) => crate::image::import(transport()?, image)
-                .map_err(|source| ApplyError::Step {
+            ActionKind::ImportImage(image) => {
+                crate::image::import(transport()?, image).map_err(|source| ApplyError::Step {
                     phase: plan.phase,
                     index,
                     action: action.summary.clone(),
                     target: action.target.clone(),
                     source: Box::new(source),
-                }),
+                })
+            }
             ActionKind::KubeObjects(set) => set.run().map_err(|source| ApplyError::Kube {
                 phase: plan.phase,
                 index,

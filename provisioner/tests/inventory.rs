@@ -272,3 +272,51 @@ fn bad_label_names_the_vm_and_the_label() {
     assert!(error_of(&text)
         .ends_with("`vms[1].labels`: label `turnd.io/relay` has an invalid value `yes please`"));
 }
+
+#[test]
+fn a_local_image_archive_needs_a_pinned_image_and_pull_never_and_lives_next_to_the_inventory() {
+    let with = |c: &str| format!("{}\n[container]\n{c}", example());
+    let pinned = format!("image = \"localhost/turnd@sha256:{}\"\n", "a".repeat(64));
+
+    let text = with("image = \"localhost/turnd:0.1.0\"\narchive = \"img.tar\"\npull = \"never\"\n");
+    let line = line_of(&text, "\n[container]\n", "image =");
+    assert_eq!(
+        error_of(&text),
+        format!("<inline>:{line}: `container.image`: `localhost/turnd:0.1.0`: an image loaded from container.archive is referred to by its digest: set it to the REPO@sha256:<64 hex digits> that `provisioner image build` printed")
+    );
+    let text = with(&format!("{pinned}archive = \"img.tar\"\n"));
+    // `pull` is absent: the error points at the section.
+    let line = line_of(&text, "\n[container]\n", "[container]");
+    assert_eq!(
+        error_of(&text),
+        format!("<inline>:{line}: `container.pull`: an image loaded from container.archive is never pulled: set pull = \"never\"")
+    );
+    let text = with(&format!("{pinned}archive = \"\"\npull = \"never\"\n"));
+    let line = line_of(&text, "\n[container]\n", "archive =");
+    assert_eq!(
+        error_of(&text),
+        format!("<inline>:{line}: `container.archive`: must not be empty")
+    );
+    let text = with(&format!("{pinned}archive = 7\n"));
+    assert!(
+        error_of(&text).contains("invalid type"),
+        "{}",
+        error_of(&text)
+    );
+
+    // A relative archive is resolved against the inventory's directory.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("cluster.toml");
+    std::fs::write(
+        &path,
+        with(&format!(
+            "{pinned}archive = \"img/turnd.oci.tar\"\npull = \"never\"\n"
+        )),
+    )
+    .expect("write");
+    let c = Inventory::load(&path).expect("valid");
+    assert_eq!(
+        c.container.as_ref().and_then(|c| c.archive.clone()),
+        Some(dir.path().join("img/turnd.oci.tar"))
+    );
+}

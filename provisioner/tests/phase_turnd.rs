@@ -12,10 +12,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::fake_api::{fake_api_server, take, Shared};
-use provisioner::exec::RecordingTransport;
+use provisioner::exec::{Output, RecordingTransport, Transport};
 use provisioner::inventory::{Cluster, Inventory};
 use provisioner::k8s::{Inputs, Manifests, Sensitive, FIELD_MANAGER};
 use provisioner::phases::turnd::{self, KubeApi};
@@ -365,4 +366,236 @@ fn a_stored_certificate_is_deployed_with_the_objects_so_the_pods_start_in_the_sa
     assert_eq!(tls["type"], "kubernetes.io/tls");
     let again = plan(&c, &s).expect("plans");
     assert!(again.is_empty(), "{}", again.render(true));
+}
+
+// ---- A locally built image (`[container] archive`): imports planned before the objects. ----
+// The workers' containerd is the recording transport here (the real import into a real
+// containerd over SSH is tests/image_load.rs).
+
+const DIGEST: &str = "sha256:8bfac28e86e8ba3076ecb4ae708510d144d79105914026c56ea0fe213cc7bbe0";
+
+/// An OCI archive (made with the system `tar`) whose index names `localhost/turnd:0.1.0` with
+/// `digest`.
+fn archive(dir: &Path, digest: &str) -> std::path::PathBuf {
+    let index = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{digest}","size":570,"annotations":{{"org.opencontainers.image.ref.name":"localhost/turnd:0.1.0"}}}}]}}"#
+    );
+    std::fs::write(dir.join("index.json"), index).expect("index");
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("layout");
+    let path = dir.join("turnd.oci.tar");
+    let st = std::process::Command::new("tar")
+        .arg("-cf")
+        .arg(&path)
+        .arg("-C")
+        .arg(dir)
+        .args(["oci-layout", "index.json"])
+        .status()
+        .expect("tar runs");
+    assert!(st.success());
+    path
+}
+
+fn with_local_image(archive: &Path) -> Cluster {
+    let text = format!(
+        "{}\n[container]\nimage = \"localhost/turnd@{DIGEST}\"\narchive = \"{}\"\npull = \"never\"\n",
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/cluster.example.toml"
+        ))
+        .expect("example"),
+        archive.display()
+    );
+    Inventory::from_toml(&text)
+        .and_then(|i| i.validate(&text))
+        .expect("valid")
+}
+
+const LS: &str = "ctr -n k8s.io images ls";
+const IMPORT: &str = "ctr -n k8s.io images import";
+
+fn listing(image: &str, digest: &str) -> Output {
+    Output::ok(format!(
+        "REF TYPE DIGEST SIZE PLATFORMS LABELS\n{image} application/vnd.oci.image.manifest.v1+json {digest} 1.3 KiB linux/amd64 io.cri-containerd.image=managed\n"
+    ))
+}
+
+/// worker1's containerd lacks the image; worker2 has no `ctr` yet. Each lists the image once
+/// an import has run.
+fn workers() -> (Arc<RecordingTransport>, Arc<RecordingTransport>, Transports) {
+    let image = format!("localhost/turnd@{DIGEST}");
+    let w1 = Arc::new(RecordingTransport::new("k8s-worker1"));
+    w1.respond(LS, Output::ok("REF TYPE DIGEST SIZE PLATFORMS LABELS\n"));
+    w1.respond_after(IMPORT, LS, listing(&image, DIGEST));
+    let w2 = Arc::new(RecordingTransport::new("k8s-worker2"));
+    w2.respond(LS, Output::failed(127, "sudo: ctr: command not found"));
+    w2.respond_after(IMPORT, LS, listing(&image, DIGEST));
+    let mut vms: BTreeMap<String, Box<dyn Transport>> = BTreeMap::new();
+    vms.insert("k8s-worker1".into(), Box::new(Arc::clone(&w1)));
+    vms.insert("k8s-worker2".into(), Box::new(Arc::clone(&w2)));
+    vms.insert(
+        "k8s-master".into(),
+        Box::new(RecordingTransport::new("k8s-master")),
+    );
+    let t = Transports {
+        host: Box::new(RecordingTransport::new("host")),
+        vms,
+    };
+    (w1, w2, t)
+}
+
+#[test]
+fn workers_lacking_a_local_image_import_it_before_the_objects_and_the_second_plan_is_empty() {
+    let api = api();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = with_local_image(&archive(dir.path(), DIGEST));
+    let s = settings(KubeApi::Url(format!("http://{}", api.addr)));
+    let (w1, w2, t) = workers();
+    let ctx = Context {
+        cluster: &c,
+        transports: &t,
+        settings: &s,
+    };
+    let p = phases::plan(PhaseId::Turnd, &ctx).expect("plans");
+    let image = format!("localhost/turnd@{DIGEST}");
+    let archive = dir.path().join("turnd.oci.tar");
+    let lines: Vec<String> = p
+        .actions
+        .iter()
+        .map(|a| format!("[{}] {}", a.target, a.summary))
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    assert_eq!(
+        lines[0],
+        format!(
+            "[k8s-worker1] import image {image} from {} (missing)",
+            archive.display()
+        )
+    );
+    assert_eq!(
+        lines[1],
+        format!(
+            "[k8s-worker2] import image {image} from {} (containerd not installed yet)",
+            archive.display()
+        )
+    );
+    assert!(
+        lines[2].starts_with("[kubernetes-api] server-side apply"),
+        "{lines:#?}"
+    );
+    // The Deployments refer to the image by digest and never pull it.
+    let want = Manifests::build(&c, &Inputs::for_apply(Sensitive::new(SECRET))).expect("builds");
+    let rendered: String = want
+        .objects()
+        .iter()
+        .map(|o| o.to_yaml().expect("yaml"))
+        .collect();
+    assert!(rendered.contains(&format!("image: {image}")), "{rendered}");
+    assert!(rendered.contains("imagePullPolicy: Never"), "{rendered}");
+    assert!(!rendered.contains("IfNotPresent"), "{rendered}");
+    // Gathering only listed images.
+    assert_eq!(w1.commands(), vec![LS.to_owned()]);
+    assert_eq!(w2.commands(), vec![LS.to_owned()]);
+
+    apply(&p, &t, &mut Journal::in_memory()).expect("applies");
+    let import = format!("{IMPORT} --digests --base-name localhost/turnd -");
+    for w in [&w1, &w2] {
+        assert_eq!(
+            w.commands(),
+            vec![LS.to_owned(), import.clone(), LS.to_owned()],
+            "import, then check the listing"
+        );
+    }
+    let second = phases::plan(PhaseId::Turnd, &ctx).expect("plans again");
+    assert!(second.is_empty(), "{}", second.render(true));
+}
+
+#[test]
+fn a_local_image_whose_archive_holds_another_digest_or_whose_containerd_fails_is_refused() {
+    let api = api();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let other = format!("sha256:{}", "c".repeat(64));
+    let c = with_local_image(&archive(dir.path(), &other));
+    let s = settings(KubeApi::Url(format!("http://{}", api.addr)));
+    let (_w1, _w2, t) = workers();
+    let ctx = Context {
+        cluster: &c,
+        transports: &t,
+        settings: &s,
+    };
+    let e = phases::plan(PhaseId::Turnd, &ctx)
+        .expect_err("mismatch")
+        .to_string();
+    assert_eq!(
+        e,
+        format!(
+            "phase 06-turnd: image archive {} holds localhost/turnd@{other}, but container.image is localhost/turnd@{DIGEST}: run `provisioner image build` again, or set container.image to localhost/turnd@{other}",
+            dir.path().join("turnd.oci.tar").display()
+        )
+    );
+
+    // containerd installed but not answering: a gather error, not "missing".
+    let c = with_local_image(&archive(dir.path(), DIGEST));
+    let (w1, _w2, t) = workers();
+    w1.respond(
+        LS,
+        Output::failed(1, "ctr: failed to dial \"/run/containerd/containerd.sock\""),
+    );
+    let ctx = Context {
+        cluster: &c,
+        transports: &t,
+        settings: &s,
+    };
+    let e = phases::plan(PhaseId::Turnd, &ctx)
+        .expect_err("ctr fails")
+        .to_string();
+    assert!(
+        e.starts_with("phase 06-turnd: gathering facts: on k8s-worker1: `ctr -n k8s.io images ls` exited with status 1: ctr: failed to dial"),
+        "{e}"
+    );
+
+    // An import that does not make the digest appear fails the action, naming it.
+    let (w1, _w2, t) = workers();
+    let tag_only = listing("localhost/turnd:0.1.0", DIGEST);
+    w1.respond_after(IMPORT, LS, tag_only);
+    let ctx = Context {
+        cluster: &c,
+        transports: &t,
+        settings: &s,
+    };
+    let p = phases::plan(PhaseId::Turnd, &ctx).expect("plans");
+    let e = apply(&p, &t, &mut Journal::in_memory())
+        .expect_err("not listed")
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "action 1 `import image localhost/turnd@{DIGEST} from"
+        )) && e.contains("does not list localhost/turnd@"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_worker_created_in_this_run_is_not_asked_and_gets_the_import() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = with_local_image(&archive(dir.path(), DIGEST));
+    let (w1, w2, t) = workers();
+    let mut s = Settings::default();
+    s.ahead.vms.insert("k8s-worker2".into());
+    let ctx = Context {
+        cluster: &c,
+        transports: &t,
+        settings: &s,
+    };
+    let facts = turnd::gather_image(&ctx)
+        .expect("gathers")
+        .expect("local image");
+    let mut p = Plan::new(PhaseId::Turnd);
+    turnd::plan_image(&facts, &mut p);
+    let targets: Vec<String> = p.actions.iter().map(|a| a.summary.clone()).collect();
+    assert!(targets[1].ends_with("(new VM)"), "{targets:?}");
+    assert_eq!(w1.commands().len(), 1);
+    assert!(
+        w2.commands().is_empty(),
+        "a VM not created yet is not asked"
+    );
 }

@@ -81,11 +81,7 @@ impl Transport for LocalTransport {
         run_process(self.target(), command, cmd)
     }
 
-    fn run_streaming(
-        &self,
-        cmd: &Cmd,
-        input: &mut (dyn Read + Send),
-    ) -> Result<Output, ExecError> {
+    fn run_streaming(&self, cmd: &Cmd, input: &mut (dyn Read + Send)) -> Result<Output, ExecError> {
         let mut command = Command::new(&cmd.program);
         command.args(&cmd.args);
         run_process_with(self.target(), command, cmd, Some(input))

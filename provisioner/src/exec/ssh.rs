@@ -298,11 +298,7 @@ impl Transport for SshTransport {
         self.run_with(cmd, stdin.as_mut().map(|s| s as &mut (dyn Read + Send)))
     }
 
-    fn run_streaming(
-        &self,
-        cmd: &Cmd,
-        input: &mut (dyn Read + Send),
-    ) -> Result<Output, ExecError> {
+    fn run_streaming(&self, cmd: &Cmd, input: &mut (dyn Read + Send)) -> Result<Output, ExecError> {
         self.run_with(cmd, Some(input))
     }
 

@@ -39,10 +39,10 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
 use super::{Context, PhaseError, Settings};
+use crate::image::{LocalImage, NodeImage};
 use crate::k8s::{
     self, Change, ChangeKind, Inputs, K8sError, Manifests, Sensitive, NAMESPACE, TLS_SECRET_NAME,
 };
-use crate::image::{LocalImage, NodeImage};
 use crate::plan::{Action, ActionKind, PhaseId, Plan, Target};
 use crate::secrets::EnvSource;
 
