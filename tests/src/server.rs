@@ -5,7 +5,7 @@
 //! `io_uring`, `auto`) forces turnd's io backend, so CI runs the suites once per backend.
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -20,8 +20,7 @@ use crate::tools::find_tool;
 
 /// The realm every test server uses.
 pub const REALM: &str = "turnd.test";
-/// The loopback address servers listen and relay on.
-pub const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+pub use turnd_test_support::{free_udp_port, LOCALHOST};
 
 /// Which implementation to test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,14 +353,4 @@ pub fn turnd_toml(opts: &Options, extra: &str) -> String {
     let _ = writeln!(t, "[server]\nworkers = 2\nrfc5766_channel_numbers = true\n");
     t.push_str(extra);
     t
-}
-
-/// A UDP port free on 127.0.0.1 right now.
-///
-/// # Errors
-/// Nothing could be bound.
-pub fn free_udp_port() -> anyhow::Result<u16> {
-    Ok(std::net::UdpSocket::bind((LOCALHOST, 0))?
-        .local_addr()?
-        .port())
 }

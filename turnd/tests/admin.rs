@@ -11,12 +11,13 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use turnd::admin::{
     spawn, spawn_with_limits, AdminHandle, Control, DrainReport, EndSelector, Limits, ReloadReport,
     Session,
 };
 use turnd::metrics::{Metrics, WorkerStats};
+use turnd_test_support::http::{self, Reply};
+use turnd_test_support::prometheus::Prometheus;
 
 const TOKEN: &str = "test-token-0123456789";
 
@@ -120,99 +121,14 @@ fn start(control: Arc<FakeControl>, token: Option<&str>) -> (AdminHandle, Arc<Me
     (admin, metrics)
 }
 
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        assert_eq!(
-            self.header("content-type"),
-            Some("application/json"),
-            "{}",
-            self.body
-        );
-        serde_json::from_str(&self.body).expect("a JSON body")
-    }
-
-    /// The `error` of a JSON error body.
-    fn error(&self) -> String {
-        self.json()["error"]
-            .as_str()
-            .expect("an error reason")
-            .to_owned()
-    }
-}
-
-/// Sends one request (with `Connection: close`) and reads the whole answer.
+/// One request (`Connection: close`) and its whole answer.
 fn request(addr: SocketAddr, method: &str, target: &str, token: Option<&str>) -> Reply {
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    let raw =
-        format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
-    exchange(addr, raw.as_bytes())
+    http::request(addr, method, target, token).expect("an HTTP answer")
 }
 
+/// The answer to the raw bytes `raw`.
 fn exchange(addr: SocketAddr, raw: &[u8]) -> Reply {
-    let stream = TcpStream::connect(addr).expect("connect");
-    exchange_on(stream, raw).expect("an HTTP answer")
-}
-
-/// Sends `raw` on `stream` and reads the answer until the server closes; `None` when the
-/// answer is not HTTP.
-fn exchange_on(mut stream: TcpStream, raw: &[u8]) -> Option<Reply> {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    stream.write_all(raw).ok()?;
-    let mut bytes = Vec::new();
-    stream.read_to_end(&mut bytes).ok()?;
-    let text = String::from_utf8(bytes).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect();
-    let chunked = headers.iter().any(|(k, v)| {
-        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
-    });
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_owned()
-    };
-    Some(Reply {
-        status,
-        headers,
-        body,
-    })
-}
-
-/// Decodes a `Transfer-Encoding: chunked` body.
-fn dechunk(mut rest: &str) -> Option<String> {
-    let mut out = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n")?;
-        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
-        if size == 0 {
-            return Some(out);
-        }
-        out.push_str(after.get(..size)?);
-        rest = after.get(size + 2..)?;
-    }
+    http::exchange(addr, raw).expect("an HTTP answer")
 }
 
 #[test]
@@ -589,129 +505,10 @@ fn a_port_in_use_is_a_bind_error_and_drop_stops_the_listener() {
     );
 }
 
-/// A real Prometheus server (Debian's `prometheus`), started on loopback with a config this
-/// test writes, scrapes the admin listener every second. Self-contained so it can move to the
-/// shared test library when the end-to-end test (a TURN client relaying) wants it too.
-mod real_prometheus {
-    use std::net::{SocketAddr, TcpListener};
-    use std::path::PathBuf;
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
-
-    /// The `prometheus` binary, or `None` (said on stderr) when it is not installed; with
-    /// `TURND_REQUIRE_TOOLS=1` a missing binary fails the test instead.
-    pub(crate) fn find() -> Option<PathBuf> {
-        let found = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_file());
-        if found.is_none() {
-            assert!(
-                std::env::var("TURND_REQUIRE_TOOLS").as_deref() != Ok("1"),
-                "prometheus is not installed and TURND_REQUIRE_TOOLS=1 (apt-get install -y prometheus)"
-            );
-            eprintln!("SKIPPED: prometheus is not installed (apt-get install -y prometheus)");
-        }
-        found
-    }
-
-    /// A running Prometheus; killed on drop.
-    pub(crate) struct Prometheus {
-        child: Child,
-        pub(crate) api: SocketAddr,
-        _dir: tempfile::TempDir,
-    }
-
-    impl Prometheus {
-        /// Starts `binary` scraping `target`'s `/metrics` every second.
-        pub(crate) fn start(binary: &PathBuf, target: SocketAddr) -> Self {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let config = dir.path().join("prometheus.yml");
-            std::fs::write(
-                &config,
-                format!(
-                    "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n\
-                     scrape_configs:\n  - job_name: turnd\n    static_configs:\n      \
-                     - targets: ['{target}']\n"
-                ),
-            )
-            .expect("write prometheus.yml");
-            // A free loopback port for its HTTP API (released just before Prometheus binds it).
-            let api = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port");
-            let child = Command::new(binary)
-                .arg(format!("--config.file={}", config.display()))
-                .arg(format!(
-                    "--storage.tsdb.path={}",
-                    dir.path().join("data").display()
-                ))
-                .arg(format!("--web.listen-address={api}"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("prometheus starts");
-            Self {
-                child,
-                api,
-                _dir: dir,
-            }
-        }
-
-        /// The value of an instant PromQL query that returns one series, once there is one.
-        pub(crate) fn query(&self, promql: &str) -> Option<f64> {
-            let target = format!("/api/v1/query?query={}", encode(promql));
-            let raw = format!(
-                "GET {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-                self.api
-            );
-            let stream = std::net::TcpStream::connect(self.api).ok()?;
-            let reply = super::exchange_on(stream, raw.as_bytes())?;
-            let v: serde_json::Value = serde_json::from_str(&reply.body).ok()?;
-            v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
-        }
-
-        /// Polls `promql` until `pred` holds for its value or `timeout` passes.
-        pub(crate) fn wait_for(
-            &self,
-            promql: &str,
-            timeout: Duration,
-            pred: impl Fn(f64) -> bool,
-        ) -> Option<f64> {
-            let deadline = Instant::now() + timeout;
-            while Instant::now() < deadline {
-                if let Some(v) = self.query(promql).filter(|v| pred(*v)) {
-                    return Some(v);
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            None
-        }
-    }
-
-    impl Drop for Prometheus {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    fn encode(s: &str) -> String {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
-                    char::from(b).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    }
-}
-
 #[test]
 fn a_real_prometheus_scrapes_the_listener_and_sees_counters_move() {
-    let Some(binary) = real_prometheus::find() else {
+    // A real Prometheus server (Debian's `prometheus`) on loopback scrapes the listener.
+    let Some(binary) = Prometheus::find() else {
         return;
     };
     let (admin, metrics) = start(FakeControl::with_sessions(0), None);
@@ -732,7 +529,7 @@ fn a_real_prometheus_scrapes_the_listener_and_sees_counters_move() {
         })
     };
 
-    let prometheus = real_prometheus::Prometheus::start(&binary, admin.local_addr());
+    let prometheus = Prometheus::start(&binary, admin.local_addr()).expect("prometheus starts");
     let minute = Duration::from_secs(60);
     assert_eq!(
         prometheus.wait_for("up{job=\"turnd\"}", minute, |v| v == 1.0),

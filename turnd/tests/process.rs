@@ -62,7 +62,7 @@ fn wait_ready_status(t: &Turnd, want: u16) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_redirects_new_allocations_and_exits_0_when_the_last_one_ends() {
     let mut t = Turnd::start(&base_toml(23000, "60s", 2));
-    let peer = EchoPeer::start();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
     assert_eq!(wait_ready_status(&t, 200), 200, "{}", t.log());
     let mut c = relaying_client(t.tcp[0], peer.addr).await;
 
@@ -125,7 +125,7 @@ async fn sigterm_drains_redirects_new_allocations_and_exits_0_when_the_last_one_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_an_allocation_left_exits_0_at_the_drain_timeout() {
     let mut t = Turnd::start(&base_toml(23050, "2s", 2));
-    let peer = EchoPeer::start();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
     let mut c = relaying_client(t.tcp[0], peer.addr).await;
     t.signal("TERM");
     assert_eq!(wait_ready_status(&t, 503), 503);
@@ -150,7 +150,7 @@ async fn sigterm_with_an_allocation_left_exits_0_at_the_drain_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_without_tls_reloads_and_keeps_serving() {
     let mut t = Turnd::start(&base_toml(23100, "60s", 2));
-    let peer = EchoPeer::start();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
     let mut c = relaying_client(t.tcp[0], peer.addr).await;
     for round in 1..=2 {
         t.signal("HUP");
@@ -248,7 +248,7 @@ fn a_low_soft_open_file_limit_is_raised_to_the_hard_limit_at_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_stops_at_once() {
     let mut t = Turnd::start(&base_toml(23300, "120s", 2));
-    let peer = EchoPeer::start();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
     let _c = relaying_client(t.tcp[0], peer.addr).await;
     t.signal("TERM");
     assert_eq!(wait_ready_status(&t, 503), 503);
@@ -266,7 +266,7 @@ async fn a_second_sigterm_stops_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edited_config_file_is_reloaded_without_a_signal() {
     let mut t = Turnd::start(&base_toml(23350, "60s", 2));
-    let peer = EchoPeer::start();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
     let mut c = relaying_client(t.tcp[0], peer.addr).await;
     // A new user appears in the file (written to a temporary name and renamed over, as an
     // editor or a ConfigMap update does).
@@ -400,7 +400,7 @@ async fn out_of_descriptors_an_allocate_gets_508_and_is_counted() {
     );
     // The allocations it holds still relay (a payload of 4n bytes: ChannelData over UDP
     // is not padded, and the stream client reads padded frames).
-    let peer = EchoPeer::start();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
     let c = &mut held[0];
     c.bind_channel(0x4001, peer.addr).await;
     assert_eq!(c.channel_echo(0x4001, b"relaying").await, b"relaying");
@@ -456,7 +456,7 @@ async fn a_rotated_secret_file_reaches_the_running_server_without_a_restart() {
         ),
     );
     let mut t = Turnd::start(&toml);
-    let peer = EchoPeer::start();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
     let mut c = relaying_client(t.tcp[0], peer.addr).await;
     let old = rest("old-secret-0123456789", "alice");
     let new = rest("new-secret-9876543210", "alice");

@@ -36,7 +36,7 @@ async fn a_trickled_frame_is_cut_off_by_the_frame_timeout() {
         "[streams]\nidle_timeout = \"1s\"\nhandshake_timeout = \"30s\"\n",
     ))
     .unwrap();
-    let peer = EchoPeer::start();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
     let mut c = StreamClient::new(TcpStream::connect(running.tcp[0]).await.unwrap(), "u", "p");
     // An allocation: the idle timeout no longer applies, only the frame timeout.
     c.allocate().await;
@@ -79,7 +79,7 @@ async fn a_connection_closes_when_its_allocation_expires_or_is_deleted() {
         "[lifetimes]\nallocation = \"2s\"\nmax_allocation = \"2s\"\n[streams]\nidle_timeout = \"60s\"\n",
     ))
     .unwrap();
-    let peer = EchoPeer::start();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
 
     // Expiry: a 2 s allocation, never refreshed.
     let mut c = StreamClient::new(TcpStream::connect(running.tcp[0]).await.unwrap(), "u", "p");

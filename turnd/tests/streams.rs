@@ -110,7 +110,7 @@ async fn relay_through<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 #[tokio::test]
 async fn rfc8656_3_1_tcp_allocation_relays_channel_data_and_send_to_udp_peer() {
     let running = turnd::run::start(settings("")).unwrap();
-    let peer = EchoPeer::start();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
     let tcp = TcpStream::connect(running.tcp[0]).await.unwrap();
     let mut c = StreamClient::new(tcp, "u", "p");
     relay_through(&mut c, peer.addr).await;
@@ -120,7 +120,7 @@ async fn rfc8656_3_1_tcp_allocation_relays_channel_data_and_send_to_udp_peer() {
 #[tokio::test]
 async fn data_indication_over_tcp_for_a_peer_without_channel() {
     let running = turnd::run::start(settings("")).unwrap();
-    let peer = EchoPeer::start();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
     let tcp = TcpStream::connect(running.tcp[0]).await.unwrap();
     let mut c = StreamClient::new(tcp, "u", "p");
     c.allocate().await;
@@ -156,7 +156,7 @@ async fn tls_allocation_relays_and_tls_and_tcp_share_every_port() {
     let a = make_cert();
     k8s_secret_write(dir.path(), "v1", &a.pem, &a.key);
     let running = turnd::run::start(tls_settings(dir.path())).unwrap();
-    let peer = EchoPeer::start();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
     for port in [running.tls[0], running.tcp[0]] {
         let tls = tls_connect(port, &[&a.der]).await.unwrap();
         assert_eq!(
@@ -181,7 +181,7 @@ async fn certificate_hot_reload_keeps_sessions_and_refuses_a_broken_cert() {
     k8s_secret_write(dir.path(), "v1", &a.pem, &a.key);
     let running = turnd::run::start(tls_settings(dir.path())).unwrap();
     let addr = running.tls[0];
-    let peer = EchoPeer::start();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
     let tls = tls_connect(addr, &[&a.der]).await.unwrap();
     assert_eq!(presented(&tls), a.der);
     let mut old = StreamClient::new(tls, "u", "p");
@@ -239,7 +239,7 @@ async fn slow_loris_and_garbage_do_not_stop_other_clients() {
     ))
     .unwrap();
     let addr = running.tcp[0];
-    let peer = EchoPeer::start();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
     // An attacker from 127.0.0.2 fills its per-IP quota with half frames.
     let mut loris = Vec::new();
     for _ in 0..8 {
@@ -256,7 +256,7 @@ async fn slow_loris_and_garbage_do_not_stop_other_clients() {
     s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
     let mut ninth = s.connect(addr).await.unwrap();
     let mut b = [0u8; 1];
-    let n = tokio::time::timeout(TIMEOUT, ninth.read(&mut b))
+    let n = tokio::time::timeout(IO_TIMEOUT, ninth.read(&mut b))
         .await
         .unwrap()
         .unwrap_or(0);
@@ -265,7 +265,7 @@ async fn slow_loris_and_garbage_do_not_stop_other_clients() {
     // Garbage closes only its own connection.
     let mut junk = TcpStream::connect(addr).await.unwrap();
     junk.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-    let n = tokio::time::timeout(TIMEOUT, junk.read(&mut b))
+    let n = tokio::time::timeout(IO_TIMEOUT, junk.read(&mut b))
         .await
         .unwrap()
         .unwrap_or(0);
@@ -296,7 +296,7 @@ async fn slow_loris_and_garbage_do_not_stop_other_clients() {
 #[tokio::test]
 async fn allocation_dies_with_its_connection() {
     let running = turnd::run::start(settings("")).unwrap();
-    let peer = EchoPeer::start();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
     let mut c = StreamClient::new(TcpStream::connect(running.tcp[0]).await.unwrap(), "u", "p");
     let relayed = c.allocate().await;
     c.permit(peer.addr).await;
@@ -322,7 +322,7 @@ async fn a_tls_client_that_reads_late_gets_everything() {
     let a = make_cert();
     k8s_secret_write(dir.path(), "v1", &a.pem, &a.key);
     let running = turnd::run::start(tls_settings(dir.path())).unwrap();
-    let peer = EchoPeer::start();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
     // A small receive buffer, so the server's socket blocks and frames wait on its side.
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
@@ -364,7 +364,7 @@ async fn a_tls_client_that_reads_late_gets_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allocations_sharing_a_peer_get_only_their_own_echoes() {
     let running = turnd::run::start(settings("")).unwrap();
-    let peer = EchoPeer::start();
+    let peer = EchoPeer::start(LOCALHOST).unwrap();
     const CLIENTS: usize = 6;
     const EACH: usize = 40;
     let mut clients = Vec::new();

@@ -1,8 +1,10 @@
-//! A small TURN client over any byte stream or UDP, built on turn-proto's codec, plus a UDP
-//! echo peer: enough to drive turnd in tests without trusting turnd's own server code.
+//! A small TURN client over any byte stream or UDP, built on turn-proto's codec, and the
+//! shared echo peer (`turnd-test-support`): enough to drive turnd in tests without trusting
+//! turnd's own server code.
 
 #![allow(
     dead_code,
+    unused_imports,
     unreachable_pub,
     clippy::unwrap_used,
     clippy::missing_panics_doc
@@ -11,15 +13,13 @@
 pub mod process;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use turn_proto::auth::long_term_key_md5;
 use turn_proto::codec::*;
 
-pub const TIMEOUT: Duration = Duration::from_secs(5);
+pub use turnd_test_support::peer::EchoPeer;
+pub use turnd_test_support::{IO_TIMEOUT, LOCALHOST};
 
 /// Settings for an in-process turnd on loopback.
 pub fn settings(extra: &str) -> turnd::config::Settings {
@@ -49,38 +49,6 @@ pub fn io_from_env() -> Option<turnd::config::IoBackend> {
         Ok("io_uring") => Some(IoBackend::IoUring),
         Ok("auto") => Some(IoBackend::Auto),
         Ok(other) => panic!("TURND_TEST_IO={other}: expected epoll, io_uring or auto"),
-    }
-}
-
-/// A UDP echo peer on 127.0.0.1 that runs until dropped.
-pub struct EchoPeer {
-    pub addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-}
-
-impl EchoPeer {
-    pub fn start() -> Self {
-        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
-        let addr = sock.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 65536];
-            while !s.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(&buf[..n], from);
-                }
-            }
-        });
-        Self { addr, stop }
-    }
-}
-
-impl Drop for EchoPeer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -160,7 +128,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamClient<S> {
 
     /// The next frame (STUN message or padded ChannelData).
     pub async fn read_frame(&mut self) -> Vec<u8> {
-        tokio::time::timeout(TIMEOUT, async {
+        tokio::time::timeout(IO_TIMEOUT, async {
             loop {
                 if let Ok(FrameLen::Complete(n)) = frame_len(&self.buf) {
                     return self.buf.drain(..n).collect();

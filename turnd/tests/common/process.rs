@@ -4,7 +4,7 @@
 //! wait bounded.
 
 use std::io::{BufRead as _, BufReader, Read};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -206,28 +206,11 @@ impl Drop for Turnd {
     }
 }
 
-/// One HTTP/1.1 request (`Connection: close`): (status, body as sent, chunked or not).
+/// One HTTP/1.1 request (`Connection: close`): (status, body), or status 0 when nothing
+/// answered.
 pub fn http(addr: SocketAddr, method: &str, target: &str) -> (u16, String) {
-    use std::io::Write as _;
-    let mut s = TcpStream::connect_timeout(&addr, super::TIMEOUT).unwrap();
-    s.set_read_timeout(Some(super::TIMEOUT)).unwrap();
-    write!(
-        s,
-        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    turnd_test_support::http::request(addr, method, target, None)
+        .map_or((0, String::new()), |r| (r.status, r.body))
 }
 
 /// A STUN Binding request over UDP to `server`; true when answered within a second (three

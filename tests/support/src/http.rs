@@ -29,6 +29,33 @@ impl Reply {
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
+
+    /// The body as JSON, which `Content-Type` must announce.
+    ///
+    /// # Panics
+    /// The content type is not `application/json` or the body is not JSON.
+    #[must_use]
+    pub fn json(&self) -> serde_json::Value {
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/json"),
+            "{}",
+            self.body
+        );
+        serde_json::from_str(&self.body).expect("a JSON body")
+    }
+
+    /// The `error` of a JSON error body (turnd's admin API).
+    ///
+    /// # Panics
+    /// The body is not JSON or has no `error` string.
+    #[must_use]
+    pub fn error(&self) -> String {
+        self.json()["error"]
+            .as_str()
+            .expect("an error reason")
+            .to_owned()
+    }
 }
 
 /// Sends `method target` to `addr` (with `Authorization: Bearer token` when given) and reads
@@ -50,14 +77,30 @@ pub fn request(
         raw.push_str("Content-Length: 0\r\n");
     }
     raw.push_str("\r\n");
-    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+    exchange(addr, raw.as_bytes()).with_context(|| format!("{method} {target} on {addr}"))
+}
+
+/// Sends the raw bytes `raw` (a whole request, as a test wants it on the wire) to `addr` and
+/// reads the response until the server closes.
+///
+/// # Errors
+/// The connection failed, timed out, or the response is not HTTP.
+pub fn exchange(addr: SocketAddr, raw: &[u8]) -> anyhow::Result<Reply> {
+    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
         .with_context(|| format!("connecting to {addr}"))?;
+    exchange_on(s, raw)
+}
+
+/// As [`exchange`], on a connection the caller opened.
+///
+/// # Errors
+/// As [`exchange`].
+pub fn exchange_on(mut s: TcpStream, raw: &[u8]) -> anyhow::Result<Reply> {
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
-    s.write_all(raw.as_bytes())?;
+    s.write_all(raw)?;
     let mut bytes = Vec::new();
-    s.read_to_end(&mut bytes)
-        .with_context(|| format!("reading the answer to {method} {target} from {addr}"))?;
+    s.read_to_end(&mut bytes).context("reading the answer")?;
     parse(&String::from_utf8_lossy(&bytes))
 }
 

@@ -1,0 +1,37 @@
+//! Test support shared by turnd's own tests (`turnd/tests`) and the cross-crate suites
+//! (`turnd-tests`). It depends on no workspace crate — turnd's tests cannot depend on
+//! `turnd-tests`, which depends on turnd — and on nothing heavy.
+//!
+//! - [`tools`]: finds external tools (coturn's `turnserver` and `turnutils_*`, Prometheus's
+//!   `prometheus` and `promtool`); under `TURND_REQUIRE_TOOLS=1` (CI) a missing tool fails the
+//!   test instead of skipping it. Runs a tool with a deadline.
+//! - [`http`]: a raw HTTP/1.1 client for turnd's admin listener and Prometheus's API.
+//! - [`prometheus`]: a real Prometheus server scraping a target, and `promtool check metrics`.
+//! - [`peer`]: a UDP echo peer on loopback that counts what it receives.
+//! - [`free_udp_port`]: a port free on loopback right now.
+//!
+//! Everything binds loopback addresses only, and every network wait has a timeout.
+
+pub mod http;
+pub mod peer;
+pub mod prometheus;
+pub mod tools;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+/// The upper bound for any single network wait in these tests.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The loopback address test servers listen and relay on.
+pub const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// A UDP port free on 127.0.0.1 right now.
+///
+/// # Errors
+/// Nothing could be bound.
+pub fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind((LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
