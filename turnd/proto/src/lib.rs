@@ -22,11 +22,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-// The shared test support (`fuzz/common/`) names the crate as its users do.
-#[cfg(test)]
-extern crate self as turn_proto;
-
 pub mod auth;
 pub mod codec;
 pub mod defaults;
 pub mod server;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

@@ -20,29 +20,22 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use turn_proto::auth::{long_term_key_md5, rest_api_password, Credentials, UserSecret};
 use turn_proto::codec::{
     AdditionalAddressFamily, AddressFamily, AttrType, ChannelData, ChannelNumber, Class, Data,
     DontFragment, ErrorCode, ErrorCodeAttr, EvenPort, Lifetime, Message, MessageBuilder,
     MessageType, Method, Nonce, RequestedAddressFamily, RequestedTransport, ReservationToken,
     TransactionId, XorMappedAddress, XorPeerAddress,
 };
-use turn_proto::server::policy::PeerPolicy;
 use turn_proto::server::{
     AllocationId, Destination, Drain, Event, FiveTuple, LocalQuota, PortRequest, RelayBound,
     RelayError, RelayHandle, RelayRequest, RelayedAddress, Route, Server, ServerConfig,
     ServiceMode, SharedQuota, SharedReservations, Transport,
 };
+use turn_proto::testing::{
+    self, check_gauges, rest_credential, FakeIo, RelaySlab, Signing, RELAY_IPV4, RELAY_IPV6, UNIX0,
+};
 
-#[path = "invariants.rs"]
-mod invariants;
-#[path = "signer.rs"]
-mod signer;
-use signer::Signing;
-
-pub(crate) const REALM: &str = "example.org";
-pub(crate) const UNIX0: u64 = 1_700_000_000;
-pub(crate) const SECRET: &[u8] = b"s3cret";
+pub(crate) use turn_proto::testing::REALM;
 
 /// Longest single time step: a little over an hour, so one step can outlive any lifetime.
 pub(crate) const MAX_STEP_MS: u32 = 4_000_000;
@@ -268,7 +261,7 @@ pub(crate) struct Driver {
     /// Relay sockets (and reserved ports) the fake IO layer holds.
     pub(crate) bound: BTreeSet<SocketAddr>,
     /// Relay sockets by handle (the fake IO layer's slab; reserved ports have none).
-    relays: Vec<Option<SocketAddr>>,
+    relays: RelaySlab,
     tokens: Vec<[u8; 8]>,
     nonces: [Option<String>; 4],
     relay_mode: u8,
@@ -282,27 +275,13 @@ pub(crate) struct Driver {
 
 impl Driver {
     pub(crate) fn new(setup: Setup) -> Self {
-        let mut credentials = Credentials::new(REALM);
-        credentials.add_secret(SECRET.to_vec());
-        credentials.add_user("alice", &UserSecret::Password("wonderland".into()));
-        credentials.add_user(
-            "bob",
-            &UserSecret::Md5Key(long_term_key_md5("bob", REALM, "builder")),
-        );
-        let allow = vec![
-            "192.0.2.0/24".parse().unwrap_or_else(|_| unreachable!()),
-            "2001:db8::/32".parse().unwrap_or_else(|_| unreachable!()),
-        ];
         let config = ServerConfig {
-            credentials,
-            nonce_secret: [9; 32],
-            policy: PeerPolicy::new(allow, vec![]),
             relay_ipv4: setup.relay_ipv4,
             relay_ipv6: setup.relay_ipv6,
             max_permissions_per_allocation: setup.max_permissions,
             software: setup.software.then(|| "turnd-fuzz".to_owned()),
             rfc5766_channel_numbers: setup.rfc5766_channels,
-            ..ServerConfig::default()
+            ..testing::server_config()
         };
         let quota = Arc::new(Mutex::new(LocalQuota::new(
             setup.per_user_quota,
@@ -327,7 +306,7 @@ impl Driver {
             quota,
             next_port: 49152,
             bound: BTreeSet::new(),
-            relays: Vec::new(),
+            relays: RelaySlab::default(),
             tokens: Vec::new(),
             nonces: [None, None, None, None],
             relay_mode: 0,
@@ -420,12 +399,9 @@ impl Driver {
             Op::Peer { relay, peer, data } => {
                 let peer = peers[usize::from(*peer) % peers.len()];
                 // A handle of a live relay socket, or any (released, never bound) one.
-                let live: Vec<u32> = (0..self.relays.len())
-                    .filter(|&i| self.relays[i].is_some())
-                    .filter_map(|i| u32::try_from(i).ok())
-                    .collect();
+                let live = self.relays.live();
                 let relay = if relay & 0x80 == 0 && !live.is_empty() {
-                    RelayHandle(live[usize::from(*relay) % live.len()])
+                    live[usize::from(*relay) % live.len()]
                 } else {
                     RelayHandle(u32::from(*relay & 0x7f))
                 };
@@ -612,11 +588,7 @@ impl Driver {
     }
 
     fn sign(&self, b: &mut MessageBuilder<'_>, cred: Cred, nonce: &str) {
-        let rest = |expiry: u64| {
-            let user = format!("{expiry}:carol");
-            let password = rest_api_password(SECRET, &user);
-            (user, password)
-        };
+        let rest = |expiry: u64| rest_credential("carol", expiry);
         let (how, user, password) = match cred {
             Cred::None => return,
             Cred::Alice => (Signing::Md5, "alice".to_owned(), "wonderland".to_owned()),
@@ -637,7 +609,7 @@ impl Driver {
                 (Signing::Md5, user, password)
             }
         };
-        signer::sign(b, how, &user, &password, REALM, nonce);
+        testing::sign(b, how, &user, &password, REALM, nonce);
     }
 
     pub(crate) fn client_sends(&mut self, ft: FiveTuple, bytes: &[u8]) {
@@ -656,22 +628,6 @@ impl Driver {
         Route(u32::try_from(i + 1).unwrap_or(u32::MAX))
     }
 
-    /// Steps the clock like a real driver: wakes at every deadline on the way.
-    pub(crate) fn advance(&mut self, d: Duration) {
-        let target = self.now + d;
-        while let Some(t) = self.server.poll_timeout() {
-            if t > target {
-                break;
-            }
-            self.now = self.now.max(t);
-            self.server.handle_timeout(self.now);
-            self.pump();
-        }
-        self.now = target;
-        self.server.handle_timeout(self.now);
-        self.pump();
-    }
-
     fn next_free_port(&mut self, even: bool, pair: bool) -> Option<u16> {
         for _ in 0..20_000 {
             let p = self.next_port;
@@ -684,10 +640,8 @@ impl Driver {
                 continue;
             }
             let free = |q: u16| {
-                !self.bound.contains(&sa(v4(10, 0, 0, 5), q))
-                    && !self
-                        .bound
-                        .contains(&sa(v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10]), q))
+                !self.bound.contains(&sa(IpAddr::V4(RELAY_IPV4), q))
+                    && !self.bound.contains(&sa(IpAddr::V6(RELAY_IPV6), q))
             };
             if free(p) && (!pair || free(p + 1)) {
                 return Some(p);
@@ -696,50 +650,19 @@ impl Driver {
         None
     }
 
-    fn local_ip(family: AddressFamily) -> Option<IpAddr> {
-        match family {
-            AddressFamily::IPV4 => Some(v4(10, 0, 0, 5)),
-            AddressFamily::IPV6 => Some(v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10])),
-            _ => None,
-        }
-    }
-
-    /// Gives the relay socket at `local` a handle (the lowest free one, as a dense slab
-    /// would).
-    fn relayed(&mut self, local: SocketAddr) -> RelayedAddress {
-        let advertised = match local.ip() {
-            IpAddr::V4(_) => sa(v4(203, 0, 113, 5), local.port()),
-            IpAddr::V6(_) => local,
-        };
-        let i = match self.relays.iter().position(Option::is_none) {
-            Some(i) => i,
-            None => {
-                self.relays.push(None);
-                self.relays.len() - 1
-            }
-        };
-        self.relays[i] = Some(local);
-        let handle = RelayHandle(u32::try_from(i).unwrap_or(u32::MAX));
-        RelayedAddress {
-            handle,
-            local,
-            advertised,
-        }
-    }
-
     fn bind(
         &mut self,
         family: AddressFamily,
         port: PortRequest,
     ) -> Result<RelayedAddress, RelayError> {
-        let ip = Self::local_ip(family).ok_or(RelayError::FamilyUnavailable)?;
+        let ip = testing::relay_ip(family).ok_or(RelayError::FamilyUnavailable)?;
         let local = match port {
             PortRequest::Reserved(local) => {
                 assert!(
                     self.bound.contains(&local),
                     "the server asked to bind reserved {local}, which it never had reserved"
                 );
-                return Ok(self.relayed(local));
+                return Ok(self.relays.insert(local));
             }
             PortRequest::Even { reserve_next } => sa(
                 ip,
@@ -753,7 +676,7 @@ impl Driver {
             ),
         };
         assert!(self.bound.insert(local), "port {local} handed out twice");
-        Ok(self.relayed(local))
+        Ok(self.relays.insert(local))
     }
 
     fn answer(&mut self, req: RelayRequest) {
@@ -842,14 +765,7 @@ impl Driver {
                     }
                 }
                 Event::RelayReleased(r) => {
-                    let slot = self.relays.get_mut(r.handle.0 as usize);
-                    assert!(
-                        slot.as_deref() == Some(&Some(r.local)),
-                        "RelayReleased({r:?}) for a handle that is not this socket's"
-                    );
-                    if let Some(slot) = slot {
-                        *slot = None;
-                    }
+                    self.relays.release(&r);
                     assert!(
                         self.bound.remove(&r.local),
                         "RelayReleased({r:?}) for a socket that is not bound"
@@ -857,7 +773,7 @@ impl Driver {
                 }
                 Event::ReservedPortReleased(local) => {
                     assert!(
-                        !self.relays.contains(&Some(local)),
+                        self.relays.handle_of(local).is_none(),
                         "ReservedPortReleased({local}) for a relay socket in use"
                     );
                     assert!(
@@ -884,7 +800,7 @@ impl Driver {
                 Event::Rejected { .. } => {}
             }
         }
-        invariants::check_gauges(&self.server);
+        check_gauges(&self.server);
         if self.sent.len() > 64 {
             self.sent.clear();
         }
@@ -895,7 +811,7 @@ impl Driver {
         match destination {
             Destination::Peer { relay, .. } => {
                 assert!(
-                    matches!(self.relays.get(relay.0 as usize), Some(Some(_))),
+                    self.relays.get(relay).is_some(),
                     "datagram to a peer from {relay:?}, which is not a bound relay socket"
                 );
             }
@@ -1005,6 +921,24 @@ impl Driver {
         assert_eq!(in_use, 0, "quota slots never given back");
         let reserved = self.reservations.0.lock().map_or(0, |r| r.len());
         assert_eq!(reserved, 0, "reservations never removed");
+    }
+}
+
+impl FakeIo for Driver {
+    fn server(&mut self) -> &mut Server {
+        &mut self.server
+    }
+
+    fn now(&self) -> Instant {
+        self.now
+    }
+
+    fn set_now(&mut self, now: Instant) {
+        self.now = now;
+    }
+
+    fn pump(&mut self) {
+        Driver::pump(self);
     }
 }
 

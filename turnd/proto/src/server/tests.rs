@@ -5,22 +5,13 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-#[path = "../../fuzz/common/invariants.rs"]
-mod invariants;
-#[path = "../../fuzz/common/signer.rs"]
-mod signer;
-
 use super::policy::PeerPolicy;
 use super::*;
-use crate::auth::{
-    long_term_key_md5, long_term_key_sha256, rest_api_password, Credentials, UserSecret,
-};
+use crate::auth::{long_term_key_md5, long_term_key_sha256, rest_api_password};
 use crate::defaults;
-use signer::Signing;
-
-const REALM: &str = "example.org";
-const UNIX0: u64 = 1_700_000_000;
-const SECRET: &[u8] = b"s3cret";
+use crate::testing::{
+    self, check_gauges, rest_credential, FakeIo, RelaySlab, Signing, REALM, UNIX0,
+};
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -41,7 +32,7 @@ struct Harness {
     ports: Vec<u16>,
     bound: Vec<SocketAddr>,
     /// Relay sockets by handle (the fake IO layer's slab).
-    relays: Vec<Option<SocketAddr>>,
+    relays: RelaySlab,
     sent: Vec<(Destination, Vec<u8>, bool)>,
     routes: Vec<Route>,
     events: Vec<Event>,
@@ -51,24 +42,24 @@ struct Harness {
 }
 
 fn config() -> ServerConfig {
-    let mut credentials = Credentials::new(REALM);
-    credentials.add_secret(SECRET.to_vec());
-    credentials.add_user("alice", &UserSecret::Password("wonderland".into()));
-    credentials.add_user(
-        "bob",
-        &UserSecret::Md5Key(long_term_key_md5("bob", REALM, "builder")),
-    );
-    ServerConfig {
-        credentials,
-        nonce_secret: [9; 32],
-        policy: PeerPolicy::new(
-            vec![
-                "192.0.2.0/24".parse().unwrap(),
-                "2001:db8::/32".parse().unwrap(),
-            ],
-            vec![],
-        ),
-        ..ServerConfig::default()
+    testing::server_config()
+}
+
+impl FakeIo for Harness {
+    fn server(&mut self) -> &mut Server {
+        &mut self.server
+    }
+
+    fn now(&self) -> Instant {
+        self.now
+    }
+
+    fn set_now(&mut self, now: Instant) {
+        self.now = now;
+    }
+
+    fn pump(&mut self) {
+        Harness::pump(self);
     }
 }
 
@@ -101,29 +92,13 @@ impl Harness {
             now: t0,
             ports: (49152..49162).collect(),
             bound: Vec::new(),
-            relays: Vec::new(),
+            relays: RelaySlab::default(),
             sent: Vec::new(),
             routes: Vec::new(),
             events: Vec::new(),
             fail_ipv6: false,
             fail_with: None,
         }
-    }
-
-    fn advance(&mut self, d: Duration) {
-        let target = self.now + d;
-        // Wake at every deadline on the way, like a real driver.
-        while let Some(t) = self.server.poll_timeout() {
-            if t > target {
-                break;
-            }
-            self.now = self.now.max(t);
-            self.server.handle_timeout(self.now);
-            self.pump();
-        }
-        self.now = target;
-        self.server.handle_timeout(self.now);
-        self.pump();
     }
 
     fn bind(
@@ -137,16 +112,7 @@ impl Harness {
         if let Some(e) = self.fail_with {
             return Err(e);
         }
-        let ip = if family == AddressFamily::IPV6 {
-            "[2001:db8::10]"
-        } else {
-            "10.0.0.5"
-        };
-        let public = if family == AddressFamily::IPV6 {
-            "[2001:db8::10]"
-        } else {
-            "203.0.113.5"
-        };
+        let ip = testing::relay_ip(family).ok_or(RelayError::FamilyUnavailable)?;
         let port = match port {
             PortRequest::Reserved(local) => local.port(),
             PortRequest::Even { .. } => {
@@ -164,19 +130,9 @@ impl Harness {
                 self.ports.remove(0)
             }
         };
-        let local = addr(&format!("{ip}:{port}"));
+        let local = SocketAddr::new(ip, port);
         self.bound.push(local);
-        let free = self.relays.iter().position(Option::is_none);
-        let i = free.unwrap_or_else(|| {
-            self.relays.push(None);
-            self.relays.len() - 1
-        });
-        self.relays[i] = Some(local);
-        Ok(RelayedAddress {
-            handle: RelayHandle(u32::try_from(i).unwrap()),
-            local,
-            advertised: addr(&format!("{public}:{port}")),
-        })
+        Ok(self.relays.insert(local))
     }
 
     fn pump(&mut self) {
@@ -215,8 +171,7 @@ impl Harness {
                     );
                 }
                 Event::RelayReleased(r) => {
-                    assert_eq!(self.relays[r.handle.0 as usize], Some(r.local));
-                    self.relays[r.handle.0 as usize] = None;
+                    self.relays.release(r);
                     self.bound.retain(|b| *b != r.local);
                     self.ports.push(r.local.port());
                 }
@@ -227,7 +182,7 @@ impl Harness {
             }
             self.events.push(ev);
         }
-        invariants::check_gauges(&self.server);
+        check_gauges(&self.server);
     }
 
     fn client_sends(&mut self, ft: FiveTuple, bytes: &[u8]) {
@@ -242,8 +197,7 @@ impl Harness {
 
     /// The handle of the relay socket bound at `local`.
     fn relay(&self, local: SocketAddr) -> RelayHandle {
-        let i = self.relays.iter().position(|r| *r == Some(local));
-        RelayHandle(u32::try_from(i.expect("relay socket bound")).unwrap())
+        self.relays.handle_of(local).expect("relay socket bound")
     }
 
     /// Whether the relay socket at `local` was released.
@@ -294,8 +248,7 @@ enum Cred {
 }
 
 fn rest(user: &str, expiry: u64) -> Cred {
-    let username = format!("{expiry}:{user}");
-    let password = rest_api_password(SECRET, &username);
+    let (username, password) = rest_credential(user, expiry);
     Cred::Password {
         user: username,
         password,
@@ -347,7 +300,7 @@ impl Client {
                 Cred::UserHash { user, password } => (Signing::UserHash, user, password),
                 Cred::Sha256 { user, password } => (Signing::Sha256, user, password),
             };
-            signer::sign(&mut b, how, user, password, REALM, nonce);
+            testing::sign(&mut b, how, user, password, REALM, nonce);
         }
         b.add_fingerprint();
         b.finish();

@@ -1,17 +1,15 @@
 //! The one request signer of turn-proto's tests: signs a request as a long-term-credential
-//! client does (RFC 8489 §9.2), with USERNAME or USERHASH, MD5 or SHA-256 keys. Shared, through
-//! `#[path]`, by the server's unit tests (`src/server/tests.rs`), the proptests and the fuzz
-//! driver (`driver.rs`).
+//! client does (RFC 8489 §9.2), with USERNAME or USERHASH, MD5 or SHA-256 keys.
 
-use turn_proto::auth::{long_term_key_md5, long_term_key_sha256, user_hash};
-use turn_proto::codec::{
+use crate::auth::{long_term_key_md5, long_term_key_sha256, user_hash};
+use crate::codec::{
     MessageBuilder, Nonce, PasswordAlgorithm, PasswordAlgorithmId, PasswordAlgorithms, Realm,
     UserHash, Username,
 };
 
 /// How a request is signed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Signing {
+pub enum Signing {
     /// USERNAME, the MD5 key, MESSAGE-INTEGRITY.
     Md5,
     /// USERHASH instead of USERNAME, MESSAGE-INTEGRITY-SHA256 under the MD5 key.
@@ -23,7 +21,7 @@ pub(crate) enum Signing {
 
 /// Adds the credential attributes and the integrity to `b` (call after the method's own
 /// attributes, before FINGERPRINT).
-pub(crate) fn sign(
+pub fn sign(
     b: &mut MessageBuilder<'_>,
     how: Signing,
     user: &str,
