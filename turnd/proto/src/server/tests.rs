@@ -200,6 +200,14 @@ impl Harness {
         self.relays.handle_of(local).expect("relay socket bound")
     }
 
+    /// How many allocations ended for `reason`.
+    fn ended(&self, reason: EndReason) -> usize {
+        self.events
+            .iter()
+            .filter(|e| matches!(e, Event::AllocationEnded { reason: r, .. } if *r == reason))
+            .count()
+    }
+
     /// Whether the relay socket at `local` was released.
     fn released(&self, local: SocketAddr) -> bool {
         self.events
@@ -247,6 +255,32 @@ enum Cred {
     Sha256 { user: String, password: String },
 }
 
+impl Cred {
+    /// USERNAME and the MD5 key, MESSAGE-INTEGRITY.
+    fn password(user: &str, password: &str) -> Self {
+        Self::Password {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    /// USERHASH and the MD5 key, MESSAGE-INTEGRITY-SHA256.
+    fn user_hash(user: &str, password: &str) -> Self {
+        Self::UserHash {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    /// USERNAME and the SHA-256 key, MESSAGE-INTEGRITY-SHA256.
+    fn sha256(user: &str, password: &str) -> Self {
+        Self::Sha256 {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+}
+
 fn rest(user: &str, expiry: u64) -> Cred {
     let (username, password) = rest_credential(user, expiry);
     Cred::Password {
@@ -256,10 +290,7 @@ fn rest(user: &str, expiry: u64) -> Cred {
 }
 
 fn alice() -> Cred {
-    Cred::Password {
-        user: "alice".into(),
-        password: "wonderland".into(),
-    }
+    Cred::password("alice", "wonderland")
 }
 
 /// A long-term-credential client that handles the 401 challenge like a real one.
@@ -370,6 +401,59 @@ impl Client {
     }
 }
 
+/// A ChannelData message on `channel` as a UDP client sends it (unpadded).
+fn channel_data(channel: u16, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    ChannelData {
+        channel: ChannelNumber::new(channel).unwrap(),
+        data,
+    }
+    .encode(false, &mut out);
+    out
+}
+
+/// A message with no credentials: `body` adds the attributes, then it is finished (no
+/// FINGERPRINT).
+fn message(
+    method: Method,
+    class: Class,
+    tid: u8,
+    body: impl FnOnce(&mut MessageBuilder<'_>),
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut b = MessageBuilder::new(
+        &mut out,
+        MessageType::new(method, class),
+        TransactionId([tid; 12]),
+    );
+    body(&mut b);
+    b.finish();
+    out
+}
+
+/// A Send indication of `data` to `peer` (RFC 8656 §11.1).
+fn send_indication(tid: u8, peer: &str, data: &[u8]) -> Vec<u8> {
+    message(Method::SEND, Class::Indication, tid, |b| {
+        b.add(&XorPeerAddress(addr(peer))).add(&Data(data));
+    })
+}
+
+/// What the relay socket at `local` sends to `peer`: `data`, with DF or not, as
+/// `Harness::take_sent` lists it.
+fn to_peer(
+    h: &Harness,
+    local: SocketAddr,
+    peer: &str,
+    data: &[u8],
+    dont_fragment: bool,
+) -> (Destination, Vec<u8>, bool) {
+    let destination = Destination::Peer {
+        relay: h.relay(local),
+        peer: addr(peer),
+    };
+    (destination, data.to_vec(), dont_fragment)
+}
+
 fn error_code(reply: &[u8]) -> Option<u16> {
     Message::decode(reply)
         .unwrap()
@@ -408,14 +492,9 @@ fn rfc8489_binding_answered_without_auth_with_xor_mapped_address_and_no_software
     cfg.software = Some("turnd".into());
     let mut h = Harness::with(cfg, Box::new(LocalQuota::default()));
     let ft = udp("192.0.2.7:40000");
-    let mut out = Vec::new();
-    let mut b = MessageBuilder::new(
-        &mut out,
-        MessageType::new(Method::BINDING, Class::Request),
-        TransactionId([1; 12]),
-    );
-    b.add_fingerprint();
-    b.finish();
+    let out = message(Method::BINDING, Class::Request, 1, |b| {
+        b.add_fingerprint();
+    });
     h.client_sends(ft, &out);
     let r = h.last_reply();
     let m = Message::decode(&r).unwrap();
@@ -463,23 +542,11 @@ fn rfc8489_9_2_4_request_without_integrity_gets_401_challenge_without_reason_phr
 #[test]
 fn rfc8489_9_2_4_wrong_password_gets_401() {
     let mut h = Harness::new();
-    let mut c = Client::new(
-        udp("192.0.2.7:40000"),
-        Cred::Password {
-            user: "alice".into(),
-            password: "nope".into(),
-        },
-    );
+    let mut c = Client::new(udp("192.0.2.7:40000"), Cred::password("alice", "nope"));
     let r = c.allocate(&mut h);
     assert_eq!(error_code(&r), Some(401));
     assert!(h.rejections().contains(&Reject::BadIntegrity));
-    let mut c = Client::new(
-        udp("192.0.2.7:40001"),
-        Cred::Password {
-            user: "mallory".into(),
-            password: "x".into(),
-        },
-    );
+    let mut c = Client::new(udp("192.0.2.7:40001"), Cred::password("mallory", "x"));
     assert_eq!(error_code(&c.allocate(&mut h)), Some(401));
     assert!(h.rejections().contains(&Reject::UnknownUser));
 }
@@ -539,26 +606,14 @@ fn expired_rest_credential_refused_on_allocate_and_on_refresh() {
 #[test]
 fn static_user_configured_with_turnadmin_key_authenticates() {
     let mut h = Harness::new();
-    let mut c = Client::new(
-        udp("192.0.2.7:40000"),
-        Cred::Password {
-            user: "bob".into(),
-            password: "builder".into(),
-        },
-    );
+    let mut c = Client::new(udp("192.0.2.7:40000"), Cred::password("bob", "builder"));
     assert!(is_success(&c.allocate(&mut h)));
 }
 
 #[test]
 fn rfc8489_sha256_password_algorithm_and_integrity_sha256_response() {
     let mut h = Harness::new();
-    let mut c = Client::new(
-        udp("192.0.2.7:40000"),
-        Cred::Sha256 {
-            user: "alice".into(),
-            password: "wonderland".into(),
-        },
-    );
+    let mut c = Client::new(udp("192.0.2.7:40000"), Cred::sha256("alice", "wonderland"));
     let r = c.allocate(&mut h);
     let m = Message::decode(&r).unwrap();
     assert_eq!(m.typ().class, Class::Success);
@@ -599,10 +654,7 @@ fn rfc8489_userhash_identifies_a_static_user() {
     let mut h = Harness::new();
     let mut c = Client::new(
         udp("192.0.2.7:40000"),
-        Cred::UserHash {
-            user: "alice".into(),
-            password: "wonderland".into(),
-        },
+        Cred::user_hash("alice", "wonderland"),
     );
     let r = c.allocate(&mut h);
     assert!(is_success(&r), "{:?}", error_code(&r));
@@ -611,15 +663,10 @@ fn rfc8489_userhash_identifies_a_static_user() {
 #[test]
 fn rfc8489_7_3_1_unknown_comprehension_required_attribute_gets_420_listing_it() {
     let mut h = Harness::new();
-    let mut out = Vec::new();
-    let mut b = MessageBuilder::new(
-        &mut out,
-        MessageType::new(Method::BINDING, Class::Request),
-        TransactionId([4; 12]),
-    );
-    b.add_raw(AttrType(0x7777), b"xx");
-    b.add_raw(AttrType(0xC001), b"optional is ignored");
-    b.finish();
+    let out = message(Method::BINDING, Class::Request, 4, |b| {
+        b.add_raw(AttrType(0x7777), b"xx");
+        b.add_raw(AttrType(0xC001), b"optional is ignored");
+    });
     h.client_sends(udp("192.0.2.7:1"), &out);
     let r = h.last_reply();
     let m = Message::decode(&r).unwrap();
@@ -629,14 +676,9 @@ fn rfc8489_7_3_1_unknown_comprehension_required_attribute_gets_420_listing_it() 
         &[AttrType(0x7777)]
     );
 
-    let mut out = Vec::new();
-    let mut b = MessageBuilder::new(
-        &mut out,
-        MessageType::new(Method::BINDING, Class::Request),
-        TransactionId([5; 12]),
-    );
-    b.add_raw(AttrType(0xC001), b"optional is ignored");
-    b.finish();
+    let out = message(Method::BINDING, Class::Request, 5, |b| {
+        b.add_raw(AttrType(0xC001), b"optional is ignored");
+    });
     h.client_sends(udp("192.0.2.7:1"), &out);
     assert!(is_success(&h.last_reply()));
 }
@@ -854,13 +896,7 @@ fn rfc8656_7_2_user_quota_486_total_quota_508() {
     assert!(is_success(&a.allocate(&mut h)));
     let mut a2 = Client::new(udp("192.0.2.7:2"), alice());
     assert_eq!(error_code(&a2.allocate(&mut h)), Some(486));
-    let mut b = Client::new(
-        udp("192.0.2.7:3"),
-        Cred::Password {
-            user: "bob".into(),
-            password: "builder".into(),
-        },
-    );
+    let mut b = Client::new(udp("192.0.2.7:3"), Cred::password("bob", "builder"));
     assert!(is_success(&b.allocate(&mut h)));
     let mut w = Client::new(udp("192.0.2.7:4"), rest("web", UNIX0 + 999));
     assert_eq!(error_code(&w.allocate(&mut h)), Some(508));
@@ -908,13 +944,7 @@ fn rfc8656_8_refresh_zero_deletes_and_releases_the_relay() {
         Some(Lifetime(0))
     );
     assert!(h.released(local));
-    assert!(h.events.iter().any(|e| matches!(
-        e,
-        Event::AllocationEnded {
-            reason: EndReason::Deleted,
-            ..
-        }
-    )));
+    assert!(h.ended(EndReason::Deleted) > 0);
     assert_eq!(h.server.allocation_count(), 0);
     assert_eq!(error_code(&c.refresh(&mut h, None)), Some(437));
 }
@@ -925,13 +955,7 @@ fn rfc8656_8_refresh_without_allocation_is_437_and_other_user_is_441() {
     let mut c = Client::new(udp("192.0.2.7:40000"), alice());
     assert_eq!(error_code(&c.refresh(&mut h, None)), Some(437));
     let _ = c.allocate(&mut h);
-    let mut other = Client::new(
-        c.ft,
-        Cred::Password {
-            user: "bob".into(),
-            password: "builder".into(),
-        },
-    );
+    let mut other = Client::new(c.ft, Cred::password("bob", "builder"));
     assert_eq!(error_code(&other.refresh(&mut h, None)), Some(441));
     assert_eq!(error_code(&other.permit(&mut h, addr(PEER))), Some(441));
 }
@@ -961,13 +985,7 @@ fn rfc8656_7_allocation_expires_after_its_lifetime_unless_refreshed() {
     h.advance(Duration::from_secs(101));
     assert_eq!(h.server.allocation_count(), 0);
     assert!(h.released(local));
-    assert!(h.events.iter().any(|e| matches!(
-        e,
-        Event::AllocationEnded {
-            reason: EndReason::Expired,
-            ..
-        }
-    )));
+    assert!(h.ended(EndReason::Expired) > 0);
 }
 
 #[test]
@@ -980,13 +998,7 @@ fn rfc8656_3_1_allocation_dies_with_its_connection() {
     h.server.handle_connection_closed(h.now, ft);
     h.pump();
     assert_eq!(h.server.allocation_count(), 0);
-    assert!(h.events.iter().any(|e| matches!(
-        e,
-        Event::AllocationEnded {
-            reason: EndReason::ConnectionClosed,
-            ..
-        }
-    )));
+    assert!(h.ended(EndReason::ConnectionClosed) > 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1003,29 +1015,14 @@ fn rfc8656_10_2_create_permission_installs_several_peers_and_relays_both_ways() 
     assert!(is_success(&r));
     // Send indication → peer (any port of a permitted IP).
     for peer in ["192.0.2.44:7", "192.0.2.45:9"] {
-        let mut out = Vec::new();
-        let mut b = MessageBuilder::new(
-            &mut out,
-            MessageType::new(Method::SEND, Class::Indication),
-            TransactionId([8; 12]),
-        );
-        b.add(&XorPeerAddress(addr(peer)))
-            .add(&Data(b"hello"))
-            .add(&DontFragment);
-        b.finish();
+        let out = message(Method::SEND, Class::Indication, 8, |b| {
+            b.add(&XorPeerAddress(addr(peer)))
+                .add(&Data(b"hello"))
+                .add(&DontFragment);
+        });
         h.client_sends(c.ft, &out);
         let sent = h.take_sent();
-        assert_eq!(
-            sent,
-            vec![(
-                Destination::Peer {
-                    relay: h.relay(local),
-                    peer: addr(peer)
-                },
-                b"hello".to_vec(),
-                true
-            )]
-        );
+        assert_eq!(sent, vec![to_peer(&h, local, peer, b"hello", true)]);
     }
     // Peer → client as a Data indication.
     h.peer_sends(local, addr("192.0.2.44:7"), b"back");
@@ -1136,23 +1133,11 @@ fn rfc8656_12_channel_bind_relays_channel_data_both_ways() {
     let mut h = Harness::new();
     let (mut c, local) = allocated(&mut h, "192.0.2.7:40000");
     assert!(is_success(&c.bind_channel(&mut h, 0x4001, addr(PEER))));
-    let mut cd = Vec::new();
-    ChannelData {
-        channel: ChannelNumber::new(0x4001).unwrap(),
-        data: b"abcde",
-    }
-    .encode(false, &mut cd);
+    let cd = channel_data(0x4001, b"abcde");
     h.client_sends(c.ft, &cd);
     assert_eq!(
         h.take_sent(),
-        vec![(
-            Destination::Peer {
-                relay: h.relay(local),
-                peer: addr(PEER)
-            },
-            b"abcde".to_vec(),
-            false
-        )]
+        vec![to_peer(&h, local, PEER, b"abcde", false)]
     );
     h.peer_sends(local, addr(PEER), b"xyz");
     let sent = h.take_sent();
@@ -1237,12 +1222,7 @@ fn rfc8656_12_channel_expires_after_600_seconds_and_cools_down_for_300() {
         assert!(is_success(&c.permit(&mut h, addr(PEER))));
     }
     h.advance(Duration::from_secs(41)); // 601 s after binding
-    let mut cd = Vec::new();
-    ChannelData {
-        channel: ChannelNumber::new(0x4000).unwrap(),
-        data: b"z",
-    }
-    .encode(false, &mut cd);
+    let cd = channel_data(0x4000, b"z");
     h.client_sends(c.ft, &cd);
     assert!(h.take_sent().is_empty(), "channel expired");
     assert_eq!(h.server.stats().dropped(DropReason::NoChannel), 1);
@@ -1269,14 +1249,7 @@ fn rfc8656_12_channel_expires_after_600_seconds_and_cools_down_for_300() {
 fn rfc8656_11_2_send_indication_without_permission_is_dropped() {
     let mut h = Harness::new();
     let (c, _) = allocated(&mut h, "192.0.2.7:40000");
-    let mut out = Vec::new();
-    let mut b = MessageBuilder::new(
-        &mut out,
-        MessageType::new(Method::SEND, Class::Indication),
-        TransactionId([8; 12]),
-    );
-    b.add(&XorPeerAddress(addr(PEER))).add(&Data(b"hello"));
-    b.finish();
+    let out = send_indication(8, PEER, b"hello");
     h.client_sends(c.ft, &out);
     assert!(h.take_sent().is_empty());
     assert_eq!(h.server.stats().dropped(DropReason::NoPermission), 1);
@@ -1323,24 +1296,9 @@ fn ipv4_mapped_peer_is_relayed_as_ipv4_and_matches_its_channel() {
         0x4005,
         addr("[::ffff:192.0.2.44]:9000")
     )));
-    let mut cd = Vec::new();
-    ChannelData {
-        channel: ChannelNumber::new(0x4005).unwrap(),
-        data: b"m",
-    }
-    .encode(false, &mut cd);
+    let cd = channel_data(0x4005, b"m");
     h.client_sends(c.ft, &cd);
-    assert_eq!(
-        h.take_sent(),
-        vec![(
-            Destination::Peer {
-                relay: h.relay(local),
-                peer: addr(PEER)
-            },
-            b"m".to_vec(),
-            false
-        )]
-    );
+    assert_eq!(h.take_sent(), vec![to_peer(&h, local, PEER, b"m", false)]);
     h.peer_sends(local, addr(PEER), b"r");
     assert_eq!(h.take_sent()[0].1, vec![0x40, 0x05, 0x00, 0x01, b'r']);
 }
@@ -1425,14 +1383,7 @@ fn answers_take_the_route_of_their_request_and_peer_data_the_allocations_route()
     h.routes.clear();
     h.peer_sends(local, addr(PEER), b"x");
     h.take_sent();
-    let mut send = Vec::new();
-    let mut b = MessageBuilder::new(
-        &mut send,
-        MessageType::new(Method::SEND, Class::Indication),
-        TransactionId([1; 12]),
-    );
-    b.add(&XorPeerAddress(addr(PEER))).add(&Data(b"y"));
-    b.finish();
+    let send = send_indication(1, PEER, b"y");
     h.client_sends_by(ft, Route(3), &send);
     assert_eq!(h.routes, vec![Route(7), Route::default()]);
     let created = h.events.iter().find_map(|e| match e {
@@ -1548,13 +1499,7 @@ fn reject_and_drop_reasons_index_their_all_arrays() {
 #[test]
 fn rejections_report_the_client_and_the_username() {
     let mut h = Harness::new();
-    let mut c = Client::new(
-        udp("192.0.2.7:40000"),
-        Cred::Password {
-            user: "alice".into(),
-            password: "wrong".into(),
-        },
-    );
+    let mut c = Client::new(udp("192.0.2.7:40000"), Cred::password("alice", "wrong"));
     assert_eq!(error_code(&c.allocate(&mut h)), Some(401));
     let last = h.events.iter().rev().find_map(|e| match e {
         Event::Rejected {
@@ -1728,13 +1673,7 @@ fn sessions_list_allocations_and_admin_ends_them_with_437_on_next_refresh() {
     h.advance(Duration::from_secs(10));
     let (mut a1, _) = allocated(&mut h, "192.0.2.7:40000");
     let (mut a2, _) = allocated(&mut h, "192.0.2.7:40001");
-    let mut b = Client::new(
-        udp("192.0.2.8:40000"),
-        Cred::Password {
-            user: "bob".into(),
-            password: "builder".into(),
-        },
-    );
+    let mut b = Client::new(udp("192.0.2.8:40000"), Cred::password("bob", "builder"));
     assert!(is_success(&b.allocate(&mut h)));
     assert!(is_success(&b.bind_channel(&mut h, 0x4000, addr(PEER))));
     h.advance(Duration::from_secs(100));
@@ -1754,20 +1693,7 @@ fn sessions_list_allocations_and_admin_ends_them_with_437_on_next_refresh() {
     h.pump();
     assert!(!h.server.end_allocation(h.now, bob_id));
     assert_eq!(error_code(&b.refresh(&mut h, None)), Some(437));
-    let admin_ends = h
-        .events
-        .iter()
-        .filter(|e| {
-            matches!(
-                e,
-                Event::AllocationEnded {
-                    reason: EndReason::Admin,
-                    ..
-                }
-            )
-        })
-        .count();
-    assert_eq!(admin_ends, 3);
+    assert_eq!(h.ended(EndReason::Admin), 3);
     assert!(h.bound.is_empty(), "relay sockets released");
     assert_eq!(h.server.stats().allocations_active, 0);
 }
@@ -1884,13 +1810,7 @@ fn challenges_per_source_are_limited_when_configured_and_counted_as_drops() {
 fn stun_only_mode_answers_binding_and_refuses_every_turn_method_with_400() {
     let mut h = with_config(|c| c.mode = ServiceMode::StunOnly);
     let ft = udp("192.0.2.7:40000");
-    let mut out = Vec::new();
-    MessageBuilder::new(
-        &mut out,
-        MessageType::new(Method::BINDING, Class::Request),
-        TransactionId([3; 12]),
-    )
-    .finish();
+    let out = message(Method::BINDING, Class::Request, 3, |_| {});
     h.client_sends(ft, &out);
     assert!(is_success(&h.last_reply()));
     let mut c = Client::new(ft, alice());
@@ -1911,13 +1831,7 @@ fn stun_only_mode_answers_binding_and_refuses_every_turn_method_with_400() {
 fn no_stun_mode_refuses_unauthenticated_binding_and_serves_turn() {
     let mut h = with_config(|c| c.mode = ServiceMode::NoStun);
     let ft = udp("192.0.2.7:40000");
-    let mut out = Vec::new();
-    MessageBuilder::new(
-        &mut out,
-        MessageType::new(Method::BINDING, Class::Request),
-        TransactionId([3; 12]),
-    )
-    .finish();
+    let out = message(Method::BINDING, Class::Request, 3, |_| {});
     h.client_sends(ft, &out);
     assert_eq!(error_code(&h.last_reply()), Some(400));
     assert_eq!(h.rejections(), vec![Reject::MethodNotServed]);
@@ -1982,13 +1896,7 @@ fn rfc8656_7_2_reservation_token_of_another_user_is_508_and_stays_for_its_owner(
     let mut h = Harness::new();
     let mut alice_c = Client::new(udp("192.0.2.7:40000"), alice());
     let (port, token) = reserve(&mut h, &mut alice_c);
-    let mut bob = Client::new(
-        udp("192.0.2.8:40000"),
-        Cred::Password {
-            user: "bob".into(),
-            password: "builder".into(),
-        },
-    );
+    let mut bob = Client::new(udp("192.0.2.8:40000"), Cred::password("bob", "builder"));
     assert_eq!(error_code(&redeem(&mut h, &mut bob, token)), Some(508));
     assert_eq!(
         h.rejections().last(),
@@ -2089,10 +1997,7 @@ fn rfc8489_10_tls_sha256_redirect_names_the_alternate_domain() {
     h.server.set_draining(Some(drain));
     let mut ft = udp("192.0.2.7:40000");
     ft.transport = Transport::Tls;
-    let sha = Cred::Sha256 {
-        user: "alice".into(),
-        password: "wonderland".into(),
-    };
+    let sha = Cred::sha256("alice", "wonderland");
     let r = Client::new(ft, sha).allocate(&mut h);
     assert_eq!(error_code(&r), Some(300));
     let m = Message::decode(&r).unwrap();
@@ -2104,10 +2009,7 @@ fn rfc8489_10_tls_sha256_redirect_names_the_alternate_domain() {
     let r = Client::new(ft, alice()).allocate(&mut h);
     let m = Message::decode(&r).unwrap();
     assert_eq!(m.get::<AlternateDomain<'_>>().unwrap(), None);
-    let sha = Cred::Sha256 {
-        user: "alice".into(),
-        password: "wonderland".into(),
-    };
+    let sha = Cred::sha256("alice", "wonderland");
     let r = Client::new(udp("192.0.2.7:40001"), sha).allocate(&mut h);
     let m = Message::decode(&r).unwrap();
     assert_eq!(error_code(&r), Some(300));
