@@ -11,12 +11,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 use tokio::net::UdpSocket;
-use turn_proto::auth::long_term_key_md5;
 use turn_proto::codec::{
     AddressFamily, ChannelData, ChannelNumber, Class, Data, ErrorCodeAttr, Lifetime, Message,
     MessageBuilder, MessageType, Method, Nonce, Realm, RequestedAddressFamily, RequestedTransport,
-    TransactionId, Username, XorMappedAddress, XorPeerAddress, XorRelayedAddress,
+    TransactionId, XorMappedAddress, XorPeerAddress, XorRelayedAddress,
 };
+use turn_proto::testing::{sign, Signing};
 
 use crate::IO_TIMEOUT;
 
@@ -139,7 +139,6 @@ pub struct MiniClient {
     password: String,
     realm: Option<String>,
     nonce: Option<String>,
-    key: Option<[u8; 16]>,
     /// Datagrams that were not the response awaited (data, late responses); bounded.
     pending: VecDeque<Vec<u8>>,
 }
@@ -178,7 +177,6 @@ impl MiniClient {
             password: password.to_owned(),
             realm: None,
             nonce: None,
-            key: None,
             pending: VecDeque::new(),
         })
     }
@@ -231,18 +229,22 @@ impl MiniClient {
             let mut b =
                 MessageBuilder::new(&mut out, MessageType::new(method, Class::Request), tid);
             add(&mut b);
-            if let (Some(key), Some(realm), Some(nonce)) = (&self.key, &self.realm, &self.nonce) {
-                b.add(&Username(&self.username));
-                b.add(&Realm(realm));
-                b.add(&Nonce(nonce));
-                b.add_message_integrity(key);
+            if let (Some(realm), Some(nonce)) = (&self.realm, &self.nonce) {
+                sign(
+                    &mut b,
+                    Signing::Md5,
+                    &self.username,
+                    &self.password,
+                    realm,
+                    nonce,
+                );
             }
             b.add_fingerprint();
             b.finish();
             let resp = self.transact(tid, &out).await?;
             let code = resp.error_code();
             let challenge = match code {
-                Some(401) => self.key.is_none(),
+                Some(401) => self.realm.is_none(),
                 Some(438) => true,
                 _ => false,
             };
@@ -250,7 +252,6 @@ impl MiniClient {
                 let msg = resp.msg();
                 let realm = msg.get::<Realm<'_>>().ok().flatten().context("no REALM")?;
                 let nonce = msg.get::<Nonce<'_>>().ok().flatten().context("no NONCE")?;
-                self.key = Some(long_term_key_md5(&self.username, realm.0, &self.password));
                 self.realm = Some(realm.0.to_owned());
                 self.nonce = Some(nonce.0.to_owned());
                 retried = true;

@@ -15,8 +15,8 @@ pub mod process;
 use std::net::SocketAddr;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use turn_proto::auth::long_term_key_md5;
 use turn_proto::codec::*;
+use turn_proto::testing::{sign, Signing};
 
 pub use turnd_test_support::peer::EchoPeer;
 pub use turnd_test_support::{IO_TIMEOUT, LOCALHOST};
@@ -153,10 +153,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamClient<S> {
         let mut b = MessageBuilder::new(&mut out, MessageType::new(method, Class::Request), tid);
         body(&mut b);
         if let Some(nonce) = &self.nonce {
-            b.add(&Username(&self.user))
-                .add(&Realm(&self.realm))
-                .add(&Nonce(nonce));
-            b.add_message_integrity(&long_term_key_md5(&self.user, &self.realm, &self.pass));
+            sign(
+                &mut b,
+                Signing::Md5,
+                &self.user,
+                &self.pass,
+                &self.realm,
+                nonce,
+            );
         }
         b.finish();
         out
