@@ -15,138 +15,30 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::run::{run, text, try_run};
+use common::image::{prebuilt_context, static_turnd, workspace, Netns, Podman};
+use common::run::{text, try_run};
 
-const TARGET: &str = "x86_64-unknown-linux-gnu";
-
-fn required() -> bool {
-    std::env::var("TURND_REQUIRE_TOOLS").as_deref() == Ok("1")
-}
-
-fn skip(why: &str) {
-    assert!(!required(), "{why} (TURND_REQUIRE_TOOLS=1)");
-    eprintln!("SKIPPED: {why}");
-}
-
-fn find(tool: &str) -> Option<PathBuf> {
-    ["/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| p.is_file())
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-/// The static binary: `TURND_STATIC_BINARY`, or built with cargo into
-/// `<this target dir>/image-static` (a separate target dir, so the outer cargo's lock is not
-/// needed).
-fn static_turnd() -> PathBuf {
-    if let Some(p) = std::env::var_os("TURND_STATIC_BINARY") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    let target_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<exe>")
-        .join("image-static");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let t = Instant::now();
-    let o = run(
-        Command::new(cargo)
-            .current_dir(workspace())
-            .env("CARGO_TARGET_DIR", &target_dir)
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            // The image test needs a static binary, not a fast one: the dev profile builds in a
-            // fraction of the time, and the Dockerfile's prebuilt stage copies whatever is there.
-            .args(["build", "-p", "turnd", "--target", TARGET]),
-        Duration::from_secs(3600),
-    );
-    assert!(o.status.success(), "static build failed:\n{}", text(&o));
-    eprintln!("static turnd built (or up to date) in {:?}", t.elapsed());
-    target_dir.join(TARGET).join("debug").join("turnd")
-}
-
-/// Whether an ELF executable has no program interpreter (`PT_INTERP`), i.e. is static.
-fn is_static_elf(bytes: &[u8]) -> bool {
-    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
-    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
-    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
-    assert_eq!(&bytes[..4], b"\x7fELF", "not an ELF file");
-    assert_eq!(bytes[4], 2, "not a 64-bit ELF file");
-    let phoff = usize::try_from(u64_at(0x20)).expect("offset");
-    let phentsize = usize::from(u16_at(0x36));
-    let phnum = usize::from(u16_at(0x38));
-    (0..phnum).all(|i| u32_at(phoff + i * phentsize) != 3)
-}
-
-/// A network namespace and podman storage, removed on drop (containers and image first).
+/// podman inside the test's namespace; its containers and images go before the namespace.
 struct Sandbox {
-    ns: String,
-    storage: tempfile::TempDir,
-    containers: Vec<String>,
+    podman: Podman,
+    ns: Netns,
 }
 
 impl Sandbox {
-    fn podman(&self, args: &[&str], timeout: Duration) -> Output {
-        let root = self.storage.path().join("root");
-        let runroot = self.storage.path().join("run");
-        let tmp = self.storage.path().join("tmp");
-        std::fs::create_dir_all(&tmp).expect("tmp");
-        run(
-            // nsenter, not `ip netns exec`: the latter remounts /sys, hiding the cgroup
-            // mount runc needs.
-            Command::new("nsenter")
-                .arg(format!("--net=/run/netns/{}", self.ns))
-                .arg("podman")
-                .arg("--root")
-                .arg(root)
-                .arg("--runroot")
-                .arg(runroot)
-                .args([
-                    "--storage-driver",
-                    "vfs",
-                    "--runtime",
-                    "runc",
-                    "--cgroup-manager",
-                    "cgroupfs",
-                    "--events-backend",
-                    "file",
-                ])
-                .args(args)
-                .env("TMPDIR", tmp),
-            timeout,
-        )
+    fn podman(&self, args: &[&str], timeout: Duration) -> std::process::Output {
+        self.podman.podman(&self.ns, args, timeout)
     }
 
     fn podman_ok(&self, args: &[&str], timeout: Duration) -> String {
-        let o = self.podman(args, timeout);
-        assert!(o.status.success(), "podman {args:?}:\n{}", text(&o));
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        self.podman.podman_ok(&self.ns, args, timeout)
     }
 }
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        for c in &self.containers {
-            let _ = self.podman(&["rm", "-f", "-t", "0", c], Duration::from_secs(60));
-        }
-        let _ = self.podman(&["rmi", "-a", "-f"], Duration::from_secs(60));
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.ns])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        self.podman.clean(&self.ns);
     }
 }
 
@@ -154,49 +46,24 @@ impl Drop for Sandbox {
 #[ignore = "builds a static binary (minutes); CI runs it with --ignored"]
 fn image_builds_from_the_dockerfile_and_answers_a_stun_binding() {
     let started = Instant::now();
-    for tool in ["podman", "runc", "ip", "nsenter", "turnutils_stunclient"] {
-        if find(tool).is_none() {
-            skip(&format!(
-                "`{tool}` not found (apt-get install podman runc iproute2 coturn)"
-            ));
+    for (tool, package) in [
+        ("podman", "podman"),
+        ("runc", "runc"),
+        ("ip", "iproute2"),
+        ("nsenter", "util-linux"),
+        ("turnutils_stunclient", "coturn"),
+    ] {
+        if !common::have_tool(tool, package) {
             return;
         }
     }
     let binary = static_turnd();
-    let bytes = std::fs::read(&binary).expect("read the static binary");
-    assert!(
-        is_static_elf(&bytes),
-        "{} has a program interpreter: not static",
-        binary.display()
-    );
-
-    // Build context: the project's .dockerignore and the binary where the stage expects it.
-    let context = tempfile::tempdir().expect("tempdir");
-    let rel = Path::new("target").join(TARGET).join("release");
-    std::fs::create_dir_all(context.path().join(&rel)).expect("mkdir");
-    std::fs::copy(&binary, context.path().join(rel.join("turnd"))).expect("copy binary");
-    std::fs::copy(
-        workspace().join(".dockerignore"),
-        context.path().join(".dockerignore"),
-    )
-    .expect("copy .dockerignore");
-
-    let ns = format!("thi{}", std::process::id());
-    let o = run(
-        Command::new("ip").args(["netns", "add", &ns]),
-        Duration::from_secs(10),
-    );
-    assert!(o.status.success(), "ip netns add: {}", text(&o));
+    let context = prebuilt_context(&binary);
+    let ns = Netns::new("thi");
     let mut sandbox = Sandbox {
-        ns: ns.clone(),
-        storage: tempfile::tempdir().expect("tempdir"),
-        containers: Vec::new(),
+        podman: Podman::new(),
+        ns,
     };
-    let o = run(
-        Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]),
-        Duration::from_secs(10),
-    );
-    assert!(o.status.success(), "lo up: {}", text(&o));
 
     let tag = format!("localhost/turnd-test:{}", std::process::id());
     let dockerfile = workspace().join("Dockerfile");
@@ -264,7 +131,7 @@ fn image_builds_from_the_dockerfile_and_answers_a_stun_binding() {
     )
     .expect("chmod config");
     let name = format!("turnd-image-test-{}", std::process::id());
-    sandbox.containers.push(name.clone());
+    sandbox.podman.containers.push(name.clone());
     let mount = format!(
         "{}:/etc/turnd/turnd.toml:ro",
         config.path().to_str().expect("utf-8")
@@ -294,7 +161,6 @@ fn image_builds_from_the_dockerfile_and_answers_a_stun_binding() {
     );
 
     // A STUN binding from the same namespace: XOR-MAPPED-ADDRESS is our own address.
-    let stunclient = find("turnutils_stunclient").expect("checked");
     // turnd logs `listening` once its sockets are bound.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -312,9 +178,9 @@ fn image_builds_from_the_dockerfile_and_answers_a_stun_binding() {
     let answer = loop {
         // stunclient retransmits for a long time when nothing answers: bound each try.
         let out = try_run(
-            Command::new("ip")
-                .args(["netns", "exec", &ns])
-                .arg(&stunclient)
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &sandbox.ns.name])
+                .arg("turnutils_stunclient")
                 .args(["-L", "127.0.0.1", "127.0.0.1"]),
             Duration::from_secs(5),
         )

@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod fake_api;
+pub mod image;
 pub mod run;
 pub mod sim;
 pub mod sshd;

@@ -51,6 +51,12 @@ pub fn free_port() -> u16 {
 
 impl Sshd {
     pub fn start() -> Option<Self> {
+        Self::start_with("")
+    }
+
+    /// Like [`Sshd::start`], with `extra` lines appended to sshd_config (e.g. `SetEnv` for
+    /// what the sessions see).
+    pub fn start_with(extra: &str) -> Option<Self> {
         if !super::have_tool("sshd", "openssh-server")
             && !super::have_tool("/usr/sbin/sshd", "openssh-server")
         {
@@ -75,7 +81,7 @@ impl Sshd {
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
              AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-             PermitRootLogin prohibit-password\nAllowTcpForwarding yes\nMaxStartups 50\n",
+             PermitRootLogin prohibit-password\nAllowTcpForwarding yes\nMaxStartups 50\n{extra}",
             d = d.display()
         );
         std::fs::write(d.join("sshd_config"), config).expect("write config");
