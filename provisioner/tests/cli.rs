@@ -42,6 +42,7 @@ fn help_lists_every_command() {
         "ssh",
         "kubectl",
         "tunnel",
+        "image",
         "--dry-run",
         "--verbose",
     ] {
@@ -365,4 +366,34 @@ fn apply_refuses_a_disruptive_plan_without_yes_and_status_exits_non_zero() {
     );
     assert!(stdout.contains("01-host: "), "{stdout}");
     assert!(stdout.contains(" action(s) pending"), "{stdout}");
+}
+
+#[test]
+fn image_load_without_an_archive_and_image_build_without_podman_or_buildah_say_why() {
+    let out = provisioner(&["-i", EXAMPLE, "image", "load"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("[container] archive is not set: nothing to load (run `provisioner image build` and pin what it prints)"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A PATH with neither tool.
+    let bin = tempfile::tempdir().expect("tempdir");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_provisioner"))
+        .env("PATH", bin.path())
+        .args(["-i", EXAMPLE, "image", "build", "--archive"])
+        .arg(dir.path().join("a.tar"))
+        .output()
+        .expect("binary runs");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(
+            "on local: neither podman nor buildah is installed: install one (`apt-get install podman`)"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!dir.path().join("a.tar").exists());
 }

@@ -69,8 +69,8 @@ fn image_build_then_load_over_ssh_into_real_containerds_shows_the_printed_digest
     // to it and prints what to pin.
     let dir = tempfile::tempdir().expect("tempdir");
     let inventory = dir.path().join("cluster.toml");
-    let example = std::fs::read_to_string(workspace().join("deploy/cluster.example.toml"))
-        .expect("example");
+    let example =
+        std::fs::read_to_string(workspace().join("deploy/cluster.example.toml")).expect("example");
     std::fs::write(&inventory, &example).expect("write inventory");
     let mut build = ns.command(env!("CARGO_BIN_EXE_provisioner"));
     cleanup.podman.env(&mut build);
@@ -85,7 +85,11 @@ fn image_build_then_load_over_ssh_into_real_containerds_shows_the_printed_digest
     let out = text(&o);
     assert!(o.status.success(), "image build:\n{out}");
     let archive = dir.path().join(".provisioner/image/turnd.oci.tar");
-    assert!(archive.is_file(), "no archive at {}:\n{out}", archive.display());
+    assert!(
+        archive.is_file(),
+        "no archive at {}:\n{out}",
+        archive.display()
+    );
     let pinned = out
         .lines()
         .find_map(|l| l.strip_prefix("image = \"")?.strip_suffix('"'))
@@ -95,7 +99,10 @@ fn image_build_then_load_over_ssh_into_real_containerds_shows_the_printed_digest
     assert_eq!(repo, "localhost/turnd", "{out}");
     assert!(digest.starts_with("sha256:") && digest.len() == 71, "{out}");
     assert!(
-        out.contains(&format!("built localhost/turnd:{} ({digest})", env!("CARGO_PKG_VERSION"))),
+        out.contains(&format!(
+            "built localhost/turnd:{} ({digest})",
+            env!("CARGO_PKG_VERSION")
+        )),
         "{out}"
     );
     // The tool's own digest is that of its local manifest, not of the saved archive's: the
@@ -111,7 +118,10 @@ fn image_build_then_load_over_ssh_into_real_containerds_shows_the_printed_digest
         ],
         Duration::from_secs(30),
     );
-    eprintln!("podman's digest {}, the archive's {digest}", tool_digest.trim());
+    eprintln!(
+        "podman's digest {}, the archive's {digest}",
+        tool_digest.trim()
+    );
 
     // Pin it, as printed.
     let section = &out[out.find("[container]").expect("section printed")..];
@@ -160,13 +170,7 @@ fn image_build_then_load_over_ssh_into_real_containerds_shows_the_printed_digest
     let summaries: Vec<String> = p.actions.iter().map(|a| a.summary.clone()).collect();
     assert_eq!(
         summaries,
-        vec![
-            format!(
-                "import image {pinned} from {} (missing)",
-                archive.display()
-            );
-            2
-        ]
+        vec![format!("import image {pinned} from {} (missing)", archive.display()); 2]
     );
     apply(&p, &t, &mut Journal::in_memory()).expect("imports");
 
@@ -187,10 +191,8 @@ fn image_build_then_load_over_ssh_into_real_containerds_shows_the_printed_digest
             "{name}: the DIGEST column:\n{ls}"
         );
         assert!(
-            ls.lines().any(|l| l.starts_with(&format!(
-                "localhost/turnd:{} ",
-                env!("CARGO_PKG_VERSION")
-            ))),
+            ls.lines()
+                .any(|l| l.starts_with(&format!("localhost/turnd:{} ", env!("CARGO_PKG_VERSION")))),
             "{name}: the tag too:\n{ls}"
         );
     }

@@ -115,7 +115,8 @@ impl Netns {
     /// the latter remounts /sys, hiding the cgroup mount runc needs.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.name)).arg(program);
+        c.arg(format!("--net=/run/netns/{}", self.name))
+            .arg(program);
         c
     }
 }
