@@ -124,7 +124,8 @@ fn image_build_then_load_over_ssh_into_real_containerds_shows_the_printed_digest
     );
 
     // Pin it, as printed.
-    let section = &out[out.find("[container]").expect("section printed")..];
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let section = &stdout[stdout.find("[container]").expect("section printed")..];
     std::fs::write(&inventory, format!("{example}\n{section}\n")).expect("pin");
     let c = Inventory::load(&inventory).expect("the printed section is valid");
 
@@ -200,6 +201,7 @@ fn image_build_then_load_over_ssh_into_real_containerds_shows_the_printed_digest
     let again = plan_load();
     assert!(again.is_empty(), "{}", again.render(true));
 
+    drop(t);
     drop(sshds);
     drop(containerds);
     drop(cleanup);
