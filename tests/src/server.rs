@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use turnd::config::{Config, IoBackend, MapEnv};
+use turnd::config::{Config, MapEnv};
 use turnd::run::Running;
 
 use crate::client::rest_credential;
@@ -43,21 +43,6 @@ impl Kind {
             Ok("coturn") => Self::Coturn,
             Ok(other) => panic!("TURND_TEST_SERVER={other}: expected turnd or coturn"),
         }
-    }
-}
-
-/// The io backend `TURND_TEST_IO` forces (`epoll`, `io_uring` or `auto`), if any.
-///
-/// # Panics
-/// Any other value.
-#[must_use]
-pub fn io_from_env() -> Option<IoBackend> {
-    match std::env::var("TURND_TEST_IO").as_deref() {
-        Err(_) | Ok("") => None,
-        Ok("epoll") => Some(IoBackend::Epoll),
-        Ok("io_uring") => Some(IoBackend::IoUring),
-        Ok("auto") => Some(IoBackend::Auto),
-        Ok(other) => panic!("TURND_TEST_IO={other}: expected epoll, io_uring or auto"),
     }
 }
 
@@ -157,7 +142,7 @@ impl TestServer {
         if let Some(admin) = settings.admin.as_mut() {
             admin.listen.set_port(0);
         }
-        if let Some(io) = io_from_env() {
+        if let Some(io) = turnd_test_support::io_backend_from_env() {
             settings.io = io;
         }
         let running = turnd::run::start(settings)?;

@@ -26,6 +26,26 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// The loopback address test servers listen and relay on.
 pub const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
+/// The io backend `TURND_TEST_IO` forces on the turnd a test starts (`epoll`, `io_uring`,
+/// `auto`; parsed as `T`, turnd's `IoBackend`), if any: CI runs the interop and stream suites
+/// once per backend.
+///
+/// # Panics
+/// The variable holds anything else.
+#[must_use]
+pub fn io_backend_from_env<T: std::str::FromStr>() -> Option<T>
+where
+    T::Err: std::fmt::Display,
+{
+    match std::env::var("TURND_TEST_IO").as_deref() {
+        Err(_) | Ok("") => None,
+        Ok(v) => Some(
+            v.parse()
+                .unwrap_or_else(|e| panic!("TURND_TEST_IO={v}: {e}")),
+        ),
+    }
+}
+
 /// A UDP port free on 127.0.0.1 right now.
 ///
 /// # Errors

@@ -98,6 +98,18 @@ impl fmt::Display for IoBackend {
     }
 }
 
+impl std::str::FromStr for IoBackend {
+    type Err = String;
+
+    /// The name as [`IoBackend::as_str`] writes it.
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Self::Auto, Self::IoUring, Self::Epoll]
+            .into_iter()
+            .find(|b| b.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not an io backend (expected auto, io_uring or epoll)"))
+    }
+}
+
 /// How a [`ServiceMode`] reads in logs, reload lines and `check-config`: `stun+turn`,
 /// `stun_only`, `no_stun` (the latter two as the `[server]` keys that select them).
 #[must_use]

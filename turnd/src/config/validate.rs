@@ -1416,7 +1416,9 @@ mod tests {
             let s = check(&format!("{WITH_SECRET}[server]\nio = \"{text}\"\n")).expect("valid");
             assert_eq!(s.io, io);
             assert_eq!(io.as_str(), text);
+            assert_eq!(text.parse::<IoBackend>(), Ok(io));
         }
+        assert!("kqueue".parse::<IoBackend>().is_err());
         let e = check_with_secret("[server]\nio = \"kqueue\"\n").expect_err("bad");
         assert_eq!(
             (e.location.line, e.location.key.as_deref()),

@@ -33,23 +33,10 @@ pub fn settings(extra: &str) -> turnd::config::Settings {
         .unwrap()
         .validate(&env)
         .unwrap();
-    if let Some(io) = io_from_env() {
+    if let Some(io) = turnd_test_support::io_backend_from_env() {
         s.io = io;
     }
     s
-}
-
-/// The io backend `TURND_TEST_IO` forces (`epoll`, `io_uring`, `auto`): CI runs the stream
-/// tests once per backend.
-pub fn io_from_env() -> Option<turnd::config::IoBackend> {
-    use turnd::config::IoBackend;
-    match std::env::var("TURND_TEST_IO").as_deref() {
-        Err(_) | Ok("") => None,
-        Ok("epoll") => Some(IoBackend::Epoll),
-        Ok("io_uring") => Some(IoBackend::IoUring),
-        Ok("auto") => Some(IoBackend::Auto),
-        Ok(other) => panic!("TURND_TEST_IO={other}: expected epoll, io_uring or auto"),
-    }
 }
 
 /// A connected UDP socket as a byte stream, one datagram per write and per read, so the

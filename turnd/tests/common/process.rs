@@ -31,7 +31,7 @@ pub struct Turnd {
 pub fn log_and_server(workers: usize) -> String {
     let mut t =
         format!("[log]\nformat = \"json\"\nlevel = \"info\"\n[server]\nworkers = {workers}\n");
-    if let Some(io) = super::io_from_env() {
+    if let Some(io) = turnd_test_support::io_backend_from_env::<turnd::config::IoBackend>() {
         t.push_str(&format!("io = \"{io}\"\n"));
     }
     t
