@@ -320,6 +320,18 @@ impl MiniClient {
             .context("no XOR-MAPPED-ADDRESS")
     }
 
+    /// Allocate (UDP relay), which must succeed; returns the XOR-RELAYED-ADDRESS.
+    ///
+    /// # Errors
+    /// No response, an error response, or no XOR-RELAYED-ADDRESS.
+    pub async fn allocate_relayed(&mut self) -> anyhow::Result<SocketAddr> {
+        self.allocate()
+            .await?
+            .success()?
+            .relayed()
+            .context("no XOR-RELAYED-ADDRESS")
+    }
+
     /// Allocate (UDP relay), returning the full response.
     ///
     /// # Errors
@@ -420,24 +432,13 @@ impl MiniClient {
     /// # Errors
     /// A socket error.
     pub async fn recv_data(&mut self, timeout: Duration) -> anyhow::Result<Option<Incoming>> {
-        while let Some(d) = self.pending.pop_front() {
-            if let Some(i) = parse_incoming(&d) {
-                return Ok(Some(i));
-            }
-        }
         let deadline = Instant::now() + timeout;
-        let mut buf = vec![0u8; 65_536];
         loop {
-            let Ok(r) =
-                tokio::time::timeout_at(deadline.into(), self.sock.recv_from(&mut buf)).await
-            else {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(d) = self.recv_any(left).await? else {
                 return Ok(None);
             };
-            let (n, from) = r?;
-            if from != self.server {
-                continue;
-            }
-            if let Some(i) = parse_incoming(&buf[..n]) {
+            if let Some(i) = parse_incoming(&d) {
                 return Ok(Some(i));
             }
         }

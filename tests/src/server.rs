@@ -283,6 +283,31 @@ impl TestServer {
         }
     }
 
+    /// A webrtc-rs TURN client (the `turn` crate) for this server with the credential
+    /// [`TestServer::credential`] gives for `user`, sending through `conn`; not yet listening.
+    ///
+    /// # Errors
+    /// The client cannot be made.
+    pub async fn webrtc_client(
+        &self,
+        user: &str,
+        conn: std::sync::Arc<dyn webrtc_util::Conn + Send + Sync>,
+    ) -> anyhow::Result<turn::client::Client> {
+        let (username, password) = self.credential(user);
+        Ok(turn::client::Client::new(turn::client::ClientConfig {
+            stun_serv_addr: self.addr.to_string(),
+            turn_serv_addr: self.addr.to_string(),
+            username,
+            password,
+            realm: String::new(),
+            software: String::new(),
+            rto_in_ms: 0,
+            conn,
+            vnet: None,
+        })
+        .await?)
+    }
+
     /// coturn's log (empty for turnd, which logs through tracing).
     #[must_use]
     pub fn log(&self) -> String {

@@ -124,25 +124,15 @@ async fn webrtc_rs_client_relays_through_a_channel_with_a_rest_credential() {
         return;
     };
     let peer = EchoPeer::start(LOCALHOST).unwrap();
-    let (username, password) = server.credential("webrtc-rs");
     let counts = Arc::new(Counts::default());
     let tap = Tap {
         sock: UdpSocket::bind((LOCALHOST, 0)).await.unwrap(),
         counts: counts.clone(),
     };
-    let client = turn::client::Client::new(turn::client::ClientConfig {
-        stun_serv_addr: server.addr.to_string(),
-        turn_serv_addr: server.addr.to_string(),
-        username,
-        password,
-        realm: String::new(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn: Arc::new(tap),
-        vnet: None,
-    })
-    .await
-    .unwrap();
+    let client = server
+        .webrtc_client("webrtc-rs", Arc::new(tap))
+        .await
+        .unwrap();
     client.listen().await.unwrap();
 
     let relay = timeout(IO_TIMEOUT, client.allocate())

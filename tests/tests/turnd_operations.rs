@@ -77,20 +77,8 @@ async fn prometheus_sees_a_live_webrtc_rs_session_and_promtool_passes_the_scrape
     let prometheus = Prometheus::start(&binary, admin).unwrap();
     let peer = EchoPeer::start(LOCALHOST).unwrap();
 
-    let (username, password) = server.credential("webrtc-rs");
-    let client = turn::client::Client::new(turn::client::ClientConfig {
-        stun_serv_addr: server.addr.to_string(),
-        turn_serv_addr: server.addr.to_string(),
-        username,
-        password,
-        realm: String::new(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn: Arc::new(UdpSocket::bind((LOCALHOST, 0)).await.unwrap()),
-        vnet: None,
-    })
-    .await
-    .unwrap();
+    let conn = Arc::new(UdpSocket::bind((LOCALHOST, 0)).await.unwrap());
+    let client = server.webrtc_client("webrtc-rs", conn).await.unwrap();
     client.listen().await.unwrap();
     let relay = tokio::time::timeout(IO_TIMEOUT, client.allocate())
         .await
@@ -286,14 +274,7 @@ async fn admin_api_needs_the_token_lists_sessions_and_ends_a_users_allocation() 
     let mut alice = MiniClient::new(server.addr, "alice", "wonderland")
         .await
         .unwrap();
-    let relayed = alice
-        .allocate()
-        .await
-        .unwrap()
-        .success()
-        .unwrap()
-        .relayed()
-        .unwrap();
+    let relayed = alice.allocate_relayed().await.unwrap();
     alice
         .create_permission(peer.addr)
         .await

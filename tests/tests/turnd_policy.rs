@@ -22,6 +22,11 @@ fn config(rest: &str) -> String {
     )
 }
 
+/// turnd serving `config(rest)`, clients authenticating as static users.
+fn start(rest: &str) -> TestServer {
+    TestServer::turnd(&config(rest), Auth::alice()).unwrap()
+}
+
 async fn alice(server: &TestServer) -> MiniClient {
     MiniClient::new(server.addr, "alice", "wonderland")
         .await
@@ -36,23 +41,12 @@ async fn bob(server: &TestServer) -> MiniClient {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_ip_is_advertised_while_the_private_address_is_bound() {
-    let server = TestServer::turnd(
-        &config(
-            "[relay]\naddresses = [\"127.0.0.2\"]\nexternal_ips = [\"127.0.0.3/127.0.0.2\"]\n\
+    let server = start(
+        "[relay]\naddresses = [\"127.0.0.2\"]\nexternal_ips = [\"127.0.0.3/127.0.0.2\"]\n\
              min_port = 21000\nmax_port = 21009\n\n[peers]\nallow = [\"127.0.0.0/8\"]\n",
-        ),
-        Auth::alice(),
-    )
-    .unwrap();
+    );
     let mut c = alice(&server).await;
-    let relayed = c
-        .allocate()
-        .await
-        .unwrap()
-        .success()
-        .unwrap()
-        .relayed()
-        .unwrap();
+    let relayed = c.allocate_relayed().await.unwrap();
     assert_eq!(relayed.ip(), IpAddr::from([127, 0, 0, 3]), "advertised");
     assert!((21000..=21009).contains(&relayed.port()), "{relayed}");
     let bound = SocketAddr::from(([127, 0, 0, 2], relayed.port()));
@@ -90,13 +84,9 @@ async fn external_ip_is_advertised_while_the_private_address_is_bound() {
 async fn denied_peers_get_403_and_nothing_is_sent() {
     // No [peers] allow: the built-in deny list applies. Relay on IPv4 and IPv6 so that
     // ::ffff:127.0.0.1 is checked by the policy, not rejected for its family.
-    let server = TestServer::turnd(
-        &config(
-            "[relay]\naddresses = [\"127.0.0.1\", \"::1\"]\nmin_port = 21010\nmax_port = 21019\n",
-        ),
-        Auth::alice(),
-    )
-    .unwrap();
+    let server = start(
+        "[relay]\naddresses = [\"127.0.0.1\", \"::1\"]\nmin_port = 21010\nmax_port = 21019\n",
+    );
     let peer = EchoPeer::start(LOCALHOST).unwrap();
     let port = peer.addr.port();
     let mut v4 = alice(&server).await;
@@ -154,14 +144,10 @@ async fn denied_peers_get_403_and_nothing_is_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allocations_per_user_quota_gives_486_and_frees_on_delete() {
-    let server = TestServer::turnd(
-        &config(
-            "[relay]\naddresses = [\"127.0.0.1\"]\nmin_port = 21020\nmax_port = 21039\n\n\
+    let server = start(
+        "[relay]\naddresses = [\"127.0.0.1\"]\nmin_port = 21020\nmax_port = 21039\n\n\
              [quotas]\nallocations_per_user = 2\n",
-        ),
-        Auth::alice(),
-    )
-    .unwrap();
+    );
     let mut a1 = alice(&server).await;
     let mut a2 = alice(&server).await;
     let mut a3 = alice(&server).await;
@@ -181,14 +167,10 @@ async fn allocations_per_user_quota_gives_486_and_frees_on_delete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn total_allocations_quota_gives_508() {
-    let server = TestServer::turnd(
-        &config(
-            "[relay]\naddresses = [\"127.0.0.1\"]\nmin_port = 21040\nmax_port = 21059\n\n\
+    let server = start(
+        "[relay]\naddresses = [\"127.0.0.1\"]\nmin_port = 21040\nmax_port = 21059\n\n\
              [quotas]\ntotal_allocations = 2\n",
-        ),
-        Auth::alice(),
-    )
-    .unwrap();
+    );
     let mut a = alice(&server).await;
     let mut b = bob(&server).await;
     let mut b2 = bob(&server).await;
@@ -201,33 +183,15 @@ async fn total_allocations_quota_gives_508() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_port_exhaustion_gives_508_and_a_freed_port_is_reused_at_once() {
-    let server = TestServer::turnd(
-        &config(
-            "[relay]\naddresses = [\"127.0.0.1\"]\nmin_port = 21060\nmax_port = 21061\n\n\
+    let server = start(
+        "[relay]\naddresses = [\"127.0.0.1\"]\nmin_port = 21060\nmax_port = 21061\n\n\
              [peers]\nallow = [\"127.0.0.0/8\"]\n",
-        ),
-        Auth::alice(),
-    )
-    .unwrap();
+    );
     let mut c1 = alice(&server).await;
     let mut c2 = bob(&server).await;
     let mut c3 = alice(&server).await;
-    let p1 = c1
-        .allocate()
-        .await
-        .unwrap()
-        .success()
-        .unwrap()
-        .relayed()
-        .unwrap();
-    let p2 = c2
-        .allocate()
-        .await
-        .unwrap()
-        .success()
-        .unwrap()
-        .relayed()
-        .unwrap();
+    let p1 = c1.allocate_relayed().await.unwrap();
+    let p2 = c2.allocate_relayed().await.unwrap();
     let mut ports = [p1.port(), p2.port()];
     ports.sort_unstable();
     assert_eq!(ports, [21060, 21061]);
@@ -285,14 +249,10 @@ fn allocate_bytes() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_datagrams_are_dropped_and_the_server_keeps_serving() {
-    let server = TestServer::turnd(
-        &config(
-            "[relay]\naddresses = [\"127.0.0.1\"]\nmin_port = 21070\nmax_port = 21079\n\n\
+    let server = start(
+        "[relay]\naddresses = [\"127.0.0.1\"]\nmin_port = 21070\nmax_port = 21079\n\n\
              [peers]\nallow = [\"127.0.0.0/8\"]\n",
-        ),
-        Auth::alice(),
-    )
-    .unwrap();
+    );
     let peer = EchoPeer::start(LOCALHOST).unwrap();
     // An established allocation with a channel, to check it survives.
     let mut c = alice(&server).await;

@@ -109,6 +109,17 @@ pub struct UclientSummary {
 }
 
 impl UclientSummary {
+    /// What a run that relayed all `messages` both ways says: every message sent came back,
+    /// none lost.
+    #[must_use]
+    pub const fn lossless(messages: u64) -> Self {
+        Self {
+            sent: messages,
+            received: messages,
+            lost: 0,
+        }
+    }
+
     /// Parses `start_mclient: tot_send_msgs=S, tot_recv_msgs=R` and `Total lost packets N`
     /// (the last of each).
     #[must_use]
