@@ -167,3 +167,29 @@ fn a_tunnel_through_the_host_reaches_a_port_only_the_host_can_reach() {
         "closed when dropped"
     );
 }
+
+#[test]
+fn a_streamed_file_reaches_the_remote_command_whole() {
+    let Some(sshd) = Sshd::start() else { return };
+    let t = SshTransport::new("test-host", sshd.options()).expect("transport");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("archive");
+    // 5 MiB of varied bytes: more than any pipe or SSH window holds at once.
+    let data: Vec<u8> = (0..5u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&path, &data).expect("write");
+    let mut file = std::fs::File::open(&path).expect("open");
+    let out = t
+        .run_streaming(&Cmd::new("sha256sum"), &mut file)
+        .expect("runs");
+    let local = std::process::Command::new("sha256sum")
+        .arg(&path)
+        .output()
+        .expect("sha256sum");
+    let want = String::from_utf8_lossy(&local.stdout);
+    assert_eq!(
+        out.stdout.split_whitespace().next(),
+        want.split_whitespace().next(),
+        "{}",
+        sshd.log()
+    );
+}

@@ -70,6 +70,21 @@ mod tests {
     use crate::exec::{Recorded, RecordingTransport};
 
     #[test]
+    fn streamed_commands_go_through_sudo_too() {
+        let s = Sudo::new(RecordingTransport::new("vm"));
+        let mut archive: &[u8] = b"tar bytes";
+        s.run_streaming(
+            &Cmd::new("ctr").args(["images", "import", "-"]),
+            &mut archive,
+        )
+        .expect("runs");
+        assert_eq!(
+            s.inner().calls(),
+            vec![Recorded::Run("sudo -n ctr images import -".into())]
+        );
+    }
+
+    #[test]
     fn commands_and_uploads_go_through_sudo() {
         let s = Sudo::new(RecordingTransport::new("vm"));
         s.run(&Cmd::new("kubeadm").args(["reset", "-f"]))
