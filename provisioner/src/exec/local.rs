@@ -137,7 +137,7 @@ mod tests {
     #[test]
     fn streamed_stdin_reaches_the_command_whole() {
         // 3 MiB: more than a pipe holds, so the command reads while we write.
-        let mut input = std::io::Read::take(std::io::repeat(b'x'), 3 << 20);
+        let mut input = Read::take(std::io::repeat(b'x'), 3 << 20);
         let out = LocalTransport::new()
             .run_streaming(&Cmd::new("wc").arg("-c"), &mut input)
             .expect("runs");
