@@ -492,6 +492,15 @@ fn workers_lacking_a_local_image_import_it_before_the_objects_and_the_second_pla
     assert!(rendered.contains(&format!("image: {image}")), "{rendered}");
     assert!(rendered.contains("imagePullPolicy: Never"), "{rendered}");
     assert!(!rendered.contains("IfNotPresent"), "{rendered}");
+    // With -v, the plan shows the import streaming the archive and the check after it.
+    let verbose = p.render(true);
+    assert!(
+        verbose.contains(&format!(
+            "        $ ctr -n k8s.io images import --digests --base-name localhost/turnd - < {}\n        $ ctr -n k8s.io images ls (lists {image})\n",
+            archive.display()
+        )),
+        "{verbose}"
+    );
     // Gathering only listed images.
     assert_eq!(w1.commands(), vec![LS.to_owned()]);
     assert_eq!(w2.commands(), vec![LS.to_owned()]);
