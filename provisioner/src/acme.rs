@@ -206,7 +206,7 @@ pub enum AcmeError {
     #[error("kubeconfig: {0}")]
     Kubeconfig(String),
     /// `deploy` needs the Kubernetes API and none was given.
-    #[error("no Kubernetes API configured for `cert deploy`: pass --kubeconfig or set KUBECONFIG")]
+    #[error("no Kubernetes API for `cert deploy`: pass --kubeconfig, set KUBECONFIG, or let the provisioner reach the master through the host (the cluster must exist)")]
     NoKubernetes,
     /// No stored certificate to deploy.
     #[error("nothing to deploy: {0} does not exist (run `provisioner cert issue`)")]
@@ -322,6 +322,11 @@ impl CertStore {
         Self {
             dir: dir.to_owned(),
         }
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The account credentials file.
@@ -794,6 +799,65 @@ pub fn renewal_due(
         _ => None,
     };
     (current, not_due)
+}
+
+/// The stored certificate when it can be deployed as it is: it names every name the order
+/// would (the apex and the wildcard) and is not due for renewal ([`renewal_due`]).
+pub fn reusable(settings: &AcmeSettings, now: SystemTime) -> Option<CertInfo> {
+    let (current, not_due) = renewal_due(settings, now, false);
+    not_due?;
+    let current = current?;
+    let covers = settings.names().iter().all(|want| {
+        current
+            .names
+            .iter()
+            .any(|have| have.eq_ignore_ascii_case(want))
+    });
+    covers.then_some(current)
+}
+
+/// What issuing needs: the ACME settings and the DNS provider's client (for the DNS-01
+/// records). The payload of [`crate::plan::ActionKind::IssueCert`]; two are equal when they
+/// order the same names from the same directory into the same store.
+#[derive(Debug, Clone)]
+pub struct Issuer {
+    /// Directory, names, store, waits and retries.
+    pub settings: AcmeSettings,
+    /// Where the challenge records go.
+    pub dns: CloudflareClient,
+}
+
+impl PartialEq for Issuer {
+    fn eq(&self, other: &Self) -> bool {
+        self.settings.directory == other.settings.directory
+            && self.settings.names() == other.settings.names()
+            && self.settings.store == other.settings.store
+    }
+}
+
+impl Eq for Issuer {}
+
+impl Issuer {
+    /// One line for a plan: what is ordered, how and where from.
+    pub fn summary(&self) -> String {
+        format!(
+            "issue certificate for {} via ACME DNS-01 ({})",
+            self.settings.names().join(", "),
+            self.settings.directory.url()
+        )
+    }
+
+    /// Issues (with retries, [`issue`]) and stores the certificate (blocking).
+    ///
+    /// # Errors
+    /// [`AcmeError::Runtime`], or what [`issue`] reports.
+    pub fn run(&self) -> Result<Issued, AcmeError> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(AcmeError::Runtime)?
+            .block_on(issue(&self.settings, &self.dns))
+    }
 }
 
 /// What `cert issue` or a due `cert renew` would order, for `--dry-run` (nothing is asked of
@@ -1385,14 +1449,44 @@ pub fn apply_env_overrides(
     Ok(())
 }
 
+/// `cert deploy` as a plan: one action that puts the stored certificate into the TLS Secret
+/// through `api`, applied by [`crate::plan::apply`] and journaled like every other change.
+///
+/// # Errors
+/// [`AcmeError::NothingToDeploy`] or an unreadable stored certificate.
+pub fn deploy_plan(
+    api: crate::k8s::applier::KubeApi,
+    store: &Path,
+) -> Result<crate::plan::Plan, AcmeError> {
+    use crate::plan::{Action, ActionKind, PhaseId, Plan, Target};
+    let (_, cert) = tls_secret(&CertStore::new(store))?;
+    let mut plan = Plan::new(PhaseId::Turnd);
+    plan.actions.push(Action {
+        target: Target::KubeApi,
+        summary: format!(
+            "deploy TLS Secret {}/{} (certificate for {}, expires {})",
+            crate::k8s::NAMESPACE,
+            crate::k8s::TLS_SECRET_NAME,
+            cert.names.join(", "),
+            cert.not_after_text
+        ),
+        kind: ActionKind::DeployTls(Box::new(crate::k8s::applier::TlsDeploy {
+            api,
+            store: store.to_owned(),
+        })),
+    });
+    Ok(plan)
+}
+
 /// `provisioner cert ...` for the synchronous command line: settings from the inventory, the
-/// Cloudflare token from the environment or `.env`, the Kubernetes client from
-/// `--kubeconfig`/`$KUBECONFIG` when the command needs it. Returns what to print.
+/// Cloudflare token from the environment or `.env`, the Kubernetes API the command line found
+/// (`kube`) when the command needs it. Returns what to print.
 pub fn run_blocking(
     cmd: &CertCommand,
     inv: &crate::inventory::Inventory,
     inventory_path: &Path,
     env_file: Option<&Path>,
+    kube: Option<&crate::k8s::applier::KubeApi>,
     dry_run: bool,
 ) -> Result<String, AcmeError> {
     let mut settings = settings_from_inventory(inv, &default_store_dir(inventory_path));
@@ -1401,20 +1495,14 @@ pub fn run_blocking(
         &crate::secrets::ProcessEnv,
         &dns::dotenv_path(inventory_path, env_file),
     )?;
-    let kubeconfig = match cmd {
-        CertCommand::Deploy { kubeconfig } | CertCommand::Status { kubeconfig, .. } => kubeconfig
-            .clone()
-            .or_else(|| std::env::var_os("KUBECONFIG").map(PathBuf::from)),
-        _ => None,
-    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(AcmeError::Runtime)?;
     rt.block_on(async {
-        let kube = match kubeconfig {
-            Some(path) => Some(
-                crate::k8s::client_from_kubeconfig(&path)
+        let kube = match kube {
+            Some(api) => Some(
+                api.client()
                     .await
                     .map_err(|e| AcmeError::Kubeconfig(e.to_string()))?,
             ),

@@ -326,11 +326,30 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             print!("{out}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Cert { command } => {
-            let env = cli.env_file.as_deref();
-            let out = crate::acme::run_blocking(command, &c, &cli.inventory, env, cli.dry_run)?;
-            print!("{out}");
-            Ok(ExitCode::SUCCESS)
+        Command::Cert { command } => cert(cli, &c, command),
+    }
+}
+
+/// `cert ...`. The commands that read or write the TLS Secret reach the API like the phases:
+/// `--kubeconfig`, else `$KUBECONFIG`, else through the host. `cert deploy` is a plan of one
+/// action, applied (and journaled) like every other change.
+fn cert(cli: &Cli, c: &Cluster, command: &crate::acme::CertCommand) -> anyhow::Result<ExitCode> {
+    use crate::acme::CertCommand;
+    let env = cli.env_file.as_deref();
+    let flag = match command {
+        CertCommand::Deploy { kubeconfig } | CertCommand::Status { kubeconfig, .. } => {
+            Some(kubeconfig.clone().map(phases::turnd::KubeApi::Kubeconfig))
+        }
+        CertCommand::Issue | CertCommand::Renew { .. } => None,
+    };
+    let mut settings = Settings::default();
+    let mut _tunnel = None;
+    if let Some(flag) = flag {
+        settings.kube_api = crate::k8s::applier::given_api(flag.as_ref(), &ProcessEnv);
+        if settings.kube_api.is_none() {
+            if let Ok(t) = transports(c) {
+                _tunnel = api_through_host(c, &t, &mut settings);
+            }
         }
         Command::Image { command } => image(cli, &c, command),
     }
@@ -418,6 +437,33 @@ fn image(cli: &Cli, c: &Cluster, command: &ImageCommand) -> anyhow::Result<ExitC
             Ok(ExitCode::SUCCESS)
         }
     }
+    if let (CertCommand::Deploy { .. }, false) = (command, cli.dry_run) {
+        let api = settings
+            .kube_api
+            .clone()
+            .ok_or(crate::acme::AcmeError::NoKubernetes)?;
+        let (acme, _) = acme_settings(cli, c);
+        let store = acme.map_or_else(
+            || crate::acme::default_store_dir(&cli.inventory),
+            |a| a.store.dir().to_owned(),
+        );
+        let plan = crate::acme::deploy_plan(api, &store)?;
+        print!("{}", plan.render(cli.verbose));
+        let _lock = run_lock(cli)?;
+        let t = transports(c)?;
+        apply(&plan, &t, &mut Journal::at(journal_path(cli)))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let out = crate::acme::run_blocking(
+        command,
+        c,
+        &cli.inventory,
+        env,
+        settings.kube_api.as_ref(),
+        cli.dry_run,
+    )?;
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn implemented() -> Vec<PhaseId> {
@@ -450,8 +496,7 @@ struct ApiTunnel {
 /// directory) that goes through it. `None` (and the settings unchanged) when `KUBECONFIG` is
 /// set or the cluster cannot be reached that way yet; the phases then say what is missing.
 fn api_through_host(c: &Cluster, t: &Transports, settings: &mut Settings) -> Option<ApiTunnel> {
-    if settings.kube_api.is_some() || std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty())
-    {
+    if crate::k8s::applier::given_api(settings.kube_api.as_ref(), &ProcessEnv).is_some() {
         return None;
     }
     let master = t.vms.get(c.master().name.as_str())?;
@@ -564,9 +609,33 @@ fn transports(c: &Cluster) -> anyhow::Result<Transports> {
     Ok(Transports { host, vms })
 }
 
+/// The certificate's settings as `cert issue` uses them (the inventory, the store next to it,
+/// the environment's overrides), and the DNS API when its token is in the environment or
+/// `.env` (else no certificate is issued by `apply`; the plan says so).
+fn acme_settings(
+    cli: &Cli,
+    c: &Cluster,
+) -> (
+    Option<crate::acme::AcmeSettings>,
+    Option<crate::dns::CloudflareClient>,
+) {
+    let mut acme =
+        crate::acme::settings_from_inventory(c, &crate::acme::default_store_dir(&cli.inventory));
+    if let Err(e) = crate::acme::apply_env_overrides(&mut acme, &ProcessEnv) {
+        tracing::warn!("certificate settings: {e}");
+        return (None, None);
+    }
+    let dns = crate::dns::client_from_env(
+        &ProcessEnv,
+        &crate::dns::dotenv_path(&cli.inventory, cli.env_file.as_deref()),
+    )
+    .ok();
+    (Some(acme), dns)
+}
+
 /// Phase settings for this invocation: turnd's auth secret from the environment or `.env`
-/// (when the secrets load; phases that need it say so otherwise), the Kubernetes API from
-/// `$KUBECONFIG`, and a 5-minute rollout wait.
+/// (when the secrets load; phases that need it say so otherwise), the certificate's settings,
+/// and a 5-minute rollout wait. The Kubernetes API: `$KUBECONFIG`, else [`api_through_host`].
 fn phase_settings(cli: &Cli, c: &Cluster) -> Settings {
     let dotenv = cli.env_file.clone().unwrap_or_else(|| {
         cli.inventory
@@ -578,10 +647,12 @@ fn phase_settings(cli: &Cli, c: &Cluster) -> Settings {
         .ok()
         .map(|s| crate::k8s::Sensitive::from(&s.turnd_auth_secret));
     let user_passwords = user_passwords(c, &dotenv);
+    let (acme, acme_dns) = acme_settings(cli, c);
     Settings {
         auth_secret,
         user_passwords,
-        cert_store: Some(crate::acme::default_store_dir(&cli.inventory)),
+        acme,
+        acme_dns,
         rollout_timeout: Some(std::time::Duration::from_secs(300)),
         dotenv: Some(dotenv),
         ..Settings::default()

@@ -21,6 +21,8 @@ pub enum Target {
     Vm(String),
     /// The Kubernetes API server (reached from where the provisioner runs).
     KubeApi,
+    /// Where the provisioner runs (an ACME order, its DNS-01 records through the DNS API).
+    Local,
 }
 
 impl fmt::Display for Target {
@@ -29,6 +31,7 @@ impl fmt::Display for Target {
             Self::Host => f.write_str("host"),
             Self::Vm(name) => f.write_str(name),
             Self::KubeApi => f.write_str("kubernetes-api"),
+            Self::Local => f.write_str("local"),
         }
     }
 }
@@ -75,6 +78,11 @@ pub enum ActionKind {
     },
     /// Server-side apply of turnd's Kubernetes objects (phase `turnd`).
     KubeApply(Box<crate::k8s::applier::KubeApply>),
+    /// Order a certificate by ACME DNS-01 and store it (phase `turnd`, while the TLS Secret is
+    /// missing and no stored certificate can be reused).
+    IssueCert(Box<crate::acme::Issuer>),
+    /// Put the stored certificate into the TLS Secret (`cert deploy`).
+    DeployTls(Box<crate::k8s::applier::TlsDeploy>),
     /// Server-side apply of plain objects (phase `monitoring`: namespace, Secrets, dashboard).
     KubeObjects(Box<crate::k8s::ObjectSet>),
     /// Stream a locally built image's archive into the target VM's containerd
@@ -299,6 +307,20 @@ impl Plan {
                         crate::image::list_cmd(),
                         image.image
                     )),
+                    ActionKind::IssueCert(i) => out.push_str(&format!(
+                        "        ACME order at {} for {}, DNS-01 TXT records through the DNS API; stored in {}\n",
+                        i.settings.directory.url(),
+                        i.settings.names().join(", "),
+                        i.settings.store.cert_path().display()
+                    )),
+                    ActionKind::DeployTls(d) => out.push_str(&format!(
+                        "        server-side apply (field manager {}, force) via {}:\n          Secret/{}/{} from {}\n",
+                        crate::k8s::FIELD_MANAGER,
+                        d.api,
+                        crate::k8s::NAMESPACE,
+                        crate::k8s::TLS_SECRET_NAME,
+                        d.store.display()
+                    )),
                     ActionKind::KubeObjects(set) => {
                         out.push_str(&format!(
                             "        server-side apply (field manager {}, force) via {}:\n",
@@ -412,7 +434,7 @@ impl Transports {
                 .get(name)
                 .map(AsRef::as_ref)
                 .ok_or_else(|| NoTransport(target.clone())),
-            Target::KubeApi => Err(NoTransport(target.clone())),
+            Target::KubeApi | Target::Local => Err(NoTransport(target.clone())),
         }
     }
 }
@@ -465,6 +487,18 @@ pub enum ApplyError {
         action: String,
         /// What failed.
         source: crate::k8s::applier::KubeApplyError,
+    },
+    /// The certificate could not be issued.
+    #[error("phase {phase}, action {index} `{action}`: {source}")]
+    Cert {
+        /// The phase.
+        phase: PhaseId,
+        /// 1-based action number.
+        index: usize,
+        /// The action's summary.
+        action: String,
+        /// What failed (every attempt; the stored certificate is untouched).
+        source: Box<crate::acme::AcmeError>,
     },
     /// The journal could not be written.
     #[error("cannot write the journal {path}: {source}")]
@@ -623,7 +657,6 @@ pub fn apply(
 ) -> Result<(), ApplyError> {
     for (i, action) in plan.actions.iter().enumerate() {
         let index = i + 1;
-        let started = Instant::now();
         tracing::info!(
             "phase {} [{}/{}] [{}] {}",
             plan.phase,
@@ -640,65 +673,87 @@ pub fn apply(
                     source,
                 })
         };
-        let result = match &action.kind {
-            ActionKind::Steps(steps) => {
-                run_steps(transport()?, steps).map_err(|source| ApplyError::Step {
+        // Long steps (apt, kubeadm, Helm's waits, a VM's SSH and cloud-init) say they are
+        // still running, and how long they took.
+        let result = crate::exec::progress::watch(
+            &action.target.to_string(),
+            &action.summary,
+            crate::exec::progress::EVERY,
+            Result::is_ok,
+            || match &action.kind {
+                ActionKind::Steps(steps) => {
+                    run_steps(transport()?, steps).map_err(|source| ApplyError::Step {
+                        phase: plan.phase,
+                        index,
+                        action: action.summary.clone(),
+                        target: action.target.clone(),
+                        source: Box::new(source),
+                    })
+                }
+                ActionKind::JoinWorker { master, worker } => join_worker(
+                    plan.phase,
+                    index,
+                    action,
+                    master,
+                    worker,
+                    transport()?,
+                    transports,
+                ),
+                ActionKind::WaitReady { timeout } => {
+                    wait_ready(transport()?, *timeout).map_err(|source| ApplyError::Step {
+                        phase: plan.phase,
+                        index,
+                        action: action.summary.clone(),
+                        target: action.target.clone(),
+                        source: Box::new(source),
+                    })
+                }
+                ActionKind::ImportImage(image) => crate::image::import(transport()?, image)
+                    .map_err(|source| ApplyError::Step {
+                        phase: plan.phase,
+                        index,
+                        action: action.summary.clone(),
+                        target: action.target.clone(),
+                        source: Box::new(source),
+                    }),
+                ActionKind::IssueCert(i) => i
+                    .run()
+                    .map(|issued| {
+                        tracing::info!(
+                            "issued: certificate for {} valid until {}",
+                            issued.cert.names.join(", "),
+                            issued.cert.not_after_text
+                        );
+                    })
+                    .map_err(|source| ApplyError::Cert {
+                        phase: plan.phase,
+                        index,
+                        action: action.summary.clone(),
+                        source: Box::new(source),
+                    }),
+                ActionKind::DeployTls(d) => d
+                    .run()
+                    .map(|deployed| tracing::info!("{deployed}"))
+                    .map_err(|source| ApplyError::Kube {
+                        phase: plan.phase,
+                        index,
+                        action: action.summary.clone(),
+                        source,
+                    }),
+                ActionKind::KubeObjects(set) => set.run().map_err(|source| ApplyError::Kube {
                     phase: plan.phase,
                     index,
                     action: action.summary.clone(),
-                    target: action.target.clone(),
-                    source: Box::new(source),
-                })
-            }
-            ActionKind::JoinWorker { master, worker } => join_worker(
-                plan.phase,
-                index,
-                action,
-                master,
-                worker,
-                transport()?,
-                transports,
-            ),
-            ActionKind::WaitReady { timeout } => {
-                wait_ready(transport()?, *timeout).map_err(|source| ApplyError::Step {
+                    source: source.into(),
+                }),
+                ActionKind::KubeApply(a) => a.run().map_err(|source| ApplyError::Kube {
                     phase: plan.phase,
                     index,
                     action: action.summary.clone(),
-                    target: action.target.clone(),
-                    source: Box::new(source),
-                })
-            }
-            ActionKind::ImportImage(image) => {
-                crate::image::import(transport()?, image).map_err(|source| ApplyError::Step {
-                    phase: plan.phase,
-                    index,
-                    action: action.summary.clone(),
-                    target: action.target.clone(),
-                    source: Box::new(source),
-                })
-            }
-            ActionKind::KubeObjects(set) => set.run().map_err(|source| ApplyError::Kube {
-                phase: plan.phase,
-                index,
-                action: action.summary.clone(),
-                source: source.into(),
-            }),
-            ActionKind::KubeApply(a) => a.run().map_err(|source| ApplyError::Kube {
-                phase: plan.phase,
-                index,
-                action: action.summary.clone(),
-                source,
-            }),
-        };
-        let elapsed = started.elapsed();
-        if result.is_ok() && elapsed >= SHOW_ELAPSED {
-            tracing::info!(
-                "[{}] {} done in {}s",
-                action.target,
-                action.summary,
-                elapsed.as_secs()
-            );
-        }
+                    source,
+                }),
+            },
+        );
         let status = if result.is_ok() { "done" } else { "failed" };
         journal.record(serde_json::json!({
             "time": now_unix(),
@@ -714,13 +769,8 @@ pub fn apply(
     Ok(())
 }
 
-/// Actions that take at least this long (apt, kubeadm, Helm's waits) log their elapsed time.
-const SHOW_ELAPSED: Duration = Duration::from_secs(3);
-
 /// How often [`ActionKind::WaitReady`] tries SSH again.
 pub const READY_POLL: Duration = Duration::from_secs(5);
-/// How often a long wait logs that it is still waiting.
-const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 
 fn cloud_init_wait(timeout: Duration) -> Cmd {
     Cmd::new("timeout").args([
@@ -734,7 +784,6 @@ fn cloud_init_wait(timeout: Duration) -> Cmd {
 /// Waits for SSH (a command that succeeds), then for cloud-init, within `timeout` in all.
 fn wait_ready(t: &dyn Transport, timeout: Duration) -> Result<(), ExecError> {
     let start = Instant::now();
-    let mut told = start;
     let give_up = |what: &str, last: &str| ExecError::Protocol {
         target: t.target().to_owned(),
         reason: format!(
@@ -752,14 +801,7 @@ fn wait_ready(t: &dyn Transport, timeout: Duration) -> Result<(), ExecError> {
         if start.elapsed() >= timeout {
             return Err(give_up("no SSH", &last));
         }
-        if told.elapsed() >= PROGRESS_EVERY {
-            tracing::info!(
-                "[{}] waiting for SSH ({}s so far): {last}",
-                t.target(),
-                start.elapsed().as_secs()
-            );
-            told = Instant::now();
-        }
+        tracing::debug!("[{}] no SSH yet: {last}", t.target());
         std::thread::sleep(READY_POLL);
     }
     tracing::info!(

@@ -61,14 +61,27 @@ fn rendered_monitoring_files_hold_placeholders_not_secrets() {
         "alertmanager.yaml",
         "turnd.rules.yaml",
         "turnd-dashboard.json",
-        "k8s/01-secret-grafana-admin.yaml",
-        "k8s/02-secret-alertmanager-smtp.yaml",
+        "k8s/01-secret-grafana-admin.yaml.placeholder",
+        "k8s/02-secret-alertmanager-smtp.yaml.placeholder",
     ] {
         let text = std::fs::read_to_string(mon.join(name)).expect(name);
         assert!(!text.contains("never-rendered"), "{name} carries a secret");
     }
-    let secret = std::fs::read_to_string(mon.join("k8s/02-secret-alertmanager-smtp.yaml"))
-        .expect("smtp secret");
+    // `kubectl apply -f monitoring/k8s` takes the .yaml files: none of them is a Secret.
+    for entry in std::fs::read_dir(mon.join("k8s")).expect("k8s dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let text = std::fs::read_to_string(&path).expect("read");
+            assert!(
+                !text.lines().any(|l| l == "kind: Secret"),
+                "{} is a placeholder Secret kubectl apply would pick up",
+                path.display()
+            );
+        }
+    }
+    let secret =
+        std::fs::read_to_string(mon.join("k8s/02-secret-alertmanager-smtp.yaml.placeholder"))
+            .expect("smtp secret");
     assert!(
         secret.contains(provisioner::render::monitoring::PLACEHOLDER),
         "{secret}"

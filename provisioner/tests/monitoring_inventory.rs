@@ -107,6 +107,15 @@ fn broken_rules_name_the_line_and_key() {
     assert!(error_of(&text)
         .contains("`monitoring.email.smarthost`: `smtp.sendgrid.net` is not host:port"));
 
+    let text = example().replace("[\"KubeNodeNotReady\"]", "[\"Kube Node\"]");
+    assert_eq!(
+        error_of(&text),
+        format!(
+            "<inline>:{}: `monitoring.email.also_mail[0]`: `Kube Node` is not an alert name like KubeNodeNotReady",
+            line_of(&text, "also_mail =")
+        )
+    );
+
     let text = example().replace("from = \"alerts@example.net\"", "from = \"alerts\"");
     assert!(error_of(&text).contains("`monitoring.email.from`"));
 

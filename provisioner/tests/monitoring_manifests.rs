@@ -70,6 +70,43 @@ fn rendered_monitoring_objects_pass_strict_schema_validation() {
 }
 
 #[test]
+fn rendered_monitoring_secrets_are_placeholder_files_kubectl_apply_skips() {
+    let c = Inventory::load(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/cluster.example.toml"
+    )))
+    .expect("valid");
+    let objects: Vec<_> = files::all(&c)
+        .into_iter()
+        .filter(|f| f.path.starts_with("monitoring/k8s/"))
+        .collect();
+    let mut secrets = 0;
+    for f in &objects {
+        let is_secret = f.contents.lines().any(|l| l == "kind: Secret");
+        secrets += usize::from(is_secret);
+        // `kubectl apply -f DIR` takes .yaml, .yml and .json files only.
+        assert_eq!(
+            [".yaml", ".yml", ".json"]
+                .iter()
+                .any(|e| f.path.ends_with(e)),
+            !is_secret,
+            "{}",
+            f.path
+        );
+        assert_eq!(
+            f.path.ends_with(".yaml.placeholder"),
+            is_secret,
+            "{}",
+            f.path
+        );
+        if is_secret {
+            assert!(f.contents.contains(files::PLACEHOLDER), "{}", f.path);
+        }
+    }
+    assert_eq!(secrets, 2, "Grafana's admin password and the SMTP password");
+}
+
+#[test]
 fn deploy_monitoring_example_is_what_render_writes_for_the_example_inventory() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let c = Inventory::load(&root.join("deploy/cluster.example.toml")).expect("valid");

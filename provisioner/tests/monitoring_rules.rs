@@ -89,6 +89,11 @@ fn promtool_checks_the_shipped_rules_and_every_alert_has_a_passing_unit_test() {
             rule["labels"]["severity"].is_string(),
             "{alert}: no severity"
         );
+        let (key, value) = files::ALERT_SOURCE;
+        assert_eq!(
+            rule["labels"][key], value,
+            "{alert}: without the marker label it is never mailed"
+        );
     }
 }
 
@@ -130,30 +135,53 @@ fn amtool_accepts_the_rendered_alertmanager_config_and_routes_by_severity() {
     let (ok, out) = run("amtool", &["check-config", path], dir.path());
     assert!(ok, "{out}");
     assert!(out.contains("SUCCESS"), "{out}");
+    // turnd's alerts carry the marker label its rules set; the chart's defaults do not and
+    // are not mailed, whatever their severity, unless the inventory names them (also_mail).
+    let (key, value) = files::ALERT_SOURCE;
+    let turnd = format!("{key}={value}");
     for (labels, receiver) in [
         (
-            [
+            vec![
                 "alertname=TurndPodDown",
                 "severity=critical",
                 "instance=k8s-worker1",
+                &turnd,
             ],
             "email-critical",
         ),
         (
-            [
+            vec![
                 "alertname=NodeDiskHigh",
                 "severity=warning",
                 "instance=k8s-worker2",
+                &turnd,
             ],
             "email-warning",
         ),
         (
-            ["alertname=Watchdog", "severity=none", "instance=x"],
+            vec!["alertname=Watchdog", "severity=none", "instance=x"],
             "null",
+        ),
+        (
+            vec!["alertname=KubeCPUOvercommit", "severity=warning"],
+            "null",
+        ),
+        (
+            vec!["alertname=KubeAPIErrorBudgetBurn", "severity=critical"],
+            "null",
+        ),
+        // Named in the example inventory's `also_mail`.
+        (
+            vec![
+                "alertname=KubeNodeNotReady",
+                "severity=warning",
+                "node=k8s-worker1",
+            ],
+            "email-warning",
         ),
     ] {
         let mut args = vec!["config", "routes", "test", "--config.file", path];
-        args.extend(labels);
+        args.extend(labels.iter().copied());
         let (ok, out) = run("amtool", &args, dir.path());
         assert!(ok, "{out}");
         assert_eq!(

@@ -346,7 +346,11 @@ fn a_stored_certificate_is_deployed_with_the_objects_so_the_pods_start_in_the_sa
     std::fs::write(store.cert_path(), cert.pem()).expect("write cert");
     std::fs::write(store.key_path(), key.serialize_pem()).expect("write key");
     let s = Settings {
-        cert_store: Some(store_dir.path().to_owned()),
+        acme: Some(provisioner::acme::AcmeSettings::new(
+            provisioner::acme::Directory::Staging,
+            &c.domain.zone,
+            store_dir.path(),
+        )),
         // The fake API server runs no controllers: nothing would ever roll out.
         rollout_timeout: None,
         ..settings(KubeApi::Url(format!("http://{}", api.addr)))
@@ -356,7 +360,7 @@ fn a_stored_certificate_is_deployed_with_the_objects_so_the_pods_start_in_the_sa
     assert!(
         p.actions[0]
             .summary
-            .ends_with(", deploy the stored certificate as Secret turnd/turnd-tls"),
+            .contains(", deploy TLS Secret turnd/turnd-tls (reuse certificate for example.net, *.example.net, expires "),
         "{}",
         p.actions[0].summary
     );

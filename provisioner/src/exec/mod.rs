@@ -6,6 +6,7 @@
 
 mod fake;
 mod local;
+pub mod progress;
 pub mod redact;
 mod ssh;
 mod sudo;

@@ -60,6 +60,11 @@ pub struct Email {
     pub username: String,
     /// Who gets which severity. Alerts of a severity no route names are not mailed.
     pub routes: Vec<EmailRoute>,
+    /// Alerts of kube-prometheus-stack's own rules to mail too, by name (e.g.
+    /// `KubeNodeNotReady`); by default only turnd's rules (label
+    /// [`crate::render::monitoring::ALERT_SOURCE`]) are mailed.
+    #[serde(default)]
+    pub also_mail: Vec<String>,
 }
 
 /// Alerts of one severity, to these addresses.
@@ -177,6 +182,19 @@ impl Monitoring {
                 "email.routes",
                 "at least one route (severity and recipients) is needed".into(),
             );
+        }
+        for (i, name) in email.also_mail.iter().enumerate() {
+            let mut chars = name.chars();
+            let ok = chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return fail(
+                    &format!("email.also_mail[{i}]"),
+                    format!("`{name}` is not an alert name like KubeNodeNotReady"),
+                );
+            }
         }
         for (i, r) in email.routes.iter().enumerate() {
             let ok_severity = !r.severity.is_empty()

@@ -42,6 +42,23 @@ impl KubeApi {
     }
 }
 
+/// The variable naming a kubeconfig.
+pub const KUBECONFIG_VAR: &str = "KUBECONFIG";
+
+/// The API server given to this run: `configured` (the command line or the settings), else a
+/// non-empty `$KUBECONFIG` from `env`. `None`: the caller reaches the API through the host
+/// (the command line's tunnel) or says what is missing. The one place that reads `KUBECONFIG`.
+pub fn given_api(
+    configured: Option<&KubeApi>,
+    env: &dyn crate::secrets::EnvSource,
+) -> Option<KubeApi> {
+    configured.cloned().or_else(|| {
+        env.var(KUBECONFIG_VAR)
+            .filter(|v| !v.is_empty())
+            .map(|p| KubeApi::Kubeconfig(PathBuf::from(p)))
+    })
+}
+
 /// How long the phase waits for a rollout by default.
 pub const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often a rollout is polled.
@@ -97,10 +114,7 @@ impl KubeApply {
             let client = self.api.client().await?;
             k8s::apply(&client, &self.manifests, Mode::Apply).await?;
             if let Some(dir) = &self.tls_from_store {
-                let store = crate::acme::CertStore::new(dir);
-                let deployed = crate::acme::deploy(&client, &store, false)
-                    .await
-                    .map_err(|e| KubeApplyError::Certificate(e.to_string()))?;
+                let deployed = deploy_tls(&client, dir).await?;
                 tracing::info!("{deployed}");
             }
             if let Some(timeout) = self.rollout_timeout {
@@ -113,6 +127,39 @@ impl KubeApply {
             Ok(())
         })?
     }
+}
+
+/// The stored certificate deployed as the TLS Secret the pods mount, on its own (`cert
+/// deploy`): the payload of [`crate::plan::ActionKind::DeployTls`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsDeploy {
+    /// The API server.
+    pub api: KubeApi,
+    /// The certificate store.
+    pub store: PathBuf,
+}
+
+impl TlsDeploy {
+    /// Applies the Secret (blocking).
+    ///
+    /// # Errors
+    /// [`KubeApplyError::K8s`] when no client can be made, [`KubeApplyError::Certificate`]
+    /// when the store is empty or the server refuses.
+    pub fn run(&self) -> Result<crate::acme::Deployed, KubeApplyError> {
+        k8s::block_on(async {
+            let client = self.api.client().await?;
+            deploy_tls(&client, &self.store).await
+        })?
+    }
+}
+
+async fn deploy_tls(
+    client: &kube::Client,
+    store: &std::path::Path,
+) -> Result<crate::acme::Deployed, KubeApplyError> {
+    crate::acme::deploy(client, &crate::acme::CertStore::new(store), false)
+        .await
+        .map_err(|e| KubeApplyError::Certificate(e.to_string()))
 }
 
 /// Whether a Deployment's rollout is complete, as `kubectl rollout status` decides; otherwise

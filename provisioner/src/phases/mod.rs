@@ -19,7 +19,7 @@ use crate::plan::{PhaseId, Plan, Transports};
 pub const VM_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// Knobs that are not part of the inventory.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// Debian packages the host needs.
     pub host_packages: Vec<String>,
@@ -47,9 +47,13 @@ pub struct Settings {
     /// Passwords of the inventory's `auth.users` given by `password_env`, by user name (from
     /// `.env`; the process environment is asked too).
     pub user_passwords: std::collections::BTreeMap<String, crate::k8s::Sensitive>,
-    /// The certificate store (`cert issue` writes it): the `turnd` phase deploys its
-    /// certificate as the TLS Secret when the Secret is missing; `None`: it does not.
-    pub cert_store: Option<std::path::PathBuf>,
+    /// The certificate (names, store, renewal window, ACME directory): while the TLS Secret is
+    /// missing, the `turnd` phase deploys the stored certificate when it can be reused, else
+    /// issues one first (with [`Settings::acme_dns`]); `None`: it leaves the Secret to
+    /// `cert deploy`.
+    pub acme: Option<crate::acme::AcmeSettings>,
+    /// The DNS API for the DNS-01 records; `None`: no certificate is issued in this run.
+    pub acme_dns: Option<crate::dns::CloudflareClient>,
 }
 
 /// What the earlier phases of one `plan` run will have done when a later phase applies: a
@@ -106,7 +110,8 @@ impl Default for Settings {
             vm_ready_timeout: Some(VM_READY_TIMEOUT),
             ahead: Ahead::default(),
             user_passwords: std::collections::BTreeMap::new(),
-            cert_store: None,
+            acme: None,
+            acme_dns: None,
         }
     }
 }

@@ -92,14 +92,7 @@ pub fn secrets(
 }
 
 fn kube_api(settings: &Settings, env: &dyn EnvSource) -> Result<KubeApi, PhaseError> {
-    settings
-        .kube_api
-        .clone()
-        .or_else(|| {
-            env.var("KUBECONFIG")
-                .filter(|v| !v.is_empty())
-                .map(|p| KubeApi::Kubeconfig(p.into()))
-        })
+    k8s::applier::given_api(settings.kube_api.as_ref(), env)
         .ok_or(PhaseError::NoKubeApi { phase: PHASE })
 }
 

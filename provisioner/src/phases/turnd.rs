@@ -8,17 +8,20 @@
 //! The plan is one action that applies every object when any of them would be created or
 //! changed, and nothing when the server says every object is unchanged; when no API server
 //! answers, every object is "unverified" and the action is planned anyway (applying will
-//! tell). The TLS Secret is left out ([`k8s::TlsSource::External`]): the `cert deploy`
-//! command owns it, so applying never overwrites a real certificate.
+//! tell). The TLS Secret is not one of those objects ([`k8s::TlsSource::External`]), so
+//! applying them never overwrites a real certificate.
 //!
-//! Reaching the API server: a kubeconfig ([`KubeApi::Kubeconfig`], from
-//! [`Settings::kube_api`], else `$KUBECONFIG`). The `host-kubectl` phase writes the master's
-//! `admin.conf` to the host, but its server address (`https://<master>:6443`) is reachable
-//! only from the host and the VM network; from the operator's machine use a copy of it whose
-//! `server:` goes through a tunnel (e.g. `ssh -L 6443:<master-ip>:6443 host` with
-//! `tls-server-name: <master-ip>`, which the API server's certificate names), or run the
-//! provisioner on the host. This is the same kubeconfig `cert deploy --kubeconfig` uses, so
-//! one tunnel serves both; the provisioner opens no tunnel by itself.
+//! Certificates in the bootstrap: while the Secret `turnd-tls` is missing (or the cluster is
+//! created in this run), the plan deploys the stored certificate as that Secret right after
+//! the objects when it can be reused ([`crate::acme::reusable`]: it names the apex and the
+//! wildcard and is not due for renewal), else first orders one by ACME DNS-01
+//! ([`ActionKind::IssueCert`], with the DNS API of [`Settings::acme_dns`]). Planning orders
+//! nothing; `--dry-run` applies nothing. Once the Secret exists, renewals are the renewal
+//! timer's and `cert deploy`'s.
+//!
+//! Reaching the API server: [`Settings::kube_api`], else `$KUBECONFIG`
+//! ([`crate::k8s::applier::given_api`]); without either, the command line forwards a port to
+//! the master's API server over SSH through the host and points [`Settings::kube_api`] at it.
 //!
 //! A locally built image (`container.archive`, see [`crate::image`]): gather asks each
 //! worker's containerd (`ctr -n k8s.io images ls`) whether it has the pinned digest — a
@@ -28,8 +31,8 @@
 //!
 //! After applying, the action waits for each Deployment's rollout ([`Settings::rollout_timeout`],
 //! polling like `kubectl rollout status`: the controller has seen the new generation, and every
-//! replica is updated and available). A rollout cannot finish before `cert deploy` has created
-//! the TLS Secret the pods mount, so when gather finds no Secret `turnd-tls` the plan applies
+//! replica is updated and available). A rollout cannot finish without the TLS Secret the pods
+//! mount, so when the Secret is missing and no certificate can be deployed the plan applies
 //! without waiting and says so in a note.
 
 use std::path::PathBuf;
@@ -59,8 +62,8 @@ pub struct TurndFacts {
     pub asked: bool,
     /// Whether the TLS Secret the pods mount exists (`None`: the server was not asked).
     pub tls_secret: Option<bool>,
-    /// The certificate store, when it holds a certificate ([`Settings::cert_store`]).
-    pub stored_cert: Option<PathBuf>,
+    /// What the plan does about the TLS Secret.
+    pub cert: CertPlan,
     /// The locally built image and whether each worker has it (`None`: a registry image).
     pub image: Option<ImageFacts>,
 }
@@ -127,6 +130,24 @@ pub fn plan_image(facts: &ImageFacts, p: &mut Plan) {
     }
 }
 
+/// What the `turnd` phase does about the TLS Secret the pods mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertPlan {
+    /// Nothing: the Secret exists (or no certificate settings were given).
+    Leave,
+    /// Deploy the stored certificate, which can be reused.
+    Reuse {
+        /// The store.
+        store: PathBuf,
+        /// The certificate.
+        cert: crate::acme::CertInfo,
+    },
+    /// Order a certificate, then deploy it.
+    Issue(Box<crate::acme::Issuer>),
+    /// The Secret is missing and no certificate can be deployed: why.
+    Missing(String),
+}
+
 fn env_auth_secret(env: &dyn EnvSource) -> Option<Sensitive> {
     ["TURND_AUTH_SECRET", "COTURN_AUTH_SECRET"]
         .iter()
@@ -167,14 +188,7 @@ pub fn inputs(
     env: &dyn EnvSource,
 ) -> Result<(KubeApi, Sensitive), PhaseError> {
     let phase = PhaseId::Turnd;
-    let api = settings
-        .kube_api
-        .clone()
-        .or_else(|| {
-            env.var("KUBECONFIG")
-                .filter(|v| !v.is_empty())
-                .map(|p| KubeApi::Kubeconfig(PathBuf::from(p)))
-        })
+    let api = k8s::applier::given_api(settings.kube_api.as_ref(), env)
         // The cluster does not exist yet (planned by an earlier phase of this run): nothing is
         // asked; applying plans again once it exists and the tunnel can open.
         .or_else(|| {
@@ -230,7 +244,7 @@ pub fn gather(
             changes,
             asked: true,
             tls_secret: None,
-            stored_cert: stored_cert(ctx.settings),
+            cert: cert_plan(ctx.settings, true),
             image,
         };
         return Ok((apply, facts));
@@ -273,20 +287,34 @@ pub fn gather(
             changes,
             asked,
             tls_secret,
-            stored_cert: stored_cert(ctx.settings),
+            cert: cert_plan(ctx.settings, tls_secret == Some(false)),
             image,
         },
     ))
 }
 
-/// The certificate store of [`Settings::cert_store`], when it holds a certificate.
-fn stored_cert(settings: &Settings) -> Option<PathBuf> {
-    let dir = settings.cert_store.as_ref()?;
-    crate::acme::CertStore::new(dir)
-        .load()
-        .ok()
-        .flatten()
-        .map(|_| dir.clone())
+/// What to do about the TLS Secret: nothing unless it is `missing`; then reuse the stored
+/// certificate, or issue one when a DNS API is configured. Reads only the local store.
+fn cert_plan(settings: &Settings, missing: bool) -> CertPlan {
+    let Some(acme) = settings.acme.as_ref().filter(|_| missing) else {
+        return CertPlan::Leave;
+    };
+    if let Some(cert) = crate::acme::reusable(acme, std::time::SystemTime::now()) {
+        return CertPlan::Reuse {
+            store: acme.store.dir().to_owned(),
+            cert,
+        };
+    }
+    match &settings.acme_dns {
+        Some(dns) => CertPlan::Issue(Box::new(crate::acme::Issuer {
+            settings: acme.clone(),
+            dns: dns.clone(),
+        })),
+        None => CertPlan::Missing(format!(
+            "no reusable certificate in {} and no DNS API (CF_Token, CF_Zone_ID) to issue one",
+            acme.store.dir().display()
+        )),
+    }
 }
 
 fn kind_word(k: ChangeKind) -> &'static str {
@@ -299,8 +327,10 @@ fn kind_word(k: ChangeKind) -> &'static str {
 }
 
 /// Plans `turnd`: one server-side apply of every object when any would change, waiting up to
-/// `rollout_timeout` for the rollouts unless the TLS Secret is known to be missing.
-/// Workers that lack a locally built image import it first.
+/// `rollout_timeout` for the rollouts unless the TLS Secret is known to stay missing; while it
+/// is missing, an ACME order first when no stored certificate can be reused, and the
+/// certificate deployed with the objects. Workers that lack a locally built image import it
+/// first.
 pub fn plan(mut apply: KubeApply, facts: &TurndFacts, rollout_timeout: Option<Duration>) -> Plan {
     let mut p = Plan::new(PhaseId::Turnd);
     if let Some(image) = &facts.image {
@@ -312,11 +342,18 @@ pub fn plan(mut apply: KubeApply, facts: &TurndFacts, rollout_timeout: Option<Du
         .filter(|c| c.kind != ChangeKind::Unchanged)
         .map(|c| format!("{} ({})", c.object, kind_word(c.kind)))
         .collect();
-    // The Secret is missing (or the cluster is new) and a certificate is stored: deploy it
-    // right after the objects, so the pods start in this run.
-    let deploy_cert = facts.tls_secret != Some(true) && facts.stored_cert.is_some();
-    if pending.is_empty() && !deploy_cert {
-        return p;
+    let missing = |why: &str| {
+        format!(
+            "Secret {NAMESPACE}/{TLS_SECRET_NAME} does not exist{why}: the pods cannot start until `provisioner cert issue` and `cert deploy`"
+        )
+    };
+    match &facts.cert {
+        CertPlan::Leave if pending.is_empty() => return p,
+        CertPlan::Missing(why) if pending.is_empty() => {
+            p.notes.push(missing(&format!(" and {why}")));
+            return p;
+        }
+        _ => {}
     }
     if !facts.asked {
         p.notes.push(format!(
@@ -325,14 +362,43 @@ pub fn plan(mut apply: KubeApply, facts: &TurndFacts, rollout_timeout: Option<Du
         ));
     }
     apply.rollout_timeout = rollout_timeout;
-    if deploy_cert {
-        apply.tls_from_store.clone_from(&facts.stored_cert);
-    } else if facts.tls_secret == Some(false) {
-        apply.rollout_timeout = None;
-        p.notes.push(format!(
-            "Secret {NAMESPACE}/{TLS_SECRET_NAME} does not exist: the pods cannot start until `provisioner cert deploy`; not waiting for the rollout"
-        ));
-    }
+    let cert = match &facts.cert {
+        CertPlan::Reuse { store, cert } => {
+            apply.tls_from_store = Some(store.clone());
+            format!(
+                ", deploy TLS Secret {NAMESPACE}/{TLS_SECRET_NAME} (reuse certificate for {}, expires {})",
+                cert.names.join(", "),
+                cert.not_after_text
+            )
+        }
+        CertPlan::Issue(issuer) => {
+            apply.tls_from_store = Some(issuer.settings.store.dir().to_owned());
+            p.actions.push(Action {
+                target: Target::Local,
+                summary: issuer.summary(),
+                kind: ActionKind::IssueCert(issuer.clone()),
+            });
+            format!(
+                ", deploy TLS Secret {NAMESPACE}/{TLS_SECRET_NAME} (the certificate issued above)"
+            )
+        }
+        CertPlan::Missing(why) => {
+            apply.rollout_timeout = None;
+            p.notes.push(format!(
+                "{}; not waiting for the rollout",
+                missing(&format!(" and {why}"))
+            ));
+            String::new()
+        }
+        CertPlan::Leave => {
+            if facts.tls_secret == Some(false) {
+                apply.rollout_timeout = None;
+                p.notes
+                    .push(format!("{}; not waiting for the rollout", missing("")));
+            }
+            String::new()
+        }
+    };
     let wait = match apply.rollout_timeout {
         Some(t) => format!(", then wait up to {}s for the rollout", t.as_secs()),
         None => String::new(),
@@ -341,11 +407,6 @@ pub fn plan(mut apply: KubeApply, facts: &TurndFacts, rollout_timeout: Option<Du
         "every object (unchanged)".to_owned()
     } else {
         pending.join(", ")
-    };
-    let cert = if deploy_cert {
-        format!(", deploy the stored certificate as Secret {NAMESPACE}/{TLS_SECRET_NAME}")
-    } else {
-        String::new()
     };
     p.actions.push(Action {
         target: Target::KubeApi,

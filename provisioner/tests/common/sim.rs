@@ -314,9 +314,11 @@ impl Machine {
             .to_string()),
             ("helm", ["version", ..]) => ok(self.versions.get("helm").cloned().unwrap_or_default()),
             ("helm", ["repo", "add", ..]) => ok(""),
-            ("helm", ["upgrade", "--install", name, _, "--version", v, ..]) => {
+            ("helm", ["upgrade", "--install", name, chart, "--version", v, ..]) => {
+                // `helm list` names the chart without its repository.
+                let chart = chart.rsplit('/').next().unwrap_or(chart);
                 kube.releases
-                    .insert((*name).to_owned(), format!("{name}-{v}"));
+                    .insert((*name).to_owned(), format!("{chart}-{v}"));
                 ok("")
             }
             ("helm", ["list", ..]) => ok(serde_json::Value::Array(
