@@ -327,30 +327,6 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cert { command } => cert(cli, &c, command),
-    }
-}
-
-/// `cert ...`. The commands that read or write the TLS Secret reach the API like the phases:
-/// `--kubeconfig`, else `$KUBECONFIG`, else through the host. `cert deploy` is a plan of one
-/// action, applied (and journaled) like every other change.
-fn cert(cli: &Cli, c: &Cluster, command: &crate::acme::CertCommand) -> anyhow::Result<ExitCode> {
-    use crate::acme::CertCommand;
-    let env = cli.env_file.as_deref();
-    let flag = match command {
-        CertCommand::Deploy { kubeconfig } | CertCommand::Status { kubeconfig, .. } => {
-            Some(kubeconfig.clone().map(phases::turnd::KubeApi::Kubeconfig))
-        }
-        CertCommand::Issue | CertCommand::Renew { .. } => None,
-    };
-    let mut settings = Settings::default();
-    let mut _tunnel = None;
-    if let Some(flag) = flag {
-        settings.kube_api = crate::k8s::applier::given_api(flag.as_ref(), &ProcessEnv);
-        if settings.kube_api.is_none() {
-            if let Ok(t) = transports(c) {
-                _tunnel = api_through_host(c, &t, &mut settings);
-            }
-        }
         Command::Image { command } => image(cli, &c, command),
     }
 }
@@ -435,6 +411,30 @@ fn image(cli: &Cli, c: &Cluster, command: &ImageCommand) -> anyhow::Result<ExitC
                 facts.workers.len()
             );
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `cert ...`. The commands that read or write the TLS Secret reach the API like the phases:
+/// `--kubeconfig`, else `$KUBECONFIG`, else through the host. `cert deploy` is a plan of one
+/// action, applied (and journaled) like every other change.
+fn cert(cli: &Cli, c: &Cluster, command: &crate::acme::CertCommand) -> anyhow::Result<ExitCode> {
+    use crate::acme::CertCommand;
+    let env = cli.env_file.as_deref();
+    let flag = match command {
+        CertCommand::Deploy { kubeconfig } | CertCommand::Status { kubeconfig, .. } => {
+            Some(kubeconfig.clone().map(phases::turnd::KubeApi::Kubeconfig))
+        }
+        CertCommand::Issue | CertCommand::Renew { .. } => None,
+    };
+    let mut settings = Settings::default();
+    let mut _tunnel = None;
+    if let Some(flag) = flag {
+        settings.kube_api = crate::k8s::applier::given_api(flag.as_ref(), &ProcessEnv);
+        if settings.kube_api.is_none() {
+            if let Ok(t) = transports(c) {
+                _tunnel = api_through_host(c, &t, &mut settings);
+            }
         }
     }
     if let (CertCommand::Deploy { .. }, false) = (command, cli.dry_run) {

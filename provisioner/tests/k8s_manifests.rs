@@ -6,6 +6,8 @@
 //! Regenerate the golden copies after an intended change with
 //! `UPDATE_GOLDEN=1 cargo test -p provisioner --test k8s_manifests`.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -96,14 +98,7 @@ fn rendered_secrets_are_placeholders_and_say_so() {
             "{}",
             f.path
         );
-        assert_eq!(
-            [".yaml", ".yml", ".json"]
-                .iter()
-                .any(|e| f.path.ends_with(e)),
-            !is_secret,
-            "{}",
-            f.path
-        );
+        assert_eq!(common::kubectl_applies(&f.path), !is_secret, "{}", f.path);
     }
     let auth = files
         .iter()

@@ -7,6 +7,8 @@
 //! makes from our values) are custom resources that validator has no schema for; Helm cannot
 //! run here.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -85,14 +87,7 @@ fn rendered_monitoring_secrets_are_placeholder_files_kubectl_apply_skips() {
         let is_secret = f.contents.lines().any(|l| l == "kind: Secret");
         secrets += usize::from(is_secret);
         // `kubectl apply -f DIR` takes .yaml, .yml and .json files only.
-        assert_eq!(
-            [".yaml", ".yml", ".json"]
-                .iter()
-                .any(|e| f.path.ends_with(e)),
-            !is_secret,
-            "{}",
-            f.path
-        );
+        assert_eq!(common::kubectl_applies(&f.path), !is_secret, "{}", f.path);
         assert_eq!(
             f.path.ends_with(".yaml.placeholder"),
             is_secret,

@@ -6,8 +6,18 @@
 //! and the second plan is empty; a changed inventory plans an update of exactly what changed;
 //! an absent server plans offline and applying then fails naming the action. The auth secret
 //! comes from the settings (the secrets), never the inventory, and never reaches a plan's text.
+//!
+//! Certificates in the bootstrap: while the TLS Secret is missing, the phase plans an ACME
+//! DNS-01 order from a REAL pebble (the DNS-01 records go through the fake Cloudflare —
+//! Cloudflare cannot be reached from here — which publishes them in pebble-challtestsrv) and
+//! deploys the certificate with the objects; planning orders nothing; a stored certificate
+//! that is still good is reused instead of ordering another.
 
 mod common;
+#[path = "fixtures/acme_support/fake_cloudflare.rs"]
+mod fake_cloudflare;
+#[path = "fixtures/acme_support/pebble.rs"]
+mod pebble;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,12 +26,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fake_api::{fake_api_server, take, Shared};
+use fake_cloudflare::FakeCloudflare;
+use pebble::Pebble;
+use provisioner::acme::{AcmeSettings, CertStore, Directory, Propagation};
 use provisioner::exec::{Output, RecordingTransport, Transport};
 use provisioner::inventory::{Cluster, Inventory};
 use provisioner::k8s::{Inputs, Manifests, Sensitive, FIELD_MANAGER};
 use provisioner::phases::turnd::{self, KubeApi};
 use provisioner::phases::{self, Context, PhaseError, Settings};
-use provisioner::plan::{apply, ApplyError, Journal, PhaseId, Plan, Transports};
+use provisioner::plan::{
+    apply, ActionKind, ApplyError, Journal, PhaseId, Plan, Target, Transports,
+};
 use serde_json::json;
 
 const SECRET: &str = "s3cret-from-the-environment";
@@ -36,7 +51,7 @@ fn example() -> Cluster {
 
 /// The fake API server on its own runtime: the phase is synchronous and runs its own.
 struct Api {
-    _rt: tokio::runtime::Runtime,
+    rt: tokio::runtime::Runtime,
     addr: SocketAddr,
     state: Shared,
 }
@@ -48,11 +63,7 @@ fn api() -> Api {
         .build()
         .expect("runtime");
     let (addr, state) = rt.block_on(fake_api_server());
-    Api {
-        _rt: rt,
-        addr,
-        state,
-    }
+    Api { rt, addr, state }
 }
 
 fn settings(api: KubeApi) -> Settings {
@@ -336,7 +347,7 @@ fn a_stored_certificate_is_deployed_with_the_objects_so_the_pods_start_in_the_sa
     let api = api();
     let c = example();
     let store_dir = tempfile::tempdir().expect("tempdir");
-    let store = provisioner::acme::CertStore::new(store_dir.path());
+    let store = CertStore::new(store_dir.path());
     let key = rcgen::KeyPair::generate().expect("key");
     let cert =
         rcgen::CertificateParams::new(vec!["example.net".to_owned(), "*.example.net".to_owned()])
@@ -346,8 +357,8 @@ fn a_stored_certificate_is_deployed_with_the_objects_so_the_pods_start_in_the_sa
     std::fs::write(store.cert_path(), cert.pem()).expect("write cert");
     std::fs::write(store.key_path(), key.serialize_pem()).expect("write key");
     let s = Settings {
-        acme: Some(provisioner::acme::AcmeSettings::new(
-            provisioner::acme::Directory::Staging,
+        acme: Some(AcmeSettings::new(
+            Directory::Staging,
             &c.domain.zone,
             store_dir.path(),
         )),
@@ -610,5 +621,130 @@ fn a_worker_created_in_this_run_is_not_asked_and_gets_the_import() {
     assert!(
         w2.commands().is_empty(),
         "a VM not created yet is not asked"
+    );
+}
+
+const TLS_SECRET_PATH: &str = "/api/v1/namespaces/turnd/secrets/turnd-tls";
+
+fn acme_settings(p: &Pebble, c: &Cluster, store: &Path) -> AcmeSettings {
+    let mut s = AcmeSettings::new(Directory::Url(p.directory.clone()), &c.domain.zone, store);
+    s.acme_root = Some(p.https_root.clone());
+    s.propagation = Propagation::Servers(vec![p.dns]);
+    s.propagation_timeout = Duration::from_secs(10);
+    s.order_timeout = Duration::from_secs(30);
+    s.attempts = 1;
+    s
+}
+
+#[test]
+fn a_missing_tls_secret_is_issued_by_acme_and_deployed_in_the_same_run_or_reused() {
+    if !pebble::available() {
+        eprintln!("SKIPPED: pebble not installed");
+        return;
+    }
+    let api = api();
+    let state = api.state.clone();
+    let p = Pebble::start(&[]);
+    let cf = api
+        .rt
+        .block_on(FakeCloudflare::start(Some(p.chall_management.clone())));
+    let c = example();
+    let store = p.dir.path().join("certs");
+    let s = Settings {
+        // The fake API server runs no controllers: nothing would ever roll out.
+        rollout_timeout: None,
+        acme: Some(acme_settings(&p, &c, &store)),
+        acme_dns: Some(cf.client()),
+        ..settings(KubeApi::Url(format!("http://{}", api.addr)))
+    };
+
+    // 1. The plan: order, then apply the objects and deploy the Secret. Planning orders nothing.
+    let first = plan(&c, &s).expect("plans");
+    let text = first.render(true);
+    assert_eq!(first.actions.len(), 2, "{text}");
+    assert_eq!(first.actions[0].target, Target::Local);
+    assert_eq!(
+        first.actions[0].summary,
+        format!(
+            "issue certificate for example.net, *.example.net via ACME DNS-01 ({})",
+            p.directory
+        )
+    );
+    assert!(matches!(first.actions[0].kind, ActionKind::IssueCert(_)));
+    assert!(
+        first.actions[1]
+            .summary
+            .ends_with(", deploy TLS Secret turnd/turnd-tls (the certificate issued above)"),
+        "{text}"
+    );
+    assert!(p.counts().is_empty(), "planning ordered: {:?}", p.counts());
+    assert!(cf.records().is_empty(), "planning wrote DNS records");
+
+    // 2. Applying orders from pebble and deploys what it issued.
+    apply(&first, &transports(), &mut Journal::in_memory())
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.logs()));
+    assert!(
+        p.counts().iter().any(|l| l.contains("accounts in memory")),
+        "{:?}",
+        p.counts()
+    );
+    let issued = CertStore::new(&store)
+        .load()
+        .expect("readable")
+        .expect("stored");
+    assert_eq!(issued.names.len(), 2, "{:?}", issued.names);
+    let chain = std::fs::read(CertStore::new(&store).cert_path()).expect("chain");
+    let secret = state.lock().expect("lock").stored[TLS_SECRET_PATH].clone();
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    assert_eq!(
+        secret["data"]["tls.crt"],
+        serde_json::to_value(k8s_openapi::ByteString(chain)).expect("base64")
+    );
+
+    // 3. The Secret exists: nothing more to do.
+    let again = plan(&c, &s).expect("plans");
+    assert!(again.is_empty(), "{}", again.render(true));
+
+    // 4. The Secret lost (a rebuilt cluster): the stored certificate is reused, nothing ordered.
+    let accounts = p.counts().len();
+    state.lock().expect("lock").stored.remove(TLS_SECRET_PATH);
+    let reuse = plan(&c, &s).expect("plans");
+    assert_eq!(reuse.actions.len(), 1, "{}", reuse.render(true));
+    assert_eq!(
+        reuse.actions[0].summary,
+        format!(
+            "server-side apply every object (unchanged), deploy TLS Secret turnd/turnd-tls (reuse certificate for {}, expires {})",
+            issued.names.join(", "),
+            issued.not_after_text
+        )
+    );
+    apply(&reuse, &transports(), &mut Journal::in_memory()).expect("applies");
+    assert!(state
+        .lock()
+        .expect("lock")
+        .stored
+        .contains_key(TLS_SECRET_PATH));
+    assert_eq!(p.counts().len(), accounts, "no new account or order");
+
+    // 5. Nothing stored and no DNS API: no order, a note says why the pods cannot start.
+    state.lock().expect("lock").stored.remove(TLS_SECRET_PATH);
+    let empty = tempfile::tempdir().expect("tempdir");
+    let none = Settings {
+        acme: Some(acme_settings(&p, &c, empty.path())),
+        acme_dns: None,
+        ..s.clone()
+    };
+    let missing = plan(&c, &none).expect("plans");
+    let text = missing.render(false);
+    assert!(
+        missing
+            .actions
+            .iter()
+            .all(|a| !matches!(a.kind, ActionKind::IssueCert(_))),
+        "{text}"
+    );
+    assert!(
+        text.contains("no DNS API (CF_Token, CF_Zone_ID) to issue one"),
+        "{text}"
     );
 }

@@ -23,3 +23,9 @@ pub fn have_tool(tool: &str, package: &str) -> bool {
     }
     found
 }
+
+/// Whether `kubectl apply -f DIR` picks up the file at `path` (it takes `.yaml`, `.yml` and
+/// `.json` files only): a rendered placeholder Secret must not be one.
+pub fn kubectl_applies(path: &str) -> bool {
+    [".yaml", ".yml", ".json"].iter().any(|e| path.ends_with(e))
+}
