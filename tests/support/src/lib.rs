@@ -1,6 +1,6 @@
 //! Test support shared by turnd's own tests (`turnd/tests`) and the cross-crate suites
-//! (`turnd-tests`). It depends on no workspace crate — turnd's tests cannot depend on
-//! `turnd-tests`, which depends on turnd — and on nothing heavy.
+//! (`turnd-tests`). It does not depend on turnd — turnd's tests cannot depend on `turnd-tests`,
+//! which does — only on turn-proto (its codec and `testing` signer) and nothing heavy.
 //!
 //! - [`tools`]: finds external tools (coturn's `turnserver` and `turnutils_*`, Prometheus's
 //!   `prometheus` and `promtool`); under `TURND_REQUIRE_TOOLS=1` (CI) a missing tool fails the
@@ -8,13 +8,18 @@
 //! - [`http`]: a raw HTTP/1.1 client for turnd's admin listener and Prometheus's API.
 //! - [`prometheus`]: a real Prometheus server scraping a target, and `promtool check metrics`.
 //! - [`peer`]: a UDP echo peer on loopback that counts what it receives.
+//! - [`client`]: a small TURN client over UDP built on turn-proto's codec, for what the other
+//!   clients cannot do (Send indications on demand, malformed input, reading error codes).
+//! - [`stream`]: a TURN client over a byte stream (TCP, TLS, or UDP datagrams as frames).
 //! - [`free_udp_port`]: a port free on loopback right now.
 //!
 //! Everything binds loopback addresses only, and every network wait has a timeout.
 
+pub mod client;
 pub mod http;
 pub mod peer;
 pub mod prometheus;
+pub mod stream;
 pub mod tools;
 
 use std::net::{IpAddr, Ipv4Addr};

@@ -32,7 +32,8 @@ use turn_proto::server::{
     ServiceMode, SharedQuota, SharedReservations, Transport,
 };
 use turn_proto::testing::{
-    self, check_gauges, rest_credential, FakeIo, RelaySlab, Signing, RELAY_IPV4, RELAY_IPV6, UNIX0,
+    self, check_gauges, rest_credential, FakeIo, RelaySlab, Signing, RELAY_IPV4, RELAY_IPV6,
+    SECRET, UNIX0,
 };
 
 pub(crate) use turn_proto::testing::REALM;
@@ -588,7 +589,7 @@ impl Driver {
     }
 
     fn sign(&self, b: &mut MessageBuilder<'_>, cred: Cred, nonce: &str) {
-        let rest = |expiry: u64| rest_credential("carol", expiry);
+        let rest = |expiry: u64| rest_credential(SECRET, "carol", expiry);
         let (how, user, password) = match cred {
             Cred::None => return,
             Cred::Alice => (Signing::Md5, "alice".to_owned(), "wonderland".to_owned()),

@@ -10,7 +10,7 @@ use super::*;
 use crate::auth::{long_term_key_md5, long_term_key_sha256, rest_api_password};
 use crate::defaults;
 use crate::testing::{
-    self, check_gauges, rest_credential, FakeIo, RelaySlab, Signing, REALM, UNIX0,
+    self, check_gauges, rest_credential, FakeIo, RelaySlab, Signing, REALM, SECRET, UNIX0,
 };
 
 fn addr(s: &str) -> SocketAddr {
@@ -282,7 +282,7 @@ impl Cred {
 }
 
 fn rest(user: &str, expiry: u64) -> Cred {
-    let (username, password) = rest_credential(user, expiry);
+    let (username, password) = rest_credential(SECRET, user, expiry);
     Cred::Password {
         user: username,
         password,

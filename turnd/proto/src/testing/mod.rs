@@ -64,12 +64,12 @@ pub fn server_config() -> ServerConfig {
     }
 }
 
-/// A TURN REST API credential for `user` expiring at UNIX time `expiry`, under [`SECRET`]:
-/// (username, password).
+/// A TURN REST API credential for `user` expiring at UNIX time `expiry`, under `secret`
+/// (the test server's is [`SECRET`]): (username `<expiry>:<user>`, password).
 #[must_use]
-pub fn rest_credential(user: &str, expiry: u64) -> (String, String) {
+pub fn rest_credential(secret: &[u8], user: &str, expiry: u64) -> (String, String) {
     let username = format!("{expiry}:{user}");
-    let password = rest_api_password(SECRET, &username);
+    let password = rest_api_password(secret, &username);
     (username, password)
 }
 

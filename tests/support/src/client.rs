@@ -488,14 +488,12 @@ fn parse_incoming(d: &[u8]) -> Option<Incoming> {
 }
 
 /// A TURN REST API credential (username `<expiry>:<user>`, password
-/// `base64(HMAC-SHA1(secret, username))`) valid for `ttl`.
+/// `base64(HMAC-SHA1(secret, username))`) valid for `ttl` from now.
 #[must_use]
 pub fn rest_credential(secret: &str, user: &str, ttl: Duration) -> (String, String) {
     let expiry = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
         + ttl.as_secs();
-    let username = format!("{expiry}:{user}");
-    let password = turn_proto::auth::rest_api_password(secret.as_bytes(), &username);
-    (username, password)
+    turn_proto::testing::rest_credential(secret.as_bytes(), user, expiry)
 }
