@@ -186,13 +186,40 @@ fn push_key(path: &mut String, key: &str) {
 }
 
 fn find_in_table(table: &Table, offset: usize, path: &mut String) -> bool {
-    for (name, _) in table.iter() {
-        let Some((key, item)) = table.get_key_value(name) else {
-            continue;
-        };
+    let entries = table
+        .iter()
+        .filter_map(|(name, _)| table.get_key_value(name));
+    find_in_entries(entries, offset, path)
+}
+
+/// Whether `offset` falls on one of a table's `entries` (key and value), `path` then naming it.
+fn find_in_entries<'a>(
+    entries: impl Iterator<Item = (&'a toml_edit::Key, &'a Item)>,
+    offset: usize,
+    path: &mut String,
+) -> bool {
+    for (key, item) in entries {
         let len = path.len();
-        push_key(path, name);
+        push_key(path, key.get());
         if contains(key.span(), offset) || find_in_item(item, offset, path) {
+            return true;
+        }
+        path.truncate(len);
+    }
+    false
+}
+
+/// Whether `offset` falls in one of an array's `elements`, `path` then naming it (`[i]`).
+fn find_in_elements<T>(
+    elements: impl Iterator<Item = T>,
+    offset: usize,
+    path: &mut String,
+    find: impl Fn(T, usize, &mut String) -> bool,
+) -> bool {
+    for (i, element) in elements.enumerate() {
+        let len = path.len();
+        path.push_str(&format!("[{i}]"));
+        if find(element, offset, path) {
             return true;
         }
         path.truncate(len);
@@ -203,17 +230,7 @@ fn find_in_table(table: &Table, offset: usize, path: &mut String) -> bool {
 fn find_in_item(item: &Item, offset: usize, path: &mut String) -> bool {
     match item {
         Item::Table(t) => find_in_table(t, offset, path),
-        Item::ArrayOfTables(a) => {
-            for (i, t) in a.iter().enumerate() {
-                let len = path.len();
-                path.push_str(&format!("[{i}]"));
-                if find_in_table(t, offset, path) {
-                    return true;
-                }
-                path.truncate(len);
-            }
-            false
-        }
+        Item::ArrayOfTables(a) => find_in_elements(a.iter(), offset, path, find_in_table),
         Item::Value(v) => find_in_value(v, offset, path),
         Item::None => false,
     }
@@ -222,29 +239,11 @@ fn find_in_item(item: &Item, offset: usize, path: &mut String) -> bool {
 fn find_in_value(value: &toml_edit::Value, offset: usize, path: &mut String) -> bool {
     match value {
         toml_edit::Value::Array(a) => {
-            for (i, v) in a.iter().enumerate() {
-                let len = path.len();
-                path.push_str(&format!("[{i}]"));
-                if find_in_value(v, offset, path) {
-                    return true;
-                }
-                path.truncate(len);
-            }
-            contains(a.span(), offset)
+            find_in_elements(a.iter(), offset, path, find_in_value) || contains(a.span(), offset)
         }
         toml_edit::Value::InlineTable(t) => {
-            for (name, _) in t.iter() {
-                let Some((key, item)) = t.get_key_value(name) else {
-                    continue;
-                };
-                let len = path.len();
-                push_key(path, name);
-                if contains(key.span(), offset) || find_in_item(item, offset, path) {
-                    return true;
-                }
-                path.truncate(len);
-            }
-            contains(t.span(), offset)
+            let entries = t.iter().filter_map(|(name, _)| t.get_key_value(name));
+            find_in_entries(entries, offset, path) || contains(t.span(), offset)
         }
         other => contains(other.span(), offset),
     }
