@@ -18,10 +18,15 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 fn udp(client: &str) -> FiveTuple {
+    over(Transport::Udp, client)
+}
+
+/// The 5-tuple of `client` talking to the server over `transport`.
+fn over(transport: Transport, client: &str) -> FiveTuple {
     FiveTuple {
         client: addr(client),
         server: addr("198.51.100.1:3478"),
-        transport: Transport::Udp,
+        transport,
     }
 }
 
@@ -476,7 +481,12 @@ fn relayed(reply: &[u8]) -> Vec<SocketAddr> {
 const PEER: &str = "192.0.2.44:9000";
 
 fn allocated(h: &mut Harness, client: &str) -> (Client, SocketAddr) {
-    let mut c = Client::new(udp(client), alice());
+    allocated_over(h, Transport::Udp, client)
+}
+
+/// Alice's allocation from `client` over `transport`, and its relay socket's local address.
+fn allocated_over(h: &mut Harness, transport: Transport, client: &str) -> (Client, SocketAddr) {
+    let mut c = Client::new(over(transport, client), alice());
     let r = c.allocate(h);
     assert!(is_success(&r), "allocate failed: {:?}", error_code(&r));
     let local = h.bound.last().copied().unwrap();
@@ -991,8 +1001,7 @@ fn rfc8656_7_allocation_expires_after_its_lifetime_unless_refreshed() {
 #[test]
 fn rfc8656_3_1_allocation_dies_with_its_connection() {
     let mut h = Harness::new();
-    let mut ft = udp("192.0.2.7:40000");
-    ft.transport = Transport::Tcp;
+    let ft = over(Transport::Tcp, "192.0.2.7:40000");
     let mut c = Client::new(ft, alice());
     assert!(is_success(&c.allocate(&mut h)));
     h.server.handle_connection_closed(h.now, ft);
@@ -1160,11 +1169,7 @@ fn rfc8656_12_channel_bind_relays_channel_data_both_ways() {
 #[test]
 fn rfc8656_12_5_channel_data_to_stream_clients_is_padded() {
     let mut h = Harness::new();
-    let mut ft = udp("192.0.2.7:40000");
-    ft.transport = Transport::Tls;
-    let mut c = Client::new(ft, alice());
-    assert!(is_success(&c.allocate(&mut h)));
-    let local = h.bound[0];
+    let (mut c, local) = allocated_over(&mut h, Transport::Tls, "192.0.2.7:40000");
     assert!(is_success(&c.bind_channel(&mut h, 0x4fff, addr(PEER))));
     h.peer_sends(local, addr(PEER), b"xyz");
     assert_eq!(
@@ -1172,7 +1177,7 @@ fn rfc8656_12_5_channel_data_to_stream_clients_is_padded() {
         vec![0x4f, 0xff, 0x00, 0x03, b'x', b'y', b'z', 0]
     );
     // Padded ChannelData from a stream client is accepted.
-    h.client_sends(ft, &[0x4f, 0xff, 0x00, 0x01, b'k', 0, 0, 0]);
+    h.client_sends(c.ft, &[0x4f, 0xff, 0x00, 0x01, b'k', 0, 0, 0]);
     assert_eq!(h.take_sent()[0].1, b"k");
 }
 
@@ -1433,11 +1438,7 @@ fn allocation_ids_carry_the_shard_and_are_never_reused() {
 #[test]
 fn stats_count_relayed_traffic_by_transport_requests_by_method_and_gauges() {
     let mut h = Harness::new();
-    let mut ft = udp("192.0.2.7:40000");
-    ft.transport = Transport::Tls;
-    let mut c = Client::new(ft, alice());
-    assert!(is_success(&c.allocate(&mut h)));
-    let local = h.bound[0];
+    let (mut c, local) = allocated_over(&mut h, Transport::Tls, "192.0.2.7:40000");
     assert!(is_success(&c.bind_channel(&mut h, 0x4001, addr(PEER))));
     assert!(is_success(&c.permit(&mut h, addr("192.0.2.45:1"))));
     h.peer_sends(local, addr(PEER), b"abc");
@@ -1995,8 +1996,7 @@ fn rfc8489_10_tls_sha256_redirect_names_the_alternate_domain() {
     let mut h = with_config(|c| c.alternate_domain = Some("turn2.example.org".into()));
     let drain = drain_at(&h, 120, Some("198.51.100.2:5349"));
     h.server.set_draining(Some(drain));
-    let mut ft = udp("192.0.2.7:40000");
-    ft.transport = Transport::Tls;
+    let ft = over(Transport::Tls, "192.0.2.7:40000");
     let sha = Cred::sha256("alice", "wonderland");
     let r = Client::new(ft, sha).allocate(&mut h);
     assert_eq!(error_code(&r), Some(300));
