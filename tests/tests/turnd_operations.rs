@@ -119,12 +119,7 @@ async fn prometheus_sees_a_live_webrtc_rs_session_and_promtool_passes_the_scrape
         let active = prometheus.wait_for("sum(turnd_allocations_active)", minute, |v| v == 1.0);
         assert_eq!(active, Some(1.0), "one active allocation");
         let bytes = "sum(turnd_relayed_bytes_total{direction=\"client_to_peer\"})";
-        let first = prometheus
-            .wait_for(bytes, minute, |v| v > 0.0)
-            .expect("relayed bytes scraped");
-        let later = prometheus
-            .wait_for(bytes, minute, |v| v > first)
-            .expect("relayed bytes rise between scrapes");
+        let (first, later) = prometheus.wait_rising(bytes, minute);
         let back = "sum(turnd_relayed_bytes_total{direction=\"peer_to_client\"})";
         assert!(prometheus.wait_for(back, minute, |v| v > 0.0).is_some());
         (first, later)

@@ -543,12 +543,7 @@ fn a_real_prometheus_scrapes_the_listener_and_sees_counters_move() {
         Some(1.0)
     );
     let bytes = "sum(turnd_relayed_bytes_total{direction=\"client_to_peer\"})";
-    let first = prometheus
-        .wait_for(bytes, minute, |v| v > 0.0)
-        .expect("relayed bytes scraped");
-    let later = prometheus
-        .wait_for(bytes, minute, |v| v > first)
-        .expect("relayed bytes rise between scrapes");
+    let (first, later) = prometheus.wait_rising(bytes, minute);
     assert!(later > first);
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

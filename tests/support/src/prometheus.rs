@@ -117,6 +117,22 @@ impl Prometheus {
     ) -> Option<f64> {
         http::wait_until(timeout, || self.query(promql).filter(|v| pred(*v)))
     }
+
+    /// A counter seen rising: its first value above zero, then a later, greater one (each
+    /// awaited for up to `timeout`).
+    ///
+    /// # Panics
+    /// Either value does not come within `timeout`.
+    #[must_use]
+    pub fn wait_rising(&self, promql: &str, timeout: Duration) -> (f64, f64) {
+        let first = self
+            .wait_for(promql, timeout, |v| v > 0.0)
+            .unwrap_or_else(|| panic!("{promql} never scraped above 0:\n{}", self.log()));
+        let later = self
+            .wait_for(promql, timeout, |v| v > first)
+            .unwrap_or_else(|| panic!("{promql} never rose above {first}:\n{}", self.log()));
+        (first, later)
+    }
 }
 
 impl Drop for Prometheus {
