@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 use turn_proto::server::{Drain, SharedQuota, SharedReservations};
 
 use crate::admin::{self, Control, DrainReport, EndSelector, ReloadReport, Session};
-use crate::config::{reload_plan, Env, IoBackend, ProcessEnv, Settings};
+use crate::config::{reload_plan, Env, ProcessEnv, Settings};
 use crate::metrics::Metrics;
 use crate::net::io;
 use crate::net::listener;
@@ -117,7 +117,7 @@ pub enum StartError {
     /// The io backend could not be created for a worker.
     #[error("creating the {backend} backend for worker {worker}: {source}")]
     Backend {
-        /// `epoll` or `io_uring`.
+        /// `epoll`, `io_uring`, or `auto` when neither could be built.
         backend: &'static str,
         /// Which worker.
         worker: usize,
@@ -485,12 +485,24 @@ pub fn start_with_env(
         recv: settings.sockets.recv,
         send: settings.sockets.send,
     };
-    let (backend_kind, why) = io::probe(settings.io);
-    let backend_name = match backend_kind {
-        IoBackend::IoUring => "io_uring",
-        _ => "epoll",
-    };
-    info!(backend = backend_name, configured = settings.io.as_str(), reason = %why, "io backend");
+    // The first worker's backend settles what `auto` means here; the others are the same kind.
+    let first = io::open(settings.io).map_err(|source| StartError::Backend {
+        backend: settings.io.as_str(),
+        worker: 0,
+        source,
+    })?;
+    let backend_name = first.backend.name();
+    info!(backend = backend_name, configured = settings.io.as_str(), reason = %first.reason, "io backend");
+    let mut backends = vec![first.backend];
+    for index in 1..workers {
+        backends.push(
+            io::create(first.kind).map_err(|source| StartError::Backend {
+                backend: backend_name,
+                worker: index,
+                source,
+            })?,
+        );
+    }
 
     let mut per_worker_udp: Vec<Vec<std::net::UdpSocket>> =
         (0..workers).map(|_| Vec::new()).collect();
@@ -568,12 +580,8 @@ pub fn start_with_env(
     let failure = Arc::new(tokio::sync::Notify::new());
     let mut threads = Vec::new();
     let mut handles = Vec::new();
-    for (index, (udp, tcp)) in per_worker_udp.into_iter().zip(per_worker_tcp).enumerate() {
-        let backend = io::create(backend_kind).map_err(|source| StartError::Backend {
-            backend: backend_name,
-            worker: index,
-            source,
-        })?;
+    let per_worker = per_worker_udp.into_iter().zip(per_worker_tcp).zip(backends);
+    for (index, ((udp, tcp), backend)) in per_worker.enumerate() {
         let (w, handle) = Worker::new(index, shared.clone(), config.clone(), backend, udp, tcp)?;
         handles.push(handle);
         let watch = DeathWatch {

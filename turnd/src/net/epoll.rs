@@ -13,12 +13,10 @@ use slab::Slab;
 use super::io::{Backend, Handler, UdpKey, UDP_BASE, UDP_BUDGET};
 use super::udp::{self, Flushed, RecvBatch, SendQueue, RECV_BATCH};
 
+/// A registered UDP socket (the worker owns the socket itself).
 struct Entry {
     fd: RawFd,
     user: u64,
-    state: quinn_udp::UdpSocketState,
-    /// Borrowed view of the socket for quinn-udp (the worker owns the socket).
-    sock: std::mem::ManuallyDrop<std::net::UdpSocket>,
 }
 
 /// See the [module docs](self).
@@ -60,15 +58,17 @@ impl Epoll {
 
     /// Reads one socket until a short batch or the budget; returns whether it has more.
     fn drain(&mut self, key: usize, handler: &mut dyn Handler) -> bool {
-        let Some(e) = self.udp.get(key) else {
+        let Some(&Entry { fd, user }) = self.udp.get(key) else {
             return false;
         };
         let mut read = 0;
         while read < UDP_BUDGET {
-            match self.recv.recv(&e.state, &e.sock) {
+            match self.recv.recv(fd) {
                 Ok(n) => {
                     for i in 0..n {
-                        handler.datagram(e.user, self.recv.datagram(i));
+                        if let Some(d) = self.recv.datagram(i) {
+                            handler.datagram(user, d);
+                        }
                     }
                     read += n;
                     if n < RECV_BATCH {
@@ -79,7 +79,7 @@ impl Epoll {
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => {
                     // ICMP errors (ECONNREFUSED …) are queued on the socket: count and go on.
-                    handler.receive_error(e.user, &err);
+                    handler.receive_error(user, &err);
                     read += 1;
                 }
             }
@@ -98,18 +98,7 @@ impl Backend for Epoll {
     }
 
     fn add_udp(&mut self, fd: RawFd, user: u64) -> io::Result<UdpKey> {
-        // SAFETY: the worker keeps the socket open until `remove_udp`; ManuallyDrop keeps
-        // this view from closing it.
-        let sock = std::mem::ManuallyDrop::new(unsafe {
-            <std::net::UdpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd)
-        });
-        let state = quinn_udp::UdpSocketState::new(quinn_udp::UdpSockRef::from(&*sock))?;
-        let key = self.udp.insert(Entry {
-            fd,
-            user,
-            state,
-            sock,
-        });
+        let key = self.udp.insert(Entry { fd, user });
         if let Err(e) = self.poll.registry().register(
             &mut SourceFd(&fd),
             Token(UDP_BASE + key),

@@ -73,48 +73,59 @@ pub trait Backend: Send {
 /// Which backend a worker runs.
 pub use crate::config::IoBackend;
 
-/// Builds the backend `choice` asks for; `auto` takes io_uring when the kernel (and any
-/// seccomp profile) allows it, else epoll.
+/// The first worker's backend, as [`open`] resolved it.
+pub struct Opened {
+    /// The backend.
+    pub backend: Box<dyn Backend>,
+    /// What it is ([`IoBackend::Epoll`] or [`IoBackend::IoUring`], never `Auto`): what
+    /// [`create`] builds for the other workers.
+    pub kind: IoBackend,
+    /// Why this one, and how it runs (logged once at start).
+    pub reason: String,
+}
+
+/// The first worker's backend, resolved from the configured `choice`. `auto` tries io_uring
+/// and falls back to epoll when the kernel (or a seccomp profile) refuses it; the other
+/// workers are then built with [`create`] for the kind this one turned out to be, so
+/// io_uring is probed once, by building a ring that is used.
 ///
 /// # Errors
 /// io_uring was asked for explicitly and is unavailable, or epoll could not be created.
-pub fn create(choice: IoBackend) -> io::Result<Box<dyn Backend>> {
+pub fn open(choice: IoBackend) -> io::Result<Opened> {
+    let epoll = |reason: String| -> io::Result<Opened> {
+        Ok(Opened {
+            backend: Box::new(super::epoll::Epoll::new()?),
+            kind: IoBackend::Epoll,
+            reason,
+        })
+    };
+    let uring = |u: super::uring::Uring, why: &str| Opened {
+        reason: format!("{why}; {}", u.describe()),
+        backend: Box::new(u),
+        kind: IoBackend::IoUring,
+    };
     match choice {
-        IoBackend::Epoll => Ok(Box::new(super::epoll::Epoll::new()?)),
-        IoBackend::IoUring => Ok(Box::new(super::uring::Uring::new()?)),
-        IoBackend::Auto => {
-            if uring_disabled_by_env() {
-                return Ok(Box::new(super::epoll::Epoll::new()?));
-            }
-            match super::uring::Uring::new() {
-                Ok(u) => Ok(Box::new(u)),
-                Err(_) => Ok(Box::new(super::epoll::Epoll::new()?)),
-            }
+        IoBackend::Epoll => epoll("configured".into()),
+        IoBackend::IoUring => Ok(uring(super::uring::Uring::new()?, "configured")),
+        IoBackend::Auto if uring_disabled_by_env() => {
+            epoll(format!("io_uring disabled by {ENV_DISABLE_URING}"))
         }
+        IoBackend::Auto => match super::uring::Uring::new() {
+            Ok(u) => Ok(uring(u, "io_uring with multishot receive available")),
+            Err(e) => epoll(format!("io_uring unavailable: {e}")),
+        },
     }
 }
 
-/// The backend `auto` resolves to here, and why (logged once at start).
-#[must_use]
-pub fn probe(choice: IoBackend) -> (IoBackend, String) {
-    match choice {
-        IoBackend::Epoll => (IoBackend::Epoll, "configured".into()),
-        IoBackend::IoUring => (IoBackend::IoUring, "configured".into()),
-        IoBackend::Auto => {
-            if uring_disabled_by_env() {
-                return (
-                    IoBackend::Epoll,
-                    format!("io_uring disabled by {ENV_DISABLE_URING}"),
-                );
-            }
-            match super::uring::Uring::new() {
-                Ok(_) => (
-                    IoBackend::IoUring,
-                    "io_uring with multishot receive available".into(),
-                ),
-                Err(e) => (IoBackend::Epoll, format!("io_uring unavailable: {e}")),
-            }
-        }
+/// A backend of the `kind` [`open`] resolved, for the other workers.
+///
+/// # Errors
+/// The backend could not be created.
+pub fn create(kind: IoBackend) -> io::Result<Box<dyn Backend>> {
+    match kind {
+        IoBackend::IoUring => Ok(Box::new(super::uring::Uring::new()?)),
+        IoBackend::Epoll => Ok(Box::new(super::epoll::Epoll::new()?)),
+        IoBackend::Auto => open(kind).map(|o| o.backend),
     }
 }
 

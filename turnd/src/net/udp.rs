@@ -1,11 +1,15 @@
-//! UDP sockets: batched receive (quinn-udp: recvmmsg, IP_PKTINFO for the local address a
-//! datagram reached), batched send (`sendmmsg`, one call per socket per loop pass, IP_PKTINFO
-//! for the source address) and the socket options a relay needs.
+//! UDP sockets: batched receive (`recvmmsg`; IP_PKTINFO for the local address a datagram
+//! reached, asked for only by wildcard listeners), batched send (`sendmmsg`, one call per
+//! socket per loop pass, IP_PKTINFO for the source address) and the socket options a relay
+//! needs.
+//!
+//! No socket asks for any other control message per datagram (ECN, timestamps, GRO): each
+//! costs the kernel work on every receive, and a relay uses none of them.
 
-#![allow(unsafe_code)] // setsockopt (IP_MTU_DISCOVER, UDP_GRO) and sendmmsg, which socket2 does not wrap.
+#![allow(unsafe_code)] // setsockopt (IP_MTU_DISCOVER, IP_PKTINFO), recvmmsg and sendmmsg, which socket2 does not wrap.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -71,7 +75,8 @@ fn setsockopt_int(
 }
 
 /// Sets or clears the IP "don't fragment" behaviour (DONT-FRAGMENT, RFC 8656 §18.9).
-/// quinn-udp turns DF on for every socket; a relay only wants it when asked.
+/// Linux's default for UDP (`IP_PMTUDISC_WANT`) sets DF on every datagram; a relay only
+/// wants it when asked.
 ///
 /// # Errors
 /// The option could not be set.
@@ -91,15 +96,6 @@ pub fn set_dont_fragment(fd: &impl AsRawFd, is_ipv6: bool, on: bool) -> io::Resu
         };
         setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, v)
     }
-}
-
-/// Turns UDP GRO off: quinn-udp enables it, but coalesced reads need 64 KiB × segments of
-/// buffer per read, and a relay reads single datagrams into shared buffers.
-///
-/// # Errors
-/// The option could not be set.
-pub fn disable_gro(fd: &impl AsRawFd) -> io::Result<()> {
-    setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -568,22 +564,110 @@ impl AsRawFd for BorrowedSocket {
 pub const RECV_BATCH: usize = 32;
 /// Largest datagram accepted (UDP's maximum payload).
 pub const DATAGRAM: usize = 65_536;
+/// Control-message room per received datagram: one IP_PKTINFO or IPV6_PKTINFO message
+/// (`CMSG_SPACE` of `in6_pktinfo` is 40 bytes), the only one any socket of ours asks for.
+pub const RECV_CONTROL: usize = 64;
+
+/// Asks the kernel to report the local address each datagram reached (IP_PKTINFO or
+/// IPV6_RECVPKTINFO), as a control message per datagram.
+///
+/// Only a socket bound to a wildcard address needs it: a UDP listener on `0.0.0.0` answers
+/// from the address the request reached. A relay socket or a listener bound to one address
+/// already knows it, and the control message would cost the kernel a `put_cmsg` per
+/// datagram (measured at ~2 % of a worker's time under paced load), so they never ask.
+///
+/// # Errors
+/// The option could not be set.
+pub fn report_destination(fd: &impl AsRawFd, is_ipv6: bool) -> io::Result<()> {
+    if is_ipv6 {
+        setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)
+    } else {
+        setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)
+    }
+}
 
 /// One received datagram.
 #[derive(Debug, Clone, Copy)]
 pub struct Datagram<'a> {
     /// The sender.
     pub from: SocketAddr,
-    /// The local IP it reached (IP_PKTINFO), when the socket reports it.
+    /// The local IP it reached, on a socket that asked for it ([`report_destination`]).
     pub dst_ip: Option<IpAddr>,
     /// Its bytes.
     pub data: &'a [u8],
 }
 
-/// The receive buffers of one worker (reused by every socket) and quinn-udp's recvmmsg.
+/// A socket address from the kernel's `sockaddr` bytes (`sockaddr_in` / `sockaddr_in6`).
+#[must_use]
+pub fn parse_name(name: &[u8]) -> Option<SocketAddr> {
+    if name.len() < 2 {
+        return None;
+    }
+    let family = i32::from(u16::from_ne_bytes([name[0], name[1]]));
+    match family {
+        libc::AF_INET if name.len() >= 8 => {
+            let port = u16::from_be_bytes([name[2], name[3]]);
+            let ip = Ipv4Addr::new(name[4], name[5], name[6], name[7]);
+            Some(SocketAddr::new(IpAddr::V4(ip), port))
+        }
+        libc::AF_INET6 if name.len() >= 24 => {
+            let port = u16::from_be_bytes([name[2], name[3]]);
+            let mut o = [0u8; 16];
+            o.copy_from_slice(&name[8..24]);
+            Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), port))
+        }
+        _ => None,
+    }
+}
+
+/// The destination address from the control messages of one datagram (IP_PKTINFO /
+/// IPV6_PKTINFO); `None` when there is none.
+#[must_use]
+pub fn parse_pktinfo(mut ctrl: &[u8]) -> Option<IpAddr> {
+    let hdr = size_of::<libc::cmsghdr>();
+    while ctrl.len() >= hdr {
+        // SAFETY: at least a header's worth of bytes; read unaligned.
+        let c: libc::cmsghdr = unsafe { std::ptr::read_unaligned(ctrl.as_ptr().cast()) };
+        let len = c.cmsg_len as usize;
+        if len < hdr || len > ctrl.len() {
+            return None;
+        }
+        let data = &ctrl[hdr..len];
+        if c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_PKTINFO && data.len() >= 12 {
+            // in_pktinfo: ifindex (4), spec_dst (4), addr (4): the header destination.
+            return Some(IpAddr::V4(Ipv4Addr::new(
+                data[8], data[9], data[10], data[11],
+            )));
+        }
+        if c.cmsg_level == libc::IPPROTO_IPV6
+            && c.cmsg_type == libc::IPV6_PKTINFO
+            && data.len() >= 16
+        {
+            let mut o = [0u8; 16];
+            o.copy_from_slice(&data[..16]);
+            return Some(IpAddr::V6(Ipv6Addr::from(o)));
+        }
+        let step = (len + size_of::<usize>() - 1) & !(size_of::<usize>() - 1);
+        if step >= ctrl.len() {
+            return None;
+        }
+        ctrl = &ctrl[step..];
+    }
+    None
+}
+
+/// What `recvmmsg` said about one datagram of a batch.
+#[derive(Debug, Clone, Copy)]
+struct RecvMeta {
+    from: Option<SocketAddr>,
+    dst_ip: Option<IpAddr>,
+    len: usize,
+}
+
+/// The receive buffers of one worker (reused by every socket) and its `recvmmsg`.
 pub struct RecvBatch {
     data: Vec<u8>,
-    meta: [quinn_udp::RecvMeta; RECV_BATCH],
+    meta: [RecvMeta; RECV_BATCH],
 }
 
 impl std::fmt::Debug for RecvBatch {
@@ -596,48 +680,153 @@ impl Default for RecvBatch {
     fn default() -> Self {
         Self {
             data: vec![0; RECV_BATCH * DATAGRAM],
-            meta: [quinn_udp::RecvMeta::default(); RECV_BATCH],
+            meta: [RecvMeta {
+                from: None,
+                dst_ip: None,
+                len: 0,
+            }; RECV_BATCH],
         }
     }
 }
 
 impl RecvBatch {
-    /// Reads one batch from `sock`; returns how many datagrams arrived (`Ok(0)` never: an
-    /// empty socket is `WouldBlock`).
+    /// Reads one batch from `fd` with `recvmmsg`; returns how many datagrams arrived
+    /// (`Ok(0)` never: an empty socket is `WouldBlock`).
     ///
     /// # Errors
     /// `WouldBlock` when nothing is queued; others from the socket (ICMP errors surface here).
-    pub fn recv(
-        &mut self,
-        state: &quinn_udp::UdpSocketState,
-        sock: &std::net::UdpSocket,
-    ) -> io::Result<usize> {
-        let mut chunks = self.data.chunks_mut(DATAGRAM);
-        let mut slices: [io::IoSliceMut<'_>; RECV_BATCH] =
-            std::array::from_fn(|_| io::IoSliceMut::new(chunks.next().unwrap_or(&mut [])));
-        state.recv(
-            quinn_udp::UdpSockRef::from(sock),
-            &mut slices,
-            &mut self.meta,
-        )
+    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        // SAFETY: all-zero sockaddr_storage, mmsghdr and u64 arrays are valid values.
+        let mut names: [libc::sockaddr_storage; RECV_BATCH] = unsafe { std::mem::zeroed() };
+        let mut ctrl = [[0u64; RECV_CONTROL / 8]; RECV_BATCH];
+        let mut hdrs: [libc::mmsghdr; RECV_BATCH] = unsafe { std::mem::zeroed() };
+        let mut iovs: [libc::iovec; RECV_BATCH] = unsafe { std::mem::zeroed() };
+        for (i, chunk) in self.data.chunks_mut(DATAGRAM).enumerate().take(RECV_BATCH) {
+            iovs[i] = libc::iovec {
+                iov_base: chunk.as_mut_ptr().cast(),
+                iov_len: chunk.len(),
+            };
+            let h = &mut hdrs[i].msg_hdr;
+            h.msg_name = std::ptr::addr_of_mut!(names[i]).cast();
+            h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = std::ptr::addr_of_mut!(iovs[i]);
+            h.msg_iovlen = 1;
+            h.msg_control = ctrl[i].as_mut_ptr().cast();
+            h.msg_controllen = RECV_CONTROL as _;
+        }
+        let n = loop {
+            // SAFETY: every header points at live buffers of this frame and of `self.data`.
+            let rc = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    hdrs.as_mut_ptr(),
+                    RECV_BATCH as libc::c_uint,
+                    0,
+                    std::ptr::null_mut(),
+                )
+            };
+            if rc >= 0 {
+                break usize::try_from(rc).unwrap_or(0);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        };
+        for i in 0..n {
+            let h = &hdrs[i].msg_hdr;
+            // SAFETY: the kernel wrote `msg_namelen` bytes of the name and `msg_controllen`
+            // bytes of control data into the buffers above.
+            let (name, control) = unsafe {
+                (
+                    std::slice::from_raw_parts(
+                        std::ptr::addr_of!(names[i]).cast::<u8>(),
+                        (h.msg_namelen as usize).min(size_of::<libc::sockaddr_storage>()),
+                    ),
+                    std::slice::from_raw_parts(
+                        ctrl[i].as_ptr().cast::<u8>(),
+                        (h.msg_controllen as usize).min(RECV_CONTROL),
+                    ),
+                )
+            };
+            self.meta[i] = RecvMeta {
+                from: parse_name(name),
+                dst_ip: parse_pktinfo(control),
+                len: (hdrs[i].msg_len as usize).min(DATAGRAM),
+            };
+        }
+        Ok(n)
     }
 
-    /// The `i`-th datagram of the last batch.
+    /// The `i`-th datagram of the last batch; `None` if its sender's address could not be
+    /// read (not seen on an inet socket).
     #[must_use]
-    pub fn datagram(&self, i: usize) -> Datagram<'_> {
-        let m = &self.meta[i];
+    pub fn datagram(&self, i: usize) -> Option<Datagram<'_>> {
+        let m = self.meta.get(i)?;
         let start = i * DATAGRAM;
-        Datagram {
-            from: m.addr,
+        Some(Datagram {
+            from: m.from?,
             dst_ip: m.dst_ip,
-            data: &self.data[start..start + m.len.min(DATAGRAM)],
-        }
+            data: self.data.get(start..start + m.len)?,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_and_pktinfo_parse() {
+        let mut name = [0u8; 16];
+        name[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        name[2..4].copy_from_slice(&3478u16.to_be_bytes());
+        name[4..8].copy_from_slice(&[127, 0, 0, 9]);
+        assert_eq!(parse_name(&name), Some("127.0.0.9:3478".parse().unwrap()));
+        assert_eq!(parse_name(&[0u8; 1]), None);
+        assert_eq!(parse_pktinfo(&[]), None);
+        // A control message cut short is refused, not read past its end.
+        let mut ctrl = [0u8; 32];
+        ctrl[..8].copy_from_slice(&64u64.to_ne_bytes());
+        assert_eq!(parse_pktinfo(&ctrl), None);
+    }
+
+    /// Only a socket that asked ([`report_destination`], a wildcard listener) gets each
+    /// datagram's destination; a socket bound to one address (a relay) receives its datagrams
+    /// with no control message at all.
+    #[test]
+    fn only_a_socket_that_asked_reports_the_destination() {
+        let known = bind("127.0.0.1:0".parse().unwrap(), false, Buffers::default()).unwrap();
+        let wild = bind("0.0.0.0:0".parse().unwrap(), false, Buffers::default()).unwrap();
+        report_destination(&wild, false).unwrap();
+        let wild_port = wild.local_addr().unwrap().port();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(b"to-known", known.local_addr().unwrap())
+            .unwrap();
+        tx.send_to(b"to-wild", ("127.0.0.1", wild_port)).unwrap();
+        let mut batch = RecvBatch::default();
+        for (sock, payload, dst) in [
+            (&known, &b"to-known"[..], None),
+            (&wild, &b"to-wild"[..], Some(IpAddr::from([127, 0, 0, 1]))),
+        ] {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            let n = loop {
+                match batch.recv(sock.as_raw_fd()) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        assert!(std::time::Instant::now() < deadline, "nothing arrived");
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("recv: {e}"),
+                }
+            };
+            assert_eq!(n, 1);
+            let d = batch.datagram(0).expect("a datagram");
+            assert_eq!(d.data, payload);
+            assert_eq!(d.from, tx.local_addr().unwrap());
+            assert_eq!(d.dst_ip, dst);
+        }
+    }
 
     /// Datagrams from different sockets to one destination never share a segmented send:
     /// each leaves from its own socket (a relay's traffic must come from its own relayed

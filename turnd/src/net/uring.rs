@@ -2,7 +2,8 @@
 //!
 //! * **Receive:** one multishot `RecvMsg` per UDP socket into a provided-buffer ring shared by
 //!   every socket of the worker ([`BUFFERS`] × [`BUFFER_SIZE`]); each completion is one
-//!   datagram with its source address and IP_PKTINFO. A datagram larger than a buffer's
+//!   datagram with its source address (and IP_PKTINFO on a wildcard listener, the only
+//!   socket that asks for it). A datagram larger than a buffer's
 //!   payload room ([`MAX_DATAGRAM`] bytes) is dropped (a TURN datagram that crosses a real
 //!   network is below 1,500). When the buffers run out the kernel ends the multishot, and it
 //!   is re-armed after the buffers are returned.
@@ -13,14 +14,25 @@
 //! * **Streams, TCP listeners, the waker:** readiness on a `mio::Poll`, whose descriptor the
 //!   ring watches with a multishot `PollAdd`; one wait covers everything.
 //!
-//! A pass makes two `io_uring_enter` calls at most: the wait (which also submits re-armed
-//! receives) and the send submission.
+//! * **Waiting:** one `io_uring_enter` per pass submits what the last pass queued (its sends,
+//!   re-armed receives) and waits for the first completion. The ring is set up with
+//!   `IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN` (Linux ≥ 6.1) where the kernel
+//!   takes it: completion work then runs inside that wait, on the worker, instead of
+//!   interrupting it as packets arrive, and a wait that finds datagrams already queued
+//!   returns without sleeping; an older kernel gets a plain ring (logged at start). A pass
+//!   with work left over (a backlog, completions beyond a budget) never waits, so the
+//!   per-socket bound of [`io`](super::io) holds unchanged.
+//!
+//!   No batch wait (`min_complete` > 1 with a short `min_wait_usec`, Linux ≥ 6.12): tried
+//!   and measured (bench/RESULTS.md, "io_uring wake-ups"), it costs more than it saves on
+//!   WebRTC-shaped load. Paced media arrives in bursts, so the batch timer mostly fires on
+//!   an idle ring and adds a wake-up instead of removing one (50 µs: no change; 200 µs:
+//!   +35 % context switches, +20 % CPU per packet, +0.2 ms latency).
 
 #![allow(unsafe_code)] // io_uring: buffer ring memory and msghdrs shared with the kernel.
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
@@ -39,7 +51,7 @@ pub const BUFFERS: u16 = 1024;
 /// Size of each buffer.
 pub const BUFFER_SIZE: usize = 4096;
 const NAME_LEN: usize = size_of::<libc::sockaddr_storage>();
-const CONTROL_LEN: usize = 96;
+const CONTROL_LEN: usize = udp::RECV_CONTROL;
 const OUT_HEADER: usize = 16; // struct io_uring_recvmsg_out
 /// The largest datagram the ring receives whole.
 pub const MAX_DATAGRAM: usize = BUFFER_SIZE - OUT_HEADER - NAME_LEN - CONTROL_LEN;
@@ -168,6 +180,24 @@ pub struct Uring {
     batch: Vec<(u64, i32, u32)>,
     held: VecDeque<(u64, i32, u32)>,
     entries: Vec<squeue::Entry>,
+    /// How the ring runs completion work (set up once, logged at start).
+    mode: Mode,
+    /// The ring was set up disabled (single issuer): the worker's thread enables it, and so
+    /// becomes its one submitter.
+    enabled: bool,
+    /// Entries pushed so far, and the count when the last flush's sends were pushed: the
+    /// kernel has taken those once its head passed it.
+    pushed: u64,
+    sends_end: u64,
+}
+
+/// How a ring runs completion work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN`: in the worker's wait.
+    Deferred,
+    /// The kernel refused those flags (Linux < 6.1): as packets arrive.
+    Plain,
 }
 
 // SAFETY: every raw pointer inside (msghdrs, the buffer ring) points into memory this struct
@@ -216,9 +246,25 @@ impl Uring {
                 "multishot receive needs Linux 6.0 or later",
             ));
         }
-        let ring = IoUring::builder()
+        // Disabled until the worker's thread enables it: a single-issuer ring belongs to the
+        // task that enables it, and this one is built on the starting thread.
+        let (ring, mode) = match IoUring::builder()
             .setup_cqsize(RING_ENTRIES * 4)
-            .build(RING_ENTRIES)?;
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_r_disabled()
+            .build(RING_ENTRIES)
+        {
+            Ok(r) => (r, Mode::Deferred),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (
+                IoUring::builder()
+                    .setup_cqsize(RING_ENTRIES * 4)
+                    .build(RING_ENTRIES)?,
+                Mode::Plain,
+            ),
+            Err(e) => return Err(e),
+        };
+
         let bufs = BufRing::new()?;
         // SAFETY: the ring memory lives as long as `bufs`, which lives as long as the ring
         // (fields drop in order: `ring` first).
@@ -248,6 +294,10 @@ impl Uring {
             batch: Vec::with_capacity(1024),
             held: VecDeque::new(),
             entries: Vec::new(),
+            enabled: mode == Mode::Plain,
+            mode,
+            pushed: 0,
+            sends_end: 0,
         };
         // Nothing is submitted here: the ring is built on the starting thread, and io_uring
         // runs a request's completion work on the task that submitted it. The worker's first
@@ -255,13 +305,76 @@ impl Uring {
         Ok(me)
     }
 
+    /// How completion work runs (for the start-up log).
+    #[must_use]
+    pub fn describe(&self) -> &'static str {
+        match self.mode {
+            Mode::Deferred => "completion work deferred into the wait (single issuer)",
+            Mode::Plain => "plain ring (the kernel refused DEFER_TASKRUN)",
+        }
+    }
+
+    /// How the ring runs completion work.
+    #[must_use]
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Enables a ring set up disabled, from the thread that will submit to it.
+    fn enable(&mut self) -> io::Result<()> {
+        if !self.enabled {
+            self.ring.submitter().register_enable_rings()?;
+            self.enabled = true;
+        }
+        Ok(())
+    }
+
     fn push(&mut self, e: &squeue::Entry) -> io::Result<()> {
         loop {
             // SAFETY: every entry's pointers (msghdrs, buffers) outlive its completion.
             if unsafe { self.ring.submission().push(e) }.is_ok() {
+                self.pushed += 1;
                 return Ok(());
             }
+            self.enable()?;
             self.ring.submit()?;
+        }
+    }
+
+    /// Submits what is queued and waits: not at all (`Some(ZERO)`), until `timeout`, or
+    /// without limit. Deferred completion work runs here (every call asks for events).
+    fn enter(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let res = match timeout {
+            Some(t) if t.is_zero() => {
+                let len = u32::try_from(self.ring.submission().len()).unwrap_or(u32::MAX);
+                // SAFETY: no argument is passed; the queued entries' memory is alive.
+                unsafe {
+                    self.ring.submitter().enter::<libc::sigset_t>(
+                        len,
+                        0,
+                        io_uring::EnterFlags::GETEVENTS.bits(),
+                        None,
+                    )
+                }
+            }
+            Some(t) => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+            None => self.ring.submit_and_wait(1),
+        };
+        match res {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -400,10 +513,10 @@ fn deliver(buf: &[u8], msg: &libc::msghdr, user: u64, handler: &mut dyn Handler)
     if out.is_payload_truncated() || out.is_name_data_truncated() {
         return;
     }
-    let Some(from) = parse_name(out.name_data()) else {
+    let Some(from) = udp::parse_name(out.name_data()) else {
         return;
     };
-    let dst_ip = parse_pktinfo(out.control_data());
+    let dst_ip = udp::parse_pktinfo(out.control_data());
     handler.datagram(
         user,
         Datagram {
@@ -412,61 +525,6 @@ fn deliver(buf: &[u8], msg: &libc::msghdr, user: u64, handler: &mut dyn Handler)
             data: out.payload_data(),
         },
     );
-}
-
-fn parse_name(name: &[u8]) -> Option<SocketAddr> {
-    if name.len() < 2 {
-        return None;
-    }
-    let family = i32::from(u16::from_ne_bytes([name[0], name[1]]));
-    match family {
-        libc::AF_INET if name.len() >= 8 => {
-            let port = u16::from_be_bytes([name[2], name[3]]);
-            let ip = Ipv4Addr::new(name[4], name[5], name[6], name[7]);
-            Some(SocketAddr::new(IpAddr::V4(ip), port))
-        }
-        libc::AF_INET6 if name.len() >= 24 => {
-            let port = u16::from_be_bytes([name[2], name[3]]);
-            let mut o = [0u8; 16];
-            o.copy_from_slice(&name[8..24]);
-            Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), port))
-        }
-        _ => None,
-    }
-}
-
-/// The destination address from an IP_PKTINFO / IPV6_PKTINFO control message.
-fn parse_pktinfo(mut ctrl: &[u8]) -> Option<IpAddr> {
-    let hdr = size_of::<libc::cmsghdr>();
-    while ctrl.len() >= hdr {
-        // SAFETY: at least a header's worth of bytes; read unaligned.
-        let c: libc::cmsghdr = unsafe { std::ptr::read_unaligned(ctrl.as_ptr().cast()) };
-        let len = c.cmsg_len as usize;
-        if len < hdr || len > ctrl.len() {
-            return None;
-        }
-        let data = &ctrl[hdr..len];
-        if c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_PKTINFO && data.len() >= 12 {
-            // in_pktinfo: ifindex (4), spec_dst (4), addr (4): the header destination.
-            return Some(IpAddr::V4(Ipv4Addr::new(
-                data[8], data[9], data[10], data[11],
-            )));
-        }
-        if c.cmsg_level == libc::IPPROTO_IPV6
-            && c.cmsg_type == libc::IPV6_PKTINFO
-            && data.len() >= 16
-        {
-            let mut o = [0u8; 16];
-            o.copy_from_slice(&data[..16]);
-            return Some(IpAddr::V6(Ipv6Addr::from(o)));
-        }
-        let step = (len + size_of::<usize>() - 1) & !(size_of::<usize>() - 1);
-        if step >= ctrl.len() {
-            return None;
-        }
-        ctrl = &ctrl[step..];
-    }
-    None
 }
 
 impl Backend for Uring {
@@ -479,13 +537,6 @@ impl Backend for Uring {
     }
 
     fn add_udp(&mut self, fd: RawFd, user: u64) -> io::Result<UdpKey> {
-        // quinn-udp's socket state turns on what receive needs (IP_PKTINFO and friends).
-        // SAFETY: the worker keeps the socket open until `remove_udp`; ManuallyDrop keeps
-        // this view from closing it.
-        let view = std::mem::ManuallyDrop::new(unsafe {
-            <std::net::UdpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd)
-        });
-        quinn_udp::UdpSocketState::new(quinn_udp::UdpSockRef::from(&*view))?;
         self.generation = self.generation.wrapping_add(1);
         let key = self.udp.insert(Entry {
             fd,
@@ -523,7 +574,7 @@ impl Backend for Uring {
         }
         let cancel = (KIND_CANCEL << KIND_SHIFT) | key.0 as u64;
         let e = opcode::AsyncCancel::new(data).build().user_data(cancel);
-        if self.push(&e).is_err() {
+        if self.enable().is_err() || self.push(&e).is_err() {
             return;
         }
         // Wait (briefly: a cancel completes at once) for the receive to let go of the
@@ -567,6 +618,7 @@ impl Backend for Uring {
     }
 
     fn poll(&mut self, timeout: Option<Duration>, handler: &mut dyn Handler) -> io::Result<()> {
+        self.enable()?;
         for key in std::mem::take(&mut self.rearm) {
             self.arm_recv(key)?;
         }
@@ -574,24 +626,9 @@ impl Backend for Uring {
             self.arm_poll()?;
         }
         self.bufs.publish();
-        let wait = self.deferred.is_empty() && self.ring.completion().is_empty();
-        let res = match timeout {
-            _ if !wait => self.ring.submit(),
-            Some(t) if t.is_zero() => self.ring.submit(),
-            Some(t) => {
-                let ts = types::Timespec::from(t);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
-            }
-            None => self.ring.submit_and_wait(1),
-        };
-        match res {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-            Err(e) => return Err(e),
-        }
+        // The one `io_uring_enter` of the pass: it submits the last pass's sends too.
+        let ready = !self.deferred.is_empty() || !self.ring.completion().is_empty();
+        self.enter(if ready { Some(Duration::ZERO) } else { timeout })?;
         handler.woke();
         self.pass = self.pass.wrapping_add(1);
         let mut held = std::mem::take(&mut self.held);
@@ -640,11 +677,17 @@ impl Backend for Uring {
             failed: std::mem::take(&mut self.send_failed),
             ..Flushed::default()
         };
-        // The last flush's memory (the queue's bytes, the message headers) is free: its
-        // sends were `MSG_DONTWAIT`, so each completed (or failed) inside the submission that
-        // carried it, and every SQE queued since has been submitted by this pass's wait.
         if queue.is_empty() {
             return out;
+        }
+        // The last flush's memory (the queue's bytes, the message headers) is reused below.
+        // Its sends were `MSG_DONTWAIT`, so each completed (or failed) inside the submission
+        // that carried it: this pass's wait, unless that wait failed to submit (then submit
+        // them now).
+        let head = self.pushed - self.ring.submission().len() as u64;
+        if head < self.sends_end && self.enable().is_ok() {
+            out.syscalls += 1;
+            let _ = self.ring.submit();
         }
         std::mem::swap(&mut self.inflight_data, queue);
         queue.clear();
@@ -688,16 +731,19 @@ impl Backend for Uring {
             }
         }
         self.entries = entries;
-        out.syscalls += 1;
-        if self.ring.submit().is_err() {
-            // Nothing went out; the entries stay queued for the next submit.
-        }
+        // Submitted by the next pass's wait, which follows at once: one `io_uring_enter` per
+        // pass.
+        self.sends_end = self.pushed;
         out
     }
 }
 
 impl Drop for Uring {
     fn drop(&mut self) {
+        // The last pass's sends are still queued (each pass's wait submits the one before).
+        if self.enabled && !self.ring.submission().is_empty() {
+            let _ = self.ring.submit();
+        }
         let _ = self.ring.submitter().unregister_buf_ring(GROUP);
     }
 }
@@ -706,14 +752,19 @@ impl Drop for Uring {
 mod tests {
     use super::*;
 
+    /// Where the kernel has it (Linux ≥ 6.1), the ring runs completion work in the worker's
+    /// wait; only an older kernel falls back to a plain ring.
     #[test]
-    fn pktinfo_and_names_parse() {
-        let mut name = [0u8; 16];
-        name[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
-        name[2..4].copy_from_slice(&3478u16.to_be_bytes());
-        name[4..8].copy_from_slice(&[127, 0, 0, 9]);
-        assert_eq!(parse_name(&name), Some("127.0.0.9:3478".parse().unwrap()));
-        assert_eq!(parse_name(&[0u8; 1]), None);
-        assert_eq!(parse_pktinfo(&[]), None);
+    fn rings_defer_task_work_where_the_kernel_allows() {
+        let Ok(u) = Uring::new() else {
+            eprintln!("io_uring unavailable here");
+            return;
+        };
+        let expected = if kernel_at_least(6, 1) {
+            Mode::Deferred
+        } else {
+            Mode::Plain
+        };
+        assert_eq!(u.mode(), expected, "{}", u.describe());
     }
 }

@@ -259,9 +259,8 @@ impl State {
             match backend.add_udp(r.fd(), user) {
                 Ok(key) => {
                     r.key = Some(key);
-                    // quinn-udp's socket state turns DF and GRO on; a relay wants neither
-                    // unless asked.
-                    let _ = udp::disable_gro(&r.sock);
+                    // The kernel's default sets DF; a relay wants it only when asked. No
+                    // control message is asked for: the socket's local address is known.
                     let _ = udp::set_dont_fragment(&r.sock, r.local.is_ipv6(), r.dont_fragment);
                 }
                 Err(e) => {

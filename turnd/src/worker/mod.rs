@@ -243,11 +243,15 @@ impl Worker {
         let mut listeners = Vec::new();
         for (i, sock) in udp_listeners.into_iter().enumerate() {
             let local = sock.local_addr().map_err(setup("a UDP listener"))?;
+            // Only a wildcard listener needs each datagram's destination (its answer leaves
+            // from that address); one bound to an address knows it already.
+            if local.ip().is_unspecified() {
+                udp::report_destination(&sock, local.is_ipv6()).map_err(setup("a UDP listener"))?;
+            }
+            udp::set_dont_fragment(&sock, local.is_ipv6(), false)
+                .map_err(setup("a UDP listener"))?;
             backend
                 .add_udp(sock.as_raw_fd(), LISTENER_USER | i as u64)
-                .map_err(setup("a UDP listener"))?;
-            udp::disable_gro(&sock).map_err(setup("a UDP listener"))?;
-            udp::set_dont_fragment(&sock, local.is_ipv6(), false)
                 .map_err(setup("a UDP listener"))?;
             listeners.push(UdpListener { sock, local });
         }
