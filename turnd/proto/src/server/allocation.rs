@@ -85,6 +85,17 @@ pub(crate) struct Allocation {
     pub(crate) stats: AllocationStats,
 }
 
+/// Pushes onto one of an allocation's short lists (permissions, channels), growing it one
+/// entry at a time up to four: most allocations hold one peer, and `Vec`'s first growth
+/// (room for four) would hold three empty slots for each of the thousands kept (~300 bytes
+/// per allocation). Past four it doubles as usual.
+fn push_small<T>(list: &mut Vec<T>, item: T) {
+    if list.len() == list.capacity() && list.capacity() < 4 {
+        list.reserve_exact(1);
+    }
+    list.push(item);
+}
+
 pub(crate) fn family_index(ip: IpAddr) -> usize {
     usize::from(canonical_ip(ip).is_ipv6())
 }
@@ -118,8 +129,13 @@ impl Allocation {
             p.expires = p.expires.max(expires);
             return false;
         }
-        self.permissions.push(Permission { ip: peer, expires });
+        push_small(&mut self.permissions, Permission { ip: peer, expires });
         true
+    }
+
+    /// Adds a channel binding. The caller has checked the number, the peer and the caps.
+    pub(crate) fn add_channel(&mut self, binding: ChannelBinding) {
+        push_small(&mut self.channels, binding);
     }
 
     /// Channel bindings counted as active.
@@ -178,5 +194,24 @@ impl Allocation {
         }
         self.channels.retain(|c| c.expires + CHANNEL_COOLDOWN > now);
         (before - self.permissions.len(), deactivated)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_small;
+
+    /// An allocation's permission and channel lists hold no empty room for peers it does not
+    /// have (up to four); beyond that they double like any `Vec`.
+    #[test]
+    fn short_lists_grow_one_entry_at_a_time_up_to_four() {
+        let mut list: Vec<u64> = Vec::new();
+        for n in 1..=4 {
+            push_small(&mut list, n);
+            assert_eq!(list.capacity(), n as usize, "{n} entries");
+        }
+        push_small(&mut list, 5);
+        assert!(list.capacity() >= 5);
+        assert_eq!(list, [1, 2, 3, 4, 5]);
     }
 }

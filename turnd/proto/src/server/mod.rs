@@ -1573,7 +1573,7 @@ impl Server {
             }
             (None, None) => {
                 permission_cap(a.permissions.len(), new_permission, max)?;
-                a.channels.push(ChannelBinding {
+                a.add_channel(ChannelBinding {
                     number,
                     peer,
                     expires: ch_expires,
