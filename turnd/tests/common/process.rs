@@ -66,6 +66,20 @@ impl Turnd {
 
     /// As [`Turnd::spawn`], in `dir` (which may hold files the config names).
     pub fn spawn_in(dir: tempfile::TempDir, toml: &str, wrapper: &[&str]) -> Self {
+        Self::spawn_with(dir, toml, wrapper, &[])
+    }
+
+    /// As [`Turnd::spawn`], with environment variables set (`Some`) or removed (`None`).
+    pub fn spawn_env(toml: &str, env: &[(&str, Option<&str>)]) -> Self {
+        Self::spawn_with(tempfile::tempdir().unwrap(), toml, &[], env)
+    }
+
+    fn spawn_with(
+        dir: tempfile::TempDir,
+        toml: &str,
+        wrapper: &[&str],
+        env: &[(&str, Option<&str>)],
+    ) -> Self {
         let config = dir.path().join("turnd.toml");
         std::fs::write(&config, toml).unwrap();
         let mut cmd = match wrapper.split_first() {
@@ -76,13 +90,19 @@ impl Turnd {
             }
             None => Command::new(binary()),
         };
-        let mut child = cmd
-            .arg("-c")
+        cmd.arg("-c")
             .arg(&config)
             .env_remove("RUST_LOG")
             .env_remove("TURND_ADMIN_TOKEN")
             .env_remove("TURND_AUTH_SECRET")
-            .env_remove("TURND_AUTH_SECRET_FILE")
+            .env_remove("TURND_AUTH_SECRET_FILE");
+        for (k, v) in env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -216,10 +236,23 @@ pub fn http(addr: SocketAddr, method: &str, target: &str) -> (u16, String) {
 /// A STUN Binding request over UDP to `server`; true when answered within a second (three
 /// tries).
 pub fn binding_answered(server: SocketAddr) -> bool {
-    use turn_proto::codec::{Class, Message, MessageBuilder, MessageType, Method, TransactionId};
+    binding(server, 3, Duration::from_millis(330)).is_some()
+}
+
+/// A STUN Binding request over UDP from 127.0.0.1 to `server`, sent up to `tries` times,
+/// each answer awaited for `wait`: the local address it left from and the answer's
+/// XOR-MAPPED-ADDRESS (if it has one), or `None` when nothing answered.
+pub fn binding(
+    server: SocketAddr,
+    tries: usize,
+    wait: Duration,
+) -> Option<(SocketAddr, Option<SocketAddr>)> {
+    use turn_proto::codec::{
+        Class, Message, MessageBuilder, MessageType, Method, TransactionId, XorMappedAddress,
+    };
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(330)))
-        .unwrap();
+    sock.set_read_timeout(Some(wait)).unwrap();
+    let local = sock.local_addr().unwrap();
     let tid = TransactionId([0x42; 12]);
     let mut req = Vec::new();
     MessageBuilder::new(
@@ -229,13 +262,16 @@ pub fn binding_answered(server: SocketAddr) -> bool {
     )
     .finish();
     let mut buf = [0u8; 1500];
-    for _ in 0..3 {
+    for _ in 0..tries {
         sock.send_to(&req, server).unwrap();
         if let Ok((n, _)) = sock.recv_from(&mut buf) {
-            if Message::decode(&buf[..n]).is_ok_and(|m| m.transaction_id() == tid) {
-                return true;
+            if let Ok(m) = Message::decode(&buf[..n]) {
+                if m.transaction_id() == tid {
+                    let mapped = m.get::<XorMappedAddress>().ok().flatten().map(|a| a.0);
+                    return Some((local, mapped));
+                }
             }
         }
     }
-    false
+    None
 }
