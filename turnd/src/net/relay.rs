@@ -165,24 +165,43 @@ pub enum BindError {
     Descriptors(io::Error),
 }
 
-/// Picks the relay IP for a new socket of `family`: among `configured` addresses of that
-/// family the one with the most free ports, else `arrival` when it has that family.
-#[must_use]
-pub fn pick_ip(
-    configured: &[IpAddr],
+/// The relay IPs to try for a new socket of `family`, in order of preference: among the
+/// `configured` addresses of that family the one with the most free ports first, then the
+/// family's others in configuration order (tried when none of the first's ports binds, e.g.
+/// held by another process); with none configured, `arrival` when it has that family. Empty
+/// when no address of the family exists.
+pub fn pick_ips<'a>(
+    configured: &'a [IpAddr],
     ports: &PortPools,
     family: AddressFamily,
     arrival: IpAddr,
-) -> Option<IpAddr> {
+) -> impl Iterator<Item = IpAddr> + 'a {
     let want_v4 = family == AddressFamily::IPV4;
-    if configured.is_empty() {
-        return (arrival.is_ipv4() == want_v4 && !arrival.is_unspecified()).then_some(arrival);
-    }
-    configured
+    let of_family = move |ip: &IpAddr| ip.is_ipv4() == want_v4;
+    let first = if configured.is_empty() {
+        (of_family(&arrival) && !arrival.is_unspecified()).then_some(arrival)
+    } else {
+        configured
+            .iter()
+            .copied()
+            .filter(of_family)
+            .max_by_key(|ip| ports.free(*ip))
+    };
+    let rest = configured
         .iter()
         .copied()
-        .filter(|ip| ip.is_ipv4() == want_v4)
-        .max_by_key(|ip| ports.free(*ip))
+        .filter(move |ip| of_family(ip) && Some(*ip) != first);
+    first.into_iter().chain(rest)
+}
+
+/// A freshly bound relay socket and the address it is bound at (known from the bind, so no
+/// `getsockname`).
+#[derive(Debug)]
+pub struct Bound {
+    /// The socket.
+    pub sock: std::net::UdpSocket,
+    /// Its local address.
+    pub local: SocketAddr,
 }
 
 fn is_fd_exhaustion(e: &io::Error) -> bool {
@@ -192,25 +211,47 @@ fn is_fd_exhaustion(e: &io::Error) -> bool {
     )
 }
 
-/// Binds a relay socket (and, for an EVEN-PORT reservation, the next port too) on `ip`.
+/// Binds a relay socket (and, for an EVEN-PORT reservation, the next port too) on the first
+/// of `ips` (in [`pick_ips`]'s order) that has a port free and bindable.
 ///
 /// # Errors
-/// No port free, or the process is out of descriptors.
+/// `ips` is empty (no relay address of the family), no port free on any of them, or the
+/// process is out of descriptors.
 pub fn bind(
+    ports: &PortPools,
+    ips: impl IntoIterator<Item = IpAddr>,
+    even: bool,
+    pair: bool,
+    start: usize,
+    buffers: Buffers,
+) -> Result<(Bound, Option<Bound>), BindError> {
+    let mut result = Err(BindError::Family);
+    for ip in ips {
+        result = bind_on(ports, ip, even, pair, start, buffers);
+        if !matches!(result, Err(BindError::NoPort)) {
+            break;
+        }
+    }
+    result
+}
+
+/// [`bind`] on one IP.
+fn bind_on(
     ports: &PortPools,
     ip: IpAddr,
     even: bool,
     pair: bool,
     start: usize,
     buffers: Buffers,
-) -> Result<(std::net::UdpSocket, Option<std::net::UdpSocket>), BindError> {
+) -> Result<(Bound, Option<Bound>), BindError> {
     let mut exhausted = None;
     let got = ports.acquire(ip, even, pair, start, |p| {
         if exhausted.is_some() {
             return None;
         }
-        let a = match udp::bind(SocketAddr::new(ip, p), false, buffers) {
-            Ok(a) => a,
+        let local = SocketAddr::new(ip, p);
+        let a = match udp::bind(local, false, buffers) {
+            Ok(sock) => Bound { sock, local },
             Err(e) if is_fd_exhaustion(&e) => {
                 exhausted = Some(e);
                 return None;
@@ -218,8 +259,9 @@ pub fn bind(
             Err(_) => return None,
         };
         let b = if pair {
-            match udp::bind(SocketAddr::new(ip, p + 1), false, buffers) {
-                Ok(b) => Some(b),
+            let local = SocketAddr::new(ip, p + 1);
+            match udp::bind(local, false, buffers) {
+                Ok(sock) => Some(Bound { sock, local }),
                 Err(e) if is_fd_exhaustion(&e) => {
                     exhausted = Some(e);
                     return None;
@@ -235,5 +277,65 @@ pub fn bind(
         (Some((_, socks)), _) => Ok(socks),
         (None, Some(e)) => Err(BindError::Descriptors(e)),
         (None, None) => Err(BindError::NoPort),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn relay_ips_most_free_first_then_configuration_order() {
+        let pools = PortPools::new(50000..=50009);
+        let (a, b, c, v6) = (ip("127.0.0.1"), ip("127.0.0.2"), ip("127.0.0.3"), ip("::1"));
+        for taken in [a, a, c] {
+            assert!(pools
+                .acquire(taken, false, false, 0, |_| Some(()))
+                .is_some());
+        }
+        let configured = [a, v6, b, c];
+        let order: Vec<_> = pick_ips(&configured, &pools, AddressFamily::IPV4, a).collect();
+        assert_eq!(
+            order,
+            [b, a, c],
+            "b has the most free ports; then a, c as configured"
+        );
+        let order: Vec<_> = pick_ips(&configured, &pools, AddressFamily::IPV6, a).collect();
+        assert_eq!(order, [v6]);
+        // Nothing configured: the address the request arrived on, when it has the family.
+        let order: Vec<_> = pick_ips(&[], &pools, AddressFamily::IPV4, a).collect();
+        assert_eq!(order, [a]);
+        assert_eq!(pick_ips(&[], &pools, AddressFamily::IPV6, a).count(), 0);
+        assert_eq!(
+            pick_ips(&[], &pools, AddressFamily::IPV4, ip("0.0.0.0")).count(),
+            0
+        );
+    }
+
+    #[test]
+    fn bind_falls_back_to_the_next_address_when_every_port_is_held() {
+        // The one port of the range is held on 127.0.0.1 by someone else (a free port from
+        // the kernel, so no fixed port is assumed).
+        let holder = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = holder.local_addr().unwrap().port();
+        let pools = PortPools::new(port..=port);
+        let (a, b) = (ip("127.0.0.1"), ip("127.0.0.2"));
+        let (bound, next) = bind(&pools, [a, b], false, false, 0, Buffers::default()).unwrap();
+        assert_eq!(bound.local, SocketAddr::new(b, port));
+        assert_eq!(bound.sock.local_addr().unwrap(), bound.local);
+        assert!(next.is_none());
+        assert_eq!((pools.in_use(a), pools.in_use(b)), (0, 1));
+        assert!(matches!(
+            bind(&pools, [a], false, false, 0, Buffers::default()),
+            Err(BindError::NoPort)
+        ));
+        assert!(matches!(
+            bind(&pools, [], false, false, 0, Buffers::default()),
+            Err(BindError::Family)
+        ));
     }
 }

@@ -186,55 +186,41 @@ impl State {
             recv: s.sockets.relay_recv,
             send: s.sockets.relay_send,
         };
-        let sock = if let PortRequest::Reserved(local) = port {
-            self.shared
+        let (sock, local) = if let PortRequest::Reserved(local) = port {
+            let sock = self
+                .shared
                 .reserved
                 .take(local)
-                .ok_or(RelayError::NoPortAvailable)?
+                .ok_or(RelayError::NoPortAvailable)?;
+            (sock, local)
         } else {
-            let ip = relay::pick_ip(&s.relay.addresses, &self.shared.ports, family, arrival)
-                .ok_or(RelayError::FamilyUnavailable)?;
             let (even, pair) = match port {
                 PortRequest::Even { reserve_next } => (true, reserve_next),
                 _ => (false, false),
             };
             let start = usize::try_from(self.random() % 65_536).unwrap_or(0);
-            // The address with the most free ports first; when none of its ports binds (held
-            // by another process), the family's other relay addresses in turn.
-            let shared = Arc::clone(&self.shared);
-            let others = shared
-                .settings
-                .relay
-                .addresses
-                .iter()
-                .copied()
-                .filter(|o| *o != ip && o.is_ipv4() == ip.is_ipv4());
-            let mut bound = Err(BindError::NoPort);
-            for candidate in std::iter::once(ip).chain(others) {
-                bound = relay::bind(&shared.ports, candidate, even, pair, start, buffers);
-                if !matches!(bound, Err(BindError::NoPort)) {
-                    break;
-                }
-            }
-            let (sock, next) = match bound {
+            let shared = &*self.shared;
+            let ips = relay::pick_ips(
+                &shared.settings.relay.addresses,
+                &shared.ports,
+                family,
+                arrival,
+            );
+            let (bound, next) = match relay::bind(&shared.ports, ips, even, pair, start, buffers) {
                 Ok(x) => x,
                 Err(BindError::Descriptors(e)) => {
                     self.stats.descriptor_exhaustion += 1;
                     warn!(worker = self.index, error = %e, "out of file descriptors: relay socket refused (508)");
                     return Err(RelayError::NoDescriptors);
                 }
-                Err(_) => return Err(RelayError::NoPortAvailable),
+                Err(BindError::Family) => return Err(RelayError::FamilyUnavailable),
+                Err(BindError::NoPort) => return Err(RelayError::NoPortAvailable),
             };
             if let Some(next) = next {
-                if let Ok(addr) = next.local_addr() {
-                    self.shared.reserved.hold(addr, next);
-                    *reserved_next = Some(addr);
-                }
+                self.shared.reserved.hold(next.local, next.sock);
+                *reserved_next = Some(next.local);
             }
-            sock
-        };
-        let Ok(local) = sock.local_addr() else {
-            return Err(RelayError::NoPortAvailable);
+            (bound.sock, bound.local)
         };
         let advertised = SocketAddr::new(
             self.shared.settings.relay.advertised(local.ip()),
