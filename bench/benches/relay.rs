@@ -22,7 +22,6 @@
 //! `BENCH_TURNSERVER` (coturn's binary), `BENCH_COTURN_RELAY_THREADS`.
 
 use std::collections::BTreeSet;
-use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,7 +29,9 @@ use std::time::{Duration, Instant};
 
 use turnd_bench::link::Transport;
 use turnd_bench::load::{EchoPeer, LoadConfig, Mode};
-use turnd_bench::server::{turnd_supports, Server, Support, TestCert, TurndOptions};
+use turnd_bench::server::{
+    scrape_metrics, turnd_supports, Server, Support, TestCert, TurndOptions,
+};
 use turnd_bench::syscalls::{self, RECV, SEND, WAIT};
 use turnd_bench::{
     measure, measure_bare, mode_name, setup_and_memory, Scenario, ScenarioResult, SetupResult,
@@ -293,15 +294,6 @@ struct Scraper {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-fn scrape(addr: SocketAddr) -> std::io::Result<bool> {
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
-    let mut body = Vec::new();
-    s.read_to_end(&mut body)?;
-    Ok(body.starts_with(b"HTTP/1.1 200") && body.windows(6).any(|w| w == b"turnd_"))
-}
-
 impl Scraper {
     fn start(addr: SocketAddr) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -311,7 +303,7 @@ impl Scraper {
             .name("bench-scrape".to_owned())
             .spawn(move || {
                 while !s.load(Ordering::Relaxed) {
-                    if scrape(addr).unwrap_or(false) {
+                    if scrape_metrics(addr).unwrap_or(false) {
                         o.fetch_add(1, Ordering::Relaxed);
                     }
                     let next = Instant::now() + Duration::from_secs(1);
@@ -346,31 +338,27 @@ fn server_suite(
     udp: bool,
     streams: bool,
 ) -> anyhow::Result<()> {
+    // (scenario, whether its window counts system calls)
+    let mut windows: Vec<(Scenario, bool)> = Vec::new();
     if udp {
-        for sc in k.udp() {
-            run.row(measure(
-                &Subject::server(server, sc.transport, echo.addr),
-                &sc,
-                false,
-            )?);
-        }
+        windows.extend(k.udp().into_iter().map(|sc| (sc, false)));
     }
     if streams {
-        for sc in k.streams() {
-            run.row(measure(
-                &Subject::server(server, sc.transport, echo.addr),
-                &sc,
-                false,
-            )?);
-        }
+        windows.extend(k.streams().into_iter().map(|sc| (sc, false)));
     }
     if udp && syscalls::available() {
-        for sc in k.syscall_windows() {
-            run.probe(measure(
-                &Subject::server(server, sc.transport, echo.addr),
-                &sc,
-                true,
-            )?);
+        windows.extend(k.syscall_windows().into_iter().map(|sc| (sc, true)));
+    }
+    for (sc, count_syscalls) in windows {
+        let r = measure(
+            &Subject::server(server, sc.transport, echo.addr),
+            &sc,
+            count_syscalls,
+        )?;
+        if count_syscalls {
+            run.probe(r);
+        } else {
+            run.row(r);
         }
     }
     if udp && k.wants("setup") {

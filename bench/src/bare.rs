@@ -172,6 +172,37 @@ fn reuseport_socket(addr: SocketAddr) -> anyhow::Result<UdpSocket> {
     Ok(s.into())
 }
 
+/// One direction of a worker until `stop`: receives a batch from `from`, routes each
+/// datagram by its channel number's slot in `table` (`route` rewrites the address and says
+/// whether to send), sends the routed ones from `to`.
+fn forward(
+    from: &UdpSocket,
+    to: &UdpSocket,
+    stop: &AtomicBool,
+    table: &[AtomicU64],
+    mut route: impl FnMut(&AtomicU64, &mut libc::sockaddr_in) -> bool,
+) {
+    let mut b = Batch::new();
+    let mut which = Vec::with_capacity(BATCH);
+    while !stop.load(Ordering::Relaxed) {
+        let n = b.recv(from);
+        which.clear();
+        for i in 0..n {
+            if b.lens[i] < 4 {
+                continue;
+            }
+            let ch = usize::from(u16::from_be_bytes([b.data[i][0], b.data[i][1]]));
+            let Some(slot) = ch.checked_sub(0x4000).and_then(|k| table.get(k)) else {
+                continue;
+            };
+            if route(slot, &mut b.addrs[i]) {
+                which.push(i);
+            }
+        }
+        b.send(to, &which);
+    }
+}
+
 impl BareForwarder {
     /// Starts `workers` forwarding workers to `peer` (an IPv4 address).
     ///
@@ -198,36 +229,20 @@ impl BareForwarder {
             }
             let (l_out, r_out) = (listener.try_clone()?, relay.try_clone()?);
             let (table_out, stop_out) = (table.clone(), stop.clone());
+            let peer_sa = to_sockaddr(peer);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("bare-fwd-out-{w}"))
                     .spawn(move || {
-                        let mut b = Batch::new();
-                        let mut which = Vec::with_capacity(BATCH);
-                        let peer_sa = to_sockaddr(peer);
-                        while !stop_out.load(Ordering::Relaxed) {
-                            let n = b.recv(&l_out);
-                            which.clear();
-                            for i in 0..n {
-                                if b.lens[i] < 4 {
-                                    continue;
-                                }
-                                let ch =
-                                    usize::from(u16::from_be_bytes([b.data[i][0], b.data[i][1]]));
-                                let Some(slot) =
-                                    ch.checked_sub(0x4000).and_then(|k| table_out.get(k))
-                                else {
-                                    continue;
-                                };
-                                let client = pack(from_sockaddr(&b.addrs[i]));
-                                if slot.load(Ordering::Relaxed) != client {
-                                    slot.store(client, Ordering::Relaxed);
-                                }
-                                b.addrs[i] = peer_sa;
-                                which.push(i);
+                        // Client → peer: remember the channel's client, send to the peer.
+                        forward(&l_out, &r_out, &stop_out, &table_out, |slot, addr| {
+                            let client = pack(from_sockaddr(addr));
+                            if slot.load(Ordering::Relaxed) != client {
+                                slot.store(client, Ordering::Relaxed);
                             }
-                            b.send(&r_out, &which);
-                        }
+                            *addr = peer_sa;
+                            true
+                        });
                     })?,
             );
             let (table_in, stop_in) = (table.clone(), stop.clone());
@@ -235,29 +250,20 @@ impl BareForwarder {
                 std::thread::Builder::new()
                     .name(format!("bare-fwd-in-{w}"))
                     .spawn(move || {
-                        let mut b = Batch::new();
-                        let mut which = Vec::with_capacity(BATCH);
-                        while !stop_in.load(Ordering::Relaxed) {
-                            let n = b.recv(&relay);
-                            which.clear();
-                            for i in 0..n {
-                                if b.lens[i] < 4 {
-                                    continue;
+                        // Peer → client: send to the channel's client, if one is known.
+                        forward(
+                            &relay,
+                            &listener,
+                            &stop_in,
+                            &table_in,
+                            |slot, addr| match unpack(slot.load(Ordering::Relaxed)) {
+                                Some(client) => {
+                                    *addr = to_sockaddr(client);
+                                    true
                                 }
-                                let ch =
-                                    usize::from(u16::from_be_bytes([b.data[i][0], b.data[i][1]]));
-                                let Some(client) = ch
-                                    .checked_sub(0x4000)
-                                    .and_then(|k| table_in.get(k))
-                                    .and_then(|s| unpack(s.load(Ordering::Relaxed)))
-                                else {
-                                    continue;
-                                };
-                                b.addrs[i] = to_sockaddr(client);
-                                which.push(i);
-                            }
-                            b.send(&listener, &which);
-                        }
+                                None => false,
+                            },
+                        );
                     })?,
             );
         }

@@ -692,6 +692,54 @@ impl SetupStats {
     }
 }
 
+/// What the set-up tasks of every client thread share.
+struct SetupShared {
+    endpoint: Endpoint,
+    peer: SocketAddr,
+    total: usize,
+    deadline: Instant,
+    /// The next allocation's index (its credentials and client address).
+    next: AtomicUsize,
+    opened: AtomicU64,
+    failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl SetupShared {
+    /// One of the [`SETUP_IN_FLIGHT`] tasks: opens allocations one after another until
+    /// `total` are taken or the deadline passes.
+    async fn open_until_done(self: Arc<Self>) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            if i >= self.total || Instant::now() >= self.deadline {
+                break;
+            }
+            let r = Allocation::open(
+                &self.endpoint,
+                Transport::Udp,
+                &creds(1_000_000 + i),
+                self.peer,
+                CHANNEL,
+            )
+            .await;
+            match r {
+                Ok(a) => {
+                    drop(a);
+                    self.opened.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.failed.fetch_add(1, Ordering::Relaxed);
+                    let mut f = self
+                        .first_error
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    f.get_or_insert_with(|| format!("{e:#}"));
+                }
+            }
+        }
+    }
+}
+
 /// Opens `total` UDP allocations on `endpoint` (each: 401 challenge, Allocate,
 /// CreatePermission, ChannelBind to `peer`), [`SETUP_IN_FLIGHT`] at a time over `threads`
 /// client threads, and *keeps* them: each client socket is closed once its allocation is
@@ -712,22 +760,21 @@ pub fn setup_run(
 ) -> anyhow::Result<SetupStats> {
     let threads = threads.max(1);
     let per_thread = SETUP_IN_FLIGHT.div_ceil(threads);
-    let next = Arc::new(AtomicUsize::new(0));
-    let opened = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let first_error = Arc::new(Mutex::new(None::<String>));
-    let deadline = Instant::now() + SETUP_LIMIT;
+    let run = Arc::new(SetupShared {
+        endpoint: endpoint.clone(),
+        peer,
+        total,
+        deadline: Instant::now() + SETUP_LIMIT,
+        next: AtomicUsize::new(0),
+        opened: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        first_error: Mutex::new(None),
+    });
     on_start();
     let start = Instant::now();
     let mut handles = Vec::new();
     for t in 0..threads {
-        let (endpoint, next, opened, failed, first_error) = (
-            endpoint.clone(),
-            next.clone(),
-            opened.clone(),
-            failed.clone(),
-            first_error.clone(),
-        );
+        let run = run.clone();
         handles.push(
             std::thread::Builder::new()
                 .name(format!("bench-setup-{t}"))
@@ -738,42 +785,7 @@ pub fn setup_run(
                     rt.block_on(async move {
                         let mut set = JoinSet::new();
                         for _ in 0..per_thread {
-                            let (endpoint, next, opened, failed, first_error) = (
-                                endpoint.clone(),
-                                next.clone(),
-                                opened.clone(),
-                                failed.clone(),
-                                first_error.clone(),
-                            );
-                            set.spawn(async move {
-                                loop {
-                                    let i = next.fetch_add(1, Ordering::Relaxed);
-                                    if i >= total || Instant::now() >= deadline {
-                                        break;
-                                    }
-                                    let r = Allocation::open(
-                                        &endpoint,
-                                        Transport::Udp,
-                                        &creds(1_000_000 + i),
-                                        peer,
-                                        CHANNEL,
-                                    )
-                                    .await;
-                                    match r {
-                                        Ok(a) => {
-                                            drop(a);
-                                            opened.fetch_add(1, Ordering::Relaxed);
-                                        }
-                                        Err(e) => {
-                                            failed.fetch_add(1, Ordering::Relaxed);
-                                            let mut f = first_error
-                                                .lock()
-                                                .unwrap_or_else(std::sync::PoisonError::into_inner);
-                                            f.get_or_insert_with(|| format!("{e:#}"));
-                                        }
-                                    }
-                                }
-                            });
+                            set.spawn(run.clone().open_until_done());
                         }
                         while set.join_next().await.is_some() {}
                     });
@@ -787,7 +799,8 @@ pub fn setup_run(
     }
     let elapsed = start.elapsed();
     on_end();
-    if let Some(e) = first_error
+    if let Some(e) = run
+        .first_error
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .take()
@@ -795,8 +808,8 @@ pub fn setup_run(
         eprintln!("  set-up: first failure: {e}");
     }
     Ok(SetupStats {
-        opened: opened.load(Ordering::Relaxed),
-        failed: failed.load(Ordering::Relaxed),
+        opened: run.opened.load(Ordering::Relaxed),
+        failed: run.failed.load(Ordering::Relaxed),
         elapsed,
     })
 }

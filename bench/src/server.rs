@@ -6,6 +6,7 @@
 //! own (named `bench-*` and `bare-fwd-*`), so the count stays right whatever turnd names its
 //! workers, and includes its admin listener when one runs.
 
+use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,9 +24,13 @@ use crate::link::{tls_client_config, Endpoint};
 pub const REALM: &str = "bench.turnd";
 /// REST API secret both servers use.
 pub const SECRET: &str = "bench-secret-not-for-production";
-/// Relay ports of either server (below the ephemeral range, wide enough for 10,000
-/// allocations; the servers never run at the same time).
-pub const RELAY_PORTS: (u16, u16) = (20_000, 31_999);
+/// Relay ports of either server: above the integration tests' fixed ranges (inside
+/// 20000–23549), so a bench beside a test run cannot take a test's port, and below the
+/// kernel's ephemeral range (32768+). The servers never run at the same time.
+pub const RELAY_PORTS: (u16, u16) = (24_000, 31_999);
+/// Relay addresses of either server: two, so [`RELAY_PORTS`] gives 16,000 relay ports,
+/// room for the 10,000 allocations the set-up scenario holds.
+pub const RELAY_IPS: [&str; 2] = ["127.0.0.1", "127.0.0.2"];
 /// Thread-name prefixes of the bench's own threads (never counted as server time).
 const BENCH_THREADS: [&str; 2] = ["bench-", "bare-fwd-"];
 
@@ -142,7 +147,7 @@ pub struct DropsByRole {
     pub client: u64,
     /// The server's listener (or the bare forwarder's).
     pub listener: u64,
-    /// Relay sockets (127.0.0.1, [`RELAY_PORTS`]).
+    /// Relay sockets ([`RELAY_IPS`], [`RELAY_PORTS`]).
     pub relay: u64,
     /// The echo peer.
     pub echo: u64,
@@ -341,6 +346,20 @@ pub struct TurndOptions<'a> {
     pub tls: Option<&'a TestCert>,
 }
 
+/// One `GET /metrics` from turnd's admin listener at `addr`: whether it answered 200 with
+/// turnd's families.
+///
+/// # Errors
+/// Connecting, writing or reading failed.
+pub fn scrape_metrics(addr: SocketAddr) -> std::io::Result<bool> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+    let mut body = Vec::new();
+    s.read_to_end(&mut body)?;
+    Ok(body.starts_with(b"HTTP/1.1 200") && body.windows(6).any(|w| w == b"turnd_"))
+}
+
 /// Whether turnd's configuration knows a key: the bench's feature probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Support {
@@ -355,6 +374,7 @@ pub enum Support {
 #[must_use]
 pub fn turnd_toml(opts: &TurndOptions<'_>, io: Option<&str>, admin: Option<&str>) -> String {
     let (min_port, max_port) = RELAY_PORTS;
+    let relay_ips = RELAY_IPS.map(|ip| format!("\"{ip}\"")).join(", ");
     let workers = opts.workers;
     let mut s = String::from("[listen]\nudp = [\"127.0.0.1:0\"]\n");
     match opts.tls {
@@ -375,7 +395,7 @@ realm = "{REALM}"
 secrets = ["{SECRET}"]
 
 [relay]
-addresses = ["127.0.0.1"]
+addresses = [{relay_ips}]
 min_port = {min_port}
 max_port = {max_port}
 
@@ -498,34 +518,31 @@ impl Server {
         let (min_port, max_port) = RELAY_PORTS;
         let log = dir.path().join("turnserver.log");
         let mut cmd = Command::new(&bin);
-        cmd.args([
-            "-n",
-            "--listening-ip",
-            "127.0.0.1",
-            "--relay-ip",
-            "127.0.0.1",
-        ])
-        .args(["--listening-port", &port.to_string()])
-        .args(["--min-port", &min_port.to_string()])
-        .args(["--max-port", &max_port.to_string()])
-        .args(["--use-auth-secret", "--static-auth-secret", SECRET])
-        .args(["--realm", REALM])
-        .args(["--allow-loopback-peers", "--no-dtls"])
-        .args([
-            "--no-cli",
-            "--no-tcp-relay",
-            "--simple-log",
-            "--no-stdout-log",
-        ])
-        .arg("--log-file")
-        .arg(&log)
-        .arg("--pidfile")
-        .arg(dir.path().join("turnserver.pid"))
-        .arg("--userdb")
-        .arg(dir.path().join("turndb"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        cmd.args(["-n", "--listening-ip", "127.0.0.1"]);
+        for ip in RELAY_IPS {
+            cmd.args(["--relay-ip", ip]);
+        }
+        cmd.args(["--listening-port", &port.to_string()])
+            .args(["--min-port", &min_port.to_string()])
+            .args(["--max-port", &max_port.to_string()])
+            .args(["--use-auth-secret", "--static-auth-secret", SECRET])
+            .args(["--realm", REALM])
+            .args(["--allow-loopback-peers", "--no-dtls"])
+            .args([
+                "--no-cli",
+                "--no-tcp-relay",
+                "--simple-log",
+                "--no-stdout-log",
+            ])
+            .arg("--log-file")
+            .arg(&log)
+            .arg("--pidfile")
+            .arg(dir.path().join("turnserver.pid"))
+            .arg("--userdb")
+            .arg(dir.path().join("turndb"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         match (tls, tls_addr) {
             (Some(cert), Some(tls_addr)) => {
                 cmd.args(["--tls-listening-port", &tls_addr.port().to_string()])
