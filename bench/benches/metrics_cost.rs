@@ -186,7 +186,8 @@ fn measure(exe: &Path, dir: &Path, admin: bool) -> anyhow::Result<(ChildReport, 
             continue;
         }
         let text = std::fs::read_to_string(&path)?;
-        if BENCH_CODE.iter().any(|c| text.contains(c)) {
+        // With --separate-threads the base file (no thread suffix) stays empty.
+        if text.is_empty() || BENCH_CODE.iter().any(|c| text.contains(c)) {
             continue;
         }
         turnd += instructions(&text).with_context(|| format!("{}", path.display()))?;
