@@ -11,18 +11,24 @@
 //! Each run opens `BENCH_METRICS_ALLOCS` (16) allocations on turnd (epoll backend, one
 //! worker), then relays a fixed number of packets in lock-step rounds: each allocation
 //! sends one ChannelData to a UDP echo and waits for the echo, `BENCH_METRICS_ROUNDS` (1,000)
-//! rounds, so every run relays the same number of datagrams. The figure is turnd's
-//! **user-space** instructions per relayed datagram (valgrind does not see the kernel),
-//! summed over turnd's threads (workers, admin listener, reloader) — every thread whose
-//! profile holds none of the bench's own code. The kernel's part of a packet (≈ 95 % of its
-//! CPU, see RESULTS.md's profile) is the same in both runs, so the user-space ratio
-//! overstates the metrics' share of the whole; it is the conservative figure.
+//! rounds, so every run relays the same number of datagrams. Counted: turnd's **user-space**
+//! instructions (valgrind does not see the kernel), per thread, split into the worker
+//! threads (the packet path: a thread whose profile holds the worker loop) and turnd's other
+//! threads (the admin listener, which answers the scrapes; the reloader); the bench's own
+//! threads (whose profiles hold the bench's code) are left out. It prints:
 //!
-//! Two things make "on" look dearer than it is in production, on purpose: valgrind slows the
-//! process ~50×, so turnd's time-driven work (the 100 ms counter publish) runs ~50× more
-//! often per packet than at full speed (in both runs); and the default scrape rate, one per
-//! 100 rounds (3,200 datagrams), is 10–30× a 1 s scrape at the paced and audio scenarios'
-//! 40,000–100,000 datagrams/s.
+//! - the packet path's on/off ratio per relayed datagram (the counters are plain per-worker
+//!   integers either way; the admin listener adds nothing there);
+//! - the instructions of one scrape, and what a scrape a second costs at
+//!   `BENCH_METRICS_PPS` (40,000, the paced scenario's) relayed datagrams/s, as a share of
+//!   the workers' user-space instructions per datagram;
+//! - the whole-turnd on/off ratio at this run's scrape rate (one per 100 rounds = 3,200
+//!   datagrams, 10–30× a 1 s scrape at the paced/audio rates, so it overstates).
+//!
+//! Shares are of user-space instructions; a datagram's CPU is ~95 % kernel (RESULTS.md's
+//! profile), so each share of the whole is smaller still. valgrind slows the process ~50×,
+//! so time-driven work (the 100 ms counter publish) runs more often per packet than at full
+//! speed, in both runs alike.
 //!
 //! Without valgrind installed (Debian `valgrind`) the bench says so and exits 0.
 
@@ -44,6 +50,10 @@ const ECHO_WAIT: Duration = Duration::from_secs(5);
 const PAYLOAD: usize = 100;
 /// Function-name fragments that mark a thread as the bench's own, not turnd's.
 const BENCH_CODE: [&str; 2] = ["metrics_cost::", "turnd_bench::"];
+/// A function-name fragment only a worker thread's profile holds (the worker loop).
+const WORKER_CODE: &str = "turnd::worker::";
+/// A fragment only the admin listener's threads hold (its HTTP server).
+const ADMIN_CODE: &str = "hyper::";
 
 fn env(key: &str, default: usize) -> usize {
     std::env::var(key)
@@ -139,8 +149,17 @@ fn write_header(frame: &mut [u8], channel: ChannelNumber) {
     frame[..4].copy_from_slice(&hdr);
 }
 
+/// turnd's user-space instructions in one run, by where they ran.
+#[derive(Debug, Default)]
+struct Instructions {
+    /// The worker threads (the packet path, counters included).
+    workers: u64,
+    /// Every other turnd thread (the admin listener and its scrapes, the reloader).
+    others: u64,
+}
+
 /// Runs the child under callgrind; returns its report and turnd's instructions.
-fn measure(exe: &Path, dir: &Path, admin: bool) -> anyhow::Result<(ChildReport, u64)> {
+fn measure(exe: &Path, dir: &Path, admin: bool) -> anyhow::Result<(ChildReport, Instructions)> {
     let mode = if admin { "on" } else { "off" };
     let out = Command::new("valgrind")
         .args([
@@ -178,7 +197,7 @@ fn measure(exe: &Path, dir: &Path, admin: bool) -> anyhow::Result<(ChildReport, 
             _ => {}
         }
     }
-    let mut turnd = 0;
+    let mut turnd = Instructions::default();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -190,7 +209,12 @@ fn measure(exe: &Path, dir: &Path, admin: bool) -> anyhow::Result<(ChildReport, 
         if text.is_empty() || BENCH_CODE.iter().any(|c| text.contains(c)) {
             continue;
         }
-        turnd += instructions(&text).with_context(|| format!("{}", path.display()))?;
+        let n = instructions(&text).with_context(|| format!("{}", path.display()))?;
+        if text.contains(WORKER_CODE) && !text.contains(ADMIN_CODE) {
+            turnd.workers += n;
+        } else {
+            turnd.others += n;
+        }
     }
     Ok((report, turnd))
 }
@@ -225,25 +249,34 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let (off, off_ir) = measure(&exe, dir.path(), false)?;
     let (on, on_ir) = measure(&exe, dir.path(), true)?;
+    let per = |ir: u64, r: &ChildReport| ir as f64 / r.relayed.max(1) as f64;
     println!(
-        "| admin listener | relayed datagrams | lost | scrapes | turnd user-space instructions | per datagram |"
+        "| admin listener | relayed datagrams | lost | scrapes | workers' instructions | per datagram | other turnd threads' instructions |"
     );
-    println!("|---|---:|---:|---:|---:|---:|");
-    for (label, r, ir) in [("off", &off, off_ir), ("on, scraped", &on, on_ir)] {
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (label, r, ir) in [("off", &off, &off_ir), ("on, scraped", &on, &on_ir)] {
         println!(
-            "| {label} | {} | {} | {} | {ir} | {:.0} |",
+            "| {label} | {} | {} | {} | {} | {:.0} | {} |",
             r.relayed,
             r.lost,
             r.scrapes,
-            ir as f64 / r.relayed.max(1) as f64
+            ir.workers,
+            per(ir.workers, r),
+            ir.others
         );
     }
-    let per = |ir: u64, r: &ChildReport| ir as f64 / r.relayed.max(1) as f64;
+    let packet_path = per(on_ir.workers, &on) / per(off_ir.workers, &off);
+    let per_scrape = on_ir.others.saturating_sub(off_ir.others) as f64 / on.scrapes.max(1) as f64;
+    let pps = env("BENCH_METRICS_PPS", 40_000) as f64;
+    let share = per_scrape / pps / per(off_ir.workers, &off);
     println!(
-        "\nmetrics cost: on/off = {:.4}× turnd's user-space instructions per relayed datagram \
-         ({:+.2} %); {:.0} s under callgrind",
-        per(on_ir, &on) / per(off_ir, &off),
-        (per(on_ir, &on) / per(off_ir, &off) - 1.0) * 100.0,
+        "\npacket path (worker threads), on/off: {packet_path:.4}× user-space instructions per \
+         relayed datagram\none scrape: {per_scrape:.0} instructions in the admin listener's \
+         threads; scraped once a second at {pps:.0} relayed datagrams/s that is {:.2} % of the \
+         workers' user-space instructions\nwhole turnd, on/off at this run's scrape rate: \
+         {:.4}×\n{:.0} s under callgrind",
+        share * 100.0,
+        per(on_ir.workers + on_ir.others, &on) / per(off_ir.workers + off_ir.others, &off),
         started.elapsed().as_secs_f64()
     );
     Ok(())
