@@ -27,6 +27,15 @@ pub struct Response {
 }
 
 impl Response {
+    /// `bytes`, which must decode as a STUN message.
+    ///
+    /// # Errors
+    /// They do not.
+    pub fn decode(bytes: Vec<u8>) -> anyhow::Result<Self> {
+        Message::decode(&bytes).map_err(|e| anyhow::anyhow!("not a STUN message: {e}"))?;
+        Ok(Self { bytes })
+    }
+
     fn msg(&self) -> Message<'_> {
         Message::decode(&self.bytes).unwrap_or_else(|e| unreachable!("checked on receipt: {e}"))
     }

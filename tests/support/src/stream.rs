@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use turn_proto::codec::*;
 use turn_proto::testing::{sign, Signing};
 
+use crate::client::Response;
 use crate::IO_TIMEOUT;
 
 /// A connected UDP socket as a byte stream, one datagram per write and per read, so the
@@ -200,23 +201,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamClient<S> {
     }
 }
 
+/// The XOR-RELAYED-ADDRESS of `reply`, which must be a success response.
 pub fn relayed_address(reply: &[u8]) -> SocketAddr {
-    let m = Message::decode(reply).unwrap();
-    assert_success(reply);
-    m.get::<XorRelayedAddress>()
-        .unwrap()
-        .expect("XOR-RELAYED-ADDRESS")
-        .0
+    success(reply).relayed().expect("XOR-RELAYED-ADDRESS")
 }
 
+/// Panics unless `reply` is a success response.
 pub fn assert_success(reply: &[u8]) {
-    let m = Message::decode(reply).unwrap();
-    assert_eq!(
-        m.typ().class,
-        Class::Success,
-        "error response: {:?}",
-        m.get::<ErrorCodeAttr<'_>>()
-            .unwrap()
-            .map(|e| (e.code.0, e.reason.to_owned()))
-    );
+    success(reply);
+}
+
+fn success(reply: &[u8]) -> Response {
+    Response::decode(reply.to_vec()).unwrap().success().unwrap()
 }
