@@ -1458,9 +1458,9 @@ pub fn deploy_plan(
     api: crate::k8s::applier::KubeApi,
     store: &Path,
 ) -> Result<crate::plan::Plan, AcmeError> {
-    use crate::plan::{Action, ActionKind, PhaseId, Plan, Target};
+    use crate::plan::{Action, ActionKind, Plan, Scope, Target};
     let (_, cert) = tls_secret(&CertStore::new(store))?;
-    let mut plan = Plan::new(PhaseId::Turnd);
+    let mut plan = Plan::new(Scope::Command("cert deploy"));
     plan.actions.push(Action {
         target: Target::KubeApi,
         summary: format!(

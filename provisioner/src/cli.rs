@@ -320,6 +320,21 @@ pub fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             eprintln!("Grafana on http://127.0.0.1:{port}/ (Ctrl-C to stop)");
             exec_interactive(cli, "ssh", &ssh)
         }
+        Command::Dns {
+            command: crate::dns::DnsCommand::Sync { extra },
+        } if !cli.dry_run => {
+            let env = cli.env_file.as_deref();
+            let (client, changes) = crate::dns::plan_sync_blocking(extra, &c, &cli.inventory, env)?;
+            let plan = crate::dns::sync_plan(&client, &changes);
+            print!("{}", plan.render(cli.verbose));
+            if !plan.is_empty() {
+                confirm_plan(cli, &plan)?;
+                let _lock = run_lock(cli)?;
+                apply(&plan, &transports(&c)?, &mut Journal::at(journal_path(cli)))?;
+                println!("dns sync: applied {} change(s)", plan.actions.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dns { command } => {
             let env = cli.env_file.as_deref();
             let out = crate::dns::run_blocking(command, &c, &cli.inventory, env, cli.dry_run)?;

@@ -545,18 +545,120 @@ impl CloudflareClient {
     /// Applies a plan made by [`plan_sync`], in order; stops at the first error.
     pub async fn apply(&self, plan: &DnsPlan) -> Result<usize, DnsError> {
         for c in &plan.changes {
-            match c {
-                DnsChange::Create(r) => {
-                    self.create(r).await?;
-                }
-                DnsChange::Update { id, to, .. } => {
-                    self.update(id, to).await?;
-                }
-                DnsChange::Delete(r) => self.delete(&r.id).await?,
-            }
+            self.apply_change(c).await?;
         }
         Ok(plan.changes.len())
     }
+
+    /// Applies one change of a [`plan_sync`] plan.
+    pub async fn apply_change(&self, change: &DnsChange) -> Result<(), DnsError> {
+        match change {
+            DnsChange::Create(r) => {
+                self.create(r).await?;
+            }
+            DnsChange::Update { id, to, .. } => {
+                self.update(id, to).await?;
+            }
+            DnsChange::Delete(r) => self.delete(&r.id).await?,
+        }
+        Ok(())
+    }
+}
+
+/// One change of `dns sync` with the client that makes it: the payload of
+/// [`crate::plan::ActionKind::Dns`]. Two are equal when they make the same change.
+#[derive(Debug, Clone)]
+pub struct DnsStep {
+    /// The zone's client.
+    pub client: CloudflareClient,
+    /// The change.
+    pub change: DnsChange,
+}
+
+impl PartialEq for DnsStep {
+    fn eq(&self, other: &Self) -> bool {
+        self.change == other.change
+    }
+}
+
+impl Eq for DnsStep {}
+
+impl DnsStep {
+    /// The API request it makes, for a verbose plan.
+    pub fn request(&self) -> String {
+        match &self.change {
+            DnsChange::Create(_) => "POST dns_records".to_owned(),
+            DnsChange::Update { id, .. } => format!("PUT dns_records/{id}"),
+            DnsChange::Delete(r) => format!("DELETE dns_records/{}", r.id),
+        }
+    }
+
+    /// Makes the change (blocking).
+    ///
+    /// # Errors
+    /// [`DnsError::Runtime`], or what the API answered.
+    pub fn run(&self) -> Result<(), DnsError> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(DnsError::Runtime)?
+            .block_on(self.client.apply_change(&self.change))
+    }
+}
+
+/// `dns sync` as a plan: one action per change, a delete marked disruptive (the record stops
+/// resolving), applied by [`crate::plan::apply`] and journaled like every other change.
+pub fn sync_plan(client: &CloudflareClient, plan: &DnsPlan) -> crate::plan::Plan {
+    use crate::plan::{Action, ActionKind, Plan, Scope, Target};
+    let mut out = Plan::new(Scope::Command("dns sync"));
+    for change in &plan.changes {
+        let action = Action {
+            target: Target::DnsApi,
+            summary: change.to_string(),
+            kind: ActionKind::Dns(Box::new(DnsStep {
+                client: client.clone(),
+                change: change.clone(),
+            })),
+        };
+        match change {
+            DnsChange::Delete(_) => {
+                out.push_disruptive(action, "the record stops resolving");
+            }
+            _ => out.actions.push(action),
+        }
+    }
+    out
+}
+
+/// Lists the zone and computes what `dns sync` would change (the inventory's records and
+/// `extra`), blocking: the client and the plan for [`sync_plan`].
+///
+/// # Errors
+/// A missing token, or what the API answered.
+pub fn plan_sync_blocking(
+    extra: &[(String, String, String)],
+    inv: &Inventory,
+    inventory_path: &Path,
+    env_file: Option<&Path>,
+) -> Result<(CloudflareClient, DnsPlan), DnsError> {
+    let (client, rt) = blocking_client(inventory_path, env_file)?;
+    let plan = rt.block_on(sync_changes(&client, inv, extra))?;
+    Ok((client, plan))
+}
+
+async fn sync_changes(
+    client: &CloudflareClient,
+    inv: &Inventory,
+    extra: &[(String, String, String)],
+) -> Result<DnsPlan, DnsError> {
+    let zone = &inv.domain.zone;
+    let extra: Vec<NewRecord> = extra
+        .iter()
+        .map(|(t, n, c)| NewRecord::new(t, &fqdn(n, zone), c))
+        .collect();
+    let desired = desired_records(inv, &extra);
+    let current = client.list(&RecordFilter::default()).await?;
+    Ok(plan_sync(&current, &desired))
 }
 
 /// The API token; `Debug` never shows it.
@@ -975,8 +1077,9 @@ fn parse_record_arg(s: &str) -> Result<(String, String, String), String> {
     }
 }
 
-/// Runs one `dns` command and returns what to print. With `dry_run`, `sync` only shows its
-/// plan and `add`/`update`/`delete` say what they would do.
+/// Runs one `dns` command and returns what to print. With `dry_run`, `add`/`update`/`delete`
+/// say what they would do. `sync` here only shows its changes: the command line applies them
+/// as a plan ([`sync_plan`]) through [`crate::plan::apply`].
 pub async fn run_command(
     cmd: &DnsCommand,
     client: &CloudflareClient,
@@ -1077,21 +1180,8 @@ pub async fn run_command(
             client.delete(id).await?;
             Ok(format!("deleted {id}\n"))
         }
-        DnsCommand::Sync { extra } => {
-            let extra: Vec<NewRecord> = extra
-                .iter()
-                .map(|(t, n, c)| NewRecord::new(t, &fqdn(n, zone), c))
-                .collect();
-            let desired = desired_records(inv, &extra);
-            let current = client.list(&RecordFilter::default()).await?;
-            let plan = plan_sync(&current, &desired);
-            let mut out = plan.render();
-            if !dry_run && !plan.is_empty() {
-                let n = client.apply(&plan).await?;
-                let _ = writeln!(out, "dns: applied {n} change(s)");
-            }
-            Ok(out)
-        }
+        // Applying goes through the command line's plan (`sync_plan`); here only the plan.
+        DnsCommand::Sync { extra } => Ok(sync_changes(client, inv, extra).await?.render()),
     }
 }
 
@@ -1122,6 +1212,16 @@ pub fn run_blocking(
     env_file: Option<&Path>,
     dry_run: bool,
 ) -> Result<String, DnsError> {
+    let (client, rt) = blocking_client(inventory_path, env_file)?;
+    rt.block_on(run_command(cmd, &client, inv, dry_run))
+}
+
+/// The command line's client (token from the environment or `.env`) and a current-thread
+/// runtime to drive it.
+fn blocking_client(
+    inventory_path: &Path,
+    env_file: Option<&Path>,
+) -> Result<(CloudflareClient, tokio::runtime::Runtime), DnsError> {
     let client = client_from_env(
         &crate::secrets::ProcessEnv,
         &dotenv_path(inventory_path, env_file),
@@ -1130,7 +1230,7 @@ pub fn run_blocking(
         .enable_all()
         .build()
         .map_err(DnsError::Runtime)?;
-    rt.block_on(run_command(cmd, &client, inv, dry_run))
+    Ok((client, rt))
 }
 
 /// DNS wire format, just enough for one TXT question (RFC 1035 section 4).
@@ -1268,6 +1368,30 @@ mod tests {
             "other names are never touched: {text}"
         );
         assert_eq!(plan.changes.len(), 3);
+    }
+
+    #[test]
+    fn sync_is_a_plan_whose_deletes_need_yes() {
+        let current = vec![
+            rec("2", "A", "turn.example.net", "192.0.2.9"),
+            rec("3", "A", "turn.example.net", "192.0.2.10"),
+        ];
+        let desired = vec![NewRecord::new("A", "turn.example.net", "192.0.2.2")];
+        let client = CloudflareClient::new("http://127.0.0.1:9", ApiToken::new("t"), "zone")
+            .expect("client");
+        let plan = sync_plan(&client, &plan_sync(&current, &desired));
+        assert_eq!(
+            plan.render(false),
+            "dns sync: 2 action(s)\n   \
+             1. [dns-api] ~ update A turn.example.net 192.0.2.9 -> 192.0.2.2 (ttl 1 -> 1, id 2)\n   \
+             2. [dns-api] - delete A turn.example.net 192.0.2.10 (id 3) (DISRUPTIVE: the record stops resolving)\n"
+        );
+        let err = crate::plan::confirm(&plan, false, None).expect_err("a delete needs --yes");
+        assert!(
+            err.to_string()
+                .starts_with("dns sync: not applied: 1 disruptive action(s) need --yes"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub enum Target {
     KubeApi,
     /// Where the provisioner runs (an ACME order, its DNS-01 records through the DNS API).
     Local,
+    /// The DNS provider's API (Cloudflare), reached from where the provisioner runs.
+    DnsApi,
 }
 
 impl fmt::Display for Target {
@@ -32,6 +34,7 @@ impl fmt::Display for Target {
             Self::Vm(name) => f.write_str(name),
             Self::KubeApi => f.write_str("kubernetes-api"),
             Self::Local => f.write_str("local"),
+            Self::DnsApi => f.write_str("dns-api"),
         }
     }
 }
@@ -81,6 +84,8 @@ pub enum ActionKind {
     /// Order a certificate by ACME DNS-01 and store it (phase `turnd`, while the TLS Secret is
     /// missing and no stored certificate can be reused).
     IssueCert(Box<crate::acme::Issuer>),
+    /// One change of `dns sync` through the DNS provider's API.
+    Dns(Box<crate::dns::DnsStep>),
     /// Put the stored certificate into the TLS Secret (`cert deploy`).
     DeployTls(Box<crate::k8s::applier::TlsDeploy>),
     /// Server-side apply of plain objects (phase `monitoring`: namespace, Secrets, dashboard).
@@ -221,11 +226,52 @@ impl std::str::FromStr for PhaseId {
     }
 }
 
+/// What a plan belongs to: a phase, or a command outside the phases (`dns sync`,
+/// `cert deploy`) whose changes go through [`apply`] and its journal all the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// A phase.
+    Phase(PhaseId),
+    /// A command, by its words (`dns sync`).
+    Command(&'static str),
+}
+
+impl Scope {
+    /// The name the journal records (`turnd`, `dns sync`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Phase(p) => p.name(),
+            Self::Command(c) => c,
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Phase(p) => write!(f, "phase {p}"),
+            Self::Command(c) => f.write_str(c),
+        }
+    }
+}
+
+impl From<PhaseId> for Scope {
+    fn from(p: PhaseId) -> Self {
+        Self::Phase(p)
+    }
+}
+
+impl PartialEq<PhaseId> for Scope {
+    fn eq(&self, other: &PhaseId) -> bool {
+        *self == Self::Phase(*other)
+    }
+}
+
 /// A phase's plan: what it would do, in order, plus notes for things it will not do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    /// The phase.
-    pub phase: PhaseId,
+    /// The phase (or command) it belongs to.
+    pub phase: Scope,
     /// Actions in order.
     pub actions: Vec<Action>,
     /// Observations that need a human (e.g. drift that cannot be repaired safely).
@@ -236,10 +282,10 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// An empty plan for `phase`.
-    pub fn new(phase: PhaseId) -> Self {
+    /// An empty plan for `phase` (or a command's [`Scope`]).
+    pub fn new(phase: impl Into<Scope>) -> Self {
         Self {
-            phase,
+            phase: phase.into(),
             actions: Vec::new(),
             notes: Vec::new(),
             disruptive: BTreeMap::new(),
@@ -266,7 +312,7 @@ impl Plan {
 
     /// The plan as text; with `verbose`, every step too. File contents are never printed.
     pub fn render(&self, verbose: bool) -> String {
-        let mut out = format!("phase {}: ", self.phase);
+        let mut out = format!("{}: ", self.phase);
         if self.actions.is_empty() {
             out.push_str("up to date\n");
         } else {
@@ -313,6 +359,9 @@ impl Plan {
                         i.settings.names().join(", "),
                         i.settings.store.cert_path().display()
                     )),
+                    ActionKind::Dns(d) => {
+                        out.push_str(&format!("        {} via the DNS API\n", d.request()));
+                    }
                     ActionKind::DeployTls(d) => out.push_str(&format!(
                         "        server-side apply (field manager {}, force) via {}:\n          Secret/{}/{} from {}\n",
                         crate::k8s::FIELD_MANAGER,
@@ -359,10 +408,10 @@ impl Plan {
 
 /// A plan with disruptive actions was not confirmed.
 #[derive(Debug, thiserror::Error)]
-#[error("phase {phase}: not applied: {count} disruptive action(s) need --yes (or a confirmation on a terminal):\n{list}")]
+#[error("{phase}: not applied: {count} disruptive action(s) need --yes (or a confirmation on a terminal):\n{list}")]
 pub struct NotConfirmed {
     /// The phase.
-    pub phase: PhaseId,
+    pub phase: Scope,
     /// How many.
     pub count: usize,
     /// One line per disruptive action.
@@ -388,7 +437,7 @@ pub fn confirm(
         .collect();
     let list = list.join("\n");
     let question = format!(
-        "phase {}: {} disruptive action(s):\n{list}\napply them? [y/N] ",
+        "{}: {} disruptive action(s):\n{list}\napply them? [y/N] ",
         plan.phase,
         plan.disruptive.len()
     );
@@ -434,7 +483,7 @@ impl Transports {
                 .get(name)
                 .map(AsRef::as_ref)
                 .ok_or_else(|| NoTransport(target.clone())),
-            Target::KubeApi | Target::Local => Err(NoTransport(target.clone())),
+            Target::KubeApi | Target::Local | Target::DnsApi => Err(NoTransport(target.clone())),
         }
     }
 }
@@ -443,10 +492,10 @@ impl Transports {
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// A step failed.
-    #[error("phase {phase}, action {index} `{action}` on {target}: {source}")]
+    #[error("{phase}, action {index} `{action}` on {target}: {source}")]
     Step {
         /// The phase.
-        phase: PhaseId,
+        phase: Scope,
         /// 1-based action number.
         index: usize,
         /// The action's summary.
@@ -457,18 +506,18 @@ pub enum ApplyError {
         source: Box<ExecError>,
     },
     /// An action's target has no transport.
-    #[error("phase {phase}: {source}")]
+    #[error("{phase}: {source}")]
     Transport {
         /// The phase.
-        phase: PhaseId,
+        phase: Scope,
         /// What is missing.
         source: NoTransport,
     },
     /// A join token could not be read.
-    #[error("phase {phase}, action {index} `{action}`: {source}")]
+    #[error("{phase}, action {index} `{action}`: {source}")]
     Join {
         /// The phase.
-        phase: PhaseId,
+        phase: Scope,
         /// 1-based action number.
         index: usize,
         /// The action's summary.
@@ -477,10 +526,10 @@ pub enum ApplyError {
         source: k8s::JoinParseError,
     },
     /// The Kubernetes API refused or could not be reached, or a rollout did not finish.
-    #[error("phase {phase}, action {index} `{action}`: {source}")]
+    #[error("{phase}, action {index} `{action}`: {source}")]
     Kube {
         /// The phase.
-        phase: PhaseId,
+        phase: Scope,
         /// 1-based action number.
         index: usize,
         /// The action's summary.
@@ -489,16 +538,28 @@ pub enum ApplyError {
         source: crate::k8s::applier::KubeApplyError,
     },
     /// The certificate could not be issued.
-    #[error("phase {phase}, action {index} `{action}`: {source}")]
+    #[error("{phase}, action {index} `{action}`: {source}")]
     Cert {
         /// The phase.
-        phase: PhaseId,
+        phase: Scope,
         /// 1-based action number.
         index: usize,
         /// The action's summary.
         action: String,
         /// What failed (every attempt; the stored certificate is untouched).
         source: Box<crate::acme::AcmeError>,
+    },
+    /// The DNS provider refused a change or could not be reached.
+    #[error("{phase}, action {index} `{action}`: {source}")]
+    Dns {
+        /// The command.
+        phase: Scope,
+        /// 1-based action number.
+        index: usize,
+        /// The action's summary.
+        action: String,
+        /// What failed.
+        source: Box<crate::dns::DnsError>,
     },
     /// The journal could not be written.
     #[error("cannot write the journal {path}: {source}")]
@@ -658,7 +719,7 @@ pub fn apply(
     for (i, action) in plan.actions.iter().enumerate() {
         let index = i + 1;
         tracing::info!(
-            "phase {} [{}/{}] [{}] {}",
+            "{} [{}/{}] [{}] {}",
             plan.phase,
             index,
             plan.actions.len(),
@@ -731,6 +792,12 @@ pub fn apply(
                         action: action.summary.clone(),
                         source: Box::new(source),
                     }),
+                ActionKind::Dns(d) => d.run().map_err(|source| ApplyError::Dns {
+                    phase: plan.phase,
+                    index,
+                    action: action.summary.clone(),
+                    source: Box::new(source),
+                }),
                 ActionKind::DeployTls(d) => d
                     .run()
                     .map(|deployed| tracing::info!("{deployed}"))
@@ -842,7 +909,7 @@ fn wait_ready(t: &dyn Transport, timeout: Duration) -> Result<(), ExecError> {
 }
 
 fn join_worker(
-    phase: PhaseId,
+    phase: Scope,
     index: usize,
     action: &Action,
     master: &str,

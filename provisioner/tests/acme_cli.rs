@@ -82,7 +82,7 @@ async fn dns_and_cert_commands_through_the_binary() {
     .await;
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.starts_with("dns: 3 change(s)"), "{}", text(&o));
+    assert!(out.starts_with("dns sync: 3 action(s)"), "{}", text(&o));
     assert!(
         out.contains("+ create A turn.example.com 94.130.141.98"),
         "{}",
@@ -93,7 +93,25 @@ async fn dns_and_cert_commands_through_the_binary() {
         "{}",
         text(&o)
     );
-    assert!(out.contains("dns: applied 3 change(s)"), "{}", text(&o));
+    assert!(
+        out.contains("dns sync: applied 3 change(s)"),
+        "{}",
+        text(&o)
+    );
+    // Applied through the plan's journal like every other change.
+    let journal = std::fs::read_to_string(p.dir.path().join(".provisioner/journal.jsonl"))
+        .expect("journal written");
+    let records: Vec<serde_json::Value> = journal
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(records.len(), 3, "{journal}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["phase"] == "dns sync" && r["status"] == "done" && r["target"] == "dns-api"),
+        "{journal}"
+    );
     let o = run(
         &inv,
         &cf,
@@ -103,7 +121,7 @@ async fn dns_and_cert_commands_through_the_binary() {
     .await;
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
-        "dns: up to date\n",
+        "dns sync: up to date\n",
         "{}",
         text(&o)
     );
