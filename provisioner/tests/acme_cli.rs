@@ -1,6 +1,7 @@
 //! `provisioner dns ...` and `provisioner cert ...` through the binary: the fake Cloudflare
 //! (the one mock: Cloudflare cannot be reached from here) and a real pebble.
 
+mod common;
 #[path = "fixtures/acme_support/fake_cloudflare.rs"]
 mod fake_cloudflare;
 #[path = "fixtures/acme_support/pebble.rs"]
@@ -204,6 +205,46 @@ async fn dns_and_cert_commands_through_the_binary() {
         text(&o)
     );
     assert!(p.dir.path().join(".provisioner/certs/tls.crt").exists());
+
+    // deploy to the fake API server (no kube-apiserver runs here): a plan of one action,
+    // applied and journaled like the phases'.
+    let (addr, state) = common::fake_api::fake_api_server().await;
+    let kubeconfig = p.dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, common::fake_api::kubeconfig(addr)).expect("write kubeconfig");
+    let kubeconfig = kubeconfig.display().to_string();
+    let o = run(
+        &inv,
+        &cf,
+        &[],
+        &["cert", "deploy", "--kubeconfig", &kubeconfig],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.starts_with(
+            "cert deploy: 1 action(s)\n   1. [kubernetes-api] deploy TLS Secret turnd/turnd-tls (certificate for example.com, *.example.com, expires "
+        ),
+        "{}",
+        text(&o)
+    );
+    let stored = state.lock().expect("lock").stored.clone();
+    assert_eq!(
+        stored["/api/v1/namespaces/turnd/secrets/turnd-tls"]["type"],
+        "kubernetes.io/tls"
+    );
+    let journal =
+        std::fs::read_to_string(p.dir.path().join(".provisioner/journal.jsonl")).expect("journal");
+    let last: serde_json::Value =
+        serde_json::from_str(journal.lines().last().expect("a record")).expect("JSON");
+    assert_eq!(
+        (&last["phase"], &last["status"]),
+        (
+            &serde_json::json!("cert deploy"),
+            &serde_json::json!("done")
+        ),
+        "{journal}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

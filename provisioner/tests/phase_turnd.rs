@@ -256,14 +256,7 @@ fn the_kubeconfig_path_reaches_the_api_server() {
     let api = api();
     let dir = tempfile::tempdir().expect("tempdir");
     let kubeconfig = dir.path().join("config");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\ncurrent-context: fake\nusers:\n- name: nobody\n  user: {{}}\n",
-            api.addr
-        ),
-    )
-    .expect("write kubeconfig");
+    std::fs::write(&kubeconfig, common::fake_api::kubeconfig(api.addr)).expect("write kubeconfig");
     let c = example();
     let s = settings(KubeApi::Kubeconfig(kubeconfig));
     let p = plan(&c, &s).expect("plans");

@@ -145,3 +145,11 @@ pub async fn fake_api_server() -> (SocketAddr, Shared) {
 pub fn take(state: &Shared) -> Vec<Seen> {
     std::mem::take(&mut state.lock().expect("lock").seen)
 }
+
+/// A kubeconfig whose current context is the fake API server at `addr` (plain HTTP, no
+/// credentials).
+pub fn kubeconfig(addr: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\ncurrent-context: fake\nusers:\n- name: nobody\n  user: {{}}\n"
+    )
+}
