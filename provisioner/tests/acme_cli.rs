@@ -283,6 +283,37 @@ async fn cert_issue_and_renew_dry_run_order_nothing_from_a_real_ca() {
     );
     assert!(!p.dir.path().join(".provisioner/certs/tls.crt").exists());
 
+    // `apply --dry-run` of the turnd phase while the TLS Secret is missing (the fake API
+    // server): the order is planned, not placed.
+    let (addr, _state) = common::fake_api::fake_api_server().await;
+    let kubeconfig = p.dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, common::fake_api::kubeconfig(addr)).expect("write kubeconfig");
+    let mut apply_env = env.to_vec();
+    apply_env.push(("KUBECONFIG", kubeconfig.display().to_string()));
+    apply_env.push(("TURND_AUTH_SECRET", "dry-run-secret".to_owned()));
+    let o = run(&inv, &cf, &apply_env, &["--dry-run", "apply", "turnd"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&format!(
+            "   1. [local] issue certificate for example.com, *.example.com via ACME DNS-01 ({})\n",
+            p.directory
+        )),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        out.contains(", deploy TLS Secret turnd/turnd-tls (the certificate issued above)"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        p.counts().is_empty(),
+        "the CA saw an account or order: {:?}",
+        p.counts()
+    );
+    assert!(cf.records().is_empty(), "a DNS record was written");
+
     // The same check sees the account a real issue creates.
     let o = run(&inv, &cf, &env, &["cert", "issue"]).await;
     assert!(o.status.success(), "{}\n{}", text(&o), p.logs());
