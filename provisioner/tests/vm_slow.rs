@@ -1,8 +1,10 @@
 //! Slow tier (`#[ignore]`; run with `provisioner/tests/slow/run.sh`): inside a network
 //! namespace (and a private mount namespace for its state), a real `libvirtd` with QEMU in
 //! software emulation boots a Debian guest built with debootstrap, using *our* network XML,
-//! domain XML and cloud-init seed as phases `host` and `vms` apply them. The provisioner then
-//! reaches the guest over SSH (through the namespace) and runs `k8s-common`'s checks.
+//! domain XML and cloud-init seed as phases `host` and `vms` apply them; `vms` waits for the
+//! guest as on a real host (SSH, then `cloud-init status --wait`, which must end `done`). The
+//! provisioner then reaches the guest over SSH (through the namespace) and runs `k8s-common`'s
+//! checks.
 //! Every address used lives inside the namespace this test creates; nothing touches the root
 //! namespace's network.
 
@@ -10,6 +12,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use provisioner::exec::{
@@ -186,6 +189,15 @@ impl Drop for Lab {
     }
 }
 
+/// What the guest says about its boot, for a failure message (empty when it does not answer).
+fn guest_log(vm: &dyn Transport) -> String {
+    let script = "cloud-init status --long; grep -n -i -E 'warn|error|fail|traceback' \
+                  /var/log/cloud-init.log | tail -n 40; tail -n 40 /var/log/cloud-init-output.log";
+    vm.run(&Cmd::new("sh").args(["-c", script]))
+        .map(|o| format!("guest's cloud-init:\n{}{}", o.stdout, o.stderr))
+        .unwrap_or_default()
+}
+
 fn guest_dir() -> Option<PathBuf> {
     let dir = PathBuf::from(
         std::env::var("PROVISIONER_GUEST_DIR")
@@ -211,8 +223,13 @@ fn guest_dir() -> Option<PathBuf> {
 }
 
 #[test]
-#[ignore = "slow tier: boots a VM under software emulation (~7 min); run provisioner/tests/slow/run.sh"]
+#[ignore = "slow tier: boots a VM under software emulation (~6 min); run provisioner/tests/slow/run.sh"]
 fn a_real_vm_boots_from_our_xml_and_seed_and_answers_k8s_common_checks() {
+    // The provisioner's progress lines (the wait for the guest), as an operator sees them.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn,provisioner=info"))
+        .with_test_writer()
+        .try_init();
     let tools = [
         ("libvirtd", "libvirt-daemon-driver-qemu"),
         ("virsh", "libvirt-clients"),
@@ -280,9 +297,22 @@ fn a_real_vm_boots_from_our_xml_and_seed_and_answers_k8s_common_checks() {
         .and_then(|i| i.validate(&text))
         .expect("valid");
 
+    // The guest as the provisioner reaches a VM: the cloud-init user with our key, as root
+    // through sudo, here through the namespace instead of a jump over the host.
+    let mut opts = SshOptions::new("ubuntu", "10.10.10.10", 22);
+    opts.identity = Some(key.clone());
+    opts.known_hosts = Some(d.join("known_hosts"));
+    opts.proxy_command = Some(format!("ip netns exec {} nc %h %p", lab.ns));
+    let root = Arc::new(Sudo::new(
+        SshTransport::new("k8s-master", opts).expect("transport"),
+    ));
     let transports = Transports {
         host: Box::new(lab.host()),
-        vms: Default::default(),
+        vms: [(
+            "k8s-master".to_owned(),
+            Box::new(Arc::clone(&root)) as Box<dyn Transport>,
+        )]
+        .into(),
     };
     let settings = Settings {
         host_packages: Vec::new(),
@@ -293,8 +323,9 @@ fn a_real_vm_boots_from_our_xml_and_seed_and_answers_k8s_common_checks() {
         }),
         // No systemd in the test namespace: no certificate renewal timer.
         renew_timer: false,
-        // This test waits for the guest itself (or has none).
-        vm_ready_timeout: None,
+        // The provisioner's own wait (SSH, then `cloud-init status --wait`) on a real guest;
+        // the guest answers SSH after about 3 minutes here.
+        vm_ready_timeout: Some(Duration::from_secs(15 * 60)),
         ..Settings::default()
     };
     let ctx = Context {
@@ -305,7 +336,7 @@ fn a_real_vm_boots_from_our_xml_and_seed_and_answers_k8s_common_checks() {
     let run = |phase: PhaseId| -> Plan {
         let plan = phases::plan(phase, &ctx).expect("plans");
         apply(&plan, &transports, &mut Journal::in_memory())
-            .unwrap_or_else(|e| panic!("{e}\n{}", lab.log("libvirtd.log")));
+            .unwrap_or_else(|e| panic!("{e}\n{}\n{}", guest_log(&*root), lab.log("libvirtd.log")));
         plan
     };
     let host_plan = run(PhaseId::Host);
@@ -313,8 +344,22 @@ fn a_real_vm_boots_from_our_xml_and_seed_and_answers_k8s_common_checks() {
         .actions
         .iter()
         .any(|a| a.summary == "define network k8s-net (new)"));
+    let started = Instant::now();
     let vms_plan = run(PhaseId::Vms);
-    assert_eq!(vms_plan.actions.len(), 5, "{}", vms_plan.render(false));
+    // Overlay, seed, define, start, wait, autostart: the wait right after the start.
+    assert_eq!(vms_plan.actions.len(), 6, "{}", vms_plan.render(false));
+    let at = |summary: &str| vms_plan.actions.iter().position(|a| a.summary == summary);
+    let start = at("start domain k8s-master").expect("starts the domain");
+    assert_eq!(
+        at("wait for SSH and cloud-init on k8s-master"),
+        Some(start + 1),
+        "{}",
+        vms_plan.render(false)
+    );
+    eprintln!(
+        "phase vms applied (the guest answered SSH and cloud-init finished) in {:?}",
+        started.elapsed()
+    );
     assert!(phases::plan(PhaseId::Host, &ctx).expect("plans").is_empty());
     let again = phases::plan(PhaseId::Vms, &ctx).expect("plans");
     assert!(
@@ -327,29 +372,10 @@ fn a_real_vm_boots_from_our_xml_and_seed_and_answers_k8s_common_checks() {
             .unwrap_or_default()
     );
 
-    // Reach the guest through the namespace, as the cloud-init user with our key.
-    let mut opts = SshOptions::new("ubuntu", "10.10.10.10", 22);
-    opts.identity = Some(key.clone());
-    opts.known_hosts = Some(d.join("known_hosts"));
-    opts.proxy_command = Some(format!("ip netns exec {} nc %h %p", lab.ns));
-    let ssh = SshTransport::new("k8s-master", opts).expect("transport");
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let booted = loop {
-        match ssh.run(&Cmd::new("true")) {
-            Ok(o) if o.success() => break Instant::now(),
-            _ if Instant::now() > deadline => {
-                panic!("the guest did not answer SSH within 10 minutes")
-            }
-            _ => std::thread::sleep(Duration::from_secs(5)),
-        }
-    };
-    eprintln!(
-        "guest answered SSH {:?} before the deadline",
-        deadline - booted
-    );
-    let hostname = ssh.run_ok(&Cmd::new("hostname")).expect("hostname").stdout;
+    // `vms` waited for the guest: it answers at once, as the next phase needs.
+    let hostname = root.run_ok(&Cmd::new("hostname")).expect("hostname").stdout;
     assert_eq!(hostname.trim(), "k8s-master", "our user-data's hostname");
-    let addr = ssh
+    let addr = root
         .run_ok(&Cmd::new("ip").args(["-4", "-o", "addr", "show"]))
         .expect("ip")
         .stdout;
@@ -358,8 +384,7 @@ fn a_real_vm_boots_from_our_xml_and_seed_and_answers_k8s_common_checks() {
         "our network-config's address: {addr}"
     );
 
-    let root = Sudo::new(ssh);
-    let facts = gather_common_vm(&root).expect("k8s-common gathers over ssh");
+    let facts = gather_common_vm(&*root).expect("k8s-common gathers over ssh");
     assert!(!facts.swap);
     assert!(!facts.packages.contains_key("kubeadm"));
     assert!(facts.helm.is_none());
