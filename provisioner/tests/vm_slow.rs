@@ -223,7 +223,7 @@ fn guest_dir() -> Option<PathBuf> {
 }
 
 #[test]
-#[ignore = "slow tier: boots a VM under software emulation (~6 min); run provisioner/tests/slow/run.sh"]
+#[ignore = "slow tier: boots a VM under software emulation (~5 min); run provisioner/tests/slow/run.sh"]
 fn a_real_vm_boots_from_our_xml_and_seed_and_answers_k8s_common_checks() {
     // The provisioner's progress lines (the wait for the guest), as an operator sees them.
     let _ = tracing_subscriber::fmt()
