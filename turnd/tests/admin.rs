@@ -9,7 +9,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use turnd::admin::{
     spawn, spawn_with_limits, AdminHandle, Control, DrainReport, EndSelector, Limits, ReloadReport,
@@ -467,10 +467,9 @@ fn slow_clients_are_cut_off_and_do_not_block_others() {
         })
         .collect();
 
-    // A probe still gets through once the header timeout frees the slots.
-    let started = Instant::now();
+    // A probe still gets through once the header timeout frees the slots (the client's own
+    // IO timeout bounds the wait; no wall-clock assertion).
     assert_eq!(request(addr, "GET", "/live", None).status, 200);
-    assert!(started.elapsed() < Duration::from_secs(5));
 
     for mut s in slow {
         s.set_read_timeout(Some(Duration::from_secs(5)))
