@@ -311,7 +311,7 @@ fn the_api_and_the_secret_come_from_settings_or_the_environment_never_the_invent
     let err = turnd::inputs(&none, &env(&[("TURND_AUTH_SECRET", "x")])).expect_err("no api");
     assert_eq!(
         err.to_string(),
-        "phase 06-turnd: no Kubernetes API configured: set KUBECONFIG to a kubeconfig of the cluster (see `host-kubectl`)"
+        "phase 06-turnd: no Kubernetes API: set KUBECONFIG to a kubeconfig of the cluster, or let the provisioner reach the master's API through the host (that needs the cluster to exist and the master's admin.conf readable over SSH)"
     );
     let err = turnd::inputs(&none, &env(&[("KUBECONFIG", "/k")])).expect_err("no secret");
     assert_eq!(

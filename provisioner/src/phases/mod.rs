@@ -176,7 +176,7 @@ pub enum PhaseError {
         source: crate::k8s::K8sError,
     },
     /// No Kubernetes API is configured.
-    #[error("phase {phase}: no Kubernetes API configured: set KUBECONFIG to a kubeconfig of the cluster (see `host-kubectl`)")]
+    #[error("phase {phase}: no Kubernetes API: set KUBECONFIG to a kubeconfig of the cluster, or let the provisioner reach the master's API through the host (that needs the cluster to exist and the master's admin.conf readable over SSH)")]
     NoKubeApi {
         /// The phase.
         phase: PhaseId,
