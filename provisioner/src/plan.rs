@@ -848,6 +848,24 @@ fn cloud_init_wait(timeout: Duration) -> Cmd {
     ])
 }
 
+/// What `cloud-init status --long` says went wrong (the failed modules and their errors), to
+/// add to a failed wait's message; empty when even that cannot be read.
+fn cloud_init_detail(t: &dyn Transport) -> String {
+    let long = Cmd::new("cloud-init").args(["status", "--long"]);
+    match t.run(&long) {
+        Ok(o) if !o.stdout.trim().is_empty() => {
+            let detail: Vec<&str> = o
+                .stdout
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("status:"))
+                .collect();
+            format!("\n`cloud-init status --long`:\n  {}", detail.join("\n  "))
+        }
+        _ => String::new(),
+    }
+}
+
 /// Waits for SSH (a command that succeeds), then for cloud-init, within `timeout` in all.
 fn wait_ready(t: &dyn Transport, timeout: Duration) -> Result<(), ExecError> {
     let start = Instant::now();
@@ -894,9 +912,14 @@ fn wait_ready(t: &dyn Transport, timeout: Duration) -> Result<(), ExecError> {
             target: t.target().to_owned(),
             command: cloud_init_wait(left).shell_line(),
             status,
-            stderr: format!("{} {}", out.stdout.trim(), out.stderr.trim())
-                .trim()
-                .to_owned(),
+            stderr: format!(
+                "{} {}{}",
+                out.stdout.trim(),
+                out.stderr.trim(),
+                cloud_init_detail(t)
+            )
+            .trim()
+            .to_owned(),
         }),
     }
     .inspect(|()| {
@@ -984,6 +1007,30 @@ pub const JOIN_ATTEMPTS: u32 = 2;
 mod tests {
     use super::*;
     use crate::exec::{Output, RecordingTransport};
+
+    #[test]
+    fn a_failed_cloud_init_names_what_failed() {
+        let vm = RecordingTransport::new("worker1");
+        vm.respond("timeout", Output::failed(1, ""));
+        vm.respond(
+            "cloud-init status --long",
+            Output::ok(
+                "status: error\nextended_status: error - done\nerrors:\n\t('package_update_upgrade_install', RuntimeError('Failed to install packages'))\n",
+            ),
+        );
+        let err = wait_ready(&vm, Duration::from_secs(60)).expect_err("cloud-init failed");
+        let text = err.to_string();
+        assert!(text.contains("worker1"), "{text}");
+        assert!(text.contains("package_update_upgrade_install"), "{text}");
+        assert!(text.contains("Failed to install packages"), "{text}");
+        let cmds = vm.commands();
+        assert_eq!(cmds.first().map(String::as_str), Some("true"), "{cmds:?}");
+        assert!(cmds.iter().any(|c| c.starts_with("timeout ")), "{cmds:?}");
+        assert_eq!(
+            cmds.last().map(String::as_str),
+            Some("cloud-init status --long")
+        );
+    }
 
     #[test]
     fn apply_stops_at_the_failure_and_journals_what_was_done() {
