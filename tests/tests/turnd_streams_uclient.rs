@@ -29,7 +29,7 @@ fn uclient_over_stream(tls: bool, first_relay_port: u16) {
                  [auth]\nrealm = \"interop\"\nusers = [{{ name = \"alice\", password = \"wonderland\" }}]\n\
                  [relay]\naddresses = [\"127.0.0.1\"]\nmin_port = {first_relay_port}\nmax_port = {}\n\
                  [peers]\nallow = [\"127.0.0.0/8\"]\n\
-                 [server]\nworkers = 2\nrfc5766_channel_numbers = true\n",
+                 [server]\nworkers = 2\n",
                 dir.path().join("tls.crt").display(),
                 dir.path().join("tls.key").display(),
                 first_relay_port + 99

@@ -39,5 +39,12 @@ pub const MAX_PERMISSIONS_PER_ALLOCATION: usize = 64;
 /// room for a CreatePermission naming [`MAX_PERMISSIONS_PER_ALLOCATION`] peers and then some.
 pub const MAX_ATTRIBUTES: usize = crate::codec::MAX_ATTRIBUTES;
 
+/// Whether channel numbers 0x5000–0x7FFF are accepted besides RFC 8656 §12's 0x4000–0x4FFF:
+/// yes. RFC 5766 allowed up to 0x7FFF and coturn, pion and restund still accept them; clients
+/// that pick channel numbers at random (coturn's `turnutils_uclient`, 0x4000–0x7FFF) would
+/// otherwise get 400 for three ChannelBinds in four. A TURN listener carries no DTLS-SRTP, so
+/// RFC 7983's reason for the narrower range does not arise here. `false` is RFC 8656's range.
+pub const RFC5766_CHANNEL_NUMBERS: bool = true;
+
 /// The realm when none is configured.
 pub const REALM: &str = "turnd";

@@ -866,9 +866,9 @@ fn emit(c: &Coturn, notes: &mut Vec<Note>) -> String {
         "(channel numbers)",
         NoteKind::Changed,
         "coturn accepts channel numbers 0x4000-0x7FFF (RFC 5766) and its clients, \
-         turnutils_uclient among them, bind above 0x4FFF; carried as \
-         server.rfc5766_channel_numbers = true (false keeps RFC 8656's 0x4000-0x4FFF, and such \
-         clients get 400)",
+         turnutils_uclient among them, bind above 0x4FFF; written out as \
+         server.rfc5766_channel_numbers = true (turnd's default too; false keeps RFC 8656's \
+         0x4000-0x4FFF, and such clients get 400)",
     );
     if !c.no_tcp_relay && !c.stun_only {
         whole(

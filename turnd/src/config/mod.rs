@@ -194,6 +194,11 @@ pub mod defaults {
             .map(str::to_owned)
             .to_vec()
     }
+    /// Whether RFC 5766's channel numbers 0x5000–0x7FFF are accepted too.
+    #[must_use]
+    pub fn rfc5766_channel_numbers() -> bool {
+        core::RFC5766_CHANNEL_NUMBERS
+    }
     /// The realm.
     #[must_use]
     pub fn realm() -> String {
@@ -487,15 +492,17 @@ pub struct SocketsConfig {
 }
 
 /// `[server]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// IO workers; 0 means one per CPU core.
     #[serde(default)]
     pub workers: usize,
-    /// Also accept channel numbers 0x5000–0x7FFF (RFC 5766; RFC 8656 reserved them). Needed
-    /// by coturn's `turnutils_uclient`; browsers and libwebrtc use 0x4000 upward.
-    #[serde(default)]
+    /// Also accept channel numbers 0x5000–0x7FFF (RFC 5766; RFC 8656 reserved them), as
+    /// coturn does: on by default; `false` answers them 400 (RFC 8656's 0x4000–0x4FFF).
+    /// Browsers and libwebrtc use 0x4000 upward; coturn's `turnutils_uclient` picks at random
+    /// up to 0x7FFF.
+    #[serde(default = "defaults::rfc5766_channel_numbers")]
     pub rfc5766_channel_numbers: bool,
     /// The IO backend: `auto` (io_uring when the kernel allows it, else epoll), `io_uring`
     /// or `epoll`.
@@ -507,6 +514,18 @@ pub struct ServerConfig {
     /// Serve TURN only; Binding requests are not answered (coturn's `no-stun`).
     #[serde(default)]
     pub no_stun: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            workers: 0,
+            rfc5766_channel_numbers: defaults::rfc5766_channel_numbers(),
+            io: IoBackend::default(),
+            stun_only: false,
+            no_stun: false,
+        }
+    }
 }
 
 /// `[streams]`: TCP and TLS connection hygiene.

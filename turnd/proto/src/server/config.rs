@@ -59,7 +59,8 @@ pub struct ServerConfig {
     /// SOFTWARE sent to authenticated clients only; `None` sends nothing.
     pub software: Option<String>,
     /// Also accept channel numbers 0x5000–0x7FFF, which RFC 5766 allowed and RFC 8656
-    /// reserved; coturn's `turnutils_uclient` still uses them. Off by default.
+    /// reserved; coturn's `turnutils_uclient` still uses them. On by default
+    /// ([`defaults::RFC5766_CHANNEL_NUMBERS`]); `false` keeps RFC 8656's 0x4000–0x4FFF.
     pub rfc5766_channel_numbers: bool,
     /// What the server serves.
     pub mode: ServiceMode,
@@ -94,7 +95,7 @@ impl Default for ServerConfig {
             policy: PeerPolicy::default(),
             max_permissions_per_allocation: defaults::MAX_PERMISSIONS_PER_ALLOCATION,
             software: None,
-            rfc5766_channel_numbers: false,
+            rfc5766_channel_numbers: defaults::RFC5766_CHANNEL_NUMBERS,
             mode: ServiceMode::Turn,
             challenges_per_source_per_second: None,
             alternate_domain: None,

@@ -1183,9 +1183,16 @@ fn rfc8656_12_5_channel_data_to_stream_clients_is_padded() {
 
 #[test]
 fn rfc8656_12_2_channel_numbers_outside_range_are_400() {
-    let mut h = Harness::new();
+    // RFC 8656's range only (`rfc5766_channel_numbers = false`).
+    let mut h = Harness::with(
+        ServerConfig {
+            rfc5766_channel_numbers: false,
+            ..config()
+        },
+        Box::new(LocalQuota::default()),
+    );
     let (mut c, _) = allocated(&mut h, "192.0.2.7:40000");
-    for n in [0x3fff, 0x5000, 0xffff] {
+    for n in [0x3fff, 0x5000, 0x7fff, 0xffff] {
         assert_eq!(
             error_code(&c.bind_channel(&mut h, n, addr(PEER))),
             Some(400),
@@ -1309,15 +1316,16 @@ fn ipv4_mapped_peer_is_relayed_as_ipv4_and_matches_its_channel() {
 }
 
 #[test]
-fn rfc5766_channel_numbers_are_accepted_only_when_configured() {
-    let mut h = Harness::with(
-        ServerConfig {
-            rfc5766_channel_numbers: true,
-            ..config()
-        },
-        Box::new(LocalQuota::default()),
-    );
+fn rfc5766_channel_numbers_are_accepted_by_default_and_the_rest_is_400() {
+    let mut h = Harness::new();
     let (mut c, local) = allocated(&mut h, "192.0.2.7:40000");
+    for n in [0x3fff, 0x8000, 0xffff] {
+        assert_eq!(
+            error_code(&c.bind_channel(&mut h, n, addr(PEER))),
+            Some(400),
+            "{n:#x}"
+        );
+    }
     assert!(is_success(&c.bind_channel(&mut h, 0x5b4b, addr(PEER))));
     h.client_sends(c.ft, &[0x5b, 0x4b, 0x00, 0x02, b'h', b'i']);
     assert_eq!(
