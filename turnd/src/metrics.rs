@@ -165,6 +165,10 @@ pub struct WorkerStats {
     pub write_queue_drops: u64,
     /// Sockets not opened because the process ran out of file descriptors (accept or bind).
     pub descriptor_exhaustion: u64,
+    /// Errors a UDP socket reported on receive (ICMP unreachable and the like).
+    pub receive_errors: u64,
+    /// Datagrams dropped for being longer than the io backend's receive buffers.
+    pub oversized_datagrams: u64,
 }
 
 impl Default for WorkerStats {
@@ -182,6 +186,8 @@ impl Default for WorkerStats {
             send_errors: 0,
             write_queue_drops: 0,
             descriptor_exhaustion: 0,
+            receive_errors: 0,
+            oversized_datagrams: 0,
         }
     }
 }
@@ -265,6 +271,8 @@ impl WorkerStats {
         self.send_errors += other.send_errors;
         self.write_queue_drops += other.write_queue_drops;
         self.descriptor_exhaustion += other.descriptor_exhaustion;
+        self.receive_errors += other.receive_errors;
+        self.oversized_datagrams += other.oversized_datagrams;
     }
 }
 
@@ -568,6 +576,12 @@ impl Metrics {
         b.family("turnd_descriptor_exhaustion_total", |f| {
             f.sample(&[], s.descriptor_exhaustion);
         });
+        b.family("turnd_receive_errors_total", |f| {
+            f.sample(&[], s.receive_errors)
+        });
+        b.family("turnd_oversized_datagrams_total", |f| {
+            f.sample(&[], s.oversized_datagrams);
+        });
 
         b.families
     }
@@ -660,6 +674,10 @@ const FAMILIES_DEF: &[FamilyDef] = &[
         "Frames dropped because a TCP/TLS connection's write queue was full."),
     def("turnd_descriptor_exhaustion_total", Kind::Counter, &[],
         "Sockets not opened because the process ran out of file descriptors."),
+    def("turnd_receive_errors_total", Kind::Counter, &[],
+        "Errors UDP sockets reported on receive (ICMP unreachable and the like)."),
+    def("turnd_oversized_datagrams_total", Kind::Counter, &[],
+        "Datagrams dropped for being longer than the io backend's receive buffers."),
 ];
 
 fn family_def(name: &str) -> &'static FamilyDef {

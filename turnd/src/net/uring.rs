@@ -3,10 +3,10 @@
 //! * **Receive:** one multishot `RecvMsg` per UDP socket into a provided-buffer ring shared by
 //!   every socket of the worker ([`BUFFERS`] × [`BUFFER_SIZE`]); each completion is one
 //!   datagram with its source address (and IP_PKTINFO on a wildcard listener, the only
-//!   socket that asks for it). A datagram larger than a buffer's
-//!   payload room ([`MAX_DATAGRAM`] bytes) is dropped (a TURN datagram that crosses a real
-//!   network is below 1,500). When the buffers run out the kernel ends the multishot, and it
-//!   is re-armed after the buffers are returned.
+//!   socket that asks for it). A datagram larger than a buffer's payload room
+//!   ([`MAX_DATAGRAM`] bytes) is dropped and counted (`turnd_oversized_datagrams_total`; a
+//!   TURN datagram that crosses a real network is below 1,500). When the buffers run out the
+//!   kernel ends the multishot, and it is re-armed after the buffers are returned.
 //! * **Send:** every datagram of a pass becomes a `SendMsg` (with `MSG_DONTWAIT`, so a full
 //!   socket buffer drops it as UDP would, never parks it), all submitted by one
 //!   `io_uring_enter` — the batching epoll cannot do for the client → peer half, where each
@@ -510,7 +510,11 @@ fn deliver(buf: &[u8], msg: &libc::msghdr, user: u64, handler: &mut dyn Handler)
     let Ok(out) = types::RecvMsgOut::parse(buf, msg) else {
         return;
     };
-    if out.is_payload_truncated() || out.is_name_data_truncated() {
+    if out.is_payload_truncated() {
+        handler.oversized(user);
+        return;
+    }
+    if out.is_name_data_truncated() {
         return;
     }
     let Some(from) = udp::parse_name(out.name_data()) else {

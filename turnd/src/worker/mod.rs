@@ -436,7 +436,12 @@ impl Handler for State {
     }
 
     fn receive_error(&mut self, _user: u64, error: &io::Error) {
+        self.stats.receive_errors += 1;
         debug!(worker = self.index, error = %error, "receive error");
+    }
+
+    fn oversized(&mut self, _user: u64) {
+        self.stats.oversized_datagrams += 1;
     }
 
     fn woke(&mut self) {
