@@ -245,32 +245,25 @@ fn bind_on(
     buffers: Buffers,
 ) -> Result<(Bound, Option<Bound>), BindError> {
     let mut exhausted = None;
-    let got = ports.acquire(ip, even, pair, start, |p| {
+    // One port: bound, or `None` (a descriptor shortage is remembered and ends the search).
+    let mut bind_port = |port: u16| {
         if exhausted.is_some() {
             return None;
         }
-        let local = SocketAddr::new(ip, p);
-        let a = match udp::bind(local, false, buffers) {
-            Ok(sock) => Bound { sock, local },
-            Err(e) if is_fd_exhaustion(&e) => {
-                exhausted = Some(e);
-                return None;
-            }
-            Err(_) => return None,
-        };
-        let b = if pair {
-            let local = SocketAddr::new(ip, p + 1);
-            match udp::bind(local, false, buffers) {
-                Ok(sock) => Some(Bound { sock, local }),
-                Err(e) if is_fd_exhaustion(&e) => {
+        let local = SocketAddr::new(ip, port);
+        match udp::bind(local, false, buffers) {
+            Ok(sock) => Some(Bound { sock, local }),
+            Err(e) => {
+                if is_fd_exhaustion(&e) {
                     exhausted = Some(e);
-                    return None;
                 }
-                Err(_) => return None,
+                None
             }
-        } else {
-            None
-        };
+        }
+    };
+    let got = ports.acquire(ip, even, pair, start, |p| {
+        let a = bind_port(p)?;
+        let b = if pair { Some(bind_port(p + 1)?) } else { None };
         Some((a, b))
     });
     match (got, exhausted) {
